@@ -1,0 +1,32 @@
+"""`tetriinfer` command line: one subcommand per module that owns it.
+
+Each module listed in SUBCOMMANDS has `add_parser(subparsers)`, which adds its subcommand and sets
+`func(args) -> int` on it. Modules keep heavy imports (torch) inside `func`, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = (
+    "tetriinfer.entrypoints.generate",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tetriinfer", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in SUBCOMMANDS:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
