@@ -82,3 +82,125 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
             )
+
+
+# --- Cluster scheduling and simulation (issue 3) -------------------------------------------------
+
+SYSTEMS = ("tetriinfer", "vllm", "sarathi", "disagg")
+PREFILL_POLICIES = ("fcfs", "sjf", "ljf")
+DISPATCH_POLICIES = ("power2", "random", "round_robin", "least_loaded", "oracle")
+ADMISSION_POLICIES = ("greedy", "reserve_static", "reserve_dynamic")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class PolicyConfig:
+    """Every scheduling policy knob of one cluster (the `sched` objects read these).
+
+    `chunk_size` is the prefill chunk of TetriInfer and disagg and the per-step token budget
+    (decodes + prompt tokens) of the `sarathi` baseline; `max_num_batched_tokens` bounds one
+    whole-prompt prefill step of the `vllm` baseline.
+    """
+
+    prefill_policy: str = "sjf"
+    sort_window: int = 16
+    chunk_size: int = 512
+    dispatch_policy: str = "power2"
+    admission_policy: str = "reserve_dynamic"
+    bucket_size: int = 200
+    predictor_accuracy: float = 0.749
+    heavy_prompt_tokens: int = 512
+    heavy_decode_tokens: int = 128
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        _check_choice("prefill_policy", self.prefill_policy, PREFILL_POLICIES)
+        _check_choice("dispatch_policy", self.dispatch_policy, DISPATCH_POLICIES)
+        _check_choice("admission_policy", self.admission_policy, ADMISSION_POLICIES)
+        for name in ("sort_window", "chunk_size", "bucket_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.predictor_accuracy <= 1.0:
+            raise ValueError(f"predictor_accuracy must be in [0, 1], got {self.predictor_accuracy}")
+
+
+@dataclass
+class FlipConfig:
+    """When an instance changes role (prefill <-> decode).
+
+    An instance is a candidate once it has been underused (idle, or its load fraction below
+    `load_threshold`) for `idle_s`, and only while the other role is under pressure. After a flip
+    it may not flip again for `cooldown_s` (hysteresis); no role drops below its minimum count.
+    """
+
+    enabled: bool = False
+    idle_s: float = 2.0
+    load_threshold: float = 0.1
+    cooldown_s: float = 10.0
+    min_prefill: int = 1
+    min_decode: int = 1
+    flip_s: float = 0.006
+    prefill_pressure_chunks: float = 8.0  # queued prompt tokens per prefill instance, in chunks
+    decode_pressure: float = 0.9  # decode KV use fraction that counts as pressure
+
+    def __post_init__(self) -> None:
+        if self.min_prefill < 1 or self.min_decode < 1:
+            raise ValueError("min_prefill and min_decode must be >= 1 so no role empties")
+        if self.idle_s < 0 or self.cooldown_s < 0 or self.flip_s < 0:
+            raise ValueError("idle_s, cooldown_s and flip_s must be >= 0")
+
+
+@dataclass
+class ClusterConfig:
+    """Cluster shape and hardware. Disaggregated systems use `num_prefill` + `num_decode`
+    instances; the colocated baselines (`vllm`, `sarathi`) use `num_instances`."""
+
+    system: str = "tetriinfer"
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_instances: int = 1
+    gpu: str = "h100"
+    model: str = "llama3-8b"
+    tp: int = 1
+    block_size: int = 16
+    monitor_interval_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_choice("system", self.system, SYSTEMS)
+        for name in ("num_prefill", "num_decode", "num_instances", "tp", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.monitor_interval_s <= 0:
+            raise ValueError(f"monitor_interval_s must be > 0, got {self.monitor_interval_s}")
+
+    @property
+    def colocated(self) -> bool:
+        return self.system in ("vllm", "sarathi")
+
+    @property
+    def total_instances(self) -> int:
+        return self.num_instances if self.colocated else self.num_prefill + self.num_decode
+
+
+@dataclass
+class SLOConfig:
+    """Latency targets for goodput; None means no target."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+
+@dataclass
+class SimConfig:
+    """One simulated run: cluster, policies, flip, SLOs and the seed of every random choice."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    flip: FlipConfig = field(default_factory=FlipConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    seed: int = 0
