@@ -1,0 +1,178 @@
+"""Paged attention: the torch reference against naive dense attention, the Triton kernel against the reference.
+
+Every batch is built the way the engine builds one: each sequence's pages are taken from a shuffled
+free list, its K/V are written with store_kv, and the rest of the cache (unused blocks, the tail of
+each last page, block-table entries past a sequence's end) holds NaN, so a kernel that reads outside
+its sequence poisons its output instead of passing by luck.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+from tetriinfer.kernels import attention_ref, get_attention_backend
+
+# (tokens already cached, new query tokens) per sequence.
+DECODE_ONLY = [(5, 1), (16, 1), (40, 1), (0, 1)]
+PREFILL_ONLY = [(0, 17), (0, 33), (0, 3)]
+CHUNK_CONTINUATION = [(32, 17), (20, 16), (7, 3)]
+MIXED = [(0, 33), (47, 1), (3, 1), (16, 17), (0, 1), (5, 3)]
+BATCHES = {"decode": DECODE_ONLY, "prefill": PREFILL_ONLY, "continuation": CHUNK_CONTINUATION, "mixed": MIXED}
+
+
+@dataclass
+class PagedBatch:
+    q: Tensor
+    k_cache: Tensor
+    v_cache: Tensor
+    block_tables: Tensor
+    query_start_loc: Tensor
+    seq_lens: Tensor
+    keys: list[Tensor]  # per sequence, [seq_len, num_kv_heads, head_dim], positions in order
+    values: list[Tensor]
+    scale: float
+
+    def attention_args(self) -> tuple:
+        return (self.q, self.k_cache, self.v_cache, self.block_tables, self.query_start_loc, self.seq_lens, self.scale)
+
+
+def make_batch(
+    seqs: list[tuple[int, int]],
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.float32,
+    num_padding: int = 0,
+    seed: int = 0,
+) -> PagedBatch:
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [cached + new for cached, new in seqs]
+    pages_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_spare = 2
+    num_blocks = sum(pages_per_seq) + num_spare
+    free_blocks = torch.randperm(num_blocks, generator=gen).tolist()
+    spare = free_blocks[-num_spare:]
+
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
+    max_pages = max(pages_per_seq) + 1
+    # Entries past a sequence's last page are arbitrary: point them at NaN-filled spare blocks.
+    block_tables = torch.tensor(spare[:1] * (len(seqs) * max_pages), dtype=torch.int32).view(len(seqs), max_pages)
+
+    keys, values, q_lens = [], [], []
+    for seq, (cached, new) in enumerate(seqs):
+        n = cached + new
+        pages = [free_blocks.pop(0) for _ in range(pages_per_seq[seq])]
+        block_tables[seq, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        k = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+        v = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+        slots = torch.tensor([pages[p // block_size] * block_size + p % block_size for p in range(n)])
+        attention_ref.store_kv(k, v, k_cache, v_cache, slots)
+        keys.append(k)
+        values.append(v)
+        q_lens.append(new)
+
+    num_tokens = sum(q_lens) + num_padding
+    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    query_start_loc = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    return PagedBatch(
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_tables=block_tables,
+        query_start_loc=query_start_loc,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        keys=keys,
+        values=values,
+        scale=head_dim**-0.5,
+    )
+
+
+def dense_causal_attention(batch: PagedBatch) -> Tensor:
+    """Token by token, over each sequence's contiguous K/V with KV heads expanded: slow and obvious."""
+    num_tokens, num_heads, head_dim = batch.q.shape
+    out = torch.zeros(num_tokens, num_heads, head_dim)
+    starts = batch.query_start_loc.tolist()
+    for seq, (k, v) in enumerate(zip(batch.keys, batch.values)):
+        group = num_heads // k.shape[1]
+        k = k.float().repeat_interleave(group, dim=1)
+        v = v.float().repeat_interleave(group, dim=1)
+        q_len = starts[seq + 1] - starts[seq]
+        for t in range(q_len):
+            pos = k.shape[0] - q_len + t
+            scores = torch.einsum("hd,khd->hk", batch.q[starts[seq] + t].float(), k[: pos + 1]) * batch.scale
+            out[starts[seq] + t] = torch.einsum("hk,khd->hd", torch.softmax(scores, dim=-1), v[: pos + 1])
+    return out
+
+
+# ---------------------------------------------------------------- store_kv
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_store_kv_writes_slots_and_skips_padding(backend):
+    store_kv = get_attention_backend(backend).store_kv
+    num_blocks, block_size, num_kv_heads, head_dim = 4, 8, 2, 16
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), -7.0)
+    v_cache = torch.full_like(k_cache, -7.0)
+    slot_mapping = torch.tensor([19, -1, 0, 31, -1, 8], dtype=torch.int64)
+    k = torch.randn(len(slot_mapping), num_kv_heads, head_dim)
+    v = torch.randn(len(slot_mapping), num_kv_heads, head_dim)
+
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    expected_k = torch.full_like(k_cache, -7.0).view(-1, num_kv_heads, head_dim)
+    expected_v = expected_k.clone()
+    for token, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            expected_k[slot] = k[token]
+            expected_v[slot] = v[token]
+    torch.testing.assert_close(k_cache.view(-1, num_kv_heads, head_dim), expected_k, rtol=0, atol=0)
+    torch.testing.assert_close(v_cache.view(-1, num_kv_heads, head_dim), expected_v, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- torch reference vs dense
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("batch_name", sorted(BATCHES))
+def test_reference_matches_dense_attention(batch_name, group):
+    batch = make_batch(BATCHES[batch_name], num_kv_heads=2, group=group, head_dim=16, num_padding=3, seed=group)
+    out = attention_ref.paged_attention(*batch.attention_args())
+    assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
+    torch.testing.assert_close(out, dense_causal_attention(batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [4, 32])
+def test_reference_other_block_sizes(block_size):
+    batch = make_batch(MIXED, num_kv_heads=1, group=4, head_dim=8, block_size=block_size, num_padding=2)
+    out = attention_ref.paged_attention(*batch.attention_args())
+    torch.testing.assert_close(out, dense_causal_attention(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_low_precision_and_out_argument():
+    batch = make_batch(MIXED, num_kv_heads=2, group=2, head_dim=16, dtype=torch.bfloat16, num_padding=4)
+    out = torch.full_like(batch.q, float("nan"))
+    returned = attention_ref.paged_attention(*batch.attention_args(), out=out)
+    assert returned is out and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), dense_causal_attention(batch), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- backend selection
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        get_attention_backend("flash")
+
+
+def test_importing_kernels_does_not_import_triton():
+    code = "import sys, tetriinfer.kernels; assert 'triton' not in sys.modules, 'triton was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
