@@ -1,0 +1,75 @@
+"""Tiny random-weight models of each family, built with transformers' own classes and saved as HF
+directories, for the exactness tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**COMMON, intermediate_size=96, num_key_value_heads=2, rms_norm_eps=1e-5,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+    return LlamaForCausalLM(cfg)
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(**COMMON, intermediate_size=96, num_key_value_heads=1, sliding_window=None)
+    return MistralForCausalLM(cfg)
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**COMMON, intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # HF initializes biases to zero; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return model
+
+
+def _qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=32)
+    model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.normal_(1, 0.3)
+            layer.self_attn.k_norm.weight.normal_(1, 0.3)
+    return model
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(**{k: v for k, v in COMMON.items()}, ffn_dim=96, word_embed_proj_dim=64, pad_token_id=0)
+    model = OPTForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+FAMILIES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "opt": _opt}
+
+
+def build_hf_model(family: str, out_dir: Path, max_shard_size: str | None = None):
+    """Build, save (safetensors) and return the transformers model, in float32 eval mode."""
+    torch.manual_seed(sorted(FAMILIES).index(family))
+    model = FAMILIES[family]().float().eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    return model

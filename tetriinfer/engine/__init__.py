@@ -1,0 +1,1 @@
+"""One instance's machinery: block manager, step scheduler glue, model runner, sampler, engine."""

@@ -1,0 +1,268 @@
+"""One engine instance: validates requests, asks the scheduler for a step, has the runner execute it,
+samples, and updates request state. Also the per-request KV export/import (the disaggregation seam)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tetriinfer.config import EngineConfig
+from tetriinfer.engine.block_manager import BlockManager
+from tetriinfer.engine.model_runner import ModelRunner
+from tetriinfer.engine.request import (
+    CompletionOutput,
+    Request,
+    RequestMetrics,
+    RequestOutput,
+    RequestStatus,
+)
+from tetriinfer.engine.sampler import Sampler
+from tetriinfer.engine.scheduler import EngineScheduler
+from tetriinfer.model.loader import TORCH_DTYPES, load_model
+from tetriinfer.sampling_params import SamplingParams
+
+CPU_DEFAULT_MEMORY_FRACTION = 0.05
+GPU_DEFAULT_MEMORY_FRACTION = 0.9
+
+
+@dataclass
+class RequestKV:
+    """A request's state and its K/V for every layer, as moved from a prefill to a decode engine."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    output_logprobs: list[float]
+    sampling: SamplingParams
+    arrival_time: float
+    first_token_time: float | None
+    k: torch.Tensor  # [num_layers, num_cached_tokens, kv_heads, head_dim]
+    v: torch.Tensor
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        loaded = load_model(config.model, config.dtype, config.device, config.load_format, config.seed)
+        self.arch = loaded.arch
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.arch.eos_token_ids
+        self.max_model_len = self._max_model_len()
+        num_blocks = self._num_blocks(loaded.model)
+        backend = config.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size)
+        self.runner = ModelRunner(loaded.model, loaded.arch, num_blocks, config.cache.block_size, backend,
+                                  self.device, TORCH_DTYPES[config.dtype])
+        self.scheduler = EngineScheduler(config.scheduler, self.block_manager)
+        self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _max_model_len(self) -> int:
+        limit = self.arch.max_position_embeddings
+        if self.arch.sliding_window is not None:
+            limit = min(limit, self.arch.sliding_window)  # exact within the window; we keep no window mask
+        requested = self.config.max_model_len
+        if requested is not None and requested > limit:
+            raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} tokens")
+        return requested or limit
+
+    def _num_blocks(self, model: torch.nn.Module) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        dtype_size = torch.finfo(TORCH_DTYPES[self.config.dtype]).bits // 8
+        block_bytes = self.arch.kv_bytes_per_token * dtype_size * cache.block_size
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            fraction = cache.memory_fraction or GPU_DEFAULT_MEMORY_FRACTION
+            budget = free - (1 - fraction) * total
+        else:
+            import os
+
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            budget = (cache.memory_fraction or CPU_DEFAULT_MEMORY_FRACTION) * total
+        num_blocks = int(budget // block_bytes)
+        if num_blocks < 1:
+            raise ValueError("no memory left for the KV cache; lower the model size or raise memory_fraction")
+        return num_blocks
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                    sampling: SamplingParams | None = None, prefill_only: bool = False,
+                    arrival_time: float | None = None) -> Request:
+        """Validate and queue a request. Raises ValueError naming the problem; nothing is allocated then."""
+        sampling = sampling or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("give a prompt or prompt_token_ids")
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+            if prompt == "":
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer.json; pass prompt_token_ids instead of text")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        self._validate(prompt_token_ids, sampling)
+        req = Request(request_id, prompt_token_ids, sampling, arrival_time or time.monotonic(), prompt=prompt,
+                      prefill_only=prefill_only)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def _validate(self, token_ids: list[int], sampling: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.arch.vocab_size
+        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens, more than the model's context of {self.max_model_len}")
+        total = len(token_ids) + sampling.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} exceeds "
+                f"the model's context of {self.max_model_len} tokens"
+            )
+        need = self.block_manager.blocks_for_tokens(total)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(f"request needs {need} KV blocks but the cache has only {self.block_manager.num_blocks}")
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.remove(req)
+        req.status = RequestStatus.FINISHED_ABORTED
+        req.finish_time = time.monotonic()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- stepping ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one forward pass; return the outputs of requests that got a token (finished or not)."""
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler made no progress: the KV cache is held by requests awaiting export")
+            return []
+        logits = self.runner.execute(plan)
+        sampled = [p.request for p in plan.prefill if p.completes_prompt] + plan.decode
+        result = self.sampler(logits, sampled) if sampled else None
+        now = time.monotonic()
+        for piece in plan.prefill:
+            piece.request.num_computed_tokens = piece.start + piece.length
+        for req in plan.decode:
+            req.num_computed_tokens += 1
+        outputs = []
+        for i, req in enumerate(sampled):
+            if req.status == RequestStatus.WAITING:
+                self.scheduler.on_prefill_done(req)
+            self._append_token(req, result.token_ids[i], None if result.logprobs is None else result.logprobs[i], now)
+            outputs.append(self._output(req))
+        return outputs
+
+    def _append_token(self, req: Request, token: int, logprob: float | None, now: float) -> None:
+        req.output_token_ids.append(token)
+        if req.sampling.logprobs:
+            req.output_logprobs.append(logprob)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        status, reason = self._check_stop(req, token)
+        if status is not None:
+            req.status, req.stop_reason, req.finish_time = status, reason, now
+            self.requests.pop(req.request_id, None)
+            self.scheduler.remove(req)
+
+    def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus | None, str | int | None]:
+        sp = req.sampling
+        n_out = len(req.output_token_ids)
+        if sp.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(req.output_token_ids)
+            for stop in sp.stop:
+                idx = text.find(stop)
+                if idx >= 0:
+                    req.output_text = text[:idx]
+                    return RequestStatus.FINISHED_STOPPED, stop
+        if n_out >= sp.min_tokens:
+            if not sp.ignore_eos and token in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED, None
+            if token in sp.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token
+        if n_out >= sp.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def _output(self, req: Request) -> RequestOutput:
+        finished = req.status.finished
+        if finished and not req.output_text and self.tokenizer is not None:
+            req.output_text = self.tokenizer.decode(req.output_token_ids)
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[CompletionOutput(
+                text=req.output_text,
+                token_ids=list(req.output_token_ids),
+                logprobs=list(req.output_logprobs) if req.sampling.logprobs else None,
+                finish_reason=req.status.value if finished else None,
+                stop_reason=req.stop_reason,
+            )],
+            finished=finished,
+            metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time),
+        )
+
+    # ---- KV export / import ----------------------------------------------------------------------
+    def export_request(self, request_id: str) -> RequestKV:
+        """Take a prefilled (or running) request out of this engine with its KV; its blocks are freed."""
+        req = self.requests.get(request_id)
+        if req is None:
+            raise KeyError(f"no live request {request_id!r} to export")
+        if req.status not in (RequestStatus.PREFILLED, RequestStatus.RUNNING):
+            raise ValueError(f"request {request_id!r} is {req.status.value}; only prefilled or running requests can be exported")
+        k, v = self.runner.read_kv(req.block_ids, req.num_computed_tokens)
+        exported = RequestKV(req.request_id, req.prompt, list(req.prompt_token_ids), list(req.output_token_ids),
+                             list(req.output_logprobs), req.sampling, req.arrival_time, req.first_token_time, k, v)
+        del self.requests[request_id]
+        self.scheduler.remove(req)
+        return exported
+
+    def import_request(self, kv: RequestKV) -> Request:
+        """Place an exported request into fresh blocks of this engine; it continues decoding here."""
+        if kv.request_id in self.requests:
+            raise ValueError(f"request id {kv.request_id!r} is already in use")
+        expected = (self.arch.num_layers, kv.num_cached_tokens, self.arch.num_kv_heads, self.arch.head_dim)
+        if tuple(kv.k.shape) != expected or tuple(kv.v.shape) != expected:
+            raise ValueError(f"KV of shape {tuple(kv.k.shape)} does not fit this model {expected}")
+        req = Request(kv.request_id, kv.prompt_token_ids, kv.sampling, kv.arrival_time, prompt=kv.prompt,
+                      output_token_ids=list(kv.output_token_ids), output_logprobs=list(kv.output_logprobs),
+                      first_token_time=kv.first_token_time)
+        if kv.num_cached_tokens != req.num_tokens - 1:
+            raise ValueError(f"KV holds {kv.num_cached_tokens} tokens, expected {req.num_tokens - 1}")
+        need = self.block_manager.blocks_for_tokens(kv.num_cached_tokens)
+        req.block_ids = self.block_manager.allocate(need)  # raises OutOfBlocks with nothing taken
+        self.runner.write_kv(req.block_ids, kv.k, kv.v)
+        req.num_computed_tokens = kv.num_cached_tokens
+        req.status = RequestStatus.RUNNING
+        self.requests[req.request_id] = req
+        self.scheduler.add_running(req)
+        return req

@@ -1,0 +1,99 @@
+"""Request state inside one engine (plain data), and what the engine hands back to callers."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tetriinfer.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # needs (re)prefill
+    RUNNING = "running"  # decoding
+    PREFILLED = "prefilled"  # prefill-only request done: KV parked for export
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    prompt: str | None = None
+    prefill_only: bool = False  # stop after the first token and keep the KV for export
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: str | int | None = None
+    output_text: str = ""
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    # The chunker's view (sched.chunker.PendingPrefill): after a recompute preemption the tokens to
+    # prefill are the prompt plus what was already generated.
+    @property
+    def prompt_len(self) -> int:
+        return self.num_tokens
+
+    @property
+    def num_prefilled(self) -> int:
+        return self.num_computed_tokens
+
+
+@dataclass
+class CompletionOutput:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None  # "stop", "length", "abort", or None while running
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock seconds (time.monotonic) of the request's life in this engine."""
+
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics

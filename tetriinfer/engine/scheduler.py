@@ -1,0 +1,148 @@
+"""The engine's own step scheduler: decides what the next forward pass computes, never runs it.
+
+FCFS over the waiting queue, with the paper's fixed-size chunker (`sched.chunker`). Step policies:
+- `chunked`: prefill first. A step is one chunk of exactly `chunk_size` prompt tokens (padded when
+  the queue runs dry), or else one decode batch of the running requests.
+- `mixed`: the chunked-colocated baseline. A step holds every running decode plus prompt tokens
+  filling the rest of a `chunk_size`-token budget (no padding).
+KV blocks are reserved here, before the step runs; a decode that finds no free block preempts the
+most recently admitted request, which will be recomputed from scratch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tetriinfer.config import EngineSchedulerConfig
+from tetriinfer.engine.block_manager import BlockManager
+from tetriinfer.engine.request import Request, RequestStatus
+from tetriinfer.sched.chunker import ChunkPiece, next_chunk
+
+
+@dataclass
+class PrefillPiece:
+    request: Request
+    start: int
+    length: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        """Whether this piece reaches the last token to prefill, so the step samples a token."""
+        return self.start + self.length == self.request.num_tokens
+
+
+@dataclass
+class StepPlan:
+    prefill: list[PrefillPiece] = field(default_factory=list)
+    decode: list[Request] = field(default_factory=list)
+    num_padding: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p.length for p in self.prefill) + len(self.decode) + self.num_padding
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+class EngineScheduler:
+    def __init__(self, config: EngineSchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def add_running(self, request: Request) -> None:
+        """A request whose KV arrived from another engine: it decodes from the next step."""
+        self.running.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Forget a request (finished, aborted or exported) and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.blocks.free(request.block_ids)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        if self.config.step_policy == "mixed":
+            plan = StepPlan(decode=self._schedule_decodes())
+            plan.prefill = self._schedule_prefill(self.config.chunk_size - len(plan.decode), pad=False)
+            return plan
+        prefill = self._schedule_prefill(self.config.chunk_size, pad=self.config.pad_chunks)
+        if prefill:
+            used = sum(p.length for p in prefill)
+            padding = self.config.chunk_size - used if self.config.pad_chunks else 0
+            return StepPlan(prefill=prefill, num_padding=padding)
+        return StepPlan(decode=self._schedule_decodes())
+
+    def _schedule_prefill(self, budget: int, pad: bool) -> list[PrefillPiece]:
+        if budget <= 0:
+            return []
+        # Admit new requests only while the running batch has room for them.
+        admissible = []
+        slots = self.config.max_num_seqs - len(self.running)
+        for req in self.waiting:
+            if req.num_computed_tokens == 0:
+                if slots <= 0:
+                    break
+                slots -= 1
+            admissible.append(req)
+        chunk = next_chunk(admissible, budget, pad=pad)
+        by_id = {r.request_id: r for r in admissible}
+        pieces = []
+        for piece in chunk.pieces:
+            req = by_id[piece.request_id]
+            if not self._reserve(req, piece):
+                break  # FCFS: later prompts wait behind the one that does not fit
+            pieces.append(PrefillPiece(req, piece.start, piece.length))
+        return pieces
+
+    def _reserve(self, req: Request, piece: ChunkPiece) -> bool:
+        need = self.blocks.blocks_to_grow(req.block_ids, piece.end)
+        if not self.blocks.can_allocate(need):
+            return False
+        self.blocks.grow(req.block_ids, piece.end)
+        return True
+
+    def _schedule_decodes(self) -> list[Request]:
+        batch: list[Request] = []
+        running = list(self.running[: self.config.max_num_seqs])
+        while running:
+            req = running.pop(0)
+            need = self.blocks.blocks_to_grow(req.block_ids, req.num_tokens)
+            while not self.blocks.can_allocate(need) and (running or batch):
+                # Preempt the newest request by recompute to make room.
+                victim = running.pop() if running else batch.pop()
+                self._preempt(victim)
+            if not self.blocks.can_allocate(need):
+                self._preempt(req)  # nothing left to free: it waits for another turn
+                break
+            self.blocks.grow(req.block_ids, req.num_tokens)
+            batch.append(req)
+        return batch
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.block_ids)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def on_prefill_done(self, req: Request) -> None:
+        """The request's prompt is fully in the cache and its first token sampled."""
+        self.waiting.remove(req)
+        if req.prefill_only:
+            req.status = RequestStatus.PREFILLED
+        else:
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)

@@ -1,0 +1,86 @@
+"""Offline batch inference in the shape vLLM users know: `LLM(...).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from tqdm import tqdm
+
+from tetriinfer.config import CacheConfig, EngineConfig, EngineSchedulerConfig
+from tetriinfer.engine.engine import LLMEngine
+from tetriinfer.engine.request import RequestOutput
+from tetriinfer.sampling_params import SamplingParams
+
+
+class LLM:
+    """An engine on one device. Keyword arguments are the fields of EngineConfig (model, dtype,
+    device, load_format, attention_backend, seed, max_model_len), CacheConfig (block_size,
+    num_blocks, memory_fraction) and EngineSchedulerConfig (chunk_size, max_num_seqs, step_policy)."""
+
+    def __init__(self, model: str = "tiny", **kwargs):
+        cache_keys = set(CacheConfig.__dataclass_fields__)
+        sched_keys = set(EngineSchedulerConfig.__dataclass_fields__)
+        engine_keys = set(EngineConfig.__dataclass_fields__) - {"cache", "scheduler", "model"}
+        unknown = set(kwargs) - cache_keys - sched_keys - engine_keys
+        if unknown:
+            raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unknown))}")
+        config = EngineConfig(
+            model=model,
+            cache=CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys}),
+            scheduler=EngineSchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys}),
+            **{k: v for k, v in kwargs.items() if k in engine_keys},
+        )
+        self.engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of the prompts.
+
+        All prompts are validated before any runs: a bad one raises ValueError naming its index, and
+        the engine is left as it was."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("give exactly one of prompts or prompt_token_ids")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        items = [(p, None) for p in prompts] if prompts is not None else [(None, list(t)) for t in prompt_token_ids]
+        if not items:
+            return []
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValueError(f"got {len(params)} sampling params for {len(items)} prompts")
+
+        request_ids = []
+        try:
+            for i, ((text, ids), sp) in enumerate(zip(items, params)):
+                rid = f"offline-{next(self._ids)}"
+                try:
+                    self.engine.add_request(rid, prompt=text, prompt_token_ids=ids, sampling=sp)
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") from None
+                request_ids.append(rid)
+        except ValueError:
+            for rid in request_ids:
+                self.engine.abort_request(rid)
+            raise
+
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
+            while len(finished) < len(request_ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        return [finished[rid] for rid in request_ids]

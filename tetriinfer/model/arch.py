@@ -1,0 +1,114 @@
+"""One normalized description of a decoder-only architecture, read from a Hugging Face config dict.
+
+Hugging Face spells the same thing several ways across families and versions (rope_theta vs
+rope_parameters, ffn_dim vs intermediate_size, ...); everything downstream reads only this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = LLAMA_LIKE + ("opt",)
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    # OPT only
+    word_embed_proj_dim: int | None = None
+    do_layer_norm_before: bool = True
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    pad_token_id: int | None = None
+
+    @property
+    def is_opt(self) -> bool:
+        return self.model_type == "opt"
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Per token, all layers, K and V, at 1 byte per element (multiply by the dtype size)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArch":
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        num_heads = cfg["num_attention_heads"]
+        common = dict(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            max_position_embeddings=cfg["max_position_embeddings"],
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "opt")),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=cfg.get("pad_token_id"),
+        )
+        if model_type == "opt":
+            if not cfg.get("enable_bias", True) or not cfg.get("layer_norm_elementwise_affine", True):
+                raise ValueError("OPT variants without biases or affine layer norms are not supported")
+            if cfg.get("activation_function", "relu") != "relu":
+                raise ValueError(f"unsupported OPT activation {cfg.get('activation_function')!r}")
+            return cls(
+                **common,
+                intermediate_size=cfg["ffn_dim"],
+                num_kv_heads=num_heads,
+                head_dim=cfg["hidden_size"] // num_heads,
+                norm_eps=1e-5,
+                qkv_bias=True,
+                word_embed_proj_dim=cfg.get("word_embed_proj_dim", cfg["hidden_size"]),
+                do_layer_norm_before=cfg.get("do_layer_norm_before", True),
+            )
+
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported activation {act!r} for {model_type}")
+        rope = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
+        rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or rope or None
+        if scaling is not None:
+            scaling = dict(scaling)
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, llama3)")
+        sliding = cfg.get("sliding_window")
+        if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            sliding = None
+        return cls(
+            **common,
+            intermediate_size=cfg["intermediate_size"],
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding,
+        )

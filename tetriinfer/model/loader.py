@@ -1,0 +1,151 @@
+"""Build a model from a preset name or a Hugging Face style directory, with real or random weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tetriinfer.model.arch import ModelArch
+from tetriinfer.model.llama import LlamaForCausalLM
+from tetriinfer.model.opt import OPTForCausalLM
+from tetriinfer.model.tokenizer import Tokenizer, load_tokenizer
+from tetriinfer.presets import PRESETS, get_preset
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    arch: ModelArch
+    tokenizer: Tokenizer | None
+    name: str
+
+
+def resolve_model(name_or_path: str) -> tuple[dict, Path | None]:
+    """(HF config dict, model directory or None for a preset)."""
+    if name_or_path in PRESETS:
+        return get_preset(name_or_path), None
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} has no config.json")
+    return json.loads((path / "config.json").read_text()), path
+
+
+def model_class(arch: ModelArch) -> type[nn.Module]:
+    return OPTForCausalLM if arch.is_opt else LlamaForCausalLM
+
+
+def load_model(name_or_path: str, dtype: str, device: str, load_format: str, seed: int = 0) -> LoadedModel:
+    hf_config, model_dir = resolve_model(name_or_path)
+    arch = ModelArch.from_hf_config(hf_config)
+    if load_format == "auto":
+        load_format = "dummy" if model_dir is None else "safetensors"
+    if load_format == "safetensors" and model_dir is None:
+        raise ValueError(f"preset {name_or_path!r} has no weight files; use load_format='dummy'")
+    weight_files = sorted(model_dir.glob("*.safetensors")) if model_dir is not None else []
+    if load_format == "safetensors" and not weight_files:
+        raise FileNotFoundError(f"model directory {model_dir} has no *.safetensors weight files")
+
+    torch_dtype = TORCH_DTYPES[dtype]
+    # Build directly on the target device in the target dtype; buffers that must stay float32
+    # (the RoPE tables) are created with an explicit dtype, so we never call model.to(dtype).
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device(device):
+            model = model_class(arch)(arch)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    if load_format == "dummy":
+        init_random_weights(model, seed)
+    else:
+        load_safetensors(model, weight_files)
+    model.eval().requires_grad_(False)
+    tokenizer = load_tokenizer(model_dir, arch.bos_token_id, arch.eos_token_ids[0] if arch.eos_token_ids else None)
+    return LoadedModel(model, arch, tokenizer, name_or_path)
+
+
+def init_random_weights(model: nn.Module, seed: int) -> None:
+    """Small random weights (std 0.02 like HF's init; norms at 1) from a seeded generator on the
+    model's device (a CPU generator would make an 8B model take minutes to build)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") or "layer_norm" in name or "layernorm" in name:
+            param.data.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.data.zero_()
+        else:
+            param.data.normal_(0.0, 0.02, generator=gen)
+
+
+def load_safetensors(model: nn.Module, files: list[Path]) -> None:
+    """Copy checkpoint tensors into the model, fusing q/k/v and gate/up into their stacked params."""
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for ckpt_name in f.keys():
+                name = _normalize_name(ckpt_name, model)
+                if name is None:
+                    continue
+                tensor = f.get_tensor(ckpt_name)
+                target, rows = _locate(name, model)
+                if target not in params:
+                    raise ValueError(f"{file.name}: unexpected weight {ckpt_name!r}")
+                param = params[target]
+                dest = param.data if rows is None else param.data.narrow(0, rows[0], rows[1])
+                if dest.shape != tensor.shape:
+                    raise ValueError(f"{file.name}: {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+                dest.copy_(tensor)
+                loaded.add(name)
+    expected = set()
+    for name in params:
+        expected.update(_checkpoint_names(name, model))
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint lacks weights: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+
+
+def _normalize_name(ckpt_name: str, model: nn.Module) -> str | None:
+    """Checkpoint name -> unfused module name, or None for tensors we do not use."""
+    if ckpt_name.endswith("rotary_emb.inv_freq"):
+        return None
+    if isinstance(model, OPTForCausalLM) and ckpt_name.startswith("decoder."):
+        ckpt_name = "model." + ckpt_name  # original facebook/opt checkpoints lack the "model." prefix
+    if ckpt_name == "lm_head.weight" and model.arch.tie_word_embeddings:
+        return None
+    return ckpt_name
+
+
+def _locate(name: str, model: nn.Module) -> tuple[str, tuple[int, int] | None]:
+    """Unfused name -> (our parameter name, (row offset, rows) inside a fused parameter or None)."""
+    for piece, (fused, shard) in model.stacked_params.items():
+        token = f".{piece}."
+        if token in name:
+            module_name = name.split(token)[0]
+            owner = model.get_submodule(module_name)
+            return name.replace(token, f".{fused}."), owner.shard_offsets()[shard]
+    return name, None
+
+
+def _checkpoint_names(param_name: str, model: nn.Module) -> list[str]:
+    """The checkpoint names that fill one of our parameters."""
+    if param_name == "lm_head.weight" and model.arch.tie_word_embeddings:
+        return []
+    for piece, (fused, _) in model.stacked_params.items():
+        token = f".{fused}."
+        if token in param_name:
+            return [param_name.replace(token, f".{p}.") for p, (f, _) in model.stacked_params.items() if f == fused]
+    return [param_name]

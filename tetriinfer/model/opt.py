@@ -1,0 +1,101 @@
+"""OPT decoder (the paper's model): learned positions (offset 2), LayerNorm, ReLU MLP, biases everywhere."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tetriinfer.model.arch import ModelArch
+from tetriinfer.model.layers import ForwardContext, PagedAttention
+
+STACKED_PARAMS = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+}
+POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int):
+        super().__init__()
+        self.hidden_size = arch.hidden_size
+        self.qkv_proj = nn.Linear(arch.hidden_size, 3 * arch.hidden_size, bias=True)
+        self.out_proj = nn.Linear(arch.hidden_size, arch.hidden_size, bias=True)
+        self.attn = PagedAttention(layer_idx, arch.num_heads, arch.num_heads, arch.head_dim, arch.head_dim**-0.5)
+
+    def shard_offsets(self) -> dict:
+        n = self.hidden_size
+        return {"q": (0, n), "k": (n, n), "v": (2 * n, n)}
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        return self.out_proj(self.attn(q, k, v, ctx))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int):
+        super().__init__()
+        self.pre_norm = arch.do_layer_norm_before
+        self.self_attn = OPTAttention(arch, layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(arch.hidden_size, eps=arch.norm_eps)
+        self.fc1 = nn.Linear(arch.hidden_size, arch.intermediate_size)
+        self.fc2 = nn.Linear(arch.intermediate_size, arch.hidden_size)
+        self.final_layer_norm = nn.LayerNorm(arch.hidden_size, eps=arch.norm_eps)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.pre_norm:
+            h = h + self.self_attn(self.self_attn_layer_norm(h), ctx)
+            return h + self.fc2(F.relu(self.fc1(self.final_layer_norm(h))))
+        h = self.self_attn_layer_norm(h + self.self_attn(h, ctx))
+        return self.final_layer_norm(h + self.fc2(F.relu(self.fc1(h))))
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        proj_dim = arch.word_embed_proj_dim or arch.hidden_size
+        self.embed_tokens = nn.Embedding(arch.vocab_size, proj_dim)
+        self.embed_positions = nn.Embedding(arch.max_position_embeddings + POSITION_OFFSET, arch.hidden_size)
+        self.project_in = nn.Linear(proj_dim, arch.hidden_size, bias=False) if proj_dim != arch.hidden_size else None
+        self.project_out = nn.Linear(arch.hidden_size, proj_dim, bias=False) if proj_dim != arch.hidden_size else None
+        self.final_layer_norm = nn.LayerNorm(arch.hidden_size) if arch.do_layer_norm_before else None
+        self.layers = nn.ModuleList(OPTDecoderLayer(arch, i) for i in range(arch.num_layers))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            h = self.project_in(h)
+        h = h + self.embed_positions(positions + POSITION_OFFSET)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        if self.final_layer_norm is not None:
+            h = self.final_layer_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        return h
+
+
+class OPTModel(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        self.decoder = OPTDecoder(arch)
+
+
+class OPTForCausalLM(nn.Module):
+    stacked_params = STACKED_PARAMS
+
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        self.arch = arch
+        self.model = OPTModel(arch)
+        self.lm_head = nn.Linear(arch.word_embed_proj_dim or arch.hidden_size, arch.vocab_size, bias=False)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model.decoder(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
