@@ -23,7 +23,15 @@ DECODE_ONLY = [(5, 1), (16, 1), (40, 1), (0, 1)]
 PREFILL_ONLY = [(0, 17), (0, 33), (0, 3)]
 CHUNK_CONTINUATION = [(32, 17), (20, 16), (7, 3)]
 MIXED = [(0, 33), (47, 1), (3, 1), (16, 17), (0, 1), (5, 3)]
-BATCHES = {"decode": DECODE_ONLY, "prefill": PREFILL_ONLY, "continuation": CHUNK_CONTINUATION, "mixed": MIXED}
+# Many sequences (deep search for a program's sequence), one with no new tokens this step.
+MANY = [((7 * i) % 50, 9 if i % 5 == 0 else 1) for i in range(37)] + [(10, 0)]
+BATCHES = {
+    "decode": DECODE_ONLY,
+    "prefill": PREFILL_ONLY,
+    "continuation": CHUNK_CONTINUATION,
+    "mixed": MIXED,
+    "many": MANY,
+}
 
 
 @dataclass
@@ -116,7 +124,7 @@ def dense_causal_attention(batch: PagedBatch) -> Tensor:
 # ---------------------------------------------------------------- store_kv
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_store_kv_writes_slots_and_skips_padding(backend):
     store_kv = get_attention_backend(backend).store_kv
     num_blocks, block_size, num_kv_heads, head_dim = 4, 8, 2, 16
@@ -165,12 +173,88 @@ def test_reference_low_precision_and_out_argument():
     torch.testing.assert_close(out.float(), dense_causal_attention(batch), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_query_view(backend):
+    """q as the engine gets it: a slice of a fused qkv projection, not contiguous over tokens."""
+    batch = make_batch(MIXED, num_kv_heads=2, group=2, head_dim=16, num_padding=2)
+    num_tokens, num_heads, head_dim = batch.q.shape
+    qkv = torch.randn(num_tokens, num_heads + 4, head_dim)
+    qkv[:, :num_heads] = batch.q
+    batch.q = qkv[:, :num_heads]
+    out = get_attention_backend(backend).paged_attention(*batch.attention_args())
+    torch.testing.assert_close(out, dense_causal_attention(batch), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- Triton kernel vs reference
+
+
+def triton_vs_reference(batch: PagedBatch, rtol: float, atol: float) -> None:
+    from tetriinfer.kernels import attention_triton
+
+    expected = attention_ref.paged_attention(*batch.attention_args())
+    # A NaN-filled `out` shows any row the kernel forgets to write (padding rows included).
+    out = torch.full_like(batch.q, float("nan"))
+    returned = attention_triton.paged_attention(*batch.attention_args(), out=out)
+    assert returned is out
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("batch_name", sorted(BATCHES))
+def test_triton_matches_reference_float32(batch_name, group):
+    batch = make_batch(BATCHES[batch_name], num_kv_heads=2, group=group, head_dim=32, num_padding=3, seed=group)
+    triton_vs_reference(batch, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_triton_head_dims(head_dim):
+    batch = make_batch(MIXED, num_kv_heads=1, group=2, head_dim=head_dim, num_padding=1)
+    triton_vs_reference(batch, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [8, 64])
+def test_triton_other_block_sizes(block_size):
+    batch = make_batch(MIXED, num_kv_heads=2, group=4, head_dim=32, block_size=block_size, num_padding=2)
+    triton_vs_reference(batch, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch_name", ["decode", "mixed"])
+def test_triton_low_precision(batch_name, dtype):
+    batch = make_batch(BATCHES[batch_name], num_kv_heads=2, group=4, head_dim=64, dtype=dtype, num_padding=3)
+    triton_vs_reference(batch, rtol=2e-2, atol=2e-2)
+
+
+def test_triton_default_out_and_all_padding_batch():
+    from tetriinfer.kernels import attention_triton
+
+    batch = make_batch(DECODE_ONLY, num_kv_heads=2, group=2, head_dim=32, num_padding=20)
+    out = attention_triton.paged_attention(*batch.attention_args())
+    torch.testing.assert_close(out, attention_ref.paged_attention(*batch.attention_args()), rtol=1e-5, atol=1e-5)
+    assert out[len(DECODE_ONLY) :].abs().max() == 0
+
+
 # ---------------------------------------------------------------- backend selection
 
 
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         get_attention_backend("flash")
+
+
+def test_missing_triton_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "triton" else real_find_spec(name))
+    with pytest.raises(ImportError, match="needs the triton package"):
+        get_attention_backend("triton")
+
+
+def test_backends_expose_both_functions():
+    for name in ("torch", "triton"):
+        backend = get_attention_backend(name)
+        assert backend.name == name and callable(backend.store_kv) and callable(backend.paged_attention)
 
 
 def test_importing_kernels_does_not_import_triton():

@@ -1,0 +1,242 @@
+"""Paged attention as one Triton kernel over a mixed batch (prefill chunk pieces and decodes).
+
+Grid: (query tile, KV head). A program takes up to BLOCK_Q query tokens of one sequence times all
+query heads of one KV group, packed as BLOCK_M = BLOCK_Q * GROUP_P2 rows, so each K/V tile is loaded
+once for the whole group. It walks the sequence's keys BLOCK_N at a time through the block table,
+up to the causal limit of its last token, with an online softmax in float32.
+
+Tiles are found without a host sync (so the launch can later be captured in a CUDA graph): sequence
+s owns the programs from `query_start_loc[s] // BLOCK_Q + s` on, which leaves room for its
+ceil(q_len / BLOCK_Q) tiles; a program finds its sequence by binary search over those starts, and
+programs past a sequence's last tile do nothing. One extra pseudo-sequence after the last covers the
+padding tokens, whose output is written as zeros.
+
+Tuning (split-KV for long decodes, tile sizes per GPU) is left to later; see issue 6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+from tetriinfer.kernels.attention_ref import store_kv
+
+__all__ = ["store_kv", "paged_attention"]
+
+LOG2_E = 1.4426950408889634
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    scale_log2,  # softmax scale times log2(e): the kernel uses exp2
+    num_seqs,
+    num_tokens,
+    stride_q_token,
+    stride_q_head,
+    stride_out_token,
+    stride_out_head,
+    stride_k_block,
+    stride_k_offset,
+    stride_k_head,
+    stride_v_block,
+    stride_v_offset,
+    stride_v_head,
+    stride_block_table,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_P2: tl.constexpr,  # GROUP rounded up to a power of two
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,  # tokens per KV cache block
+    BLOCK_M: tl.constexpr,  # rows per program: BLOCK_Q tokens x GROUP_P2 heads
+    BLOCK_N: tl.constexpr,  # keys per step of the KV walk
+    DOT_DTYPE: tl.constexpr,  # operand type of tl.dot: the cache dtype, except under the interpreter
+    DOT_PRECISION: tl.constexpr,  # "ieee" keeps float32 exact (no TF32); 16-bit inputs ignore it
+):
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P2
+    tile_id = tl.program_id(0)
+    kv_head = tl.program_id(1)
+
+    # Largest seq in [0, num_seqs] whose first tile is <= tile_id; seq == num_seqs is the padding.
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = num_seqs + tl.zeros([], dtype=tl.int32)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        mid_first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(mid_first_tile <= tile_id, mid, lo)
+        hi = tl.where(mid_first_tile <= tile_id, hi, mid - 1)
+    seq = lo
+    is_real_seq = seq < num_seqs
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_end = tl.load(query_start_loc_ptr + seq + 1, mask=is_real_seq, other=num_tokens)
+    q_len = q_end - q_start
+    # The padding pseudo-sequence has no keys: its rows keep l == 0 and are stored as zeros.
+    seq_len = tl.load(seq_lens_ptr + seq, mask=is_real_seq, other=0)
+    tile_in_seq = tile_id - (q_start // BLOCK_Q + seq)
+
+    rows = tl.arange(0, BLOCK_M)
+    token_in_seq = tile_in_seq * BLOCK_Q + rows // GROUP_P2
+    head_in_group = rows % GROUP_P2
+    row_valid = (token_in_seq < q_len) & (head_in_group < GROUP)
+    q_token = q_start + token_in_seq
+    q_head = kv_head * GROUP + head_in_group
+    q_pos = seq_len - q_len + token_in_seq
+
+    dims = tl.arange(0, HEAD_DIM_P2)
+    dim_valid = dims < HEAD_DIM
+    q_offsets = q_token[:, None] * stride_q_token + q_head[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite, so fully masked rows never give NaN
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
+
+    # Keys 0 .. kv_limit - 1 are visible to some row of this tile (the causal limit of its last token).
+    tile_has_rows = tile_in_seq * BLOCK_Q < q_len
+    kv_limit = tl.minimum(seq_len, seq_len - q_len + (tile_in_seq + 1) * BLOCK_Q)
+    kv_limit = tl.where(tile_has_rows, tl.maximum(kv_limit, 0), 0)
+    block_table_row = block_tables_ptr + seq * stride_block_table
+    for kv_start in range(0, kv_limit, BLOCK_N):
+        k_pos = kv_start + tl.arange(0, BLOCK_N)
+        k_valid = k_pos < kv_limit
+        # Per-key page lookup, so BLOCK_N need not equal the page size.
+        page = tl.load(block_table_row + k_pos // PAGE_SIZE, mask=k_valid, other=0).to(tl.int64)
+        page_offset = k_pos % PAGE_SIZE
+        kv_mask = k_valid[:, None] & dim_valid[None, :]
+        k_offsets = page[:, None] * stride_k_block + page_offset[:, None] * stride_k_offset + dims[None, :]
+        v_offsets = page[:, None] * stride_v_block + page_offset[:, None] * stride_v_offset + dims[None, :]
+        # other=0 matters: stale cache contents may be NaN, and 0 * NaN would leak into the sum.
+        k = tl.load(k_cache_ptr + kv_head * stride_k_head + k_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        v = tl.load(v_cache_ptr + kv_head * stride_v_head + v_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        visible = row_valid[:, None] & k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_offsets = q_token[:, None] * stride_out_token + q_head[:, None] * stride_out_head + dims[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # rows per program (query tokens x padded GQA group); >= 16 for tl.dot
+    block_n: int  # keys per step of the KV walk; >= 16 for tl.dot
+    num_warps: int
+
+
+def choose_tiles(decode_heavy: bool, head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
+    """Tile sizes that compile without register spills for sm_90 (checked with ptxas in the tests).
+
+    Decode-heavy batches (about one token per sequence) take the smallest tile so few rows are
+    masked; batches with prefill take more rows per K/V load, fewer when head_dim is large.
+    """
+    head_dim_p2 = triton.next_power_of_2(head_dim)
+    if decode_heavy or (head_dim_p2 > 128 and dtype == torch.float32):
+        tiles = TileConfig(block_m=16, block_n=16, num_warps=4)
+    elif head_dim_p2 > 128:
+        tiles = TileConfig(block_m=32, block_n=32, num_warps=8)
+    else:
+        tiles = TileConfig(block_m=64, block_n=32, num_warps=8)
+    # A tile holds at least one token's whole GQA group.
+    return TileConfig(max(tiles.block_m, triton.next_power_of_2(group)), tiles.block_n, tiles.num_warps)
+
+
+def kernel_constexprs(group: int, head_dim: int, page_size: int, tiles: TileConfig, dtype: torch.dtype) -> dict:
+    """The compile-time parameters of _paged_attention_kernel."""
+    dot_dtype = TL_DTYPES[dtype]
+    # The interpreter multiplies bfloat16 as raw uint16 bits in tl.dot (triton-lang/triton#11584;
+    # its docs say to compute bfloat16 in float32), so there the operands are upcast first.
+    if dtype == torch.bfloat16 and isinstance(_paged_attention_kernel, InterpretedFunction):
+        dot_dtype = tl.float32
+    return dict(
+        GROUP=group,
+        GROUP_P2=triton.next_power_of_2(group),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P2=max(triton.next_power_of_2(head_dim), 16),
+        PAGE_SIZE=page_size,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        DOT_DTYPE=dot_dtype,
+        DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+    )
+
+
+def paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    query_start_loc: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Same contract as tetriinfer.kernels.attention_ref.paged_attention."""
+    num_tokens, num_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if page_size & (page_size - 1):
+        raise ValueError(f"KV cache block size must be a power of two, got {page_size}")
+    if out is None:
+        out = torch.empty_like(q)
+    # The kernel assumes unit stride along head_dim (true for every cache layout we allocate).
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous along head_dim")
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    tiles = choose_tiles(num_tokens <= 2 * num_seqs, head_dim, group, q.dtype)
+    block_q = tiles.block_m // triton.next_power_of_2(group)
+    # Enough programs for every sequence's tiles plus the padding pseudo-sequence (see module doc).
+    grid = (num_tokens // block_q + num_seqs + 1, num_kv_heads)
+    _paged_attention_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        scale * LOG2_E,
+        num_seqs,
+        num_tokens,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        **kernel_constexprs(group, head_dim, page_size, tiles, q.dtype),
+        num_warps=tiles.num_warps,
+    )
+    return out
