@@ -172,7 +172,7 @@ def plot_distributions(named_records: dict[str, list[RequestRecord]], path: str 
     for ax, (title, metric) in zip(axes, (("TTFT", "ttft_s"), ("JCT", "jct_s"))):
         for name, records in named_records.items():
             values = np.sort([getattr(r, metric) for r in records])
-            ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=name)
+            ax.plot(values, np.arange(1, len(values) + 1) / len(values), drawstyle="steps-post", label=name)
         ax.set_xlabel(f"{title} (s)")
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"{title} CDF")

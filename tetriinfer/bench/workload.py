@@ -153,14 +153,23 @@ def _sample(pool: list[tuple[int, int]], n: int, rng: random.Random, label: str)
     return rng.sample(pool, n) if n <= len(pool) else rng.choices(pool, k=n)
 
 
-def _tokens(chars: int, chars_per_token: float = CHARS_PER_TOKEN) -> int:
-    return max(1, round(chars / chars_per_token))
+def _tokens(chars: int) -> int:
+    return max(1, round(chars / CHARS_PER_TOKEN))
 
 
-@functools.cache
 def sharegpt_pairs(with_history: bool = False) -> tuple[tuple[int, int], ...]:
     """(prompt tokens, output tokens) of every ShareGPT human->gpt pair with text on both sides."""
-    path = data_dir() / "sharegpt-v3-partial" / "pair_lengths.csv.gz"
+    return _read_sharegpt_pairs(data_dir() / "sharegpt-v3-partial" / "pair_lengths.csv.gz", with_history)
+
+
+def azure_trace(name: str) -> tuple[tuple[float, int, int], ...]:
+    """(seconds since the trace's first request, prompt tokens, output tokens) per row, in order."""
+    return _read_azure_trace(data_dir() / "azure-llm-2023" / AZURE_TRACES[name])
+
+
+# Parsed files stay in memory for the process (keyed by path, so a changed data folder is re-read).
+@functools.cache
+def _read_sharegpt_pairs(path: Path, with_history: bool) -> tuple[tuple[int, int], ...]:
     pairs = []
     with gzip.open(path, "rt", newline="") as f:
         for row in csv.DictReader(f):
@@ -175,9 +184,7 @@ def sharegpt_pairs(with_history: bool = False) -> tuple[tuple[int, int], ...]:
 
 
 @functools.cache
-def azure_trace(name: str) -> tuple[tuple[float, int, int], ...]:
-    """(seconds since the trace's first request, prompt tokens, output tokens) per row, in order."""
-    path = data_dir() / "azure-llm-2023" / AZURE_TRACES[name]
+def _read_azure_trace(path: Path) -> tuple[tuple[float, int, int], ...]:
     rows = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tetriinfer.sim.hardware import GpuSpec, get_gpu
 from tetriinfer.sim.model_shape import DTYPE_BYTES, ModelShape
 from tetriinfer.sim.profile import Profile, load_profile
 
 
+@runtime_checkable
 class CostModel(Protocol):
     def step_time(self, prefill_tokens: int, prefill_context: int, decode_seqs: int, decode_context: int) -> float:
         """Seconds for one forward pass of one instance.
