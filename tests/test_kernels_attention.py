@@ -234,6 +234,70 @@ def test_triton_default_out_and_all_padding_batch():
     assert out[len(DECODE_ONLY) :].abs().max() == 0
 
 
+# ---------------------------------------------------------------- the kernel as a real GPU would build it
+
+# Runs without TRITON_INTERPRET (it must be unset before triton is imported), compiles the kernel to
+# an sm_90 cubin with the ptxas that ships in the triton wheel (no GPU needed) and prints ptxas's
+# spill count per configuration. The interpreter accepts code that does not lower; this does not.
+SM90_COMPILE = """
+import json, re, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tetriinfer.kernels import attention_triton as at
+
+kernel = at._paged_attention_kernel
+for dtype_name, head_dim, group, decode_heavy in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype_name)
+    tiles = at.choose_tiles(decode_heavy, head_dim, group, dtype)
+    constexprs = at.kernel_constexprs(group, head_dim, 16, tiles, dtype)
+    elem = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype_name]
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"):
+            signature[name] = "*" + elem
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32"
+        else:
+            signature[name] = "fp32" if name == "scale_log2" else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.num_warps})
+    assert compiled.asm["cubin"], "no cubin"
+    print("CONFIG", dtype_name, head_dim, group, decode_heavy, tiles, flush=True)
+"""
+
+# (dtype, head_dim, GQA group, decode_heavy): one per branch of choose_tiles.
+SM90_CONFIGS = [
+    ("bfloat16", 128, 4, True),
+    ("float32", 256, 1, True),
+    ("bfloat16", 128, 1, False),
+    ("float16", 80, 8, False),
+    ("float32", 128, 1, False),
+    ("bfloat16", 256, 2, False),
+    ("float32", 256, 1, False),
+]
+
+
+def test_triton_kernel_compiles_for_sm90_without_spills(tmp_path):
+    import json
+    import os
+    import re
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v output (registers, spills) goes to stdout
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cache hit would skip ptxas and its log
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", SM90_COMPILE, json.dumps(SM90_CONFIGS)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("CONFIG") == len(SM90_CONFIGS)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stdout)]
+    assert len(spills) == len(SM90_CONFIGS), result.stdout[-3000:]
+    assert spills == [0] * len(SM90_CONFIGS), f"register spills on sm_90: {result.stdout[-3000:]}"
+
+
 # ---------------------------------------------------------------- backend selection
 
 

@@ -151,13 +151,14 @@ def choose_tiles(decode_heavy: bool, head_dim: int, group: int, dtype: torch.dty
     Decode-heavy batches (about one token per sequence) take the smallest tile so few rows are
     masked; batches with prefill take more rows per K/V load, fewer when head_dim is large.
     """
-    head_dim_p2 = triton.next_power_of_2(head_dim)
-    if decode_heavy or (head_dim_p2 > 128 and dtype == torch.float32):
-        tiles = TileConfig(block_m=16, block_n=16, num_warps=4)
-    elif head_dim_p2 > 128:
-        tiles = TileConfig(block_m=32, block_n=32, num_warps=8)
-    else:
+    wide = triton.next_power_of_2(head_dim) > 128
+    fp32 = dtype == torch.float32
+    if decode_heavy:
+        tiles = TileConfig(block_m=16, block_n=16, num_warps=8 if wide and fp32 else 4)
+    elif not wide:
         tiles = TileConfig(block_m=64, block_n=32, num_warps=8)
+    else:
+        tiles = TileConfig(block_m=32, block_n=16 if fp32 else 32, num_warps=8)
     # A tile holds at least one token's whole GQA group.
     return TileConfig(max(tiles.block_m, triton.next_power_of_2(group)), tiles.block_n, tiles.num_warps)
 
