@@ -60,7 +60,7 @@ class KvLink:
         return self.latency_s + num_bytes * 8 / (self.gbps * 1e9)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RooflineCostModel:
     """Step time = fixed overhead + bytes moved / effective bandwidth + FLOPs / effective FLOP rate.
 
@@ -99,20 +99,26 @@ class RooflineCostModel:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         m, tp = self.model, self.tp
         # Per-GPU rates and per-GPU work coefficients, precomputed: step_time runs millions of times.
-        self._bytes_per_s = self.gpu.hbm_gbps * 1e9 * self.bandwidth_efficiency
-        self._gemm_flops_per_s = self.gpu.peak_tflops * 1e12 * self.gemm_efficiency
-        self._attention_flops_per_s = self.gpu.peak_tflops * 1e12 * self.attention_efficiency
-        self._weight_bytes = m.weight_bytes_read_per_step / tp
-        self._kv_bytes = m.kv_bytes_per_token / tp
-        self._layer_flops_per_token = 2 * m.layer_params / tp
-        self._lm_head_flops_per_token = 2 * m.lm_head_params / tp
-        self._attention_flops_per_pair = 4 * m.num_layers * m.num_heads * m.head_dim / tp
         if tp > 1:
             ring_bytes_per_token = 2 * (tp - 1) / tp * m.hidden_size * DTYPE_BYTES
-            self._allreduce_s_per_token = 2 * m.num_layers * ring_bytes_per_token / (self.gpu.nvlink_gbps * 1e9)
-            self._allreduce_s_fixed = 2 * m.num_layers * self.allreduce_latency_s
+            allreduce_s_per_token = 2 * m.num_layers * ring_bytes_per_token / (self.gpu.nvlink_gbps * 1e9)
+            allreduce_s_fixed = 2 * m.num_layers * self.allreduce_latency_s
         else:
-            self._allreduce_s_per_token = self._allreduce_s_fixed = 0.0
+            allreduce_s_per_token = allreduce_s_fixed = 0.0
+        coefficients = {
+            "_bytes_per_s": self.gpu.hbm_gbps * 1e9 * self.bandwidth_efficiency,
+            "_gemm_flops_per_s": self.gpu.peak_tflops * 1e12 * self.gemm_efficiency,
+            "_attention_flops_per_s": self.gpu.peak_tflops * 1e12 * self.attention_efficiency,
+            "_weight_bytes": m.weight_bytes_read_per_step / tp,
+            "_kv_bytes": m.kv_bytes_per_token / tp,
+            "_layer_flops_per_token": 2 * m.layer_params / tp,
+            "_lm_head_flops_per_token": 2 * m.lm_head_params / tp,
+            "_attention_flops_per_pair": 4 * m.num_layers * m.num_heads * m.head_dim / tp,
+            "_allreduce_s_per_token": allreduce_s_per_token,
+            "_allreduce_s_fixed": allreduce_s_fixed,
+        }
+        for name, value in coefficients.items():
+            object.__setattr__(self, name, value)  # frozen: the knobs cannot drift from these
         if self.kv_capacity_tokens() < 1:
             raise ValueError(
                 f"{m.name} ({m.weight_bytes / 2**30:.1f} GiB of weights) leaves no KV cache room on "
@@ -166,7 +172,7 @@ class RooflineCostModel:
         return max(int((usable - self.model.weight_bytes) // self.model.kv_bytes_per_token), 0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TableCostModel:
     """Step times interpolated in a measured profile (sim/profile.py).
 
