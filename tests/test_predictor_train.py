@@ -1,0 +1,95 @@
+"""Training end to end on a small learnable task: the built-in model and the Hugging Face path."""
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tetriinfer.predictor.config import TrainConfig
+from tetriinfer.predictor.evaluate import evaluate
+from tetriinfer.predictor.examples import LengthExample, write_examples
+from tetriinfer.predictor.objectives import pairwise_rank_loss
+from tetriinfer.predictor.serving import load_predictor
+from tetriinfer.predictor.train import train
+
+# The request's wording sets the reply length (with noise); the topic is a distractor.
+STYLES = [("answer in one word:", 1, 150), ("briefly explain", 220, 380), ("explain in detail", 420, 580),
+          ("write a long essay on", 1050, 1500)]
+TOPICS = ["rivers", "tax law", "python", "birds", "the moon", "jazz", "cooking", "chess", "trains", "glass"]
+
+
+def _examples(n: int, seed: int) -> list[LengthExample]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        style, lo, hi = rng.choice(STYLES)
+        prompt = f"USER: please {style} {rng.choice(TOPICS)} {rng.choice(TOPICS)}\n"
+        out.append(LengthExample(prompt, output_tokens=rng.randint(lo, hi), group=f"g{seed}-{i}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lengths")
+    for name, n, seed in (("train", 600, 0), ("val", 150, 1), ("test", 300, 2)):
+        write_examples(root / f"{name}.jsonl", _examples(n, seed))
+    return root
+
+
+def test_pairwise_rank_loss_prefers_correct_order():
+    tokens = torch.tensor([10.0, 50.0, 200.0])
+    good = pairwise_rank_loss(torch.tensor([0.0, 1.0, 2.0]), tokens)
+    bad = pairwise_rank_loss(torch.tensor([2.0, 1.0, 0.0]), tokens)
+    assert good < bad
+
+
+@pytest.mark.parametrize("form", ["bag", "transformer"])
+def test_builtin_model_beats_majority_on_held_out(data_dir, tmp_path, form):
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / form), model=form, granularity=200, epochs=6,
+                      batch_size=32, dim=32, vocab_size=500, max_prompt_tokens=64, eval_every=40)
+    train(cfg)
+    report = evaluate(tmp_path / form, _examples(300, 2), single_prompt_runs=3)
+    assert report.accuracy > report.majority_accuracy + 0.3
+    assert report.mae_tokens < report.majority_mae_tokens
+    assert report.kendall_tau > 0.5
+    assert (tmp_path / form / "curves.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory, data_dir):
+    """A random tiny OPT classifier and a BPE tokenizer, saved like a real local checkpoint."""
+    from transformers import OPTConfig, OPTForSequenceClassification, PreTrainedTokenizerFast
+
+    from tetriinfer.predictor.tokenizer import train_bpe
+
+    path = tmp_path_factory.mktemp("tiny-opt")
+    bpe = train_bpe((ex.prompt for ex in _examples(200, 5)), vocab_size=300)
+    bpe.add_special_tokens(["</s>", "<pad>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                       num_attention_heads=2, max_position_embeddings=128, word_embed_proj_dim=32,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    OPTForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_hf_classifier_trains_and_predicts(data_dir, tiny_hf_dir, tmp_path):
+    out = tmp_path / "hf-pred"
+    cfg = TrainConfig(data=str(data_dir), out=str(out), model=str(tiny_hf_dir), loss="ce", epochs=1,
+                      batch_size=16, max_train_examples=64, max_prompt_tokens=32, lr=1e-3, eval_every=2)
+    before = load_file(str(tiny_hf_dir / "model.safetensors"))
+    meta = train(cfg)
+    assert meta.kind == "hf" and meta.buckets.num_buckets == 6
+    predictor = load_predictor(out)
+    after = predictor.model.model.state_dict()
+    body = [k for k in before if not k.startswith("score") and k in after]  # the head was resized
+    assert body, "no pretrained weight was loaded"
+    assert any(not torch.equal(before[k], after[k]) for k in body), "training did not update the body"
+    predictions = predictor.predict(["USER: please explain in detail jazz\n", "USER: hi\n"])
+    assert len(predictions) == 2
+    for p in predictions:
+        assert 0 <= p.bucket < 6 and p.lower == 200 * p.bucket and p.upper > p.lower

@@ -1,0 +1,88 @@
+"""`tetriinfer predictor {prepare,train,eval}`: build data, train and evaluate length predictors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEFAULT_DATA_ROOT = "../shared/data"
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from tetriinfer.predictor.examples import write_examples
+    from tetriinfer.predictor.sources import (
+        alpaca_eval_examples, gsm8k_examples, sharegpt_examples, split_examples,
+    )
+
+    root, out = Path(args.data_root), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = split_examples(sharegpt_examples(root / "sharegpt-v3-partial", args.context_chars))
+    files["alpaca-eval"] = alpaca_eval_examples(root / "alpaca-eval")
+    files["gsm8k"] = gsm8k_examples(root / "gsm8k")
+    for name, examples in files.items():
+        write_examples(out / f"{name}.jsonl", examples)
+        print(f"{out / name}.jsonl: {len(examples)} examples")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tetriinfer.predictor.config import TrainConfig
+    from tetriinfer.predictor.train import train
+
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
+    meta = train(cfg)
+    print(json.dumps(meta.training, indent=1))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from tetriinfer.predictor.evaluate import evaluate
+    from tetriinfer.predictor.examples import read_examples
+
+    torch.set_num_threads(args.threads)
+    report = evaluate(args.model, read_examples(args.data), batch_size=args.batch_size).as_dict()
+    report.update(model=str(args.model), data=str(args.data))
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from tetriinfer.predictor.config import LOSSES, TrainConfig
+
+    defaults = TrainConfig(data="", out="")
+    parser = subparsers.add_parser("predictor", help="decode-length predictor: prepare data, train, evaluate")
+    commands = parser.add_subparsers(dest="predictor_command", required=True)
+
+    prepare = commands.add_parser("prepare", help="write train/val/test (ShareGPT) and cross-distribution JSONL files")
+    prepare.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help="folder with sharegpt-v3-partial, alpaca-eval, gsm8k")
+    prepare.add_argument("--out", required=True)
+    prepare.add_argument("--context-chars", type=int, default=2000, help="earlier turns kept in a prompt (chars)")
+    prepare.set_defaults(func=_prepare)
+
+    tr = commands.add_parser("train", help="train a predictor from DATA/train.jsonl and DATA/val.jsonl")
+    tr.add_argument("--data", required=True, help="folder written by `predictor prepare`")
+    tr.add_argument("--out", required=True, help="predictor directory to write")
+    tr.add_argument("--model", default=defaults.model, help="`bag`, `transformer`, or a local Hugging Face model dir")
+    tr.add_argument("--loss", default=defaults.loss, choices=LOSSES)
+    tr.add_argument("--label-tokenizer", default=None, help="served model's tokenizer.json (or its dir) to count labels")
+    for name in ("granularity", "open_from", "epochs", "batch_size", "vocab_size", "dim", "max_prompt_tokens",
+                 "eval_every", "seed", "threads"):
+        tr.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("lr", "weight_decay", "rank_weight"):
+        tr.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    tr.add_argument("--max-train-examples", type=int, default=None, help="subsample the training split")
+    tr.set_defaults(func=_train)
+
+    ev = commands.add_parser("eval", help="evaluate a predictor directory on a JSONL example file")
+    ev.add_argument("--model", required=True, help="predictor directory")
+    ev.add_argument("--data", required=True, help="JSONL: prompt + response or output_tokens per line")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--json", default=None, help="also write the report here")
+    ev.set_defaults(func=_eval)
