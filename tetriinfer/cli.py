@@ -12,6 +12,7 @@ import sys
 
 SUBCOMMANDS = (
     "tetriinfer.entrypoints.generate",
+    "tetriinfer.predictor.cli",
 )
 
 
@@ -24,8 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, not a traceback
+        parser.exit(2, f"tetriinfer {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":
