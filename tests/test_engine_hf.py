@@ -74,7 +74,8 @@ def test_logits_match_transformers(family):
 
     runner.execute = capture
     prompt = random_prompt(70, seed=42)
-    out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=True)
+    out = llm.generate(prompt_token_ids=[prompt], sampling_params=sp)
     ours = torch.cat(captured)  # 70 prefill rows, then 4 decode rows
     full = prompt + out[0].outputs[0].token_ids[:4]
     with torch.no_grad():
@@ -82,6 +83,10 @@ def test_logits_match_transformers(family):
     assert ours.shape == ref.shape
     rel = (ours - ref).abs().max() / ref.abs().max()
     assert rel < 1e-4, f"relative logits error {rel:.2e}"
+    # logprobs of the chosen tokens are those of the reference distribution
+    chosen = torch.tensor(out[0].outputs[0].token_ids)
+    ref_lp = torch.log_softmax(ref[len(prompt) - 1:], dim=-1)[torch.arange(5), chosen]
+    assert out[0].outputs[0].logprobs == pytest.approx(ref_lp.tolist(), abs=1e-4)
 
 
 @pytest.mark.parametrize("chunk_size", [16, 64, 512])

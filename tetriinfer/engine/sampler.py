@@ -26,6 +26,7 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.eos_token_ids = eos_token_ids
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         logits = logits.float()
         self._ban_early_stops(logits, requests)

@@ -73,6 +73,14 @@ class EngineScheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan:
+        while True:
+            plan = self._plan_step()
+            # Partly prefilled prompts can hold the blocks that every other request needs: give up
+            # the newest one (it will be recomputed) until something can run.
+            if not plan.empty or not self._evict_partial_prefill():
+                return plan
+
+    def _plan_step(self) -> StepPlan:
         if self.config.step_policy == "mixed":
             plan = StepPlan(decode=self._schedule_decodes())
             plan.prefill = self._schedule_prefill(self.config.chunk_size - len(plan.decode), pad=False)
@@ -119,6 +127,8 @@ class EngineScheduler:
         while running:
             req = running.pop(0)
             need = self.blocks.blocks_to_grow(req.block_ids, req.num_tokens)
+            while not self.blocks.can_allocate(need) and self._evict_partial_prefill():
+                pass
             while not self.blocks.can_allocate(need) and (running or batch):
                 # Preempt the newest request by recompute to make room.
                 victim = running.pop() if running else batch.pop()
@@ -129,6 +139,16 @@ class EngineScheduler:
             self.blocks.grow(req.block_ids, req.num_tokens)
             batch.append(req)
         return batch
+
+    def _evict_partial_prefill(self) -> bool:
+        """Free the blocks of the newest waiting request that holds any; False if none does."""
+        for req in reversed(self.waiting):
+            if req.block_ids:
+                self.blocks.free(req.block_ids)
+                req.num_computed_tokens = 0
+                req.num_preemptions += 1
+                return True
+        return False
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
