@@ -1,0 +1,101 @@
+"""Loading pieces: tokenizer.json and chat templates, block manager, dummy presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_models import build_hf_model
+from tetriinfer import LLM, SamplingParams
+from tetriinfer.engine.block_manager import BlockManager, OutOfBlocks
+from tetriinfer.model.tokenizer import ByteTokenizer, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir_with_tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    path = tmp_path_factory.mktemp("tok")
+    build_hf_model("llama", path)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}",
+    }))
+    return path
+
+
+def test_hf_tokenizer_and_chat_template(model_dir_with_tokenizer):
+    tok = load_tokenizer(model_dir_with_tokenizer, None, None)
+    ids = tok.encode("hello world")
+    assert tok.decode(ids) == "hello world"
+    assert tok.bos_token_id == 1 and tok.eos_token_id == 2
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<s>[user] hi\n[assistant] "
+
+
+def test_text_prompts_through_a_model_directory(model_dir_with_tokenizer):
+    llm = LLM(str(model_dir_with_tokenizer), num_blocks=32, chunk_size=16)
+    out = llm.generate(["the quick brown fox"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert out.prompt_token_ids == llm.get_tokenizer().encode("the quick brown fox")
+    assert len(out.outputs[0].token_ids) == 5
+    assert out.outputs[0].text == llm.get_tokenizer().decode(out.outputs[0].token_ids)
+
+
+def test_directory_without_tokenizer_needs_token_ids(tmp_path):
+    build_hf_model("qwen3", tmp_path)
+    llm = LLM(str(tmp_path), num_blocks=16)
+    with pytest.raises(ValueError, match="no tokenizer.json; pass prompt_token_ids"):
+        llm.generate(["hello"])
+    assert llm.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(max_tokens=2))[0].finished
+
+
+def test_byte_tokenizer_round_trip_and_simple_chat_template():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo ✓")
+    assert ids[0] == 256 and tok.decode(ids) == "héllo ✓"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|user|>\nhi\n<|assistant|>\n"
+
+
+def test_block_manager_refcounts():
+    bm = BlockManager(num_blocks=4, block_size=16)
+    table = bm.allocate(2)
+    assert bm.num_free_blocks == 2
+    bm.grow(table, 40)  # 40 tokens need 3 blocks
+    assert len(table) == 3 and bm.num_free_blocks == 1
+    with pytest.raises(OutOfBlocks):
+        bm.allocate(2)
+    assert bm.num_free_blocks == 1  # a failed allocation takes nothing
+    shared = list(table)
+    bm.share(shared)
+    bm.free(table)
+    assert table == [] and bm.num_free_blocks == 1  # still held by the sharer
+    bm.free(shared)
+    assert bm.num_free_blocks == 4
+    with pytest.raises(ValueError, match="double free"):
+        bm.free([0])
+
+
+def test_real_model_presets_have_the_published_sizes():
+    """The dummy presets have the real parameter counts (built on the meta device: no memory)."""
+    import torch
+
+    from tetriinfer.model.arch import ModelArch
+    from tetriinfer.model.loader import model_class
+    from tetriinfer.presets import get_preset
+
+    expected = {"llama3-8b": 8.03e9, "qwen2.5-7b": 7.62e9, "opt-13b": 12.85e9}
+    for name, count in expected.items():
+        arch = ModelArch.from_hf_config(get_preset(name))
+        with torch.device("meta"):
+            model = model_class(arch)(arch)
+        n = sum(p.numel() for p in model.parameters())
+        assert abs(n - count) / count < 0.01, (name, n)
