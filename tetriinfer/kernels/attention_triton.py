@@ -138,6 +138,10 @@ def _paged_attention_kernel(
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
 
 
+# Under TRITON_INTERPRET=1 (CPU tests), triton.jit builds an InterpretedFunction.
+INTERPRETED = isinstance(_paged_attention_kernel, InterpretedFunction)
+
+
 @dataclass(frozen=True)
 class TileConfig:
     block_m: int  # rows per program (query tokens x padded GQA group); >= 16 for tl.dot
@@ -168,7 +172,7 @@ def kernel_constexprs(group: int, head_dim: int, page_size: int, tiles: TileConf
     dot_dtype = TL_DTYPES[dtype]
     # The interpreter multiplies bfloat16 as raw uint16 bits in tl.dot (triton-lang/triton#11584;
     # its docs say to compute bfloat16 in float32), so there the operands are upcast first.
-    if dtype == torch.bfloat16 and isinstance(_paged_attention_kernel, InterpretedFunction):
+    if dtype == torch.bfloat16 and INTERPRETED:
         dot_dtype = tl.float32
     return dict(
         GROUP=group,
@@ -210,6 +214,12 @@ def paged_attention(
     if num_tokens == 0:
         return out
 
+    # The interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even, so there
+    # the kernel writes float32 and torch rounds.
+    kernel_out = out
+    if q.dtype == torch.bfloat16 and INTERPRETED:
+        kernel_out = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+
     group = num_heads // num_kv_heads
     tiles = choose_tiles(num_tokens <= 2 * num_seqs, head_dim, group, q.dtype)
     block_q = tiles.block_m // triton.next_power_of_2(group)
@@ -219,7 +229,7 @@ def paged_attention(
         q,
         k_cache,
         v_cache,
-        out,
+        kernel_out,
         block_tables,
         query_start_loc,
         seq_lens,
@@ -228,8 +238,8 @@ def paged_attention(
         num_tokens,
         q.stride(0),
         q.stride(1),
-        out.stride(0),
-        out.stride(1),
+        kernel_out.stride(0),
+        kernel_out.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -240,4 +250,6 @@ def paged_attention(
         **kernel_constexprs(group, head_dim, page_size, tiles, q.dtype),
         num_warps=tiles.num_warps,
     )
+    if kernel_out is not out:
+        out.copy_(kernel_out)
     return out
