@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from tetriinfer.config import PolicyConfig
+
 SHAREGPT_MIXES = ("lpld", "lphd", "hpld", "hphd", "mixed")
 AZURE_TRACES = {"azure-code": "AzureLLMInferenceTrace_code.csv", "azure-conv": "AzureLLMInferenceTrace_conv.csv"}
 WORKLOADS = SHAREGPT_MIXES + tuple(AZURE_TRACES)
 ARRIVALS = ("closed", "poisson", "trace")
 
-HEAVY_PROMPT_TOKENS = 512
-HEAVY_DECODE_TOKENS = 128
 # ShareGPT ships characters, not tokens (no tokenizer can be fetched here): ~4 characters per token
 # is the usual estimate for English text with a Llama/GPT BPE vocabulary.
 CHARS_PER_TOKEN = 4.0
@@ -60,8 +60,8 @@ def make_workload(
     seed: int = 0,
     arrival: str = "closed",
     rate: float | None = None,
-    heavy_prompt_tokens: int = HEAVY_PROMPT_TOKENS,
-    heavy_decode_tokens: int = HEAVY_DECODE_TOKENS,
+    heavy_prompt_tokens: int = PolicyConfig.heavy_prompt_tokens,
+    heavy_decode_tokens: int = PolicyConfig.heavy_decode_tokens,
     max_total_tokens: int | None = None,
     with_history: bool = False,
 ) -> list[RequestSpec]:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import random
 
+from tetriinfer.config import PolicyConfig
 from tetriinfer.sched.lengths import bucket_lower, bucket_upper
 
 
 class OracleLengthPredictor:
     def __init__(
         self,
-        accuracy: float = 0.749,
-        bucket_size: int = 200,
+        accuracy: float = PolicyConfig.predictor_accuracy,
+        bucket_size: int = PolicyConfig.bucket_size,
         seed: int = 0,
         num_buckets: int | None = None,
         neighbour_share: float = 0.75,
