@@ -1,0 +1,101 @@
+"""Prefill and decode throughput of one engine (not a test).
+
+    python scripts/bench_engine.py                       # tiny model on CPU
+    python scripts/bench_engine.py --model llama3-8b --device cuda --dtype bfloat16
+
+Prefill: prompts of `--prompt-len` tokens through chunks of `--chunk-size`; tokens/s counts real
+prompt tokens. Decode: `--batch` requests at `--context` tokens of context, decode steps only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from tetriinfer import LLM, SamplingParams
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_steps(llm: LLM, device: str, want_prefill: bool) -> tuple[float, int, int]:
+    """Run steps until all requests finish; return (seconds, tokens, steps) of the wanted kind."""
+    engine, seconds, tokens, steps = llm.engine, 0.0, 0, 0
+    while engine.has_unfinished_requests():
+        plan = engine.scheduler.schedule()
+        engine.scheduler.schedule = lambda p=plan: p  # step() runs exactly the plan measured here
+        is_prefill = bool(plan.prefill)
+        sync(device)
+        start = time.perf_counter()
+        engine.step()
+        sync(device)
+        del engine.scheduler.schedule
+        if is_prefill == want_prefill:
+            seconds += time.perf_counter() - start
+            tokens += sum(p.length for p in plan.prefill) if is_prefill else len(plan.decode)
+            steps += 1
+    return seconds, tokens, steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--chunk-size", type=int, default=512)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args()
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size)
+    g = torch.Generator().manual_seed(0)
+    vocab = min(llm.engine.arch.vocab_size, 256)
+
+    def prompts(n: int, length: int) -> list[list[int]]:
+        return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+    # warm-up
+    llm.generate(prompt_token_ids=prompts(2, 64), sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
+
+    results = {"model": args.model, "device": args.device, "dtype": args.dtype, "chunk_size": args.chunk_size,
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+    for ids in prompts(args.num_prompts, args.prompt_len):
+        llm.engine.add_request(f"p{len(ids)}-{time.monotonic_ns()}", prompt_token_ids=ids,
+                               sampling=SamplingParams(max_tokens=1, ignore_eos=True))
+    secs, toks, steps = timed_steps(llm, args.device, want_prefill=True)
+    results["prefill"] = {"prompt_len": args.prompt_len, "tokens": toks, "steps": steps, "seconds": secs,
+                          "tokens_per_s": toks / secs, "ms_per_chunk": 1e3 * secs / steps}
+    results["decode"] = []
+    for batch in args.batch:
+        for i, ids in enumerate(prompts(batch, args.context)):
+            llm.engine.add_request(f"d{batch}-{i}", prompt_token_ids=ids,
+                                   sampling=SamplingParams(max_tokens=args.decode_steps + 1, ignore_eos=True))
+        secs, toks, steps = timed_steps(llm, args.device, want_prefill=False)
+        results["decode"].append({"batch": batch, "context": args.context, "steps": steps, "seconds": secs,
+                                  "tokens_per_s": toks / secs, "ms_per_step": 1e3 * secs / steps})
+
+    print(f"{args.model} on {args.device} ({args.dtype}), chunk {args.chunk_size}, commit {results['commit']}")
+    p = results["prefill"]
+    print(f"prefill  {p['prompt_len']}-token prompts: {p['tokens_per_s']:>10.0f} tok/s  ({p['ms_per_chunk']:.1f} ms/chunk)")
+    for d in results["decode"]:
+        print(f"decode   batch {d['batch']:>4} ctx {d['context']}: {d['tokens_per_s']:>10.0f} tok/s  ({d['ms_per_step']:.2f} ms/step)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
