@@ -119,6 +119,7 @@ def test_mixed_step_policy_matches_generate(family):
 def test_triton_backend_gives_the_same_tokens(family):
     _, path, _, greedy = family
     prompts = prompts_for(16)  # the interpreter is slow: short prompts, few tokens
-    llm = LLM(str(path), chunk_size=16, num_blocks=64, attention_backend="triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under TRITON_INTERPRET=1
+    llm = LLM(str(path), chunk_size=16, num_blocks=64, attention_backend="triton", device=device)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == [greedy(p)[:4] for p in prompts]
