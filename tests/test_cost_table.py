@@ -108,3 +108,9 @@ def test_invalid_json_names_the_file(tmp_path):
     path.write_text("{")
     with pytest.raises(ProfileError, match="broken.json"):
         load_profile(path)
+
+
+def test_single_point_axes_hold_their_value_along_that_axis():
+    assert Grid2D((1,), (5,), ((2.0,),))(9, 9) == 2.0
+    assert Grid2D((1, 2), (5,), ((2.0,), (4.0,)))(1.5, 100) == pytest.approx(3.0)
+    assert Grid2D((1,), (5, 6), ((2.0, 3.0),))(100, 5.5) == pytest.approx(2.5)

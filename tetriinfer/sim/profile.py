@@ -51,19 +51,23 @@ class Grid2D:
     def __call__(self, row: float, col: float) -> float:
         i, wi = _segment(self.rows, row)
         j, wj = _segment(self.cols, col)
-        v = self.values
-        i1 = min(i + 1, len(self.rows) - 1)
-        j1 = min(j + 1, len(self.cols) - 1)
-        low = v[i][j] + (v[i][j1] - v[i][j]) * wj
-        high = v[i1][j] + (v[i1][j1] - v[i1][j]) * wj
-        return max(low + (high - low) * wi, 0.0)
+        low_row, high_row = self.values[i], self.values[i + 1] if len(self.rows) > 1 else self.values[i]
+        if len(self.cols) > 1:
+            low = low_row[j] + (low_row[j + 1] - low_row[j]) * wj
+            high = high_row[j] + (high_row[j + 1] - high_row[j]) * wj
+        else:
+            low, high = low_row[0], high_row[0]
+        value = low + (high - low) * wi
+        return value if value > 0.0 else 0.0
 
 
 def _segment(axis: tuple[float, ...], x: float) -> tuple[int, float]:
     """Index of the segment's first point and x's weight toward the next point (> 1 past the end)."""
     if len(axis) == 1 or x <= axis[0]:
         return 0, 0.0
-    i = min(bisect.bisect_right(axis, x) - 1, len(axis) - 2)
+    i = bisect.bisect_right(axis, x) - 1
+    if i > len(axis) - 2:
+        i = len(axis) - 2
     return i, (x - axis[i]) / (axis[i + 1] - axis[i])
 
 
