@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -73,13 +73,13 @@ class Summary:
 
 def summarize(
     records: Iterable[RequestRecord],
-    instance_last_work_s: dict[str, float],
+    instance_last_work_s: Mapping[Hashable, float],
     *,
     ttft_slo_s: float | None = None,
     tpot_slo_s: float | None = None,
     start_s: float | None = None,
 ) -> Summary:
-    """Metrics of one run. `instance_last_work_s` maps each instance to the time of its last work
+    """Metrics of one run. `instance_last_work_s` maps each instance (any id) to the time of its last work
     (an instance that never worked counts from the start to the start: 0 s). A missing SLO is met
     by every request; with neither SLO, goodput is None."""
     records = list(records)
