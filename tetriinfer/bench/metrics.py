@@ -131,21 +131,20 @@ def format_table(named_summaries: dict[str, Summary], baseline: str | None = Non
     names = list(named_summaries)
     if not names:
         return ""
+    summaries = list(named_summaries.values())
     base = named_summaries[baseline if baseline is not None else names[0]]
-    rows: list[tuple[str, list[str]]] = [("requests", [str(s.num_requests) for s in named_summaries.values()])]
+    rows: list[tuple[str, list[str]]] = [("requests", [str(s.num_requests) for s in summaries])]
     for label, attr in (("TTFT", "ttft"), ("TPOT", "tpot"), ("JCT", "jct")):
         for stat in ("mean", "p50", "p90", "p99"):
-            rows.append(
-                (f"{label} {stat} (ms)", [_number(getattr(getattr(s, attr), stat) * 1e3) for s in named_summaries.values()])
-            )
+            rows.append((f"{label} {stat} (ms)", [_number(getattr(getattr(s, attr), stat) * 1e3) for s in summaries]))
     rows += [
-        ("makespan (s)", [_number(s.makespan_s) for s in named_summaries.values()]),
-        ("throughput (req/s)", [_number(s.throughput_rps) for s in named_summaries.values()]),
-        ("output tokens/s", [_number(s.output_tokens_per_s) for s in named_summaries.values()]),
-        ("resource time (s)", [_number(s.resource_time_s) for s in named_summaries.values()]),
-        ("perf/$ (x)", [_number(perf_per_dollar(s, base)) for s in named_summaries.values()]),
-        ("SLO attainment", [_number(s.slo_attainment) for s in named_summaries.values()]),
-        ("goodput (req/s)", [_number(s.goodput_rps) for s in named_summaries.values()]),
+        ("makespan (s)", [_number(s.makespan_s) for s in summaries]),
+        ("throughput (req/s)", [_number(s.throughput_rps) for s in summaries]),
+        ("output tokens/s", [_number(s.output_tokens_per_s) for s in summaries]),
+        ("resource time (s)", [_number(s.resource_time_s) for s in summaries]),
+        ("perf/$ (x)", [_number(perf_per_dollar(s, base)) for s in summaries]),
+        ("SLO attainment", [_number(s.slo_attainment) for s in summaries]),
+        ("goodput (req/s)", [_number(s.goodput_rps) for s in summaries]),
     ]
     label_width = max(len(label) for label, _ in rows)
     widths = [max(len(name), *(len(cells[i]) for _, cells in rows)) for i, name in enumerate(names)]

@@ -232,7 +232,9 @@ def load_trace_csv(path: str | Path) -> list[RequestSpec]:
                     f"{row['arrival_s']!r}, {row['prompt_tokens']!r}, {row['output_tokens']!r}"
                 ) from None
             if not arrival >= 0 or prompt < 1 or output < 1:
-                raise ValueError(f"{path}:{line}: need arrival_s >= 0 and token counts >= 1, got {arrival}, {prompt}, {output}")
+                raise ValueError(
+                    f"{path}:{line}: need arrival_s >= 0 and token counts >= 1, got {arrival}, {prompt}, {output}"
+                )
             if requests and arrival < requests[-1].arrival_s:
                 raise ValueError(
                     f"{path}:{line}: arrival_s {arrival} is earlier than the previous row's "

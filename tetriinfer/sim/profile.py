@@ -85,7 +85,9 @@ class Profile:
         if data.get("format") != PROFILE_FORMAT:
             raise ProfileError(f"'format' must be {PROFILE_FORMAT!r}, got {data.get('format')!r}")
         if data.get("version") != PROFILE_VERSION:
-            raise ProfileError(f"unsupported profile version {data.get('version')!r}; this reader knows {PROFILE_VERSION}")
+            raise ProfileError(
+                f"unsupported profile version {data.get('version')!r}; this reader knows {PROFILE_VERSION}"
+            )
         metadata = _require(data, "metadata", dict)
         missing = [key for key in REQUIRED_METADATA if key not in metadata]
         if missing:
