@@ -1,4 +1,6 @@
-"""Draws docs/figures/roofline-cost-model.png (run from the repo root: python docs/figures/make_roofline_figure.py)."""
+"""Draws docs/figures/roofline-cost-model.png. Run from the repo root:
+python docs/figures/make_roofline_figure.py
+"""
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
