@@ -18,6 +18,10 @@ from torch import Tensor
 
 from tetriinfer.kernels import attention_ref, get_attention_backend
 
+# Batches are built on the CPU (seeded generator) and moved here: the GPU where there is one, else the
+# CPU, where the Triton kernel runs under TRITON_INTERPRET=1.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # (tokens already cached, new query tokens) per sequence.
 DECODE_ONLY = [(5, 1), (16, 1), (40, 1), (0, 1)]
 PREFILL_ONLY = [(0, 17), (0, 33), (0, 3)]
@@ -92,14 +96,14 @@ def make_batch(
     q = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen).to(dtype)
     query_start_loc = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     return PagedBatch(
-        q=q,
-        k_cache=k_cache,
-        v_cache=v_cache,
-        block_tables=block_tables,
-        query_start_loc=query_start_loc,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        keys=keys,
-        values=values,
+        q=q.to(DEVICE),
+        k_cache=k_cache.to(DEVICE),
+        v_cache=v_cache.to(DEVICE),
+        block_tables=block_tables.to(DEVICE),
+        query_start_loc=query_start_loc.to(DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        keys=[k.to(DEVICE) for k in keys],
+        values=[v.to(DEVICE) for v in values],
         scale=head_dim**-0.5,
     )
 
@@ -107,7 +111,7 @@ def make_batch(
 def dense_causal_attention(batch: PagedBatch) -> Tensor:
     """Token by token, over each sequence's contiguous K/V with KV heads expanded: slow and obvious."""
     num_tokens, num_heads, head_dim = batch.q.shape
-    out = torch.zeros(num_tokens, num_heads, head_dim)
+    out = torch.zeros(num_tokens, num_heads, head_dim, device=batch.q.device)
     starts = batch.query_start_loc.tolist()
     for seq, (k, v) in enumerate(zip(batch.keys, batch.values)):
         group = num_heads // k.shape[1]
@@ -185,7 +189,7 @@ def test_strided_query_view(backend):
     """q as the engine gets it: a slice of a fused qkv projection, not contiguous over tokens."""
     batch = make_batch(MIXED, num_kv_heads=2, group=2, head_dim=16, num_padding=2)
     num_tokens, num_heads, head_dim = batch.q.shape
-    qkv = torch.randn(num_tokens, num_heads + 4, head_dim)
+    qkv = torch.randn(num_tokens, num_heads + 4, head_dim, device=DEVICE)
     qkv[:, :num_heads] = batch.q
     batch.q = qkv[:, :num_heads]
     out = get_attention_backend(backend).paged_attention(*batch.attention_args())
