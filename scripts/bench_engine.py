@@ -2,6 +2,7 @@
 
     python scripts/bench_engine.py                       # tiny model on CPU
     python scripts/bench_engine.py --model llama3-8b --device cuda --dtype bfloat16
+    (where the checkout has no .git, e.g. on the GPU machine, set TETRIINFER_COMMIT)
 
 Prefill: prompts of `--prompt-len` tokens through chunks of `--chunk-size`; tokens/s counts real
 prompt tokens. Decode: `--batch` requests at `--context` tokens of context, decode steps only.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -66,26 +68,30 @@ def main() -> None:
     def prompts(n: int, length: int) -> list[list[int]]:
         return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
-    # warm-up
-    llm.generate(prompt_token_ids=prompts(2, 64), sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
+    def measure() -> dict:
+        out = {}
+        for ids in prompts(args.num_prompts, args.prompt_len):
+            llm.engine.add_request(f"p-{time.monotonic_ns()}", prompt_token_ids=ids,
+                                   sampling=SamplingParams(max_tokens=1, ignore_eos=True))
+        secs, toks, steps = timed_steps(llm, args.device, want_prefill=True)
+        out["prefill"] = {"prompt_len": args.prompt_len, "tokens": toks, "steps": steps, "seconds": secs,
+                          "tokens_per_s": toks / secs, "ms_per_chunk": 1e3 * secs / steps}
+        out["decode"] = []
+        for batch in args.batch:
+            for ids in prompts(batch, args.context):
+                llm.engine.add_request(f"d-{time.monotonic_ns()}", prompt_token_ids=ids,
+                                       sampling=SamplingParams(max_tokens=args.decode_steps + 1, ignore_eos=True))
+            secs, toks, steps = timed_steps(llm, args.device, want_prefill=False)
+            out["decode"].append({"batch": batch, "context": args.context, "steps": steps, "seconds": secs,
+                                  "tokens_per_s": toks / secs, "ms_per_step": 1e3 * secs / steps})
+        return out
 
+    measure()  # warm-up: the same shapes, so kernel compilation and allocator growth are not timed
     results = {"model": args.model, "device": args.device, "dtype": args.dtype, "chunk_size": args.chunk_size,
                "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
-    for ids in prompts(args.num_prompts, args.prompt_len):
-        llm.engine.add_request(f"p{len(ids)}-{time.monotonic_ns()}", prompt_token_ids=ids,
-                               sampling=SamplingParams(max_tokens=1, ignore_eos=True))
-    secs, toks, steps = timed_steps(llm, args.device, want_prefill=True)
-    results["prefill"] = {"prompt_len": args.prompt_len, "tokens": toks, "steps": steps, "seconds": secs,
-                          "tokens_per_s": toks / secs, "ms_per_chunk": 1e3 * secs / steps}
-    results["decode"] = []
-    for batch in args.batch:
-        for i, ids in enumerate(prompts(batch, args.context)):
-            llm.engine.add_request(f"d{batch}-{i}", prompt_token_ids=ids,
-                                   sampling=SamplingParams(max_tokens=args.decode_steps + 1, ignore_eos=True))
-        secs, toks, steps = timed_steps(llm, args.device, want_prefill=False)
-        results["decode"].append({"batch": batch, "context": args.context, "steps": steps, "seconds": secs,
-                                  "tokens_per_s": toks / secs, "ms_per_step": 1e3 * secs / steps})
+               "commit": os.environ.get("TETRIINFER_COMMIT") or subprocess.run(
+                   ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+    results.update(measure())
 
     print(f"{args.model} on {args.device} ({args.dtype}), chunk {args.chunk_size}, commit {results['commit']}")
     p = results["prefill"]
