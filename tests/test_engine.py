@@ -261,3 +261,11 @@ def test_cli_generate_prints_json(capsys):
     assert cli_main(["generate", "--prompt", "Hi", "--max-tokens", "3", "--num-blocks", "16", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip())
     assert line["prompt"] == "Hi" and len(line["token_ids"]) == 3 and line["finish_reason"] == "length"
+
+
+def test_chat_uses_the_template(llm):
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert out.prompt == "<|user|>\nhi\n<|assistant|>\n"
+    assert len(out.outputs[0].token_ids) >= 1
+    with pytest.raises(ValueError, match="conversation 0"):
+        llm.chat([[{"role": "user"}]])

@@ -37,6 +37,24 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation ([{"role": ..., "content": ...}, ...]) or a list of
+        them, formatted by the model's chat template (a simple documented one for the presets)."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("this model directory has no tokenizer.json, so it has no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        for i, conv in enumerate(conversations):
+            if not conv or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in conv):
+                raise ValueError(f"conversation {i}: give a non-empty list of {{'role': ..., 'content': ...}} messages")
+        prompts = [tokenizer.apply_chat_template(conv) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def generate(
         self,
         prompts: str | Sequence[str] | None = None,
