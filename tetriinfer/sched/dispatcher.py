@@ -1,0 +1,69 @@
+"""Dispatcher: which decode instance receives a prefilled request (one per prefill instance).
+
+It reads the cluster monitor's broadcast `DecodeLoad`s, which may be up to one monitor interval
+stale (as in the paper). The instances with room for the request's need come first; when none has
+room, `pick` returns None and the caller keeps the request waiting (never dropped).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+from tetriinfer.config import DISPATCH_POLICIES
+
+
+@dataclass(frozen=True)
+class DecodeLoad:
+    """One decode instance as the monitor last saw it.
+
+    `room_blocks`: free KV blocks minus blocks reserved for admitted requests' prompt + predicted
+    output (DESIGN.md). `num_heavy`/`num_light`: assigned requests by predicted decode class.
+    `remaining_decode_tokens`: output tokens still to generate there, by true lengths (only the
+    simulator knows them; only the `oracle` policy reads them).
+    """
+
+    instance_id: Hashable
+    room_blocks: int
+    num_heavy: int = 0
+    num_light: int = 0
+    remaining_decode_tokens: int = 0
+
+    @property
+    def heavy_ratio(self) -> float:
+        return self.num_heavy / (self.num_light + 1)
+
+
+class Dispatcher:
+    def __init__(self, policy: str = "power2", rng: random.Random | None = None) -> None:
+        if policy not in DISPATCH_POLICIES:
+            raise ValueError(f"policy must be one of {DISPATCH_POLICIES}, got {policy!r}")
+        self.policy = policy
+        self.rng = rng if rng is not None else random.Random(0)
+        self._next_round_robin = 0
+
+    def pick(self, need_blocks: int, loads: Sequence[DecodeLoad]) -> Hashable | None:
+        """The decode instance for a request needing `need_blocks`, or None when none has room."""
+        with_room = [load for load in loads if load.room_blocks >= need_blocks]
+        if not with_room:
+            return None
+        if self.policy == "power2":
+            if len(with_room) == 1:
+                return with_room[0].instance_id
+            a, b = self.rng.sample(with_room, 2)
+            # Lower heavy:light ratio wins (mixing heavy and light decodes); then more room.
+            return min((a, b), key=lambda x: (x.heavy_ratio, -x.room_blocks)).instance_id
+        if self.policy == "random":
+            return self.rng.choice(with_room).instance_id
+        if self.policy == "round_robin":
+            # Cycle over all instances in order, skipping those without room.
+            for offset in range(len(loads)):
+                load = loads[(self._next_round_robin + offset) % len(loads)]
+                if load.room_blocks >= need_blocks:
+                    self._next_round_robin = (self._next_round_robin + offset + 1) % len(loads)
+                    return load.instance_id
+        if self.policy == "least_loaded":
+            return max(with_room, key=lambda x: x.room_blocks).instance_id
+        # oracle: true remaining decode work, the quantity predictions approximate.
+        return min(with_room, key=lambda x: x.remaining_decode_tokens).instance_id

@@ -1,0 +1,50 @@
+"""Cluster monitor: collects instance loads every `interval_s` and broadcasts the snapshot.
+
+Between two collections everyone (global scheduler, dispatchers, flip policy) reads the same,
+possibly stale, snapshot, as in the paper's 100 ms polling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable
+
+from tetriinfer.sched.dispatcher import DecodeLoad
+
+PREFILL = "prefill"
+DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """`load_fraction`: prefill: queued prompt tokens over the pressure level; decode: KV blocks in use
+    over capacity. `draining`: ordered to flip, takes no new work."""
+
+    instance_id: Hashable
+    role: str
+    load_fraction: float
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    time_s: float
+    instances: tuple[InstanceStatus, ...]
+    prefill_loads: dict  # instance id -> queued prompt tokens not yet prefilled (non-draining only)
+    decode_loads: tuple[DecodeLoad, ...]  # non-draining decode instances only
+    dispatch_waiting: int = 0  # prefilled requests that found no decode instance with room
+
+
+class ClusterMonitor:
+    def __init__(self, interval_s: float = 0.1) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.interval_s = interval_s
+        self.snapshot: ClusterSnapshot | None = None
+
+    def next_collection_s(self, now: float) -> float:
+        return now + self.interval_s
+
+    def publish(self, snapshot: ClusterSnapshot) -> ClusterSnapshot:
+        self.snapshot = snapshot
+        return snapshot

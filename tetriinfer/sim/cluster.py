@@ -1,0 +1,299 @@
+"""Discrete-event simulation of a whole cluster over the `sched` policies.
+
+Events are (time, seq) in one heap: request arrivals (fed one at a time), step ends (one per
+forward pass of an instance, never per token), KV transfer arrivals, monitor collections every
+`monitor_interval_s` and role flips. Decode steps cost O(1) plus O(log n) per request event
+(`RunningBatch`), which is what lets 100k requests run in seconds. Time is simulated only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tqdm import tqdm
+
+from tetriinfer.config import SimConfig
+from tetriinfer.sched.baselines import ColocatedScheduler
+from tetriinfer.sched.dispatcher import Dispatcher
+from tetriinfer.sched.flip import FlipPolicy
+from tetriinfer.sched.global_scheduler import GlobalScheduler
+from tetriinfer.sched.lengths import blocks_for, bucket_lower, bucket_upper, is_heavy_decode
+from tetriinfer.sched.monitor import DECODE, PREFILL, ClusterMonitor, ClusterSnapshot, InstanceStatus
+from tetriinfer.sched.prefill_queue import PrefillQueue
+from tetriinfer.sim.instances import ColocatedInstance, DecodeInstance, PrefillInstance
+from tetriinfer.sim.request import SimRequest
+
+_ARRIVAL, _STEP, _KV_ARRIVAL, _MONITOR, _FLIP = range(5)
+
+
+@dataclass
+class SimResult:
+    system: str
+    requests: list[SimRequest]  # every request, finished, with its timestamps
+    instance_last_work_s: dict[int, float]  # per instance: end of its last forward pass
+    start_s: float
+    end_s: float
+    num_preemptions: int = 0
+    num_flips: int = 0
+    num_events: int = 0
+    flips: list[tuple[float, int, str]] = field(default_factory=list)  # (time, instance, new role)
+
+
+class ClusterSim:
+    """One run of one system over one request list. `cost` follows `tetriinfer.sim.cost.CostModel`;
+    `predictor` has `predict(output_tokens, request_id) -> bucket` (TetriInfer only)."""
+
+    def __init__(self, config: SimConfig, cost, predictor=None) -> None:
+        self.config = config
+        self.cost = cost
+        self.predictor = predictor
+        cluster, policy = config.cluster, config.policy
+        self.system = cluster.system
+        self.block_size = cluster.block_size
+        self.capacity_blocks = cost.kv_capacity_tokens() // cluster.block_size
+        if self.capacity_blocks < 1:
+            raise ValueError("the model's KV cache does not fit one block on this GPU")
+        self._kv_bytes = cost.kv_bytes_per_token()
+        self.instances: dict[int, PrefillInstance | DecodeInstance | ColocatedInstance] = {}
+        if cluster.colocated:
+            for i in range(cluster.num_instances):
+                self.instances[i] = self._new_colocated(i)
+        else:
+            for i in range(cluster.num_prefill):
+                self.instances[i] = self._new_prefill(i)
+            for i in range(cluster.num_prefill, cluster.total_instances):
+                self.instances[i] = self._new_decode(i)
+        self.monitor = ClusterMonitor(cluster.monitor_interval_s)
+        self.global_scheduler = GlobalScheduler(self._prefill_ids())
+        self.flip_policy = FlipPolicy(config.flip) if config.flip.enabled and not cluster.colocated else None
+        if self.system == "tetriinfer" and policy.dispatch_policy != "oracle" and predictor is None:
+            raise ValueError("tetriinfer needs a length predictor unless the dispatcher is the oracle")
+
+    # --- instance construction ----------------------------------------------------------------
+
+    def _rng(self, instance_id: int, generation: int = 0) -> random.Random:
+        return random.Random(hash((self.config.seed, instance_id, generation)))
+
+    def _new_prefill(self, i: int, generation: int = 0) -> PrefillInstance:
+        p = self.config.policy
+        if self.system == "disagg":  # no prediction: FCFS, whole-token chunks, least-loaded placement
+            queue, dispatcher, pad = PrefillQueue("fcfs"), Dispatcher("least_loaded"), False
+        else:
+            queue = PrefillQueue(p.prefill_policy, p.sort_window)
+            dispatcher, pad = Dispatcher(p.dispatch_policy, self._rng(i, generation)), True
+        return PrefillInstance(i, queue, dispatcher, p.chunk_size, pad, self.cost)
+
+    def _new_decode(self, i: int) -> DecodeInstance:
+        p = self.config.policy
+        admission = "greedy" if self.system == "disagg" else p.admission_policy
+        return DecodeInstance(i, self.capacity_blocks, self.block_size, admission, p.max_num_seqs, self.cost)
+
+    def _new_colocated(self, i: int) -> ColocatedInstance:
+        p = self.config.policy
+        budget = p.max_num_batched_tokens if self.system == "vllm" else p.chunk_size
+        scheduler = ColocatedScheduler(self.system, token_budget=budget, max_num_seqs=p.max_num_seqs, block_size=self.block_size)
+        return ColocatedInstance(i, scheduler, self.capacity_blocks, self.block_size, self.cost)
+
+    def _prefill_ids(self) -> list[int]:
+        return [i for i, inst in self.instances.items() if inst.role != DECODE and not inst.draining]
+
+    # --- the run ------------------------------------------------------------------------------
+
+    def run(self, specs: Sequence, progress: bool = False) -> SimResult:
+        """Simulate `specs` (objects with request_id, arrival_s, prompt_tokens, output_tokens)."""
+        requests = sorted(
+            (SimRequest(s.request_id, s.arrival_s, s.prompt_tokens, s.output_tokens) for s in specs),
+            key=lambda r: (r.arrival_s, r.request_id),
+        )
+        for req in requests:
+            if req.output_tokens < 1 or req.prompt_tokens < 1:
+                raise ValueError(f"request {req.request_id}: prompt and output need >= 1 token")
+            if blocks_for(req.prompt_tokens + req.output_tokens, self.block_size) > self.capacity_blocks:
+                raise ValueError(f"request {req.request_id} does not fit one instance's KV cache")
+        start = requests[0].arrival_s if requests else 0.0
+        self._events: list = []
+        self._seq = 0
+        self._unfinished = len(requests)
+        self._last_work = {i: start for i in self.instances}
+        self._decode_loads: tuple = ()
+        self._flip_pending: set[int] = set()
+        self.result = SimResult(self.system, requests, self._last_work, start, start)
+        self._bar = tqdm(total=len(requests), disable=not progress, unit="req", desc=f"simulate {self.system}")
+        if requests:
+            self._collect(start)
+            self._push(requests[0].arrival_s, _ARRIVAL, 0)
+        handlers = (self._on_arrival, self._on_step, self._on_kv_arrival, self._on_monitor, self._on_flip)
+        events = self._events
+        num_events = 0
+        while events:
+            now, _, kind, payload = heapq.heappop(events)
+            num_events += 1
+            if kind == _ARRIVAL:
+                self._on_arrival(now, requests, payload)
+            else:
+                handlers[kind](now, payload)
+        self._bar.close()
+        if self._unfinished:
+            raise RuntimeError(f"simulation stalled with {self._unfinished} unfinished requests")
+        self.result.num_events = num_events
+        self.result.end_s = max(r.finish_s for r in requests) if requests else start
+        self.result.num_preemptions = sum(getattr(i, "num_preemptions", 0) for i in self.instances.values())
+        return self.result
+
+    def _push(self, time: float, kind: int, payload) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (time, self._seq, kind, payload))
+
+    def _kick(self, inst, now: float) -> None:
+        """Start the instance's next forward pass if it is idle and has work."""
+        if inst.busy:
+            return
+        if inst.role == DECODE:
+            inst.land_arrivals(now)
+            for ready_s, _ in inst.admit_waiting(now, self._transfer_time):
+                self._push(ready_s, _KV_ARRIVAL, inst.instance_id)
+        duration = inst.start_step(now)
+        if duration is None:
+            if inst.draining and inst.is_empty() and inst.instance_id not in self._flip_pending:
+                self._flip_pending.add(inst.instance_id)
+                self._push(now + self.config.flip.flip_s, _FLIP, inst.instance_id)
+            return
+        inst.busy = True
+        self._push(now + duration, _STEP, inst.instance_id)
+
+    def _transfer_time(self, kv_tokens: int) -> float:
+        return self.cost.transfer_time(kv_tokens * self._kv_bytes)
+
+    def _finish(self, req: SimRequest, now: float) -> None:
+        req.finish_s = now
+        self._unfinished -= 1
+        self._bar.update(1)
+
+    # --- event handlers -----------------------------------------------------------------------
+
+    def _on_arrival(self, now: float, requests: list[SimRequest], index: int) -> None:
+        req = requests[index]
+        if index + 1 < len(requests):
+            self._push(requests[index + 1].arrival_s, _ARRIVAL, index + 1)
+        inst = self.instances[self.global_scheduler.pick(req.prompt_tokens)]
+        if inst.role == PREFILL:
+            inst.queue.add(req)
+        else:
+            inst.scheduler.add(req)
+        self._kick(inst, now)
+
+    def _on_step(self, now: float, instance_id: int) -> None:
+        inst = self.instances[instance_id]
+        inst.busy = False
+        self._last_work[instance_id] = now
+        if inst.role == PREFILL:
+            for req in inst.finish_step(now):
+                if req.first_token_s is None:
+                    req.first_token_s = now
+                if req.decode_left <= 0:
+                    self._finish(req, now)
+                else:
+                    self._predict(req)
+                    inst.dispatch_wait.append(req)
+            self._dispatch(inst, now)
+        elif inst.role == DECODE:
+            for req in inst.finish_step(now):
+                self._finish(req, now)
+        else:
+            prefilled, finished = inst.finish_step(now)
+            for req in finished:
+                self._finish(req, now)
+            for req in prefilled:
+                if req.first_token_s is None:
+                    req.first_token_s = now
+                if req.decode_left <= 0:
+                    self._finish(req, now)
+                else:
+                    inst.batch.admit(req, 0, 0)
+        self._kick(inst, now)
+
+    def _on_kv_arrival(self, now: float, instance_id: int) -> None:
+        self._kick(self.instances[instance_id], now)
+
+    def _on_monitor(self, now: float, _payload) -> None:
+        self._collect(now)
+
+    def _on_flip(self, now: float, instance_id: int) -> None:
+        self._flip_pending.discard(instance_id)
+        old = self.instances[instance_id]
+        if not old.is_empty():  # work slipped in from a stale snapshot: finish it first
+            self._kick(old, now)
+            return
+        generation = len(self.result.flips) + 1
+        new = self._new_decode(instance_id) if old.role == PREFILL else self._new_prefill(instance_id, generation)
+        self.instances[instance_id] = new
+        self.result.num_flips += 1
+        self.result.flips.append((now, instance_id, new.role))
+        self._last_work[instance_id] = now
+
+    # --- control plane ------------------------------------------------------------------------
+
+    def _predict(self, req: SimRequest) -> None:
+        """Size the request for dispatch (room: bucket lower bound) and admission (upper bound)."""
+        p, bs, cap = self.config.policy, self.block_size, self.capacity_blocks
+        prompt = req.prompt_tokens
+        if self.system == "disagg":  # no length prediction: room for the prompt only
+            req.need_blocks = req.reserve_blocks = blocks_for(prompt + 1, bs)
+            req.predicted_output = 1
+            return
+        if p.dispatch_policy == "oracle":
+            req.bucket = req.output_tokens // p.bucket_size
+            need = reserve = req.predicted_output = req.output_tokens
+            req.heavy = req.output_tokens > p.heavy_decode_tokens
+        else:
+            req.bucket = self.predictor.predict(req.output_tokens, req.request_id)
+            need = bucket_lower(req.bucket, p.bucket_size)
+            reserve = req.predicted_output = bucket_upper(req.bucket, p.bucket_size)
+            req.heavy = is_heavy_decode(req.bucket, p.bucket_size, p.heavy_decode_tokens)
+        req.need_blocks = min(blocks_for(prompt + max(need, 1), bs), cap)
+        req.reserve_blocks = min(blocks_for(prompt + reserve, bs), cap)
+
+    def _dispatch(self, inst: PrefillInstance, now: float) -> None:
+        """Send waiting prefilled requests (FIFO) to decode instances chosen from the snapshot."""
+        while inst.dispatch_wait:
+            req = inst.dispatch_wait[0]
+            target = inst.dispatcher.pick(req.need_blocks, self._decode_loads)
+            if target is None:
+                return  # no room anywhere in the snapshot: retry on the next one
+            inst.dispatch_wait.popleft()
+            decode = self.instances[target]
+            decode.receive(req)
+            self._kick(decode, now)
+
+    def _collect(self, now: float) -> None:
+        """Monitor collection: publish loads, retry waiting dispatches, decide flips."""
+        cfg = self.config
+        pressure_tokens = cfg.flip.prefill_pressure_chunks * cfg.policy.chunk_size
+        statuses = []
+        for inst in self.instances.values():
+            if inst.role == DECODE:
+                fraction = inst.load_fraction()
+            else:
+                fraction = inst.load_tokens / pressure_tokens
+            statuses.append(InstanceStatus(inst.instance_id, inst.role, fraction, inst.draining))
+        prefill_loads = {i.instance_id: i.load_tokens for i in self.instances.values() if i.role != DECODE and not i.draining}
+        decode_loads = tuple(i.decode_load() for i in self.instances.values() if i.role == DECODE and not i.draining)
+        waiting = sum(len(i.dispatch_wait) for i in self.instances.values() if i.role == PREFILL)
+        snapshot = self.monitor.publish(ClusterSnapshot(now, tuple(statuses), prefill_loads, decode_loads, waiting))
+        self.global_scheduler.update(snapshot.prefill_loads)
+        self._decode_loads = snapshot.decode_loads
+        for inst in list(self.instances.values()):
+            if inst.role == PREFILL:
+                self._dispatch(inst, now)
+        if self.flip_policy is not None:
+            for order in self.flip_policy.decide(snapshot):
+                inst = self.instances[order.instance_id]
+                inst.draining = True
+                self.global_scheduler.update({i: l for i, l in snapshot.prefill_loads.items() if i != inst.instance_id})
+                self._decode_loads = tuple(l for l in self._decode_loads if l.instance_id != inst.instance_id)
+                self._kick(inst, now)
+        if self._unfinished:
+            self._push(self.monitor.next_collection_s(now), _MONITOR, None)
