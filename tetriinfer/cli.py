@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS = (
     "tetriinfer.entrypoints.generate",
     "tetriinfer.predictor.cli",
+    "tetriinfer.sim.cli",
 )
 
 

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from tetriinfer.bench.metrics import RequestRecord, Summary, summarize
 from tetriinfer.config import SimConfig
 from tetriinfer.sched.baselines import ColocatedScheduler
 from tetriinfer.sched.dispatcher import Dispatcher
@@ -24,6 +25,7 @@ from tetriinfer.sched.lengths import blocks_for, bucket_lower, bucket_upper, is_
 from tetriinfer.sched.monitor import DECODE, PREFILL, ClusterMonitor, ClusterSnapshot, InstanceStatus
 from tetriinfer.sched.prefill_queue import PrefillQueue
 from tetriinfer.sim.instances import ColocatedInstance, DecodeInstance, PrefillInstance
+from tetriinfer.sim.length_oracle import OracleLengthPredictor
 from tetriinfer.sim.request import SimRequest
 
 _ARRIVAL, _STEP, _KV_ARRIVAL, _MONITOR, _FLIP = range(5)
@@ -40,6 +42,29 @@ class SimResult:
     num_flips: int = 0
     num_events: int = 0
     flips: list[tuple[float, int, str]] = field(default_factory=list)  # (time, instance, new role)
+
+    def records(self) -> list[RequestRecord]:
+        return [
+            RequestRecord(r.request_id, r.arrival_s, r.first_token_s, r.finish_s, r.prompt_tokens, r.output_tokens)
+            for r in self.requests
+        ]
+
+    def summary(self, ttft_slo_s: float | None = None, tpot_slo_s: float | None = None) -> Summary:
+        return summarize(self.records(), self.instance_last_work_s, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, start_s=self.start_s)
+
+    def prefill_wait_s(self) -> list[float]:
+        """Per request: arrival to the start of its first prefill chunk (queueing before prefill)."""
+        return [r.prefill_start_s - r.arrival_s for r in self.requests]
+
+
+def simulate(specs: Sequence, config: SimConfig, cost, *, progress: bool = False) -> SimResult:
+    """Run `config.cluster.system` over `specs`; TetriInfer predicts lengths with the oracle
+    predictor at `config.policy.predictor_accuracy` (seeded by `config.seed`)."""
+    policy = config.policy
+    predictor = None
+    if config.cluster.system == "tetriinfer":
+        predictor = OracleLengthPredictor(policy.predictor_accuracy, policy.bucket_size, seed=config.seed)
+    return ClusterSim(config, cost, predictor).run(specs, progress)
 
 
 class ClusterSim:

@@ -1,0 +1,137 @@
+"""`tetriinfer simulate`: run serving systems over a workload in the discrete-event simulator.
+
+One system prints its metrics; `--compare vllm,sarathi,tetriinfer` runs each on the very same
+requests, prints them side by side (perf/$ relative to the first) and plots TTFT/JCT CDFs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tetriinfer.config import (
+    ADMISSION_POLICIES,
+    DISPATCH_POLICIES,
+    PREFILL_POLICIES,
+    SYSTEMS,
+    ClusterConfig,
+    FlipConfig,
+    PolicyConfig,
+)
+
+_POLICY, _CLUSTER = PolicyConfig(), ClusterConfig()
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "simulate", help="simulate a serving cluster (TetriInfer or a baseline) on a workload",
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--system", default=_CLUSTER.system, choices=SYSTEMS)
+    p.add_argument("--compare", default=None, help="comma-separated systems run on the same requests")
+    p.add_argument("--workload", default="mixed", help="lpld|lphd|hpld|hphd|mixed|azure-code|azure-conv")
+    p.add_argument("--trace", default=None, help="CSV with columns arrival_s,prompt_tokens,output_tokens")
+    p.add_argument("--num-requests", type=int, default=128)
+    p.add_argument("--rate", type=float, default=None,
+                   help="Poisson arrivals at this many requests/s (default: closed batch; traces keep their timestamps)")
+    p.add_argument("--gpu", default=_CLUSTER.gpu, help="v100|a100|h100|h200")
+    p.add_argument("--model", default=_CLUSTER.model, help="model preset, e.g. llama3-8b, opt-13b")
+    p.add_argument("--tp", type=int, default=_CLUSTER.tp)
+    p.add_argument("--profile", default=None, help="measured profile JSON (docs/profile-format.md) instead of the roofline")
+    p.add_argument("--link-gbps", type=float, default=None, help="KV link bandwidth (default: the cost model's)")
+    p.add_argument("--prefill-instances", type=int, default=_CLUSTER.num_prefill)
+    p.add_argument("--decode-instances", type=int, default=_CLUSTER.num_decode)
+    p.add_argument("--instances", type=int, default=None,
+                   help="colocated baseline instances (default: prefill + decode instances, equal GPUs)")
+    p.add_argument("--chunk-size", type=int, default=_POLICY.chunk_size)
+    p.add_argument("--prefill-policy", default=_POLICY.prefill_policy, choices=PREFILL_POLICIES)
+    p.add_argument("--sort-window", type=int, default=_POLICY.sort_window)
+    p.add_argument("--dispatch", default=_POLICY.dispatch_policy, choices=DISPATCH_POLICIES)
+    p.add_argument("--admission", default=_POLICY.admission_policy, choices=ADMISSION_POLICIES)
+    p.add_argument("--accuracy", type=float, default=_POLICY.predictor_accuracy, help="length predictor accuracy")
+    p.add_argument("--max-num-seqs", type=int, default=_POLICY.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=_POLICY.max_num_batched_tokens)
+    p.add_argument("--flip", action="store_true", help="let idle instances flip between prefill and decode")
+    p.add_argument("--ttft-slo", type=float, default=None, help="seconds")
+    p.add_argument("--tpot-slo", type=float, default=None, help="seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write summaries as JSON here")
+    p.add_argument("--plot", default=None, help="TTFT/JCT CDF image (default with --compare: simulate-<workload>.png)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def build_specs(args: argparse.Namespace) -> list:
+    from tetriinfer.bench.workload import load_trace_csv, make_workload
+    from tetriinfer.presets import get_preset
+
+    if args.trace:
+        return load_trace_csv(args.trace)
+    trace = args.workload.startswith("azure")
+    arrival = "poisson" if args.rate else ("trace" if trace else "closed")
+    max_len = get_preset(args.model)["max_position_embeddings"]
+    return make_workload(args.workload, args.num_requests, seed=args.seed, arrival=arrival, rate=args.rate,
+                         max_total_tokens=max_len)
+
+
+def build_cost(args: argparse.Namespace):
+    from tetriinfer.sim.cost import RooflineCostModel, TableCostModel
+
+    link = {} if args.link_gbps is None else {"link_gbps": args.link_gbps}
+    if args.profile:
+        return TableCostModel.from_file(args.profile, **link)
+    return RooflineCostModel.from_names(args.gpu, args.model, args.tp, **link)
+
+
+def build_config(args: argparse.Namespace, system: str):
+    from tetriinfer.config import SimConfig, SLOConfig
+
+    cluster = ClusterConfig(
+        system=system, num_prefill=args.prefill_instances, num_decode=args.decode_instances,
+        num_instances=args.instances or args.prefill_instances + args.decode_instances,
+        gpu=args.gpu, model=args.model, tp=args.tp,
+    )
+    policy = PolicyConfig(
+        prefill_policy=args.prefill_policy, sort_window=args.sort_window, chunk_size=args.chunk_size,
+        dispatch_policy=args.dispatch, admission_policy=args.admission, predictor_accuracy=args.accuracy,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    return SimConfig(cluster, policy, FlipConfig(enabled=args.flip), SLOConfig(args.ttft_slo, args.tpot_slo), args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from tetriinfer.bench.metrics import format_table, plot_distributions
+    from tetriinfer.sim.cluster import simulate
+
+    systems = [s.strip() for s in args.compare.split(",")] if args.compare else [args.system]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"unknown system(s) {unknown}; choose from {SYSTEMS}")
+    specs = build_specs(args)
+    cost = build_cost(args)
+    summaries, records, report = {}, {}, {}
+    for system in systems:
+        config = build_config(args, system)
+        result = simulate(specs, config, cost, progress=not args.no_progress)
+        summaries[system] = result.summary(config.slo.ttft_s, config.slo.tpot_s)
+        records[system] = result.records()
+        report[system] = {
+            "config": dataclasses.asdict(config),
+            "summary": dataclasses.asdict(summaries[system]),
+            "num_preemptions": result.num_preemptions,
+            "num_flips": result.num_flips,
+            "num_events": result.num_events,
+        }
+    print(f"{len(specs)} requests of {args.trace or args.workload} on {args.gpu} / {args.model}")
+    print(format_table(summaries))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json_out}")
+    plot = args.plot or (f"simulate-{args.workload}.png" if len(systems) > 1 else None)
+    if plot:
+        plot_distributions(records, plot)
+        print(f"wrote {plot}")
+    return 0
