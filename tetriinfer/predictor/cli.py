@@ -1,4 +1,4 @@
-"""`tetriinfer predictor {prepare,train,eval}`: build data, train and evaluate length predictors."""
+"""`tetriinfer predictor {prepare,train,eval,table}`: build data, train, evaluate, tabulate length predictors."""
 
 from __future__ import annotations
 
@@ -43,12 +43,20 @@ def _eval(args: argparse.Namespace) -> int:
     from tetriinfer.predictor.examples import read_examples
 
     torch.set_num_threads(args.threads)
-    report = evaluate(args.model, read_examples(args.data), batch_size=args.batch_size).as_dict()
+    examples = read_examples(args.data)[: args.limit]
+    report = evaluate(args.model, examples, batch_size=args.batch_size, device=args.device).as_dict()
     report.update(model=str(args.model), data=str(args.data))
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from tetriinfer.predictor.report import markdown_table
+
+    print(markdown_table([json.loads(Path(p).read_text()) for p in args.reports]))
     return 0
 
 
@@ -83,6 +91,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--model", required=True, help="predictor directory")
     ev.add_argument("--data", required=True, help="JSONL: prompt + response or output_tokens per line")
     ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     ev.add_argument("--json", default=None, help="also write the report here")
     ev.set_defaults(func=_eval)
+
+    table = commands.add_parser("table", help="markdown table from `eval --json` reports")
+    table.add_argument("reports", nargs="+")
+    table.set_defaults(func=_table)

@@ -32,6 +32,7 @@ class EvalReport:
     latency_ms_per_prompt_batched: float
     latency_ms_single_prompt: float
     batch_size: int
+    device: str
     label_bucket_shares: list[float]
 
     def as_dict(self) -> dict:
@@ -39,12 +40,16 @@ class EvalReport:
 
 
 def evaluate(
-    model_dir: str | Path, examples: list[LengthExample], batch_size: int = 32, single_prompt_runs: int = 50
+    model_dir: str | Path,
+    examples: list[LengthExample],
+    batch_size: int = 32,
+    single_prompt_runs: int = 50,
+    device: str = "cpu",
 ) -> EvalReport:
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     spec = meta.buckets
-    predictor = load_predictor(model_dir)
+    predictor = load_predictor(model_dir, device=device)
     tokens = label_tokens(examples, load_tokenizer(model_dir / meta.label_tokenizer))
     true_buckets = np.array([spec.bucket_of(int(t)) for t in tokens])
 
@@ -75,5 +80,6 @@ def evaluate(
         latency_ms_per_prompt_batched=1000 * batch_seconds / len(examples),
         latency_ms_single_prompt=1000 * statistics.median(single),
         batch_size=batch_size,
+        device=device,
         label_bucket_shares=(np.bincount(true_buckets, minlength=spec.num_buckets) / len(tokens)).round(4).tolist(),
     )

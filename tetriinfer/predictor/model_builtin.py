@@ -11,8 +11,7 @@ the last column a ranking score):
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
+from tetriinfer.predictor.features import NUM_FEATURES, prompt_features
 from tetriinfer.predictor.tokenizer import load_tokenizer
 
 FORMS = ("bag", "transformer")
@@ -48,10 +48,15 @@ class BuiltinModelConfig:
 
 @dataclass
 class Encoded:
-    """A prompt's last `max_prompt_tokens` ids and its full length in tokens."""
+    """A prompt's last `max_prompt_tokens` ids, its full length in tokens, its shape features."""
 
     ids: list[int]
     num_tokens: int
+    features: list[float] = field(default_factory=list)
+
+
+def _features(batch: list[Encoded]) -> torch.Tensor:
+    return torch.tensor([e.features for e in batch], dtype=torch.float32)
 
 
 class BagEncoder(nn.Module):
@@ -59,7 +64,7 @@ class BagEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.EmbeddingBag(cfg.vocab_size + cfg.bigram_buckets, cfg.dim, mode="mean")
-        self.out_dim = 2 * cfg.dim + 1
+        self.out_dim = 2 * cfg.dim + NUM_FEATURES
 
     def _ngrams(self, ids: list[int]) -> list[int]:
         v, h = self.cfg.vocab_size, self.cfg.bigram_buckets
@@ -73,17 +78,16 @@ class BagEncoder(nn.Module):
             for ids in views:
                 offsets.append(len(flat))
                 flat.extend(self._ngrams(ids))
-        lengths = [math.log1p(e.num_tokens) for e in batch]
         return {
             "ids": torch.tensor(flat, dtype=torch.long),
             "offsets": torch.tensor(offsets, dtype=torch.long),
-            "log_len": torch.tensor(lengths, dtype=torch.float32).unsqueeze(1),
+            "features": _features(batch),
         }
 
-    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, log_len: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         pooled = self.embed(ids, offsets)
         whole, tail = pooled.chunk(2, dim=0)
-        return torch.cat([whole, tail, log_len / 8], dim=1)
+        return torch.cat([whole, tail, features], dim=1)
 
 
 class TransformerEncoder(nn.Module):
@@ -97,7 +101,7 @@ class TransformerEncoder(nn.Module):
         )
         self.layers = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)
-        self.out_dim = 2 * cfg.dim + 1
+        self.out_dim = 2 * cfg.dim + NUM_FEATURES
 
     def collate(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
         width = max(1, max(len(e.ids) for e in batch))
@@ -108,16 +112,15 @@ class TransformerEncoder(nn.Module):
                 ids[row, width - len(e.ids) :] = torch.tensor(e.ids)
                 mask[row, width - len(e.ids) :] = True
         mask[:, -1] = True  # an empty prompt still attends to one (padding) token
-        lengths = [math.log1p(e.num_tokens) for e in batch]
-        return {"ids": ids, "mask": mask, "log_len": torch.tensor(lengths).unsqueeze(1)}
+        return {"ids": ids, "mask": mask, "features": _features(batch)}
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, log_len: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1], device=ids.device)
         h = self.embed(ids) + self.pos(positions)
         h = self.norm(self.layers(h, src_key_padding_mask=~mask))
         m = mask.unsqueeze(-1).to(h.dtype)
         mean = (h * m).sum(1) / m.sum(1)
-        return torch.cat([mean, h[:, -1], log_len / 8], dim=1)
+        return torch.cat([mean, h[:, -1], features], dim=1)
 
 
 class BuiltinLengthModel(nn.Module):
@@ -138,7 +141,10 @@ class BuiltinLengthModel(nn.Module):
     def tokenize(self, prompts: list[str]) -> list[Encoded]:
         encodings = self.tokenizer.encode_batch(prompts, add_special_tokens=False)
         keep = self.cfg.max_prompt_tokens
-        return [Encoded(enc.ids[-keep:], len(enc.ids)) for enc in encodings]
+        return [
+            Encoded(enc.ids[-keep:], len(enc.ids), prompt_features(prompt, len(enc.ids)))
+            for prompt, enc in zip(prompts, encodings)
+        ]
 
     def collate(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
         return self.encoder.collate(batch)

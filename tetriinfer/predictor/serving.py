@@ -87,9 +87,11 @@ class ModelLengthPredictor(LengthPredictor):
         score_source: str,
         decode: Callable[[list[int]], str] | None = None,
         max_batch_size: int = 64,
+        device: str = "cpu",
     ) -> None:
         super().__init__(buckets)
-        self.model = model.eval()
+        self.model = model.eval().to(device)
+        self.device = device
         self.score_source = score_source
         self.decode = decode
         self.max_batch_size = max_batch_size
@@ -116,7 +118,8 @@ class ModelLengthPredictor(LengthPredictor):
         with self._lock, torch.inference_mode():
             for start in range(0, len(texts), self.max_batch_size):
                 encoded = self.model.tokenize(texts[start : start + self.max_batch_size])
-                logits = self.model(**self.model.collate(encoded))
+                batch = {k: v.to(self.device) for k, v in self.model.collate(encoded).items()}
+                logits = self.model(**batch).cpu()
                 probs, scores = bucket_probs_and_scores(logits, self.buckets, self.score_source)
                 for bucket, score in zip(probs.argmax(1).tolist(), scores.tolist()):
                     out.append(self._prediction(bucket, score))
@@ -126,14 +129,16 @@ class ModelLengthPredictor(LengthPredictor):
 def load_predictor(
     path: str | Path | None = None,
     decode: Callable[[list[int]], str] | None = None,
+    device: str = "cpu",
 ) -> LengthPredictor:
     """The predictor in `path` (default: the shipped model); `"none"` gives the constant fallback.
 
     `decode` turns the served model's token ids back into text, for callers that pass ids.
+    `device`: where the model runs; the built-in model is meant for the CPU, beside the GPU prefill.
     """
     if path is not None and str(path) == DISABLED:
         meta = read_meta(DEFAULT_DIR)
         return ConstantPredictor(meta.buckets, meta.majority_bucket)
     model_dir = Path(path) if path is not None else DEFAULT_DIR
     meta = read_meta(model_dir)
-    return ModelLengthPredictor(load_model(model_dir, meta), meta.buckets, meta.score_source, decode)
+    return ModelLengthPredictor(load_model(model_dir, meta), meta.buckets, meta.score_source, decode, device=device)

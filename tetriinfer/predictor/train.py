@@ -28,6 +28,7 @@ from tetriinfer.predictor.objectives import bucket_probs_and_scores, length_loss
 from tetriinfer.predictor.tokenizer import count_tokens, load_tokenizer, train_bpe
 
 LABEL_TOKENIZER_FILE = "label_tokenizer.json"
+TOKENIZER_SAMPLE = 10_000  # training examples the built-in BPE tokenizer learns from
 
 
 def length_grouped_batches(encoded: list[Encoded], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -83,8 +84,9 @@ def _build_model(cfg: TrainConfig, train_examples: list[LengthExample], num_outp
     if cfg.is_builtin:
         from tetriinfer.predictor.model_builtin import BuiltinLengthModel, BuiltinModelConfig
 
-        texts = [t[-4000:] for ex in train_examples for t in (ex.prompt, ex.response or "")]
-        tokenizer = train_bpe(texts, cfg.vocab_size)
+        # a fixed sample keeps BPE training short and gives every run the same tokenizer (same labels)
+        sample = random.Random(0).sample(train_examples, min(TOKENIZER_SAMPLE, len(train_examples)))
+        tokenizer = train_bpe([t[-2000:] for ex in sample for t in (ex.prompt, ex.response or "")], cfg.vocab_size)
         model_cfg = BuiltinModelConfig(
             form=cfg.model, vocab_size=tokenizer.get_vocab_size(), num_outputs=num_outputs,
             dim=cfg.dim, max_prompt_tokens=cfg.max_prompt_tokens,
