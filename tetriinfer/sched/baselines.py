@@ -75,8 +75,8 @@ class ColocatedScheduler:
             self.prefilling.append(self.waiting.popleft())
         done: list[QueuedPrompt] = []
         for piece in plan.chunk.pieces if plan.chunk else ():
-            request = self.prefilling[0]
-            if request.request_id != piece.request_id or request.num_prefilled != piece.start:
+            request = self.prefilling[0] if self.prefilling else None
+            if request is None or request.request_id != piece.request_id or request.num_prefilled != piece.start:
                 raise ValueError(f"chunk piece {piece} is not the head of the prefilling queue")
             request.num_prefilled = piece.end
             self.pending_tokens -= piece.length

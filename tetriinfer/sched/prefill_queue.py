@@ -58,8 +58,8 @@ class PrefillQueue:
         """Advance the prompts `chunk` covered; return those now fully prefilled, in order."""
         done: list[QueuedPrompt] = []
         for piece in chunk.pieces:
-            request = self._ordered[0] if self._ordered[0].request_id == piece.request_id else None
-            if request is None or request.num_prefilled != piece.start:
+            request = self._ordered[0] if self._ordered else None
+            if request is None or request.request_id != piece.request_id or request.num_prefilled != piece.start:
                 raise ValueError(f"chunk piece {piece} is not the head of the queue")
             request.num_prefilled = piece.end
             self._ordered_tokens -= piece.length

@@ -41,6 +41,7 @@ class SimResult:
     num_preemptions: int = 0
     num_flips: int = 0
     num_events: int = 0
+    peak_dispatch_waiting: int = 0  # most prefilled requests a snapshot saw waiting for decode room
     flips: list[tuple[float, int, str]] = field(default_factory=list)  # (time, instance, new role)
 
     def records(self) -> list[RequestRecord]:
@@ -182,7 +183,7 @@ class ClusterSim:
                 self._push(ready_s, _KV_ARRIVAL, inst.instance_id)
         duration = inst.start_step(now)
         if duration is None:
-            if inst.draining and inst.is_empty() and inst.instance_id not in self._flip_pending:
+            if inst.draining and inst.is_drained() and inst.instance_id not in self._flip_pending:
                 self._flip_pending.add(inst.instance_id)
                 self._push(now + self.config.flip.flip_s, _FLIP, inst.instance_id)
             return
@@ -193,6 +194,8 @@ class ClusterSim:
         return self.cost.transfer_time(kv_tokens * self._kv_bytes)
 
     def _finish(self, req: SimRequest, now: float) -> None:
+        if req.finish_s is not None:
+            raise RuntimeError(f"request {req.request_id} finished twice")
         req.finish_s = now
         self._unfinished -= 1
         self._bar.update(1)
@@ -249,15 +252,20 @@ class ClusterSim:
     def _on_flip(self, now: float, instance_id: int) -> None:
         self._flip_pending.discard(instance_id)
         old = self.instances[instance_id]
-        if not old.is_empty():  # work slipped in from a stale snapshot: finish it first
+        if not old.is_drained():  # work slipped in from a stale snapshot: finish it first
             self._kick(old, now)
             return
         generation = len(self.result.flips) + 1
         new = self._new_decode(instance_id) if old.role == PREFILL else self._new_prefill(instance_id, generation)
         self.instances[instance_id] = new
+        if old.role == PREFILL:  # prefilled requests still waiting for room decode right here
+            for req in old.dispatch_wait:
+                req.kv_local = True
+                new.receive(req)
         self.result.num_flips += 1
         self.result.flips.append((now, instance_id, new.role))
         self._last_work[instance_id] = now
+        self._kick(new, now)
 
     # --- control plane ------------------------------------------------------------------------
 
@@ -308,6 +316,7 @@ class ClusterSim:
         decode_loads = tuple(i.decode_load() for i in self.instances.values() if i.role == DECODE and not i.draining)
         waiting = sum(len(i.dispatch_wait) for i in self.instances.values() if i.role == PREFILL)
         snapshot = self.monitor.publish(ClusterSnapshot(now, tuple(statuses), prefill_loads, decode_loads, waiting))
+        self.result.peak_dispatch_waiting = max(self.result.peak_dispatch_waiting, waiting)
         self.global_scheduler.update(snapshot.prefill_loads)
         self._decode_loads = snapshot.decode_loads
         for inst in list(self.instances.values()):

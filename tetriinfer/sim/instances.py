@@ -45,6 +45,11 @@ class PrefillInstance:
     def is_empty(self) -> bool:
         return not self.busy and not self.queue and not self.dispatch_wait
 
+    def is_drained(self) -> bool:
+        """Ready to become a decode instance: requests still waiting for decode room stay and
+        decode here, their KV already in place."""
+        return not self.busy and not self.queue
+
     def start_step(self, now: float) -> float | None:
         chunk = self.queue.next_chunk(self.chunk_size, self.pad)
         if not chunk.pieces:
@@ -103,6 +108,8 @@ class DecodeInstance:
     def is_empty(self) -> bool:
         return not self.busy and not self.waiting and not self.arriving and self.batch.num_running == 0
 
+    is_drained = is_empty
+
     def receive(self, req: SimRequest) -> None:
         req.decode_instance = self.instance_id
         self.waiting.append(req)
@@ -133,6 +140,9 @@ class DecodeInstance:
                 self._recompute_tokens += req.kv_len
                 self._join(req)
                 continue
+            if req.kv_local:
+                self._join(req)
+                continue
             # Pull the KV over this instance's inbound link (transfers queue on the link).
             blocks = blocks_for(req.kv_len, self.block_size)
             self.incoming_blocks += blocks
@@ -150,7 +160,7 @@ class DecodeInstance:
             self._join(req)
 
     def _join(self, req: SimRequest) -> None:
-        req.recomputing = False
+        req.recomputing = req.kv_local = False
         self.batch.admit(req, req.reserve_blocks, req.predicted_decode_left())
 
     def start_step(self, now: float) -> float | None:

@@ -11,7 +11,7 @@ class SimRequest:
         "prompt_len", "num_prefilled",
         "prefill_start_s", "first_token_s", "finish_s",
         "bucket", "heavy", "need_blocks", "reserve_blocks", "predicted_output",  # set once predicted
-        "kv_len", "decode_left", "recomputing",  # decode progress
+        "kv_len", "decode_left", "recomputing", "kv_local",  # decode progress
         "decode_instance",
         # RunningBatch bookkeeping
         "batch_epoch", "batch_step0", "batch_kv0", "batch_reserve",
@@ -36,6 +36,7 @@ class SimRequest:
         # The prefill samples the first token; each decode step samples one more.
         self.decode_left = output_tokens - 1
         self.recomputing = False
+        self.kv_local = False  # its KV already sits on the decode instance (it was prefilled there)
         self.decode_instance = None
         self.batch_epoch = 0
         self.batch_step0 = 0

@@ -1,0 +1,104 @@
+"""Dispatcher (power of two and its alternatives), decode admission and the global scheduler."""
+
+import random
+
+import pytest
+
+from tetriinfer.sched.admission import AdmissionView, admits
+from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
+from tetriinfer.sched.global_scheduler import GlobalScheduler
+
+
+@pytest.mark.parametrize("policy", ["power2", "random", "round_robin", "least_loaded", "oracle"])
+def test_never_picks_a_roomless_instance_while_one_has_room(policy):
+    rng = random.Random(1)
+    dispatcher = Dispatcher(policy, random.Random(2))
+    for _ in range(300):
+        loads = [DecodeLoad(i, rng.randint(0, 100), rng.randint(0, 5), rng.randint(0, 5), rng.randint(0, 999)) for i in range(6)]
+        need = rng.randint(1, 100)
+        picked = dispatcher.pick(need, loads)
+        with_room = {l.instance_id for l in loads if l.room_blocks >= need}
+        if with_room:
+            assert picked in with_room
+        else:
+            assert picked is None  # the caller keeps the request waiting
+
+
+@pytest.mark.parametrize("policy", ["power2", "random", "round_robin", "least_loaded", "oracle"])
+def test_an_all_full_cluster_returns_none_instead_of_dropping(policy):
+    loads = [DecodeLoad(i, room_blocks=3) for i in range(4)]
+    assert Dispatcher(policy).pick(4, loads) is None
+    assert Dispatcher(policy).pick(4, []) is None
+
+
+def test_power2_prefers_the_lower_heavy_to_light_ratio():
+    loads = [DecodeLoad(0, 100, num_heavy=8, num_light=1), DecodeLoad(1, 10, num_heavy=1, num_light=8)]
+    dispatcher = Dispatcher("power2", random.Random(0))
+    assert {dispatcher.pick(5, loads) for _ in range(20)} == {1}
+
+
+def test_power2_samples_only_two_so_the_worst_can_still_lose_to_nothing_better():
+    # Three instances; the best (ratio 0) is not always among the two sampled.
+    loads = [DecodeLoad(0, 50, 0, 5), DecodeLoad(1, 50, 3, 1), DecodeLoad(2, 50, 4, 1)]
+    dispatcher = Dispatcher("power2", random.Random(3))
+    picks = [dispatcher.pick(1, loads) for _ in range(300)]
+    assert 2 not in picks  # the worst never wins a pair
+    assert picks.count(0) < 300 and picks.count(1) > 0
+
+
+def test_power2_is_deterministic_under_a_seed():
+    loads = [DecodeLoad(i, 50, i % 3, 2) for i in range(8)]
+    first = Dispatcher("power2", random.Random(7))
+    second = Dispatcher("power2", random.Random(7))
+    picks = [first.pick(1, loads) for _ in range(50)]
+    assert picks == [second.pick(1, loads) for _ in range(50)]
+    assert len(set(picks)) > 1  # it does randomise
+
+
+def test_round_robin_cycles_and_skips_full_instances():
+    loads = [DecodeLoad(0, 10), DecodeLoad(1, 0), DecodeLoad(2, 10)]
+    dispatcher = Dispatcher("round_robin")
+    assert [dispatcher.pick(5, loads) for _ in range(4)] == [0, 2, 0, 2]
+
+
+def test_least_loaded_takes_most_room_and_oracle_least_true_work():
+    loads = [DecodeLoad(0, 10, remaining_decode_tokens=5), DecodeLoad(1, 90, remaining_decode_tokens=900)]
+    assert Dispatcher("least_loaded").pick(5, loads) == 1
+    assert Dispatcher("oracle").pick(5, loads) == 0
+
+
+def view(free, reserved, shortest, capacity=100, running=3, max_seqs=256):
+    return AdmissionView(capacity, free, reserved, shortest, running, max_seqs)
+
+
+def test_reserve_dynamic_admits_exactly_when_the_shortest_job_frees_enough():
+    # Running reservations 90 of 100; the shortest job's 30 come back before the newcomer grows.
+    assert admits("reserve_dynamic", view(free=50, reserved=90, shortest=30), 10, 40)  # 90-30+40 = 100
+    assert not admits("reserve_dynamic", view(free=50, reserved=90, shortest=30), 10, 41)  # 101
+    # reserve_static counts the shortest job's reservation too, greedy none of them.
+    assert not admits("reserve_static", view(free=50, reserved=90, shortest=30), 10, 40)
+    assert admits("reserve_static", view(free=50, reserved=60, shortest=30), 10, 40)
+    assert admits("greedy", view(free=50, reserved=90, shortest=30), 10, 1000)
+
+
+@pytest.mark.parametrize("policy", ["greedy", "reserve_static", "reserve_dynamic"])
+def test_every_policy_needs_the_current_kv_to_fit_and_a_sequence_slot(policy):
+    assert not admits(policy, view(free=9, reserved=0, shortest=0), 10, 10)
+    assert not admits(policy, view(free=50, reserved=0, shortest=0, running=4, max_seqs=4), 10, 10)
+    assert admits(policy, view(free=50, reserved=0, shortest=0), 10, 10)
+
+
+def test_global_scheduler_picks_least_loaded_counting_its_own_sends():
+    scheduler = GlobalScheduler([0, 1, 2])
+    scheduler.update({0: 500, 1: 100, 2: 300})
+    assert scheduler.pick(250) == 1  # 1 now at 350
+    assert scheduler.pick(10) == 2  # 300 < 350
+    assert scheduler.pick(10) == 2  # 310 < 350
+    scheduler.update({0: 0, 1: 100})  # 2 left (e.g. draining to flip)
+    assert [scheduler.pick(60) for _ in range(3)] == [0, 0, 1]
+
+
+def test_global_scheduler_with_no_instance_raises():
+    scheduler = GlobalScheduler([])
+    with pytest.raises(RuntimeError):
+        scheduler.pick(1)
