@@ -16,7 +16,8 @@ def test_never_picks_a_roomless_instance_while_one_has_room(policy):
     for _ in range(300):
         loads = [DecodeLoad(i, rng.randint(0, 100), rng.randint(0, 5), rng.randint(0, 5), rng.randint(0, 999)) for i in range(6)]
         need = rng.randint(1, 100)
-        picked = dispatcher.pick(need, loads)
+        dispatcher.update(loads)
+        picked = dispatcher.pick(need)
         with_room = {l.instance_id for l in loads if l.room_blocks >= need}
         if with_room:
             assert picked in with_room
@@ -26,22 +27,40 @@ def test_never_picks_a_roomless_instance_while_one_has_room(policy):
 
 @pytest.mark.parametrize("policy", ["power2", "random", "round_robin", "least_loaded", "oracle"])
 def test_an_all_full_cluster_returns_none_instead_of_dropping(policy):
-    loads = [DecodeLoad(i, room_blocks=3) for i in range(4)]
-    assert Dispatcher(policy).pick(4, loads) is None
-    assert Dispatcher(policy).pick(4, []) is None
+    dispatcher = Dispatcher(policy)
+    assert dispatcher.pick(4) is None  # no snapshot yet
+    dispatcher.update([DecodeLoad(i, room_blocks=3) for i in range(4)])
+    assert dispatcher.pick(4) is None
+
+
+def test_own_sends_count_until_the_next_snapshot():
+    dispatcher = Dispatcher("least_loaded")
+    dispatcher.update([DecodeLoad(0, room_blocks=100), DecodeLoad(1, room_blocks=60)])
+    # Without counting its own sends, every pick would herd onto instance 0.
+    assert [dispatcher.pick(30) for _ in range(6)] == [0, 0, 1, 0, 1, None]
+    dispatcher.update([DecodeLoad(0, room_blocks=100), DecodeLoad(1, room_blocks=60)])
+    assert dispatcher.pick(30) == 0
 
 
 def test_power2_prefers_the_lower_heavy_to_light_ratio():
-    loads = [DecodeLoad(0, 100, num_heavy=8, num_light=1), DecodeLoad(1, 10, num_heavy=1, num_light=8)]
+    loads = [DecodeLoad(0, 100, num_heavy=8, num_light=1), DecodeLoad(1, 100, num_heavy=1, num_light=8)]
     dispatcher = Dispatcher("power2", random.Random(0))
-    assert {dispatcher.pick(5, loads) for _ in range(20)} == {1}
+    dispatcher.update(loads)
+    assert dispatcher.pick(5, heavy=True) == 1
+    # Heavy requests raise instance 1's ratio (k + 2) / 9 until it ties instance 0's 8 / 2;
+    # then the one with more room wins.
+    picks = [dispatcher.pick(1, heavy=True) for _ in range(40)]
+    assert picks[:34] == [1] * 34 and picks[34] == 0
 
 
 def test_power2_samples_only_two_so_the_worst_can_still_lose_to_nothing_better():
     # Three instances; the best (ratio 0) is not always among the two sampled.
     loads = [DecodeLoad(0, 50, 0, 5), DecodeLoad(1, 50, 3, 1), DecodeLoad(2, 50, 4, 1)]
     dispatcher = Dispatcher("power2", random.Random(3))
-    picks = [dispatcher.pick(1, loads) for _ in range(300)]
+    picks = []
+    for _ in range(300):
+        dispatcher.update(loads)
+        picks.append(dispatcher.pick(1))
     assert 2 not in picks  # the worst never wins a pair
     assert picks.count(0) < 300 and picks.count(1) > 0
 
@@ -50,21 +69,26 @@ def test_power2_is_deterministic_under_a_seed():
     loads = [DecodeLoad(i, 50, i % 3, 2) for i in range(8)]
     first = Dispatcher("power2", random.Random(7))
     second = Dispatcher("power2", random.Random(7))
-    picks = [first.pick(1, loads) for _ in range(50)]
-    assert picks == [second.pick(1, loads) for _ in range(50)]
+    first.update(loads)
+    second.update(loads)
+    picks = [first.pick(1) for _ in range(50)]
+    assert picks == [second.pick(1) for _ in range(50)]
     assert len(set(picks)) > 1  # it does randomise
 
 
 def test_round_robin_cycles_and_skips_full_instances():
-    loads = [DecodeLoad(0, 10), DecodeLoad(1, 0), DecodeLoad(2, 10)]
     dispatcher = Dispatcher("round_robin")
-    assert [dispatcher.pick(5, loads) for _ in range(4)] == [0, 2, 0, 2]
+    dispatcher.update([DecodeLoad(0, 10), DecodeLoad(1, 0), DecodeLoad(2, 10)])
+    assert [dispatcher.pick(5) for _ in range(4)] == [0, 2, 0, 2]
 
 
 def test_least_loaded_takes_most_room_and_oracle_least_true_work():
     loads = [DecodeLoad(0, 10, remaining_decode_tokens=5), DecodeLoad(1, 90, remaining_decode_tokens=900)]
-    assert Dispatcher("least_loaded").pick(5, loads) == 1
-    assert Dispatcher("oracle").pick(5, loads) == 0
+    least, oracle = Dispatcher("least_loaded"), Dispatcher("oracle")
+    least.update(loads)
+    oracle.update(loads)
+    assert least.pick(5) == 1
+    assert oracle.pick(5, decode_tokens=1000) == 0 and oracle.pick(5) == 1  # its own send counted
 
 
 def view(free, reserved, shortest, capacity=100, running=3, max_seqs=256):

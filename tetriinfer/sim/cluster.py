@@ -144,7 +144,6 @@ class ClusterSim:
         self._seq = 0
         self._unfinished = len(requests)
         self._last_work = {i: start for i in self.instances}
-        self._decode_loads: tuple = ()
         self._flip_pending: set[int] = set()
         self.result = SimResult(self.system, requests, self._last_work, start, start)
         self._bar = tqdm(total=len(requests), disable=not progress, unit="req", desc=f"simulate {self.system}")
@@ -293,7 +292,7 @@ class ClusterSim:
         """Send waiting prefilled requests (FIFO) to decode instances chosen from the snapshot."""
         while inst.dispatch_wait:
             req = inst.dispatch_wait[0]
-            target = inst.dispatcher.pick(req.need_blocks, self._decode_loads)
+            target = inst.dispatcher.pick(req.need_blocks, req.heavy, req.decode_left)
             if target is None:
                 return  # no room anywhere in the snapshot: retry on the next one
             inst.dispatch_wait.popleft()
@@ -318,7 +317,7 @@ class ClusterSim:
         snapshot = self.monitor.publish(ClusterSnapshot(now, tuple(statuses), prefill_loads, decode_loads, waiting))
         self.result.peak_dispatch_waiting = max(self.result.peak_dispatch_waiting, waiting)
         self.global_scheduler.update(snapshot.prefill_loads)
-        self._decode_loads = snapshot.decode_loads
+        self._broadcast_decode_loads(snapshot.decode_loads)
         for inst in list(self.instances.values()):
             if inst.role == PREFILL:
                 self._dispatch(inst, now)
@@ -327,7 +326,12 @@ class ClusterSim:
                 inst = self.instances[order.instance_id]
                 inst.draining = True
                 self.global_scheduler.update({i: l for i, l in snapshot.prefill_loads.items() if i != inst.instance_id})
-                self._decode_loads = tuple(l for l in self._decode_loads if l.instance_id != inst.instance_id)
+                self._broadcast_decode_loads(tuple(l for l in snapshot.decode_loads if l.instance_id != inst.instance_id))
                 self._kick(inst, now)
         if self._unfinished:
             self._push(self.monitor.next_collection_s(now), _MONITOR, None)
+
+    def _broadcast_decode_loads(self, loads: tuple) -> None:
+        for inst in self.instances.values():
+            if inst.role == PREFILL:
+                inst.dispatcher.update(loads)
