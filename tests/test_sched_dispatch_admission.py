@@ -126,3 +126,10 @@ def test_global_scheduler_with_no_instance_raises():
     scheduler = GlobalScheduler([])
     with pytest.raises(RuntimeError):
         scheduler.pick(1)
+
+
+@pytest.mark.parametrize("policy", ["power2", "random", "round_robin", "least_loaded", "oracle"])
+def test_an_instance_without_a_free_sequence_slot_has_no_room(policy):
+    dispatcher = Dispatcher(policy, random.Random(0))
+    dispatcher.update([DecodeLoad(0, 1000, free_slots=0), DecodeLoad(1, 10, free_slots=2)])
+    assert [dispatcher.pick(1) for _ in range(3)] == [1, 1, None]

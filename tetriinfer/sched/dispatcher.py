@@ -23,7 +23,9 @@ class DecodeLoad:
     `room_blocks`: free KV blocks minus blocks reserved for admitted requests' prompt + predicted
     output (DESIGN.md). `num_heavy`/`num_light`: assigned requests by predicted decode class.
     `remaining_decode_tokens`: output tokens still to generate there, by true lengths (only the
-    simulator knows them; only the `oracle` policy reads them).
+    simulator knows them; only the `oracle` policy reads them). `free_slots`: sequences it may
+    still take before its assigned requests reach its batch limit (`max_num_seqs`); an instance
+    without a free slot has no room either, however much memory it has.
     """
 
     instance_id: Hashable
@@ -31,6 +33,7 @@ class DecodeLoad:
     num_heavy: int = 0
     num_light: int = 0
     remaining_decode_tokens: int = 0
+    free_slots: int = 1 << 30
 
     @property
     def heavy_ratio(self) -> float:
@@ -62,13 +65,14 @@ class Dispatcher:
                 num_heavy=load.num_heavy + heavy,
                 num_light=load.num_light + (not heavy),
                 remaining_decode_tokens=load.remaining_decode_tokens + decode_tokens,
+                free_slots=load.free_slots - 1,
             )
             return load.instance_id
         return None
 
     def _choose(self, need_blocks: int, loads: Sequence[DecodeLoad]) -> int | None:
         """Index into `loads` of the policy's choice."""
-        with_room = [i for i, load in enumerate(loads) if load.room_blocks >= need_blocks]
+        with_room = [i for i, load in enumerate(loads) if load.room_blocks >= need_blocks and load.free_slots > 0]
         if not with_room:
             return None
         if self.policy == "power2":
@@ -83,7 +87,7 @@ class Dispatcher:
             # Cycle over all instances in order, skipping those without room.
             for offset in range(len(loads)):
                 i = (self._next_round_robin + offset) % len(loads)
-                if loads[i].room_blocks >= need_blocks:
+                if loads[i].room_blocks >= need_blocks and loads[i].free_slots > 0:
                     self._next_round_robin = (i + 1) % len(loads)
                     return i
         if self.policy == "least_loaded":

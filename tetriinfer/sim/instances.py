@@ -100,7 +100,8 @@ class DecodeInstance:
     def decode_load(self) -> DecodeLoad:
         held = self.batch.used_blocks + self.incoming_blocks
         room = self.batch.capacity_blocks - max(held, self.assigned_need_blocks)
-        return DecodeLoad(self.instance_id, room, self.num_heavy, self.num_light, self.remaining_decode_tokens)
+        free_slots = self.max_num_seqs - self.num_heavy - self.num_light
+        return DecodeLoad(self.instance_id, room, self.num_heavy, self.num_light, self.remaining_decode_tokens, free_slots)
 
     def load_fraction(self) -> float:
         return (self.batch.used_blocks + self.incoming_blocks) / self.batch.capacity_blocks
