@@ -72,7 +72,7 @@ def h100(num_requests: int = 3000) -> None:
         "tetriinfer (1P+3D)": config("tetriinfer", "h100", "llama3-8b", prefill=1, decode=3),
     }
     slo = dict(ttft_slo_s=1.0, tpot_slo_s=0.05)
-    for mix, rates in (("mixed", (10, 20, 40, 60, 80, 100, 120)), ("lphd", (20, 40, 60, 80, 100))):
+    for mix, rates in (("mixed", (20, 40, 60, 80, 100, 120, 140)), ("lphd", (40, 80, 120, 160, 200))):
         print(f"\n#### {mix}, Poisson, {num_requests} requests per point (SLO: TTFT <= 1 s, TPOT <= 50 ms)\n")
         print("| rate (req/s) | system | TTFT mean / p99 (s) | TPOT mean / p99 (ms) | JCT mean / p99 (s) | goodput (req/s) | perf/$ vs vllm |")
         print("|---|---|---|---|---|---|---|")
