@@ -70,6 +70,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     seed: int = 0
     max_model_len: int | None = None
+    enforce_eager: bool = False  # no CUDA graphs (they are used on GPUs with the Triton backend)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: EngineSchedulerConfig = field(default_factory=EngineSchedulerConfig)
 

@@ -65,8 +65,11 @@ class LLMEngine:
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.block_manager = BlockManager(num_blocks, config.cache.block_size)
+        # CUDA graphs need kernels that never synchronise with the host: the Triton backend's.
+        use_graphs = self.device.type == "cuda" and backend == "triton" and not config.enforce_eager
         self.runner = ModelRunner(loaded.model, loaded.arch, num_blocks, config.cache.block_size, backend,
-                                  self.device, TORCH_DTYPES[config.dtype])
+                                  self.device, TORCH_DTYPES[config.dtype], self.max_model_len,
+                                  config.scheduler.max_num_seqs, config.scheduler.chunk_size, use_graphs)
         self.scheduler = EngineScheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
         self.requests: dict[str, Request] = {}

@@ -2,10 +2,19 @@
 
 It owns the KV cache tensors (one K and one V tensor per layer, [num_blocks, block_size, kv_heads,
 head_dim]) and the per-request KV export/import; it never decides what to run.
+
+On a GPU the forward pass of two kinds of step is replayed from CUDA graphs, so Python launches no
+kernels for them: decode batches (captured at a ladder of batch sizes; a batch is padded up to the
+next rung) and prefill chunks of exactly `chunk_size` tokens (TetriInfer's chunks all have that
+shape; up to `MAX_GRAPH_PIECES` prompt pieces per chunk). Padding sequences have no tokens and
+padding tokens write no KV, so the padded graph computes exactly what the eager forward would.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from tetriinfer.engine.scheduler import StepPlan
@@ -13,10 +22,44 @@ from tetriinfer.kernels import get_attention_backend
 from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.layers import ForwardContext
 
+DECODE_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+MAX_GRAPH_PIECES = 64
+
+
+@dataclass
+class StepInputs:
+    """Host-side (CPU) tensors of one step, laid out as ForwardContext wants them."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64 (chunk padding included)
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 for padding
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    sample_idx: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled
+    num_real_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    num_tokens: int
+    num_seqs: int
+    hidden: torch.Tensor  # output buffer [num_tokens, hidden]
+
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch: ModelArch, num_blocks: int, block_size: int,
-                 attention_backend: str, device: torch.device, dtype: torch.dtype):
+                 attention_backend: str, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int, max_num_seqs: int, chunk_size: int, use_cuda_graphs: bool):
         self.model = model
         self.arch = arch
         self.block_size = block_size
@@ -27,73 +70,179 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(arch.num_layers)
         ]
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.chunk_size = chunk_size
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        if use_cuda_graphs:
+            if device.type != "cuda":
+                raise ValueError("CUDA graphs need a CUDA device")
+            self._capture_graphs(max_num_seqs)
 
-    @torch.inference_mode()
-    def execute(self, plan: StepPlan, all_logits: bool = False) -> torch.Tensor:
-        """Logits [num_sampled, vocab] of the tokens that end a prompt or are decodes, in plan order
-        (prefill pieces, then decodes). With `all_logits`, logits of every real token instead."""
-        input_ids, positions, slots, seq_lens, block_tables, sample_idx = [], [], [], [], [], []
+    # ---- step inputs -----------------------------------------------------------------------------
+    def prepare(self, plan: StepPlan) -> StepInputs:
+        ids, pos, slots, seq_lens, tables, sample_idx = [], [], [], [], [], []
+        offset = 0
         for piece in plan.prefill:
             req = piece.request
-            span = range(piece.start, piece.start + piece.length)
-            input_ids.extend(req.token_at(p) for p in span)
-            positions.extend(span)
-            slots.extend(self._slot(req.block_ids, p) for p in span)
-            seq_lens.append(piece.start + piece.length)
-            block_tables.append(req.block_ids)
+            end = piece.start + piece.length
+            tokens = req.prompt_token_ids[piece.start:end] if end <= len(req.prompt_token_ids) \
+                else req.all_token_ids[piece.start:end]
+            ids.append(np.asarray(tokens, dtype=np.int64))
+            positions = np.arange(piece.start, end, dtype=np.int64)
+            pos.append(positions)
+            slots.append(self._slots(req.block_ids, positions))
+            seq_lens.append(end)
+            tables.append(req.block_ids)
+            offset += piece.length
             if piece.completes_prompt:
-                sample_idx.append(len(input_ids) - 1)
-        for req in plan.decode:
-            pos = req.num_tokens - 1
-            input_ids.append(req.token_at(pos))
-            positions.append(pos)
-            slots.append(self._slot(req.block_ids, pos))
-            seq_lens.append(pos + 1)
-            block_tables.append(req.block_ids)
-            sample_idx.append(len(input_ids) - 1)
-        num_real = len(input_ids)
-        query_lens = [p.length for p in plan.prefill] + [1] * len(plan.decode)
+                sample_idx.append(offset - 1)
+        if plan.decode:
+            positions = np.fromiter((r.num_tokens - 1 for r in plan.decode), dtype=np.int64, count=len(plan.decode))
+            ids.append(np.fromiter((r.output_token_ids[-1] if r.output_token_ids else r.prompt_token_ids[-1]
+                                    for r in plan.decode), dtype=np.int64, count=len(plan.decode)))
+            pos.append(positions)
+            slots.append(np.fromiter((self._slot(r.block_ids, p) for r, p in zip(plan.decode, positions.tolist())),
+                                     dtype=np.int64, count=len(plan.decode)))
+            seq_lens.extend((positions + 1).tolist())
+            tables.extend(r.block_ids for r in plan.decode)
+            sample_idx.extend(range(offset, offset + len(plan.decode)))
+            offset += len(plan.decode)
         # Chunk padding: token 0 at position 0, written nowhere, attended by nobody.
-        input_ids.extend([0] * plan.num_padding)
-        positions.extend([0] * plan.num_padding)
-        slots.extend([-1] * plan.num_padding)
-
-        dev = self.device
-        max_blocks = max(len(b) for b in block_tables)
-        table = torch.zeros((len(block_tables), max_blocks), dtype=torch.int32)
-        for i, blocks in enumerate(block_tables):
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-        query_start_loc[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
-        ctx = ForwardContext(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=table.to(dev),
-            query_start_loc=query_start_loc.to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            kv_caches=self.kv_caches,
-            attention=self.attention,
+        if plan.num_padding:
+            ids.append(np.zeros(plan.num_padding, dtype=np.int64))
+            pos.append(np.zeros(plan.num_padding, dtype=np.int64))
+            slots.append(np.full(plan.num_padding, -1, dtype=np.int64))
+        table = np.zeros((len(tables), max(len(b) for b in tables)), dtype=np.int32)
+        for i, blocks in enumerate(tables):
+            table[i, : len(blocks)] = blocks
+        query_lens = [p.length for p in plan.prefill] + [1] * len(plan.decode)
+        query_start_loc = np.zeros(len(query_lens) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        return StepInputs(
+            input_ids=torch.from_numpy(np.concatenate(ids)),
+            positions=torch.from_numpy(np.concatenate(pos)),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)),
+            block_tables=torch.from_numpy(table),
+            query_start_loc=torch.from_numpy(query_start_loc),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            sample_idx=torch.tensor(sample_idx, dtype=torch.int64),
+            num_real_tokens=offset,
         )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            ctx,
-        )
-        selected = hidden[:num_real] if all_logits else hidden[torch.tensor(sample_idx, dtype=torch.long, device=dev)]
-        return self.model.compute_logits(selected)
 
     def _slot(self, block_ids: list[int], position: int) -> int:
         return block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
+    def _slots(self, block_ids: list[int], positions: np.ndarray) -> np.ndarray:
+        blocks = np.asarray(block_ids, dtype=np.int64)
+        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    # ---- execution -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, all_logits: bool = False) -> torch.Tensor:
+        """Logits [num_sampled, vocab] of the tokens that end a prompt or are decodes, in plan order
+        (prefill pieces, then decodes). With `all_logits`, logits of every real token instead."""
+        inputs = self.prepare(plan)
+        graph = self._graph_for(inputs)
+        if graph is not None:
+            hidden = self._replay(graph, inputs)
+        else:
+            dev = self.device
+            ctx = ForwardContext(
+                slot_mapping=inputs.slot_mapping.to(dev, non_blocking=True),
+                block_tables=inputs.block_tables.to(dev, non_blocking=True),
+                query_start_loc=inputs.query_start_loc.to(dev, non_blocking=True),
+                seq_lens=inputs.seq_lens.to(dev, non_blocking=True),
+                kv_caches=self.kv_caches,
+                attention=self.attention,
+            )
+            hidden = self.model(inputs.input_ids.to(dev, non_blocking=True),
+                                inputs.positions.to(dev, non_blocking=True), ctx)
+        if all_logits:
+            return self.model.compute_logits(hidden[: inputs.num_real_tokens])
+        return self.model.compute_logits(hidden[inputs.sample_idx.to(self.device, non_blocking=True)])
+
+    # ---- CUDA graphs ------------------------------------------------------------------------------
+    def _graph_for(self, inputs: StepInputs) -> _Graph | None:
+        if not self.graphs:
+            return None
+        if inputs.num_tokens == inputs.num_seqs:  # decode only
+            rung = next((b for b in DECODE_GRAPH_BATCHES if b >= inputs.num_seqs), None)
+            return self.graphs.get((rung, rung))
+        if inputs.num_tokens == self.chunk_size and inputs.num_seqs <= MAX_GRAPH_PIECES:
+            return self.graphs.get((self.chunk_size, MAX_GRAPH_PIECES))
+        return None
+
+    def _capture_graphs(self, max_num_seqs: int) -> None:
+        max_tokens = max(self.chunk_size, max_num_seqs)
+        max_seqs = max(MAX_GRAPH_PIECES, max_num_seqs)
+        dev = self.device
+        self._static = dict(
+            input_ids=torch.zeros(max_tokens, dtype=torch.int64, device=dev),
+            positions=torch.zeros(max_tokens, dtype=torch.int64, device=dev),
+            slot_mapping=torch.full((max_tokens,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros((max_seqs, self.max_blocks_per_seq), dtype=torch.int32, device=dev),
+            query_start_loc=torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev),
+            seq_lens=torch.zeros(max_seqs, dtype=torch.int32, device=dev),
+        )
+        shapes = [(b, b) for b in DECODE_GRAPH_BATCHES if b <= max_num_seqs]
+        shapes.append((self.chunk_size, MAX_GRAPH_PIECES))
+        pool = None
+        for num_tokens, num_seqs in sorted(shapes, reverse=True):  # largest first: the pool fits all
+            ctx = self._static_context(num_tokens, num_seqs)
+            s = self._static
+            for _ in range(2):  # warm-up: Triton compiles and the allocator settles outside the graph
+                self.model(s["input_ids"][:num_tokens], s["positions"][:num_tokens], ctx)
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.model(s["input_ids"][:num_tokens], s["positions"][:num_tokens], ctx)
+            pool = graph.pool()
+            self.graphs[(num_tokens, num_seqs)] = _Graph(graph, num_tokens, num_seqs, hidden)
+        torch.cuda.synchronize(dev)
+
+    def _static_context(self, num_tokens: int, num_seqs: int) -> ForwardContext:
+        s = self._static
+        return ForwardContext(
+            slot_mapping=s["slot_mapping"][:num_tokens],
+            block_tables=s["block_tables"][:num_seqs],
+            query_start_loc=s["query_start_loc"][: num_seqs + 1],
+            seq_lens=s["seq_lens"][:num_seqs],
+            kv_caches=self.kv_caches,
+            attention=self.attention,
+        )
+
+    def _replay(self, graph: _Graph, inputs: StepInputs) -> torch.Tensor:
+        """Copy the step into the static buffers, padding sequences and tokens, and replay."""
+        s = self._static
+        n, seqs, t = inputs.num_tokens, inputs.num_seqs, graph.num_tokens
+        s["input_ids"][:n].copy_(inputs.input_ids, non_blocking=True)
+        s["positions"][:n].copy_(inputs.positions, non_blocking=True)
+        s["slot_mapping"][:n].copy_(inputs.slot_mapping, non_blocking=True)
+        if t > n:
+            s["input_ids"][n:t].zero_()
+            s["positions"][n:t].zero_()
+            s["slot_mapping"][n:t].fill_(-1)
+        width = inputs.block_tables.shape[1]
+        s["block_tables"][:seqs, :width].copy_(inputs.block_tables, non_blocking=True)
+        # Padding sequences: no query tokens (their start repeats the last real end), no context.
+        qsl = s["query_start_loc"][: graph.num_seqs + 1]
+        qsl[: seqs + 1].copy_(inputs.query_start_loc, non_blocking=True)
+        qsl[seqs + 1:].fill_(int(inputs.query_start_loc[-1]))
+        s["seq_lens"][:seqs].copy_(inputs.seq_lens, non_blocking=True)
+        s["seq_lens"][seqs: graph.num_seqs].zero_()
+        graph.graph.replay()
+        return graph.hidden
+
+    # ---- KV export / import -------------------------------------------------------------------------
     def read_kv(self, block_ids: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a request's first `num_tokens` tokens: [num_layers, num_tokens, kv_heads, head_dim] each."""
-        slots = torch.tensor([self._slot(block_ids, p) for p in range(num_tokens)], device=self.device)
+        slots = torch.from_numpy(self._slots(block_ids, np.arange(num_tokens))).to(self.device)
         ks = torch.stack([k.flatten(0, 1)[slots] for k, _ in self.kv_caches])
         vs = torch.stack([v.flatten(0, 1)[slots] for _, v in self.kv_caches])
         return ks, vs
 
     def write_kv(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        num_tokens = k.shape[1]
-        slots = torch.tensor([self._slot(block_ids, p) for p in range(num_tokens)], device=self.device)
+        slots = torch.from_numpy(self._slots(block_ids, np.arange(k.shape[1]))).to(self.device)
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
             k_cache.flatten(0, 1)[slots] = k[layer].to(device=self.device, dtype=k_cache.dtype)
             v_cache.flatten(0, 1)[slots] = v[layer].to(device=self.device, dtype=v_cache.dtype)

@@ -33,6 +33,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on GPUs")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--step-policy", default="chunked", choices=ENGINE_STEP_POLICIES)
@@ -44,7 +45,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         dtype=args.dtype, device=args.device, load_format=args.load_format,
-        attention_backend=args.attention_backend, seed=args.seed, max_model_len=args.max_model_len,
+        attention_backend=args.attention_backend, seed=args.seed, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
         chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, step_policy=args.step_policy,
         block_size=args.block_size, num_blocks=args.num_blocks, memory_fraction=args.memory_fraction,
     )

@@ -36,4 +36,7 @@ def get_attention_backend(name: str) -> AttentionBackend:
             "or use the 'torch' backend"
         )
     module = importlib.import_module(ATTENTION_BACKENDS[name])
-    return AttentionBackend(name=name, store_kv=module.store_kv, paged_attention=module.paged_attention)
+    store_kv = module.store_kv
+    if name == "triton":  # the KV write without host synchronisation, so CUDA graphs can capture it
+        store_kv = importlib.import_module("tetriinfer.kernels.store_kv_triton").store_kv
+    return AttentionBackend(name=name, store_kv=store_kv, paged_attention=module.paged_attention)
