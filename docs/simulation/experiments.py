@@ -110,7 +110,7 @@ def sjf() -> None:
     cost = RooflineCostModel.from_names("v100", "opt-13b")
     for label, specs in (
         ("closed batch of 512, mixed", make_workload("mixed", 512, seed=0, max_total_tokens=2048)),
-        ("Poisson 2.5 req/s, 2000 mixed", make_workload("mixed", 2000, seed=0, arrival="poisson", rate=2.5, max_total_tokens=2048)),
+        ("Poisson 5.5 req/s, 2000 mixed", make_workload("mixed", 2000, seed=0, arrival="poisson", rate=5.5, max_total_tokens=2048)),
     ):
         print(f"\n#### V100 / OPT-13B, 1P+1D, {label}: mean prefill waiting / mean TTFT (s)\n")
         print("| window | FCFS | SJF | LJF | SJF vs FCFS waiting |")
@@ -164,22 +164,28 @@ def shifting_load(seed: int = 0) -> list[RequestSpec]:
 
 
 def flip() -> None:
-    """Flip on and off under a load that shifts from prompt-heavy to decode-heavy (H100 / Llama-3-8B)."""
+    """Flip on and off (H100 / Llama-3-8B, 4 GPUs): a load shifting from prompt-heavy to
+    decode-heavy, and steady loads on a badly split cluster."""
     cost = RooflineCostModel.from_names("h100", "llama3-8b")
-    specs = shifting_load()
-    print(f"\n#### {len(specs)} requests: 60 s of hpld at 60 req/s, then 60 s of lphd at 80 req/s\n")
-    print("| system | flips | TTFT mean / p99 (s) | TPOT mean / p99 (ms) | JCT mean / p99 (s) | resource time (s) |")
-    print("|---|---|---|---|---|---|")
     on = FlipConfig(enabled=True, idle_s=1.0, cooldown_s=5.0)
-    for name, cfg in (
-        ("vllm (4)", config("vllm", "h100", "llama3-8b", instances=4)),
-        ("tetriinfer 2P+2D, flip off", config("tetriinfer", "h100", "llama3-8b", prefill=2, decode=2)),
-        ("tetriinfer 2P+2D, flip on", config("tetriinfer", "h100", "llama3-8b", prefill=2, decode=2, flip=on)),
-    ):
-        result = simulate(specs, cfg, cost)
-        s = result.summary()
-        print(f"| {name} | {result.num_flips} | {s.ttft.mean:.2f} / {s.ttft.p99:.2f} | {s.tpot.mean * 1e3:.0f} / {s.tpot.p99 * 1e3:.0f} | "
-              f"{s.jct.mean:.2f} / {s.jct.p99:.2f} | {s.resource_time_s:.0f} |")
+    scenarios = (
+        ("shift: 60 s hpld at 60 req/s, then 60 s lphd at 80 req/s", shifting_load(), (2, 2)),
+        ("mixed, Poisson 60 req/s, 3000 requests", make_workload("mixed", 3000, seed=0, arrival="poisson", rate=60, max_total_tokens=8192), (1, 3)),
+        ("mixed, Poisson 100 req/s, 3000 requests", make_workload("mixed", 3000, seed=0, arrival="poisson", rate=100, max_total_tokens=8192), (1, 3)),
+        ("lphd, Poisson 160 req/s, 3000 requests", make_workload("lphd", 3000, seed=0, arrival="poisson", rate=160, max_total_tokens=8192), (2, 2)),
+    )
+    print("\n| load | system | flips | TTFT mean / p99 (s) | TPOT mean / p99 (ms) | JCT mean / p99 (s) | resource time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for label, specs, (prefill, decode) in scenarios:
+        for name, cfg in (
+            ("vllm (4)", config("vllm", "h100", "llama3-8b", instances=4)),
+            (f"tetriinfer {prefill}P+{decode}D, flip off", config("tetriinfer", "h100", "llama3-8b", prefill=prefill, decode=decode)),
+            (f"tetriinfer {prefill}P+{decode}D, flip on", config("tetriinfer", "h100", "llama3-8b", prefill=prefill, decode=decode, flip=on)),
+        ):
+            result = simulate(specs, cfg, cost)
+            s = result.summary()
+            print(f"| {label} | {name} | {result.num_flips} | {s.ttft.mean:.2f} / {s.ttft.p99:.2f} | {s.tpot.mean * 1e3:.0f} / {s.tpot.p99 * 1e3:.0f} | "
+                  f"{s.jct.mean:.2f} / {s.jct.p99:.2f} | {s.resource_time_s:.0f} |")
 
 
 def speed(num_requests: int = 100_000) -> None:

@@ -2,7 +2,8 @@
 
 An instance becomes a candidate after it has been underused (load fraction below
 `load_threshold`, idle included) for `idle_s` in a row, and is flipped only while the other role
-is under pressure (prefill: queued tokens; decode: KV use or requests waiting for room). Hysteresis:
+is under pressure (prefill: queued tokens; decode: KV or slot use, or requests waiting for room),
+and only if the instances left in its role stay below pressure with its load added. Hysteresis:
 an instance that flipped stays put for `cooldown_s`; at most one flip per snapshot; no role drops
 below its minimum count. The caller drains the instance and switches it `flip_s` later.
 """
@@ -45,9 +46,9 @@ class FlipPolicy:
             bool(decode) and sum(s.load_fraction for s in decode) / len(decode) >= cfg.decode_pressure
         )
         if decode_pressure and not prefill_pressure and len(prefill) > cfg.min_prefill:
-            order = self._candidate(prefill, now, DECODE)
+            order = self._candidate(prefill, now, DECODE, limit=1.0)
         elif prefill_pressure and not decode_pressure and len(decode) > cfg.min_decode:
-            order = self._candidate(decode, now, PREFILL)
+            order = self._candidate(decode, now, PREFILL, limit=cfg.decode_pressure)
         else:
             order = None
         if order is None:
@@ -56,8 +57,12 @@ class FlipPolicy:
         self._underused_since.pop(order.instance_id, None)
         return [order]
 
-    def _candidate(self, pool, now: float, to_role: str) -> FlipOrder | None:
+    def _candidate(self, pool, now: float, to_role: str, limit: float) -> FlipOrder | None:
+        """The least-loaded ready instance of `pool`, if the rest of the pool can take its load
+        without reaching pressure themselves (`limit`): a flip must not just move the pressure."""
         cfg = self.config
+        if sum(s.load_fraction for s in pool) / (len(pool) - 1) >= limit:
+            return None
         ready = [
             s
             for s in pool

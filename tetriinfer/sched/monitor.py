@@ -17,8 +17,8 @@ DECODE = "decode"
 
 @dataclass(frozen=True)
 class InstanceStatus:
-    """`load_fraction`: prefill: queued prompt tokens over the pressure level; decode: KV blocks in use
-    over capacity. `draining`: ordered to flip, takes no new work."""
+    """`load_fraction`: prefill: queued prompt tokens over the pressure level; decode: the larger of
+    KV blocks in use over capacity and assigned requests over `max_num_seqs`. `draining`: ordered to flip, takes no new work."""
 
     instance_id: Hashable
     role: str

@@ -104,7 +104,9 @@ class DecodeInstance:
         return DecodeLoad(self.instance_id, room, self.num_heavy, self.num_light, self.remaining_decode_tokens, free_slots)
 
     def load_fraction(self) -> float:
-        return (self.batch.used_blocks + self.incoming_blocks) / self.batch.capacity_blocks
+        """The tighter of its two limits: KV blocks held and sequence slots assigned."""
+        memory = (self.batch.used_blocks + self.incoming_blocks) / self.batch.capacity_blocks
+        return max(memory, (self.num_heavy + self.num_light) / self.max_num_seqs)
 
     def is_empty(self) -> bool:
         return not self.busy and not self.waiting and not self.arriving and self.batch.num_running == 0
