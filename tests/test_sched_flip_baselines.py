@@ -109,3 +109,10 @@ def test_a_step_that_preempted_admits_no_new_prompt():
         sched.add(Req(0, 100))
         plan = sched.plan(num_running=3, free_blocks=10**6, admit_new=False)
         assert plan.chunk is None and plan.decode
+
+
+def test_no_flip_that_would_push_the_rest_of_its_role_into_pressure():
+    policy = FlipPolicy(FlipConfig(enabled=True, idle_s=0.0))
+    # Prefill mean 0.515 is below pressure, but 0.05 + 0.98 on one instance would be 1.03.
+    assert policy.decide(snapshot(0.0, [0.05, 0.98], [0.95])) == []
+    assert len(policy.decide(snapshot(1.0, [0.05, 0.90], [0.95]))) == 1
