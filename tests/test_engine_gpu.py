@@ -22,8 +22,9 @@ def prompts(lengths, vocab=256):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graphs_match_eager(dtype):
     batch = prompts([1, 5, 64, 70, 130, 3, 200])  # 7 decodes replay the rung-8 graph, padded
-    graphed = LLM("tiny", device="cuda", dtype=dtype, chunk_size=64, max_num_seqs=16)
-    eager = LLM("tiny", device="cuda", dtype=dtype, chunk_size=64, max_num_seqs=16, enforce_eager=True)
+    graphed = LLM("tiny", device="cuda", dtype=dtype, chunk_size=64, max_num_seqs=16, num_blocks=512)
+    eager = LLM("tiny", device="cuda", dtype=dtype, chunk_size=64, max_num_seqs=16, num_blocks=512,
+                enforce_eager=True)
     assert graphed.engine.runner.graphs and not eager.engine.runner.graphs
     a = [o.outputs[0].token_ids for o in graphed.generate(prompt_token_ids=batch, sampling_params=GREEDY)]
     b = [o.outputs[0].token_ids for o in eager.generate(prompt_token_ids=batch, sampling_params=GREEDY)]
