@@ -12,6 +12,7 @@ import sys
 
 SUBCOMMANDS = (
     "tetriinfer.entrypoints.generate",
+    "tetriinfer.entrypoints.profile",
     "tetriinfer.predictor.cli",
     "tetriinfer.sim.cli",
 )

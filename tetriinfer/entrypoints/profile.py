@@ -1,0 +1,92 @@
+"""`tetriinfer profile`: measure step times of one engine and write the simulator's profile file."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+
+from tetriinfer.entrypoints.generate import add_engine_arguments, engine_kwargs
+
+
+def _ints(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v]
+    if not values or any(v < 0 for v in values) or sorted(set(values)) != values:
+        raise argparse.ArgumentTypeError(f"need increasing non-negative integers, got {text!r}")
+    return values
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile", help="measure prefill/decode step times; write the simulator's profile (docs/profile-format.md)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_engine_arguments(p)
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--chunk-tokens", type=_ints, default=_ints("256,512,1024,2048,4096"))
+    p.add_argument("--context-tokens", type=_ints, default=_ints("0,1024,4096"))
+    p.add_argument("--batch-sizes", type=_ints, default=_ints("1,8,32,64,128,256"))
+    p.add_argument("--context-per-seq", type=_ints, default=_ints("128,1024,4096"))
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per shape (median)")
+    p.add_argument("--gpu", default=None, help="sim/hardware.py key recorded in the metadata (h100, h200, ...)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from tetriinfer.engine.profiler import knee, profile_steps
+    from tetriinfer.llm import LLM
+    from tetriinfer.sim.profile import Grid2D, Profile, save_profile
+
+    kwargs = engine_kwargs(args)
+    kwargs["max_num_seqs"] = max(kwargs["max_num_seqs"], max(args.batch_sizes))
+    engine = LLM(args.model, **kwargs).engine
+    longest = max(args.chunk_tokens) + max(args.context_tokens)
+    if longest > engine.max_model_len or max(args.context_per_seq) + 1 > engine.max_model_len:
+        raise ValueError(f"profile grid exceeds the model's context of {engine.max_model_len} tokens")
+    need = max(longest, max(args.batch_sizes) * (max(args.context_per_seq) + engine.block_manager.block_size))
+    if need > engine.block_manager.num_blocks * engine.block_manager.block_size:
+        raise ValueError(f"profile grid needs {need} KV tokens; the cache holds "
+                         f"{engine.block_manager.num_blocks * engine.block_manager.block_size}")
+
+    shapes = len(args.chunk_tokens) + len(args.batch_sizes)
+    with tqdm(total=shapes, desc="profile", unit="row") as bar:
+        def progress(msg: str) -> None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+        times = profile_steps(engine, args.chunk_tokens, args.context_tokens, args.batch_sizes,
+                              args.context_per_seq, args.repeats, progress)
+
+    device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
+    commit = os.environ.get("TETRIINFER_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    at_zero = [row[0] for row in times.prefill]
+    recommended = knee(args.chunk_tokens, at_zero)
+    dtype_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    profile = Profile(
+        metadata={"device": device_name, "model": args.model, "dtype": args.dtype, "commit": commit or "unknown",
+                  "gpu": args.gpu, "tensor_parallel": 1, "block_size": engine.block_manager.block_size,
+                  "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "repeats": args.repeats, "cuda_graphs": bool(engine.runner.graphs),
+                  "engine_chunk_size": engine.config.scheduler.chunk_size,
+                  "recommended_chunk_size": recommended,
+                  "notes": "measured by `tetriinfer profile`: median step times, synchronised, sampling included"},
+        kv_bytes_per_token=engine.arch.kv_bytes_per_token * dtype_bytes,
+        kv_capacity_tokens=engine.block_manager.num_blocks * engine.block_manager.block_size,
+        prefill=Grid2D(tuple(args.chunk_tokens), tuple(args.context_tokens),
+                       tuple(tuple(r) for r in times.prefill)),
+        decode=Grid2D(tuple(args.batch_sizes), tuple(args.context_per_seq), tuple(tuple(r) for r in times.decode)),
+    )
+    save_profile(profile, args.out)
+
+    print(f"{args.model} on {device_name} ({args.dtype}); profile written to {args.out}")
+    print("prefill (no cached context):  chunk  ms/step  tokens/s")
+    for n, s in zip(args.chunk_tokens, at_zero):
+        print(f"  {n:>27} {s * 1e3:8.2f} {n / s:9.0f}")
+    print(f"recommended chunk_size (throughput knee: doubling gains < 10%): {recommended}")
+    print("decode:  batch  " + "  ".join(f"ctx {c:>5} ms" for c in args.context_per_seq))
+    for b, row in zip(args.batch_sizes, times.decode):
+        print(f"  {b:>12}  " + "  ".join(f"{s * 1e3:12.2f}" for s in row))
+    return 0
