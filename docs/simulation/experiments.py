@@ -57,7 +57,8 @@ def paper() -> None:
 
 
 def h100(num_requests: int = 3000) -> None:
-    """H100 + Llama-3-8B, 4 GPUs each: TetriInfer 2P+2D vs 4 x vllm vs 4 x sarathi, Poisson sweep."""
+    """H100 + Llama-3-8B, 4 GPUs each: TetriInfer 2P+2D vs 4 x vllm vs 4 x sarathi, Poisson sweep.
+    Chunks (and Sarathi's token budget) are 2048 tokens, near the H100's prefill saturation point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,9 +68,9 @@ def h100(num_requests: int = 3000) -> None:
     systems = {
         "vllm (4)": config("vllm", "h100", "llama3-8b", instances=4),
         "sarathi (4)": config("sarathi", "h100", "llama3-8b", instances=4, chunk_size=2048),
-        "disagg (2P+2D)": config("disagg", "h100", "llama3-8b", prefill=2, decode=2),
-        "tetriinfer (2P+2D)": config("tetriinfer", "h100", "llama3-8b", prefill=2, decode=2),
-        "tetriinfer (1P+3D)": config("tetriinfer", "h100", "llama3-8b", prefill=1, decode=3),
+        "disagg (2P+2D)": config("disagg", "h100", "llama3-8b", prefill=2, decode=2, chunk_size=2048),
+        "tetriinfer (2P+2D)": config("tetriinfer", "h100", "llama3-8b", prefill=2, decode=2, chunk_size=2048),
+        "tetriinfer (1P+3D)": config("tetriinfer", "h100", "llama3-8b", prefill=1, decode=3, chunk_size=2048),
     }
     slo = dict(ttft_slo_s=1.0, tpot_slo_s=0.05)
     for mix, rates in (("mixed", (20, 40, 60, 80, 100, 120, 140)), ("lphd", (40, 80, 120, 160, 200))):
@@ -179,8 +180,8 @@ def flip() -> None:
     for label, specs, (prefill, decode) in scenarios:
         for name, cfg in (
             ("vllm (4)", config("vllm", "h100", "llama3-8b", instances=4)),
-            (f"tetriinfer {prefill}P+{decode}D, flip off", config("tetriinfer", "h100", "llama3-8b", prefill=prefill, decode=decode)),
-            (f"tetriinfer {prefill}P+{decode}D, flip on", config("tetriinfer", "h100", "llama3-8b", prefill=prefill, decode=decode, flip=on)),
+            (f"tetriinfer {prefill}P+{decode}D, flip off", config("tetriinfer", "h100", "llama3-8b", prefill=prefill, decode=decode, chunk_size=2048)),
+            (f"tetriinfer {prefill}P+{decode}D, flip on", config("tetriinfer", "h100", "llama3-8b", prefill=prefill, decode=decode, chunk_size=2048, flip=on)),
         ):
             result = simulate(specs, cfg, cost)
             s = result.summary()
@@ -196,8 +197,8 @@ def speed(num_requests: int = 100_000) -> None:
     print("| system | wall (s) | events | simulated span (s) | JCT mean (s) |")
     print("|---|---|---|---|---|")
     for name, cfg in (
-        ("tetriinfer 8P+8D", config("tetriinfer", "h100", "llama3-8b", prefill=8, decode=8)),
-        ("disagg 8P+8D", config("disagg", "h100", "llama3-8b", prefill=8, decode=8)),
+        ("tetriinfer 8P+8D", config("tetriinfer", "h100", "llama3-8b", prefill=8, decode=8, chunk_size=2048)),
+        ("disagg 8P+8D", config("disagg", "h100", "llama3-8b", prefill=8, decode=8, chunk_size=2048)),
         ("vllm x16", config("vllm", "h100", "llama3-8b", instances=16)),
         ("sarathi x16", config("sarathi", "h100", "llama3-8b", instances=16, chunk_size=2048)),
     ):
