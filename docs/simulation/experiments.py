@@ -1,6 +1,6 @@
 """Reproduce every table and figure of docs/simulation.md.
 
-    python docs/simulation/experiments.py all        # or one of: paper h100 sjf admission dispatch flip speed
+    python docs/simulation/experiments.py all        # or one of: paper h100-mixes h100 sjf admission dispatch flip speed
 
 Prints markdown tables; figures land next to this file. Everything is simulated (no GPU needed).
 """
@@ -54,6 +54,21 @@ def paper() -> None:
                   f"{pct(t.ttft.mean, v.ttft.mean)} | {pct(t.jct.mean, v.jct.mean)} | "
                   f"{pct(t.resource_time_s, v.resource_time_s)} | {t.requests_per_resource_s / v.requests_per_resource_s:.2f}x | "
                   f"{' / '.join(PAPER[mix])} |")
+
+
+def h100_mixes() -> None:
+    """The paper's table on H100 + Llama-3-8B at equal GPU counts: 1P+1D vs 2 x vllm, 2 x sarathi."""
+    cost = RooflineCostModel.from_names("h100", "llama3-8b")
+    print("\n| mix | vllm (2) TTFT / JCT (s) | sarathi (2) TTFT / JCT (s) | TetriInfer 1P+1D TTFT / JCT (s) | TTFT vs vllm / sarathi | JCT vs vllm / sarathi | perf/$ vs vllm / sarathi |")
+    print("|---|---|---|---|---|---|---|")
+    for mix in MIXES:
+        specs = make_workload(mix, 128, seed=0, max_total_tokens=8192)
+        v = simulate(specs, config("vllm", "h100", "llama3-8b", instances=2), cost).summary()
+        c = simulate(specs, config("sarathi", "h100", "llama3-8b", instances=2, chunk_size=2048), cost).summary()
+        t = simulate(specs, config("tetriinfer", "h100", "llama3-8b", chunk_size=2048), cost).summary()
+        print(f"| {mix} | {v.ttft.mean:.2f} / {v.jct.mean:.2f} | {c.ttft.mean:.2f} / {c.jct.mean:.2f} | {t.ttft.mean:.2f} / {t.jct.mean:.2f} | "
+              f"{pct(t.ttft.mean, v.ttft.mean)} / {pct(t.ttft.mean, c.ttft.mean)} | {pct(t.jct.mean, v.jct.mean)} / {pct(t.jct.mean, c.jct.mean)} | "
+              f"{t.requests_per_resource_s / v.requests_per_resource_s:.2f}x / {t.requests_per_resource_s / c.requests_per_resource_s:.2f}x |")
 
 
 def h100(num_requests: int = 3000) -> None:
@@ -208,7 +223,7 @@ def speed(num_requests: int = 100_000) -> None:
         print(f"| {name} | {wall:.1f} | {result.num_events:,} | {result.end_s - result.start_s:.0f} | {result.summary().jct.mean:.2f} |")
 
 
-EXPERIMENTS = {"paper": paper, "h100": h100, "sjf": sjf, "admission": admission, "dispatch": dispatch, "flip": flip, "speed": speed}
+EXPERIMENTS = {"paper": paper, "h100-mixes": h100_mixes, "h100": h100, "sjf": sjf, "admission": admission, "dispatch": dispatch, "flip": flip, "speed": speed}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
