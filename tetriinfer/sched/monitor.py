@@ -13,12 +13,14 @@ from tetriinfer.sched.dispatcher import DecodeLoad
 
 PREFILL = "prefill"
 DECODE = "decode"
+COLOCATED = "colocated"  # the baselines' instances, prefill and decode in one
 
 
 @dataclass(frozen=True)
 class InstanceStatus:
     """`load_fraction`: prefill: queued prompt tokens over the pressure level; decode: the larger of
-    KV blocks in use over capacity and assigned requests over `max_num_seqs`. `draining`: ordered to flip, takes no new work."""
+    KV blocks in use over capacity and assigned requests over `max_num_seqs`.
+    `draining`: ordered to flip, takes no new work."""
 
     instance_id: Hashable
     role: str
@@ -30,7 +32,7 @@ class InstanceStatus:
 class ClusterSnapshot:
     time_s: float
     instances: tuple[InstanceStatus, ...]
-    prefill_loads: dict  # instance id -> queued prompt tokens not yet prefilled (non-draining only)
+    prefill_loads: dict  # instance id -> queued prompt tokens not yet prefilled (not draining)
     decode_loads: tuple[DecodeLoad, ...]  # non-draining decode instances only
     dispatch_waiting: int = 0  # prefilled requests that found no decode instance with room
 

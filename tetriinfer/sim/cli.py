@@ -32,11 +32,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--trace", default=None, help="CSV with columns arrival_s,prompt_tokens,output_tokens")
     p.add_argument("--num-requests", type=int, default=128)
     p.add_argument("--rate", type=float, default=None,
-                   help="Poisson arrivals at this many requests/s (default: closed batch; traces keep their timestamps)")
+                   help="Poisson arrivals at this many requests/s "
+                        "(default: closed batch; traces keep their timestamps)")
     p.add_argument("--gpu", default=_CLUSTER.gpu, help="v100|a100|h100|h200")
     p.add_argument("--model", default=_CLUSTER.model, help="model preset, e.g. llama3-8b, opt-13b")
     p.add_argument("--tp", type=int, default=_CLUSTER.tp)
-    p.add_argument("--profile", default=None, help="measured profile JSON (docs/profile-format.md) instead of the roofline")
+    p.add_argument("--profile", default=None,
+                   help="measured profile JSON (docs/profile-format.md) instead of the roofline")
     p.add_argument("--link-gbps", type=float, default=None, help="KV link bandwidth (default: the cost model's)")
     p.add_argument("--prefill-instances", type=int, default=_CLUSTER.num_prefill)
     p.add_argument("--decode-instances", type=int, default=_CLUSTER.num_decode)

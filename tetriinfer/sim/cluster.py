@@ -51,7 +51,13 @@ class SimResult:
         ]
 
     def summary(self, ttft_slo_s: float | None = None, tpot_slo_s: float | None = None) -> Summary:
-        return summarize(self.records(), self.instance_last_work_s, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, start_s=self.start_s)
+        return summarize(
+            self.records(),
+            self.instance_last_work_s,
+            ttft_slo_s=ttft_slo_s,
+            tpot_slo_s=tpot_slo_s,
+            start_s=self.start_s,
+        )
 
     def prefill_wait_s(self) -> list[float]:
         """Per request: arrival to the start of its first prefill chunk (queueing before prefill)."""
@@ -105,7 +111,7 @@ class ClusterSim:
 
     def _new_prefill(self, i: int, generation: int = 0) -> PrefillInstance:
         p = self.config.policy
-        if self.system == "disagg":  # no prediction: FCFS, whole-token chunks, least-loaded placement
+        if self.system == "disagg":  # no prediction: FCFS, unpadded chunks, least-loaded placement
             queue, dispatcher, pad = PrefillQueue("fcfs"), Dispatcher("least_loaded"), False
         else:
             queue = PrefillQueue(p.prefill_policy, p.sort_window)
@@ -120,7 +126,9 @@ class ClusterSim:
     def _new_colocated(self, i: int) -> ColocatedInstance:
         p = self.config.policy
         budget = p.max_num_batched_tokens if self.system == "vllm" else p.chunk_size
-        scheduler = ColocatedScheduler(self.system, token_budget=budget, max_num_seqs=p.max_num_seqs, block_size=self.block_size)
+        scheduler = ColocatedScheduler(
+            self.system, token_budget=budget, max_num_seqs=p.max_num_seqs, block_size=self.block_size
+        )
         return ColocatedInstance(i, scheduler, self.capacity_blocks, self.block_size, self.cost)
 
     def _prefill_ids(self) -> list[int]:
@@ -146,6 +154,7 @@ class ClusterSim:
         self._last_work = {i: start for i in self.instances}
         self._flip_pending: set[int] = set()
         self.result = SimResult(self.system, requests, self._last_work, start, start)
+        self._requests = requests
         self._bar = tqdm(total=len(requests), disable=not progress, unit="req", desc=f"simulate {self.system}")
         if requests:
             self._collect(start)
@@ -156,10 +165,7 @@ class ClusterSim:
         while events:
             now, _, kind, payload = heapq.heappop(events)
             num_events += 1
-            if kind == _ARRIVAL:
-                self._on_arrival(now, requests, payload)
-            else:
-                handlers[kind](now, payload)
+            handlers[kind](now, payload)
         self._bar.close()
         if self._unfinished:
             raise RuntimeError(f"simulation stalled with {self._unfinished} unfinished requests")
@@ -201,7 +207,8 @@ class ClusterSim:
 
     # --- event handlers -----------------------------------------------------------------------
 
-    def _on_arrival(self, now: float, requests: list[SimRequest], index: int) -> None:
+    def _on_arrival(self, now: float, index: int) -> None:
+        requests = self._requests
         req = requests[index]
         if index + 1 < len(requests):
             self._push(requests[index + 1].arrival_s, _ARRIVAL, index + 1)
@@ -311,8 +318,9 @@ class ClusterSim:
             else:
                 fraction = inst.load_tokens / pressure_tokens
             statuses.append(InstanceStatus(inst.instance_id, inst.role, fraction, inst.draining))
-        prefill_loads = {i.instance_id: i.load_tokens for i in self.instances.values() if i.role != DECODE and not i.draining}
-        decode_loads = tuple(i.decode_load() for i in self.instances.values() if i.role == DECODE and not i.draining)
+        active = [i for i in self.instances.values() if not i.draining]
+        prefill_loads = {i.instance_id: i.load_tokens for i in active if i.role != DECODE}
+        decode_loads = tuple(i.decode_load() for i in active if i.role == DECODE)
         waiting = sum(len(i.dispatch_wait) for i in self.instances.values() if i.role == PREFILL)
         snapshot = self.monitor.publish(ClusterSnapshot(now, tuple(statuses), prefill_loads, decode_loads, waiting))
         self.result.peak_dispatch_waiting = max(self.result.peak_dispatch_waiting, waiting)
@@ -325,8 +333,9 @@ class ClusterSim:
             for order in self.flip_policy.decide(snapshot):
                 inst = self.instances[order.instance_id]
                 inst.draining = True
-                self.global_scheduler.update({i: l for i, l in snapshot.prefill_loads.items() if i != inst.instance_id})
-                self._broadcast_decode_loads(tuple(l for l in snapshot.decode_loads if l.instance_id != inst.instance_id))
+                gone = inst.instance_id
+                self.global_scheduler.update({i: load for i, load in snapshot.prefill_loads.items() if i != gone})
+                self._broadcast_decode_loads(tuple(load for load in snapshot.decode_loads if load.instance_id != gone))
                 self._kick(inst, now)
         if self._unfinished:
             self._push(self.monitor.next_collection_s(now), _MONITOR, None)

@@ -15,7 +15,7 @@ from tetriinfer.sched.baselines import ColocatedScheduler, StepPlan
 from tetriinfer.sched.chunker import Chunk
 from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
 from tetriinfer.sched.lengths import blocks_for
-from tetriinfer.sched.monitor import DECODE, PREFILL
+from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
 from tetriinfer.sched.prefill_queue import PrefillQueue
 from tetriinfer.sim.request import SimRequest
 from tetriinfer.sim.running_batch import RunningBatch
@@ -26,7 +26,9 @@ class PrefillInstance:
 
     role = PREFILL
 
-    def __init__(self, instance_id: int, queue: PrefillQueue, dispatcher: Dispatcher, chunk_size: int, pad: bool, cost) -> None:
+    def __init__(
+        self, instance_id: int, queue: PrefillQueue, dispatcher: Dispatcher, chunk_size: int, pad: bool, cost
+    ) -> None:
         self.instance_id = instance_id
         self.queue = queue
         self.dispatcher = dispatcher
@@ -71,7 +73,9 @@ class DecodeInstance:
 
     role = DECODE
 
-    def __init__(self, instance_id: int, capacity_blocks: int, block_size: int, admission: str, max_num_seqs: int, cost) -> None:
+    def __init__(
+        self, instance_id: int, capacity_blocks: int, block_size: int, admission: str, max_num_seqs: int, cost
+    ) -> None:
         self.instance_id = instance_id
         self.block_size = block_size
         self.admission = admission
@@ -101,7 +105,9 @@ class DecodeInstance:
         held = self.batch.used_blocks + self.incoming_blocks
         room = self.batch.capacity_blocks - max(held, self.assigned_need_blocks)
         free_slots = self.max_num_seqs - self.num_heavy - self.num_light
-        return DecodeLoad(self.instance_id, room, self.num_heavy, self.num_light, self.remaining_decode_tokens, free_slots)
+        return DecodeLoad(
+            self.instance_id, room, self.num_heavy, self.num_light, self.remaining_decode_tokens, free_slots
+        )
 
     def load_fraction(self) -> float:
         """The tighter of its two limits: KV blocks held and sequence slots assigned."""
@@ -171,7 +177,8 @@ class DecodeInstance:
         if batch.num_running == 0:
             return None
         # Preempt (recompute) the newest requests until next step's KV growth fits.
-        while batch.num_running and batch.used_blocks + batch.blocks_needed_next_step() > self.batch.capacity_blocks - self.incoming_blocks:
+        room = batch.capacity_blocks - self.incoming_blocks
+        while batch.num_running and batch.used_blocks + batch.blocks_needed_next_step() > room:
             req = batch.preempt_latest()
             req.recomputing = True
             self.num_preemptions += 1
@@ -197,9 +204,11 @@ class DecodeInstance:
 class ColocatedInstance:
     """A baseline instance running prefill and decode (the `vllm` or `sarathi` step policy)."""
 
-    role = "colocated"
+    role = COLOCATED
 
-    def __init__(self, instance_id: int, scheduler: ColocatedScheduler, capacity_blocks: int, block_size: int, cost) -> None:
+    def __init__(
+        self, instance_id: int, scheduler: ColocatedScheduler, capacity_blocks: int, block_size: int, cost
+    ) -> None:
         self.instance_id = instance_id
         self.scheduler = scheduler
         self.block_size = block_size
