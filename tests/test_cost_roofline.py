@@ -46,7 +46,7 @@ def test_h100_llama3_8b_against_measurements(h100_llama):
 
 
 def test_h100_llama3_8b_against_our_own_measurement(h100_llama):
-    # A plain-torch Llama-3-8B forward measured on an H100 (docs/calibration/measure_forward.py),
+    # A plain-torch Llama-3-8B forward measured on an H100 (scripts/measure_forward.py),
     # 48 grid points. It is slower than vLLM-class engines (unfused kernels, SDPA with a mask), so the
     # roofline runs a little fast against it, but stays within 30% everywhere.
     profile = load_profile(MEASURED_H100)

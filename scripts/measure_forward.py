@@ -10,7 +10,7 @@ real forward's while the memory needed stays small. It checks the roofline cost 
 (docs/profile-format.md), and shows the profile format with real numbers.
 
 Run on a GPU machine from the repo root:
-    PYTHONPATH=. python docs/calibration/measure_forward.py --model llama3-8b --gpu h100 --out profile.json
+    PYTHONPATH=. python scripts/measure_forward.py --model llama3-8b --gpu h100 --out profile.json
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def main() -> None:
             "commit": commit,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
-            "notes": "docs/calibration/measure_forward.py: plain-torch reference forward in CUDA graphs, "
+            "notes": "scripts/measure_forward.py: plain-torch reference forward in CUDA graphs, "
                      "median of 15 replays; not the engine. kv_capacity_tokens is the roofline's.",
         },
         kv_bytes_per_token=roofline.kv_bytes_per_token(),

@@ -1,0 +1,209 @@
+"""GPU benchmark of issue 6, in one run on one device (not a test):
+
+1. ceiling: the same Llama shapes with plain cuBLAS GEMMs and PyTorch attention in CUDA graphs,
+   no engine (scripts/measure_forward.py's LlamaStack);
+2. engine: our decode step and prefill chunk at the same shapes (scripts/bench_engine.py's method);
+3. offline throughput on ShareGPT-length requests (their real prompt and output lengths,
+   ignore_eos): our engine, and Hugging Face transformers' continuous batching on the same requests.
+
+    PYTHONPATH=. python scripts/bench_gpu.py --lengths .bench_data/sharegpt_1000.json --out results.json
+
+`--lengths` is a JSON file {"pairs": [[prompt_tokens, output_tokens], ...]}; make it on a machine
+with ../shared/data (see docs/benchmarks/gpu.md). Prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_engine import timed_steps  # noqa: E402
+from measure_forward import LlamaStack, time_graph  # noqa: E402
+
+from tetriinfer import LLM, SamplingParams  # noqa: E402
+from tetriinfer.presets import get_preset  # noqa: E402
+
+
+def ceiling(model: str, batches: list[int], context: int, chunk: int) -> dict:
+    torch.manual_seed(0)
+    stack = LlamaStack(get_preset(model), torch.device("cuda"))
+    dev, bf16 = "cuda", torch.bfloat16
+    out = {"decode_ms": {}, "prefill": {}}
+    for b in batches:
+        x = torch.randn(b, stack.hidden, device=dev, dtype=bf16)
+        k = torch.randn(b, stack.kv_heads, context, stack.head_dim, device=dev, dtype=bf16)
+        v = torch.randn_like(k)
+        out["decode_ms"][b] = 1e3 * time_graph(lambda: stack.decode(x, k, v))
+        del k, v
+    x = torch.randn(chunk, stack.hidden, device=dev, dtype=bf16)
+    k = torch.randn(1, stack.kv_heads, chunk, stack.head_dim, device=dev, dtype=bf16)
+    v = torch.randn_like(k)
+    seconds = time_graph(lambda: stack.prefill(x, k, v, 0))
+    out["prefill"] = {"chunk": chunk, "ms": 1e3 * seconds, "tokens_per_s": chunk / seconds}
+    del stack, x, k, v
+    return out
+
+
+def engine_steps(llm: LLM, batches: list[int], context: int, chunk: int, steps: int) -> dict:
+    vocab = llm.engine.arch.vocab_size
+    g = torch.Generator().manual_seed(0)
+    out = {"decode_ms": {}, "prefill": {}}
+
+    def run_decode(b: int) -> float:
+        for i in range(b):
+            llm.engine.add_request(f"d{b}-{i}-{time.monotonic_ns()}",
+                                   prompt_token_ids=torch.randint(0, vocab, (context,), generator=g).tolist(),
+                                   sampling=SamplingParams(max_tokens=steps + 1, ignore_eos=True))
+        secs, _, n = timed_steps(llm, "cuda", want_prefill=False)
+        return 1e3 * secs / n
+
+    for b in batches:
+        run_decode(b)  # warm-up at this shape
+        out["decode_ms"][b] = run_decode(b)
+
+    def run_prefill() -> tuple[float, int]:
+        for i in range(4):
+            llm.engine.add_request(f"p-{i}-{time.monotonic_ns()}",
+                                   prompt_token_ids=torch.randint(0, vocab, (chunk,), generator=g).tolist(),
+                                   sampling=SamplingParams(max_tokens=1, ignore_eos=True))
+        secs, toks, n = timed_steps(llm, "cuda", want_prefill=True)
+        return secs / n, toks // n
+
+    run_prefill()
+    seconds, tokens = run_prefill()
+    out["prefill"] = {"chunk": chunk, "ms": 1e3 * seconds, "tokens_per_s": tokens / seconds}
+    return out
+
+
+def engine_throughput(llm: LLM, pairs: list[tuple[int, int]]) -> dict:
+    vocab = llm.engine.arch.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab, (p,), generator=g).tolist() for p, _ in pairs]
+    params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in pairs]
+    llm.generate(prompt_token_ids=prompts[:8], sampling_params=params[:8])  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=True)
+    seconds = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert generated == sum(o for _, o in pairs), "ignore_eos must give every request its full output"
+    return {"requests": len(pairs), "output_tokens": generated, "seconds": seconds,
+            "output_tokens_per_s": generated / seconds,
+            "total_tokens_per_s": (generated + sum(p for p, _ in pairs)) / seconds}
+
+
+def hf_throughput(model: str, pairs: list[tuple[int, int]], device: str = "cuda",
+                  dtype: torch.dtype = torch.bfloat16) -> dict:
+    """transformers' continuous batching (generate_batch) on the same requests, random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    preset = get_preset(model)
+    config = AutoConfig.for_model(preset.pop("model_type"), **preset)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    hf.eval()
+    vocab = preset["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab, (p,), generator=g).tolist() for p, _ in pairs]
+    # generate_batch takes one GenerationConfig; requests of equal output length go together.
+    by_len: dict[int, list[list[int]]] = {}
+    for ids, (_, o) in zip(prompts, pairs):
+        by_len.setdefault(o, []).append(ids)
+    eos = vocab + 1  # unreachable: every request runs to its output length (ignore_eos)
+    start = time.perf_counter()
+    generated = 0
+    manager_cfg = GenerationConfig(max_new_tokens=max(o for _, o in pairs), do_sample=False, eos_token_id=eos,
+                                   pad_token_id=0)
+    try:  # one manager, per-request max_new_tokens: true continuous batching across lengths
+        manager = hf.init_continuous_batching(generation_config=manager_cfg)
+        manager.start()
+        for i, (ids, (_, o)) in enumerate(zip(prompts, pairs)):
+            manager.add_request(ids, request_id=f"r{i}", max_new_tokens=o, eos_token_id=eos)
+        for _ in pairs:
+            result = manager.get_result(timeout=600)
+            generated += len(result.generated_tokens)
+        manager.stop(block=True)
+        mode = "ContinuousBatchingManager, per-request max_new_tokens"
+    except TypeError:
+        for o, group in by_len.items():
+            cfg = GenerationConfig(max_new_tokens=o, do_sample=False, eos_token_id=eos, pad_token_id=0)
+            results = hf.generate_batch(inputs=group, generation_config=cfg, progress_bar=False)
+            generated += sum(len(r.generated_tokens) for r in results.values())
+        mode = "generate_batch per output length"
+    seconds = time.perf_counter() - start
+    del hf
+    return {"requests": len(pairs), "output_tokens": generated, "seconds": seconds,
+            "output_tokens_per_s": generated / seconds, "mode": mode}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--lengths", required=True)
+    ap.add_argument("--num-requests", type=int, default=1000)
+    ap.add_argument("--hf-requests", type=int, default=200, help="subset run by both for the ratio")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128, 256])
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["ceiling", "steps", "throughput", "hf"])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    pairs = [tuple(p) for p in json.loads(Path(args.lengths).read_text())["pairs"]][: args.num_requests]
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
+           "commit": os.environ.get("TETRIINFER_COMMIT", "unknown"), "context": args.context}
+
+    def save() -> None:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+    if "ceiling" not in args.skip:
+        res["ceiling"] = ceiling(args.model, args.batches, args.context, args.chunk)
+        save()
+        gc.collect(); torch.cuda.empty_cache()  # noqa: E702
+    if "hf" not in args.skip:
+        try:
+            res["hf"] = hf_throughput(args.model, pairs[: args.hf_requests])
+        except Exception as e:  # record why, keep the rest of the run
+            res["hf"] = {"error": f"{type(e).__name__}: {e}"}
+        save()
+        gc.collect(); torch.cuda.empty_cache()  # noqa: E702
+    llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk, max_num_seqs=256)
+    if "steps" not in args.skip:
+        res["engine"] = engine_steps(llm, args.batches, args.context, args.chunk, steps=32)
+        save()
+    if "throughput" not in args.skip:
+        res["engine_throughput"] = engine_throughput(llm, pairs)
+        if "hf" not in args.skip:
+            res["engine_throughput_hf_subset"] = engine_throughput(llm, pairs[: args.hf_requests])
+        save()
+
+    print(f"\n{args.model} bf16 on {res['device']}, commit {res['commit']}")
+    if "engine" in res and "ceiling" in res:
+        print(f"decode step @ {args.context} ctx   ceiling ms   engine ms   ratio")
+        for b in args.batches:
+            c, e = res["ceiling"]["decode_ms"][b], res["engine"]["decode_ms"][b]
+            print(f"  batch {b:>4}            {c:9.2f}  {e:10.2f}  {e / c:6.2f}x")
+        c, e = res["ceiling"]["prefill"], res["engine"]["prefill"]
+        print(f"prefill {args.chunk}-token chunk: ceiling {c['tokens_per_s']:.0f} tok/s, engine "
+              f"{e['tokens_per_s']:.0f} tok/s ({e['tokens_per_s'] / c['tokens_per_s']:.2f}x)")
+    if "engine_throughput" in res:
+        t = res["engine_throughput"]
+        print(f"offline, {t['requests']} ShareGPT-length requests: {t['output_tokens_per_s']:.0f} output tok/s")
+    if "hf" in res and "output_tokens_per_s" in res.get("hf", {}):
+        h, e = res["hf"], res["engine_throughput_hf_subset"]
+        print(f"same {h['requests']} requests: transformers {h['output_tokens_per_s']:.0f} tok/s, engine "
+              f"{e['output_tokens_per_s']:.0f} tok/s ({e['output_tokens_per_s'] / h['output_tokens_per_s']:.1f}x)")
+    elif "hf" in res:
+        print(f"transformers: {res['hf']}")
+    save()
+
+
+if __name__ == "__main__":
+    main()
