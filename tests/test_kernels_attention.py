@@ -199,13 +199,13 @@ def test_strided_query_view(backend):
 # ---------------------------------------------------------------- Triton kernel vs reference
 
 
-def triton_vs_reference(batch: PagedBatch, rtol: float, atol: float) -> None:
+def triton_vs_reference(batch: PagedBatch, rtol: float, atol: float, **split_options) -> None:
     from tetriinfer.kernels import attention_triton
 
     expected = attention_ref.paged_attention(*batch.attention_args())
     # A NaN-filled `out` shows any row the kernel forgets to write (padding rows included).
     out = torch.full_like(batch.q, float("nan"))
-    returned = attention_triton.paged_attention(*batch.attention_args(), out=out)
+    returned = attention_triton.paged_attention(*batch.attention_args(), out=out, **split_options)
     assert returned is out
     torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
 
@@ -253,48 +253,131 @@ def test_triton_default_out_and_all_padding_batch():
     assert out[len(DECODE_ONLY) :].abs().max() == 0
 
 
+# ---------------------------------------------------------------- split-KV (flash-decoding)
+
+# Decodes over long-ish contexts; with 16-key steps most splits end mid-page and the last ones of
+# the short sequences are empty.
+LONG_DECODE = [(299, 1), (20, 1), (0, 1), (130, 1), (64, 1)]
+# A decode batch as the engine replays it in a CUDA graph: padding sequences with no query tokens and
+# no context, and padding tokens after the last real one.
+GRAPH_DECODE = LONG_DECODE + [(0, 0), (0, 0)]
+
+
+@pytest.mark.parametrize(
+    "num_kv_splits, group, head_dim", [(1, 4, 32), (2, 4, 32), (3, 1, 32), (5, 3, 32), (8, 4, 32), (4, 2, 80)]
+)
+def test_triton_split_kv_matches_reference(num_kv_splits, group, head_dim):
+    batch = make_batch(LONG_DECODE, num_kv_heads=2, group=group, head_dim=head_dim, num_padding=3, seed=num_kv_splits)
+    triton_vs_reference(batch, rtol=1e-5, atol=1e-5, num_kv_splits=num_kv_splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_split_kv_low_precision(dtype):
+    batch = make_batch(GRAPH_DECODE, num_kv_heads=2, group=4, head_dim=64, dtype=dtype, num_padding=2)
+    triton_vs_reference(batch, rtol=2e-2, atol=2e-2, num_kv_splits=4)
+
+
+def test_triton_split_kv_prefill_and_padding_sequences():
+    """Forced splits work for any batch: causal prefill tiles, and sequences with no query tokens."""
+    batch = make_batch(MIXED + [(0, 0)], num_kv_heads=2, group=2, head_dim=32, num_padding=2)
+    triton_vs_reference(batch, rtol=1e-5, atol=1e-5, num_kv_splits=3)
+
+
+@pytest.mark.parametrize("max_seq_len", [None, 1, 4096])
+def test_triton_split_count_bound_never_changes_the_result(max_seq_len):
+    """The bound only picks the split count (default: what the block table addresses, 2 splits here);
+    a bound below or far above the real lengths still gives the right answer."""
+    batch = make_batch(GRAPH_DECODE, num_kv_heads=2, group=4, head_dim=32, num_padding=2)
+    triton_vs_reference(batch, rtol=1e-5, atol=1e-5, max_seq_len=max_seq_len)
+
+
+def test_split_count_fills_the_gpu_only_where_it_pays():
+    from tetriinfer.kernels.attention_triton import (
+        MAX_KV_SPLITS,
+        MIN_SPLIT_TOKENS,
+        TARGET_PROGRAMS,
+        choose_num_kv_splits,
+    )
+
+    # Llama-3-8B (8 KV heads): batch 1 at 8k splits as far as allowed, 1k only into MIN_SPLIT_TOKENS pieces.
+    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=8192) == MAX_KV_SPLITS
+    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=1024) == 1024 // MIN_SPLIT_TOKENS
+    # Batch 32 at 8k: just enough programs for TARGET_PROGRAMS.
+    splits = choose_num_kv_splits(num_tiles=32, num_kv_heads=8, max_seq_len=8192)
+    assert 32 * 8 * splits >= TARGET_PROGRAMS > 32 * 8 * (splits - 1)
+    # Big batches fill the GPU already; short contexts do not pay for a split.
+    assert choose_num_kv_splits(num_tiles=256, num_kv_heads=8, max_seq_len=8192) == 1
+    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=MIN_SPLIT_TOKENS) == 1
+    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=0) == 1
+
+
+def test_triton_rejects_zero_splits():
+    from tetriinfer.kernels import attention_triton
+
+    batch = make_batch(DECODE_ONLY, num_kv_heads=1, group=1, head_dim=16)
+    with pytest.raises(ValueError, match="num_kv_splits must be >= 1"):
+        attention_triton.paged_attention(*batch.attention_args(), num_kv_splits=0)
+
+
 # ---------------------------------------------------------------- the kernel as a real GPU would build it
 
-# Runs without TRITON_INTERPRET (it must be unset before triton is imported), compiles the kernel to
-# an sm_90 cubin with the ptxas that ships in the triton wheel (no GPU needed) and prints ptxas's
-# spill count per configuration. The interpreter accepts code that does not lower; this does not.
+# Runs without TRITON_INTERPRET (it must be unset before triton is imported), compiles the kernels to
+# sm_90 cubins with the ptxas that ships in the triton wheel (no GPU needed) and prints ptxas's
+# registers and spills per configuration. The interpreter accepts code that does not lower; this does not.
 SM90_COMPILE = """
-import json, re, sys, torch, triton
+import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tetriinfer.kernels import attention_triton as at
 
-kernel = at._paged_attention_kernel
-for dtype_name, head_dim, group, decode_heavy in json.loads(sys.argv[1]):
-    dtype = getattr(torch, dtype_name)
-    tiles = at.choose_tiles(decode_heavy, head_dim, group, dtype)
-    constexprs = at.kernel_constexprs(group, head_dim, 16, tiles, dtype)
-    elem = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype_name]
+def compile_sm90(kernel, constexprs, pointer_types, num_warps):
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"):
-            signature[name] = "*" + elem
-        elif name.endswith("_ptr"):
-            signature[name] = "*i32"
+        elif name in pointer_types:
+            signature[name] = pointer_types[name]
         else:
             signature[name] = "fp32" if name == "scale_log2" else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.num_warps})
+    # What a GPU launch specialises on: 16-byte aligned tensors, strides that are multiples of 16
+    # (head_dim is) except block-table rows. Without it loads are not vectorised and use 2x registers.
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(kernel.arg_names)
+        if name in pointer_types or (name.startswith("stride_") and name != "stride_block_table")
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm["cubin"], "no cubin"
-    print("CONFIG", dtype_name, head_dim, group, decode_heavy, tiles, flush=True)
+
+for dtype_name, head_dim, group, decode_heavy, splits in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype_name)
+    elem = "*" + {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype_name]
+    tiles = at.choose_tiles(decode_heavy, head_dim, group, dtype)
+    pointers = dict(q_ptr=elem, k_cache_ptr=elem, v_cache_ptr=elem, out_ptr=elem if splits == 1 else "*fp32",
+                    lse_ptr="*fp32", block_tables_ptr="*i32", query_start_loc_ptr="*i32", seq_lens_ptr="*i32")
+    constexprs = at.kernel_constexprs(group, head_dim, 16, tiles, dtype, splits)
+    compile_sm90(at._paged_attention_kernel, constexprs, pointers, tiles.num_warps)
+    print("CONFIG attention", dtype_name, head_dim, group, decode_heavy, splits, tiles, flush=True)
+    if splits > 1:
+        pointers = dict(partial_ptr="*fp32", lse_ptr="*fp32", out_ptr=elem)
+        compile_sm90(at._merge_kv_splits_kernel, at.merge_constexprs(head_dim, splits), pointers, at.MERGE_NUM_WARPS)
+        print("CONFIG merge", dtype_name, head_dim, splits, flush=True)
 """
 
-# (dtype, head_dim, GQA group, decode_heavy): one per branch of choose_tiles.
+# (dtype, head_dim, GQA group, decode_heavy, KV splits): each branch of choose_tiles, split and not.
 SM90_CONFIGS = [
-    ("bfloat16", 128, 4, True),
-    ("float32", 256, 1, True),
-    ("bfloat16", 128, 1, False),
-    ("float16", 80, 8, False),
-    ("float32", 128, 1, False),
-    ("bfloat16", 256, 2, False),
-    ("float32", 256, 1, False),
+    ("bfloat16", 128, 4, True, 1),  # Llama-3-8B decode, big batch
+    ("bfloat16", 128, 4, True, 32),  # Llama-3-8B decode, small batch: MAX_KV_SPLITS
+    ("float16", 80, 8, True, 8),
+    ("bfloat16", 256, 2, True, 4),
+    ("float32", 128, 4, True, 1),
+    ("float32", 256, 1, True, 4),
+    ("bfloat16", 128, 1, False, 1),
+    ("float16", 80, 8, False, 1),
+    ("float32", 128, 1, False, 1),
+    ("bfloat16", 256, 2, False, 1),
+    ("float32", 256, 1, False, 1),
 ]
 
 
@@ -312,10 +395,11 @@ def test_triton_kernel_compiles_for_sm90_without_spills(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)  # registers per configuration, for `pytest -s -k sm90`
-    assert result.stdout.count("CONFIG") == len(SM90_CONFIGS)
+    num_compiles = len(SM90_CONFIGS) + sum(1 for *_, splits in SM90_CONFIGS if splits > 1)
+    assert result.stdout.count("CONFIG") == num_compiles
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stdout)]
-    assert len(spills) == len(SM90_CONFIGS), result.stdout[-3000:]
-    assert spills == [0] * len(SM90_CONFIGS), f"register spills on sm_90: {result.stdout[-3000:]}"
+    assert len(spills) == num_compiles, result.stdout[-3000:]
+    assert spills == [0] * num_compiles, f"register spills on sm_90: {result.stdout[-3000:]}"
 
 
 # ---------------------------------------------------------------- backend selection

@@ -1,17 +1,23 @@
-"""Paged attention as one Triton kernel over a mixed batch (prefill chunk pieces and decodes).
+"""Paged attention as Triton kernels over a mixed batch (prefill chunk pieces and decodes).
 
-Grid: (query tile, KV head). A program takes up to BLOCK_Q query tokens of one sequence times all
-query heads of one KV group, packed as BLOCK_M = BLOCK_Q * GROUP_P2 rows, so each K/V tile is loaded
-once for the whole group. It walks the sequence's keys BLOCK_N at a time through the block table,
-up to the causal limit of its last token, with an online softmax in float32.
+Grid: (query tile, KV head, KV split). A program takes up to BLOCK_Q query tokens of one sequence
+times all query heads of one KV group, packed as BLOCK_M = BLOCK_Q * GROUP_P2 rows, so each K/V tile
+is loaded once for the whole group. It walks its share of the sequence's keys BLOCK_N at a time
+through the block table, up to the causal limit of its last token, with an online softmax in float32.
 
-Tiles are found without a host sync (so the launch can later be captured in a CUDA graph): sequence
-s owns the programs from `query_start_loc[s] // BLOCK_Q + s` on, which leaves room for its
+Tiles are found without a host sync (so the launch can be captured in a CUDA graph): sequence s
+owns the programs from `query_start_loc[s] // BLOCK_Q + s` on, which leaves room for its
 ceil(q_len / BLOCK_Q) tiles; a program finds its sequence by binary search over those starts, and
 programs past a sequence's last tile do nothing. One extra pseudo-sequence after the last covers the
 padding tokens, whose output is written as zeros.
 
-Tuning (split-KV for long decodes, tile sizes per GPU) is left to later; see issue 6.
+Split-KV (flash-decoding): a decode batch has one tile per (sequence, KV head), far too few programs
+to fill the GPU at small batch sizes (batch 1 of Llama-3-8B: 8 programs on 132 SMs). There each
+tile's keys are cut into NUM_SPLITS nearly equal ranges (BLOCK_N-aligned, sized per sequence inside
+the kernel), one program each; every program writes its normalised partial output and its
+log-sum-exp to a float32 workspace, and _merge_kv_splits_kernel combines them. The split count
+depends only on host-known values (batch shape, an upper bound of the context length), never on
+device data, and any split count gives the same result; the bound only decides how many splits pay.
 """
 
 from __future__ import annotations
@@ -31,13 +37,20 @@ __all__ = ["store_kv", "paged_attention"]
 LOG2_E = 1.4426950408889634
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
+# Split-KV policy, sized for an H100 (132 SMs); the decode profile of issue 6 is where to retune it.
+TARGET_PROGRAMS = 4 * 132  # a few waves of programs, so every SM has loads in flight
+MAX_KV_SPLITS = 32  # bounds the workspace and the merge's reads
+MIN_SPLIT_TOKENS = 256  # shorter ranges cost more in launch, workspace and merge than they save
+MERGE_NUM_WARPS = 4  # the merge reads at most MAX_KV_SPLITS x head_dim floats per (token, head)
+
 
 @triton.jit
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
-    out_ptr,
+    out_ptr,  # the output, or with NUM_SPLITS > 1 the float32 partial outputs [tokens, heads, splits, dim]
+    lse_ptr,  # with NUM_SPLITS > 1: float32 [tokens, heads, splits] log2-sum-exp2 of each split's scores
     block_tables_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
@@ -48,6 +61,7 @@ def _paged_attention_kernel(
     stride_q_head,
     stride_out_token,
     stride_out_head,
+    stride_out_split,
     stride_k_block,
     stride_k_offset,
     stride_k_head,
@@ -62,12 +76,14 @@ def _paged_attention_kernel(
     PAGE_SIZE: tl.constexpr,  # tokens per KV cache block
     BLOCK_M: tl.constexpr,  # rows per program: BLOCK_Q tokens x GROUP_P2 heads
     BLOCK_N: tl.constexpr,  # keys per step of the KV walk
+    NUM_SPLITS: tl.constexpr,  # programs sharing one tile's keys
     DOT_DTYPE: tl.constexpr,  # operand type of tl.dot: the cache dtype, except under the interpreter
     DOT_PRECISION: tl.constexpr,  # "ieee" keeps float32 exact (no TF32); 16-bit inputs ignore it
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P2
     tile_id = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
 
     # Largest seq in [0, num_seqs] whose first tile is <= tile_id; seq == num_seqs is the padding.
     lo = tl.zeros([], dtype=tl.int32)
@@ -108,10 +124,15 @@ def _paged_attention_kernel(
     tile_has_rows = tile_in_seq * BLOCK_Q < q_len
     kv_limit = tl.minimum(seq_len, seq_len - q_len + (tile_in_seq + 1) * BLOCK_Q)
     kv_limit = tl.where(tile_has_rows, tl.maximum(kv_limit, 0), 0)
+    # This program's share: the split-th of NUM_SPLITS BLOCK_N-aligned ranges (the last ones may be
+    # short or empty).
+    split_len = tl.cdiv(tl.cdiv(kv_limit, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    kv_begin = split * split_len
+    kv_end = tl.minimum(kv_begin + split_len, kv_limit)
     block_table_row = block_tables_ptr + seq * stride_block_table
-    for kv_start in range(0, kv_limit, BLOCK_N):
+    for kv_start in range(kv_begin, kv_end, BLOCK_N):
         k_pos = kv_start + tl.arange(0, BLOCK_N)
-        k_valid = k_pos < kv_limit
+        k_valid = k_pos < kv_end
         # Per-key page lookup, so BLOCK_N need not equal the page size.
         page = tl.load(block_table_row + k_pos // PAGE_SIZE, mask=k_valid, other=0).to(tl.int64)
         page_offset = k_pos % PAGE_SIZE
@@ -134,8 +155,47 @@ def _paged_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    out_offsets = q_token[:, None] * stride_out_token + q_head[:, None] * stride_out_head + dims[None, :]
+    out_offsets = (
+        q_token[:, None] * stride_out_token + q_head[:, None] * stride_out_head + split * stride_out_split + dims[None, :]
+    )
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+    if NUM_SPLITS > 1:
+        # A split with no keys has l == 0: lse = -inf, so the merge gives it no weight.
+        num_heads = tl.num_programs(1) * GROUP
+        lse_offsets = (q_token * num_heads + q_head) * NUM_SPLITS + split
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + lse_offsets, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_kv_splits_kernel(
+    partial_ptr,  # float32 [tokens, heads, NUM_SPLITS, HEAD_DIM], each split's normalised output
+    lse_ptr,  # float32 [tokens, heads, NUM_SPLITS], log2-sum-exp2 of each split's scores
+    out_ptr,
+    stride_out_token,
+    stride_out_head,
+    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    row = token * tl.num_programs(1) + head
+    splits = tl.arange(0, NUM_SPLITS_P2)
+    dims = tl.arange(0, HEAD_DIM_P2)
+    split_valid = splits < NUM_SPLITS
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + splits, mask=split_valid, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    # A row no split saw a key of (a padding token) has every weight 0 and comes out as zeros.
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+    partial_offsets = (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :]
+    mask = split_valid[:, None] & (dims < HEAD_DIM)[None, :]
+    partial = tl.load(partial_ptr + partial_offsets, mask=mask, other=0.0)
+    weight_sum = tl.sum(weight, axis=0)
+    out = tl.sum(weight[:, None] * partial, axis=0) / tl.where(weight_sum > 0, weight_sum, 1.0)
+    out_offsets = token * stride_out_token + head * stride_out_head + dims
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 # Under TRITON_INTERPRET=1 (CPU tests), triton.jit builds an InterpretedFunction.
@@ -152,13 +212,16 @@ class TileConfig:
 def choose_tiles(decode_heavy: bool, head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
     """Tile sizes that compile without register spills for sm_90 (checked with ptxas in the tests).
 
-    Decode-heavy batches (about one token per sequence) take the smallest tile so few rows are
-    masked; batches with prefill take more rows per K/V load, fewer when head_dim is large.
+    Decode-heavy batches (about one token per sequence) take the smallest tile tl.dot allows (16
+    rows; a decode token fills only GROUP of them, which costs idle tensor-core rows, not memory
+    traffic) and, in 16-bit, 32 keys a step: two pages per load, few registers (86 on sm_90 for
+    Llama-3-8B shapes), so several programs per SM keep loads in flight. Batches with prefill take
+    more rows per K/V load, fewer when head_dim is large.
     """
     wide = triton.next_power_of_2(head_dim) > 128
     fp32 = dtype == torch.float32
     if decode_heavy:
-        tiles = TileConfig(block_m=16, block_n=16, num_warps=8 if wide and fp32 else 4)
+        tiles = TileConfig(block_m=16, block_n=16 if wide or fp32 else 32, num_warps=8 if wide and fp32 else 4)
     elif not wide:
         tiles = TileConfig(block_m=64, block_n=32, num_warps=8)
     else:
@@ -167,7 +230,9 @@ def choose_tiles(decode_heavy: bool, head_dim: int, group: int, dtype: torch.dty
     return TileConfig(max(tiles.block_m, triton.next_power_of_2(group)), tiles.block_n, tiles.num_warps)
 
 
-def kernel_constexprs(group: int, head_dim: int, page_size: int, tiles: TileConfig, dtype: torch.dtype) -> dict:
+def kernel_constexprs(
+    group: int, head_dim: int, page_size: int, tiles: TileConfig, dtype: torch.dtype, num_kv_splits: int
+) -> dict:
     """The compile-time parameters of _paged_attention_kernel."""
     dot_dtype = TL_DTYPES[dtype]
     # The interpreter multiplies bfloat16 as raw uint16 bits in tl.dot (triton-lang/triton#11584;
@@ -182,8 +247,31 @@ def kernel_constexprs(group: int, head_dim: int, page_size: int, tiles: TileConf
         PAGE_SIZE=page_size,
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
+        NUM_SPLITS=num_kv_splits,
         DOT_DTYPE=dot_dtype,
         DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+    )
+
+
+def choose_num_kv_splits(num_tiles: int, num_kv_heads: int, max_seq_len: int) -> int:
+    """How many programs share each tile's keys: enough for about TARGET_PROGRAMS programs in all,
+    at most MAX_KV_SPLITS, and none that would get fewer than MIN_SPLIT_TOKENS keys.
+
+    Every argument is known on the host, so the choice needs no sync and survives CUDA-graph replay
+    (where the real context lengths change under a fixed launch).
+    """
+    wanted = triton.cdiv(TARGET_PROGRAMS, max(num_tiles * num_kv_heads, 1))
+    worthwhile = triton.cdiv(max_seq_len, MIN_SPLIT_TOKENS)
+    return max(1, min(wanted, worthwhile, MAX_KV_SPLITS))
+
+
+def merge_constexprs(head_dim: int, num_kv_splits: int) -> dict:
+    """The compile-time parameters of _merge_kv_splits_kernel."""
+    return dict(
+        NUM_SPLITS=num_kv_splits,
+        NUM_SPLITS_P2=triton.next_power_of_2(num_kv_splits),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P2=triton.next_power_of_2(head_dim),
     )
 
 
@@ -196,14 +284,26 @@ def paged_attention(
     seq_lens: Tensor,
     scale: float,
     out: Tensor | None = None,
+    *,
+    max_seq_len: int | None = None,
+    num_kv_splits: int | None = None,
 ) -> Tensor:
-    """Same contract as tetriinfer.kernels.attention_ref.paged_attention."""
+    """Same contract as tetriinfer.kernels.attention_ref.paged_attention, plus two tuning knobs that
+    never change the result.
+
+    max_seq_len: a host-known upper bound of seq_lens (default: what the block table can address,
+    block_tables.shape[1] * block_size); decode-heavy batches split each sequence's keys over
+    choose_num_kv_splits(...) programs. num_kv_splits: force the split count (tests, tuning), for
+    any batch.
+    """
     num_tokens, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     if page_size & (page_size - 1):
         raise ValueError(f"KV cache block size must be a power of two, got {page_size}")
+    if num_kv_splits is not None and num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
     if out is None:
         out = torch.empty_like(q)
     # The kernel assumes unit stride along head_dim (true for every cache layout we allocate).
@@ -215,21 +315,35 @@ def paged_attention(
         return out
 
     # The interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even, so there
-    # the kernel writes float32 and torch rounds.
+    # the kernels write float32 and torch rounds.
     kernel_out = out
     if q.dtype == torch.bfloat16 and INTERPRETED:
         kernel_out = torch.empty(out.shape, dtype=torch.float32, device=out.device)
 
     group = num_heads // num_kv_heads
-    tiles = choose_tiles(num_tokens <= 2 * num_seqs, head_dim, group, q.dtype)
+    decode_heavy = num_tokens <= 2 * num_seqs
+    tiles = choose_tiles(decode_heavy, head_dim, group, q.dtype)
+    if num_kv_splits is None:
+        if max_seq_len is None:
+            max_seq_len = block_tables.shape[1] * page_size
+        # Prefill and mixed batches have tiles enough; only decodes split.
+        num_kv_splits = choose_num_kv_splits(num_seqs, num_kv_heads, max_seq_len) if decode_heavy else 1
     block_q = tiles.block_m // triton.next_power_of_2(group)
     # Enough programs for every sequence's tiles plus the padding pseudo-sequence (see module doc).
-    grid = (num_tokens // block_q + num_seqs + 1, num_kv_heads)
+    grid = (num_tokens // block_q + num_seqs + 1, num_kv_heads, num_kv_splits)
+    if num_kv_splits == 1:
+        partial, lse = kernel_out, None
+        stride_partial = (kernel_out.stride(0), kernel_out.stride(1), 0)
+    else:
+        partial = torch.empty(num_tokens, num_heads, num_kv_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(num_tokens, num_heads, num_kv_splits, dtype=torch.float32, device=q.device)
+        stride_partial = partial.stride()[:3]
     _paged_attention_kernel[grid](
         q,
         k_cache,
         v_cache,
-        kernel_out,
+        partial,
+        lse,
         block_tables,
         query_start_loc,
         seq_lens,
@@ -238,8 +352,7 @@ def paged_attention(
         num_tokens,
         q.stride(0),
         q.stride(1),
-        kernel_out.stride(0),
-        kernel_out.stride(1),
+        *stride_partial,
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -247,9 +360,19 @@ def paged_attention(
         v_cache.stride(1),
         v_cache.stride(2),
         block_tables.stride(0),
-        **kernel_constexprs(group, head_dim, page_size, tiles, q.dtype),
+        **kernel_constexprs(group, head_dim, page_size, tiles, q.dtype, num_kv_splits),
         num_warps=tiles.num_warps,
     )
+    if num_kv_splits > 1:
+        _merge_kv_splits_kernel[(num_tokens, num_heads)](
+            partial,
+            lse,
+            kernel_out,
+            kernel_out.stride(0),
+            kernel_out.stride(1),
+            **merge_constexprs(head_dim, num_kv_splits),
+            num_warps=MERGE_NUM_WARPS,
+        )
     if kernel_out is not out:
         out.copy_(kernel_out)
     return out
