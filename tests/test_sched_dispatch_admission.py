@@ -1,6 +1,8 @@
 """Dispatcher (power of two and its alternatives), decode admission and the global scheduler."""
 
 import random
+from collections import deque
+from dataclasses import dataclass
 
 import pytest
 
@@ -133,3 +135,20 @@ def test_an_instance_without_a_free_sequence_slot_has_no_room(policy):
     dispatcher = Dispatcher(policy, random.Random(0))
     dispatcher.update([DecodeLoad(0, 1000, free_slots=0), DecodeLoad(1, 10, free_slots=2)])
     assert [dispatcher.pick(1) for _ in range(3)] == [1, 1, None]
+
+
+def test_place_waiting_lets_small_requests_pass_a_large_one_without_room_within_the_scan():
+    @dataclass
+    class Waiting:
+        name: str
+        need_blocks: int
+        heavy: bool = False
+        decode_left: int = 0
+
+    dispatcher = Dispatcher("least_loaded")
+    dispatcher.update([DecodeLoad(0, room_blocks=50)])
+    waiting = deque([Waiting("big", 80), Waiting("a", 20), Waiting("b", 20), Waiting("c", 20), Waiting("d", 5)])
+    placed = dispatcher.place_waiting(waiting, scan=4)
+    assert [(r.name, target) for r, target in placed] == [("a", 0), ("b", 0)]
+    # "c" found no room; "d" lies beyond the scan. Order is kept.
+    assert [r.name for r in waiting] == ["big", "c", "d"]

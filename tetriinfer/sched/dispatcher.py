@@ -10,8 +10,9 @@ caller keeps the request waiting (never dropped).
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, replace
-from typing import Hashable, Sequence
+from typing import Hashable, Protocol, Sequence
 
 from tetriinfer.config import DISPATCH_POLICIES
 
@@ -38,6 +39,14 @@ class DecodeLoad:
     @property
     def heavy_ratio(self) -> float:
         return self.num_heavy / (self.num_light + 1)
+
+
+class Placeable(Protocol):
+    """What the dispatcher reads of a prefilled request."""
+
+    need_blocks: int  # KV blocks for prompt + predicted output (the bucket's lower bound)
+    heavy: bool  # predicted heavy decode
+    decode_left: int  # true output tokens to go (read by the oracle policy only)
 
 
 class Dispatcher:
@@ -94,3 +103,18 @@ class Dispatcher:
             return max(with_room, key=lambda i: loads[i].room_blocks)
         # oracle: true remaining decode work, the quantity predictions approximate.
         return min(with_room, key=lambda i: loads[i].remaining_decode_tokens)
+
+    def place_waiting(self, waiting: deque, scan: int) -> list[tuple[Placeable, Hashable]]:
+        """Place requests from the head of `waiting`, oldest first, looking at most `scan` deep, so
+        one large request without room does not block the smaller ones behind it. Placed requests
+        leave `waiting`; the rest keep their order. Returns (request, decode instance) pairs."""
+        placed, kept = [], []
+        for _ in range(min(len(waiting), scan)):
+            req = waiting.popleft()
+            target = self.pick(req.need_blocks, req.heavy, req.decode_left)
+            if target is None:
+                kept.append(req)
+            else:
+                placed.append((req, target))
+        waiting.extendleft(reversed(kept))
+        return placed

@@ -296,13 +296,9 @@ class ClusterSim:
         req.reserve_blocks = min(blocks_for(prompt + reserve, bs), cap)
 
     def _dispatch(self, inst: PrefillInstance, now: float) -> None:
-        """Send waiting prefilled requests (FIFO) to decode instances chosen from the snapshot."""
-        while inst.dispatch_wait:
-            req = inst.dispatch_wait[0]
-            target = inst.dispatcher.pick(req.need_blocks, req.heavy, req.decode_left)
-            if target is None:
-                return  # no room anywhere in the snapshot: retry on the next one
-            inst.dispatch_wait.popleft()
+        """Send waiting prefilled requests to decode instances chosen from the snapshot; those
+        without room retry on the next one."""
+        for req, target in inst.dispatcher.place_waiting(inst.dispatch_wait, self.config.policy.sort_window):
             decode = self.instances[target]
             decode.receive(req)
             self._kick(decode, now)
