@@ -295,20 +295,22 @@ def test_split_count_fills_the_gpu_only_where_it_pays():
     from tetriinfer.kernels.attention_triton import (
         MAX_KV_SPLITS,
         MIN_SPLIT_TOKENS,
-        TARGET_PROGRAMS,
+        PROGRAMS_PER_SM,
         choose_num_kv_splits,
     )
 
-    # Llama-3-8B (8 KV heads): batch 1 at 8k splits as far as allowed, 1k only into MIN_SPLIT_TOKENS pieces.
-    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=8192) == MAX_KV_SPLITS
-    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=1024) == 1024 // MIN_SPLIT_TOKENS
-    # Batch 32 at 8k: just enough programs for TARGET_PROGRAMS.
-    splits = choose_num_kv_splits(num_tiles=32, num_kv_heads=8, max_seq_len=8192)
-    assert 32 * 8 * splits >= TARGET_PROGRAMS > 32 * 8 * (splits - 1)
+    # Llama-3-8B (8 KV heads) on 132 SMs: batch 1 at 8k splits as far as allowed, at 1k only into
+    # MIN_SPLIT_TOKENS pieces.
+    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=8192, num_sms=132) == MAX_KV_SPLITS
+    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=1024, num_sms=132) == 1024 // MIN_SPLIT_TOKENS
+    # Batch 32 at 8k: just enough programs for every SM, more of them on a bigger GPU.
+    for sms in (132, 170):
+        splits = choose_num_kv_splits(num_tiles=32, num_kv_heads=8, max_seq_len=8192, num_sms=sms)
+        assert 32 * 8 * splits >= PROGRAMS_PER_SM * sms > 32 * 8 * (splits - 1)
     # Big batches fill the GPU already; short contexts do not pay for a split.
-    assert choose_num_kv_splits(num_tiles=256, num_kv_heads=8, max_seq_len=8192) == 1
-    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=MIN_SPLIT_TOKENS) == 1
-    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=0) == 1
+    assert choose_num_kv_splits(num_tiles=256, num_kv_heads=8, max_seq_len=8192, num_sms=132) == 1
+    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=MIN_SPLIT_TOKENS, num_sms=132) == 1
+    assert choose_num_kv_splits(num_tiles=1, num_kv_heads=8, max_seq_len=0, num_sms=132) == 1
 
 
 def test_triton_rejects_zero_splits():

@@ -17,11 +17,13 @@ tile's keys are cut into NUM_SPLITS nearly equal ranges (BLOCK_N-aligned, sized 
 the kernel), one program each; every program writes its normalised partial output and its
 log-sum-exp to a float32 workspace, and _merge_kv_splits_kernel combines them. The split count
 depends only on host-known values (batch shape, an upper bound of the context length), never on
-device data, and any split count gives the same result; the bound only decides how many splits pay.
+device data, and any split count gives the same attention (up to float rounding); the bound only
+decides how many splits pay.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +39,9 @@ __all__ = ["store_kv", "paged_attention"]
 LOG2_E = 1.4426950408889634
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
-# Split-KV policy, sized for an H100 (132 SMs); the decode profile of issue 6 is where to retune it.
-TARGET_PROGRAMS = 4 * 132  # a few waves of programs, so every SM has loads in flight
+# Split-KV policy; the decode profile of issue 6 is where to retune it.
+H100_SMS = 132  # what the split count is chosen for where there is no GPU (the interpreter)
+PROGRAMS_PER_SM = 4  # a few programs per SM, so every SM has loads in flight
 MAX_KV_SPLITS = 32  # bounds the workspace and the merge's reads
 MIN_SPLIT_TOKENS = 256  # shorter ranges cost more in launch, workspace and merge than they save
 MERGE_NUM_WARPS = 4  # the merge reads at most MAX_KV_SPLITS x head_dim floats per (token, head)
@@ -155,9 +158,8 @@ def _paged_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    out_offsets = (
-        q_token[:, None] * stride_out_token + q_head[:, None] * stride_out_head + split * stride_out_split + dims[None, :]
-    )
+    row_offsets = q_token * stride_out_token + q_head * stride_out_head + split * stride_out_split
+    out_offsets = row_offsets[:, None] + dims[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
     if NUM_SPLITS > 1:
         # A split with no keys has l == 0: lse = -inf, so the merge gives it no weight.
@@ -214,9 +216,10 @@ def choose_tiles(decode_heavy: bool, head_dim: int, group: int, dtype: torch.dty
 
     Decode-heavy batches (about one token per sequence) take the smallest tile tl.dot allows (16
     rows; a decode token fills only GROUP of them, which costs idle tensor-core rows, not memory
-    traffic) and, in 16-bit, 32 keys a step: two pages per load, few registers (86 on sm_90 for
-    Llama-3-8B shapes), so several programs per SM keep loads in flight. Batches with prefill take
-    more rows per K/V load, fewer when head_dim is large.
+    traffic; a CUDA-core tile of GROUP rows compiles to ~2.5x the registers and 4x the instructions)
+    and, in 16-bit, 32 keys a step: two pages per load, few registers (86-95 on sm_90 for Llama-3-8B
+    shapes), so several programs per SM keep loads in flight. Batches with prefill take more rows per
+    K/V load, fewer when head_dim is large.
     """
     wide = triton.next_power_of_2(head_dim) > 128
     fp32 = dtype == torch.float32
@@ -253,16 +256,24 @@ def kernel_constexprs(
     )
 
 
-def choose_num_kv_splits(num_tiles: int, num_kv_heads: int, max_seq_len: int) -> int:
-    """How many programs share each tile's keys: enough for about TARGET_PROGRAMS programs in all,
+def choose_num_kv_splits(num_tiles: int, num_kv_heads: int, max_seq_len: int, num_sms: int = H100_SMS) -> int:
+    """How many programs share each tile's keys: enough for PROGRAMS_PER_SM programs on every SM,
     at most MAX_KV_SPLITS, and none that would get fewer than MIN_SPLIT_TOKENS keys.
 
     Every argument is known on the host, so the choice needs no sync and survives CUDA-graph replay
     (where the real context lengths change under a fixed launch).
     """
-    wanted = triton.cdiv(TARGET_PROGRAMS, max(num_tiles * num_kv_heads, 1))
+    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, max(num_tiles * num_kv_heads, 1))
     worthwhile = triton.cdiv(max_seq_len, MIN_SPLIT_TOKENS)
     return max(1, min(wanted, worthwhile, MAX_KV_SPLITS))
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (a host-side property, no sync)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS
 
 
 def merge_constexprs(head_dim: int, num_kv_splits: int) -> dict:
@@ -327,7 +338,9 @@ def paged_attention(
         if max_seq_len is None:
             max_seq_len = block_tables.shape[1] * page_size
         # Prefill and mixed batches have tiles enough; only decodes split.
-        num_kv_splits = choose_num_kv_splits(num_seqs, num_kv_heads, max_seq_len) if decode_heavy else 1
+        num_kv_splits = 1
+        if decode_heavy:
+            num_kv_splits = choose_num_kv_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device))
     block_q = tiles.block_m // triton.next_power_of_2(group)
     # Enough programs for every sequence's tiles plus the padding pseudo-sequence (see module doc).
     grid = (num_tokens // block_q + num_seqs + 1, num_kv_heads, num_kv_splits)
