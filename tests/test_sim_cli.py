@@ -1,6 +1,7 @@
 """`tetriinfer simulate` end to end: table, JSON and plot."""
 
 import json
+from pathlib import Path
 
 from tetriinfer.cli import main
 
@@ -26,3 +27,15 @@ def test_trace_file_runs_one_system(tmp_path, capsys):
     trace.write_text("arrival_s,prompt_tokens,output_tokens\n0.0,100,20\n0.5,900,3\n1.0,30,200\n")
     assert main(["simulate", "--system", "disagg", "--trace", str(trace), "--no-progress"]) == 0
     assert "disagg" in capsys.readouterr().out
+
+
+def test_measured_profile_replaces_the_roofline(capsys):
+    profile = Path(__file__).parent / "data" / "profile_example.json"
+    args = ["simulate", "--workload", "lpld", "--num-requests", "16", "--no-progress"]
+    assert main(args + ["--profile", str(profile)]) == 0
+    with_profile = capsys.readouterr().out
+    assert main(args) == 0
+    with_roofline = capsys.readouterr().out
+    assert "profile_example.json" in with_profile
+    # The example profile was sampled from the roofline: interpolation moves the numbers a little.
+    assert with_profile.splitlines()[1:] != with_roofline.splitlines()[1:]

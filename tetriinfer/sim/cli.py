@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
             "num_flips": result.num_flips,
             "num_events": result.num_events,
         }
-    print(f"{len(specs)} requests of {args.trace or args.workload} on {args.gpu} / {args.model}")
+    hardware = f"profile {args.profile}" if args.profile else f"{args.gpu} / {args.model} (roofline)"
+    print(f"{len(specs)} requests of {args.trace or args.workload} on {hardware}")
     print(format_table(summaries))
     if args.json_out:
         with open(args.json_out, "w") as f:
