@@ -13,7 +13,7 @@ padding tokens, whose output is written as zeros.
 
 Split-KV (flash-decoding): a decode batch has one tile per (sequence, KV head), far too few programs
 to fill the GPU at small batch sizes (batch 1 of Llama-3-8B: 8 programs on 132 SMs). There each
-tile's keys are cut into NUM_SPLITS nearly equal ranges (BLOCK_N-aligned, sized per sequence inside
+tile's keys are cut into num_splits nearly equal ranges (BLOCK_N-aligned, sized per sequence inside
 the kernel), one program each; every program writes its normalised partial output and its
 log-sum-exp to a float32 workspace, and _merge_kv_splits_kernel combines them. The split count
 depends only on host-known values (batch shape, an upper bound of the context length), never on
@@ -52,8 +52,8 @@ def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
-    out_ptr,  # the output, or with NUM_SPLITS > 1 the float32 partial outputs [tokens, heads, splits, dim]
-    lse_ptr,  # with NUM_SPLITS > 1: float32 [tokens, heads, splits] log2-sum-exp2 of each split's scores
+    out_ptr,  # the output, or with SPLIT_KV the float32 partial outputs [tokens, heads, splits, dim]
+    lse_ptr,  # with SPLIT_KV: float32 [tokens, heads, splits] log2-sum-exp2 of each split's scores
     block_tables_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
@@ -79,7 +79,7 @@ def _paged_attention_kernel(
     PAGE_SIZE: tl.constexpr,  # tokens per KV cache block
     BLOCK_M: tl.constexpr,  # rows per program: BLOCK_Q tokens x GROUP_P2 heads
     BLOCK_N: tl.constexpr,  # keys per step of the KV walk
-    NUM_SPLITS: tl.constexpr,  # programs sharing one tile's keys
+    SPLIT_KV: tl.constexpr,  # several programs share a tile's keys (the grid's third axis)
     DOT_DTYPE: tl.constexpr,  # operand type of tl.dot: the cache dtype, except under the interpreter
     DOT_PRECISION: tl.constexpr,  # "ieee" keeps float32 exact (no TF32); 16-bit inputs ignore it
 ):
@@ -87,6 +87,7 @@ def _paged_attention_kernel(
     tile_id = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)  # not a constexpr: every split count runs one compiled kernel
 
     # Largest seq in [0, num_seqs] whose first tile is <= tile_id; seq == num_seqs is the padding.
     lo = tl.zeros([], dtype=tl.int32)
@@ -127,9 +128,9 @@ def _paged_attention_kernel(
     tile_has_rows = tile_in_seq * BLOCK_Q < q_len
     kv_limit = tl.minimum(seq_len, seq_len - q_len + (tile_in_seq + 1) * BLOCK_Q)
     kv_limit = tl.where(tile_has_rows, tl.maximum(kv_limit, 0), 0)
-    # This program's share: the split-th of NUM_SPLITS BLOCK_N-aligned ranges (the last ones may be
+    # This program's share: the split-th of num_splits BLOCK_N-aligned ranges (the last ones may be
     # short or empty).
-    split_len = tl.cdiv(tl.cdiv(kv_limit, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(kv_limit, num_splits), BLOCK_N) * BLOCK_N
     kv_begin = split * split_len
     kv_end = tl.minimum(kv_begin + split_len, kv_limit)
     block_table_row = block_tables_ptr + seq * stride_block_table
@@ -161,23 +162,23 @@ def _paged_attention_kernel(
     row_offsets = q_token * stride_out_token + q_head * stride_out_head + split * stride_out_split
     out_offsets = row_offsets[:, None] + dims[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
-    if NUM_SPLITS > 1:
+    if SPLIT_KV:
         # A split with no keys has l == 0: lse = -inf, so the merge gives it no weight.
         num_heads = tl.num_programs(1) * GROUP
-        lse_offsets = (q_token * num_heads + q_head) * NUM_SPLITS + split
+        lse_offsets = (q_token * num_heads + q_head) * num_splits + split
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + lse_offsets, lse, mask=row_valid)
 
 
 @triton.jit
 def _merge_kv_splits_kernel(
-    partial_ptr,  # float32 [tokens, heads, NUM_SPLITS, HEAD_DIM], each split's normalised output
-    lse_ptr,  # float32 [tokens, heads, NUM_SPLITS], log2-sum-exp2 of each split's scores
+    partial_ptr,  # float32 [tokens, heads, num_splits, HEAD_DIM], each split's normalised output
+    lse_ptr,  # float32 [tokens, heads, num_splits], log2-sum-exp2 of each split's scores
     out_ptr,
     stride_out_token,
     stride_out_head,
-    NUM_SPLITS: tl.constexpr,
-    NUM_SPLITS_P2: tl.constexpr,
+    num_splits,
+    NUM_SPLITS_P2: tl.constexpr,  # num_splits rounded up to a power of two
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
 ):
@@ -186,12 +187,12 @@ def _merge_kv_splits_kernel(
     row = token * tl.num_programs(1) + head
     splits = tl.arange(0, NUM_SPLITS_P2)
     dims = tl.arange(0, HEAD_DIM_P2)
-    split_valid = splits < NUM_SPLITS
-    lse = tl.load(lse_ptr + row * NUM_SPLITS + splits, mask=split_valid, other=float("-inf"))
+    split_valid = splits < num_splits
+    lse = tl.load(lse_ptr + row * num_splits + splits, mask=split_valid, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
     # A row no split saw a key of (a padding token) has every weight 0 and comes out as zeros.
     weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
-    partial_offsets = (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :]
+    partial_offsets = (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :]
     mask = split_valid[:, None] & (dims < HEAD_DIM)[None, :]
     partial = tl.load(partial_ptr + partial_offsets, mask=mask, other=0.0)
     weight_sum = tl.sum(weight, axis=0)
@@ -250,7 +251,7 @@ def kernel_constexprs(
         PAGE_SIZE=page_size,
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
-        NUM_SPLITS=num_kv_splits,
+        SPLIT_KV=num_kv_splits > 1,
         DOT_DTYPE=dot_dtype,
         DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
     )
@@ -279,7 +280,6 @@ def num_sms(device: torch.device) -> int:
 def merge_constexprs(head_dim: int, num_kv_splits: int) -> dict:
     """The compile-time parameters of _merge_kv_splits_kernel."""
     return dict(
-        NUM_SPLITS=num_kv_splits,
         NUM_SPLITS_P2=triton.next_power_of_2(num_kv_splits),
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=triton.next_power_of_2(head_dim),
@@ -383,6 +383,7 @@ def paged_attention(
             kernel_out,
             kernel_out.stride(0),
             kernel_out.stride(1),
+            num_kv_splits,
             **merge_constexprs(head_dim, num_kv_splits),
             num_warps=MERGE_NUM_WARPS,
         )
