@@ -218,7 +218,7 @@ def choose_tiles(decode_heavy: bool, head_dim: int, group: int, dtype: torch.dty
     Decode-heavy batches (about one token per sequence) take the smallest tile tl.dot allows (16
     rows; a decode token fills only GROUP of them, which costs idle tensor-core rows, not memory
     traffic; a CUDA-core tile of GROUP rows compiles to ~2.5x the registers and 4x the instructions)
-    and, in 16-bit, 32 keys a step: two pages per load, few registers (86-95 on sm_90 for Llama-3-8B
+    and, in 16-bit, 32 keys a step: two pages per load, few registers (87-96 on sm_90 for Llama-3-8B
     shapes), so several programs per SM keep loads in flight. Batches with prefill take more rows per
     K/V load, fewer when head_dim is large.
     """
