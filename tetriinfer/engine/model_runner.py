@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tetriinfer.engine.scheduler import StepPlan
-from tetriinfer.kernels import get_attention_backend
+from tetriinfer.kernels import get_kernels
 from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.layers import ForwardContext
 
@@ -64,7 +64,7 @@ class ModelRunner:
         self.arch = arch
         self.block_size = block_size
         self.device = device
-        self.attention = get_attention_backend(attention_backend)
+        self.kernels = get_kernels(attention_backend)
         shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
@@ -153,7 +153,7 @@ class ModelRunner:
                 query_start_loc=inputs.query_start_loc.to(dev, non_blocking=True),
                 seq_lens=inputs.seq_lens.to(dev, non_blocking=True),
                 kv_caches=self.kv_caches,
-                attention=self.attention,
+                kernels=self.kernels,
             )
             hidden = self.model(inputs.input_ids.to(dev, non_blocking=True),
                                 inputs.positions.to(dev, non_blocking=True), ctx)
@@ -208,7 +208,7 @@ class ModelRunner:
             query_start_loc=s["query_start_loc"][: num_seqs + 1],
             seq_lens=s["seq_lens"][:num_seqs],
             kv_caches=self.kv_caches,
-            attention=self.attention,
+            kernels=self.kernels,
         )
 
     def _replay(self, graph: _Graph, inputs: StepInputs) -> torch.Tensor:

@@ -1,42 +1,56 @@
-"""Attention kernels over the paged KV cache: a torch reference and a Triton backend.
+"""The engine's kernels, in two backends with one contract each: a plain torch reference ("torch",
+any device) and Triton ("triton": GPUs, or the CPU under TRITON_INTERPRET=1 in tests).
 
-Both backends implement the same two functions (see attention_ref.py for the contract):
-`store_kv(k, v, k_cache, v_cache, slot_mapping)` and
-`paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, out=None)`.
-Importing this package never imports triton; only `get_attention_backend("triton")` does.
+| op | contract |
+|---|---|
+| `store_kv(k, v, k_cache, v_cache, slot_mapping)` | attention_ref.store_kv |
+| `paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, out=None)` | attention_ref.paged_attention |
+| `rope_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)` | rope.rope_store_kv_ref |
+| `rms_norm(x, weight, eps, residual=None)` | norm.rms_norm_ref |
+| `silu_and_mul(x)` | activation.silu_and_mul_ref |
+
+The Triton ops never synchronise with the host, so CUDA graphs can capture a whole forward pass.
+Importing this package never imports triton; only `get_kernels("triton")` does.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
-ATTENTION_BACKENDS = {
-    "torch": "tetriinfer.kernels.attention_ref",
-    "triton": "tetriinfer.kernels.attention_triton",
-}
+KERNEL_BACKENDS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
-class AttentionBackend:
+class Kernels:
     name: str
     store_kv: Callable[..., None]
     paged_attention: Callable[..., object]
+    rope_store_kv: Callable[..., object]
+    rms_norm: Callable[..., object]
+    silu_and_mul: Callable[..., object]
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    """The attention functions of backend `name` ("torch" or "triton")."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(ATTENTION_BACKENDS)}")
-    if name == "triton" and importlib.util.find_spec("triton") is None:
+def get_kernels(name: str) -> Kernels:
+    """The ops of backend `name` ("torch" or "triton")."""
+    if name not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(KERNEL_BACKENDS)}")
+    if name == "torch":
+        from tetriinfer.kernels import activation, attention_ref, norm, rope
+
+        return Kernels(name, attention_ref.store_kv, attention_ref.paged_attention, rope.rope_store_kv_ref,
+                       norm.rms_norm_ref, activation.silu_and_mul_ref)
+    if importlib.util.find_spec("triton") is None:
         raise ImportError(
             "attention backend 'triton' needs the triton package (pip install 'tetriinfer[gpu]'), "
             "or use the 'torch' backend"
         )
-    module = importlib.import_module(ATTENTION_BACKENDS[name])
-    store_kv = module.store_kv
-    if name == "triton":  # the KV write without host synchronisation, so CUDA graphs can capture it
-        store_kv = importlib.import_module("tetriinfer.kernels.store_kv_triton").store_kv
-    return AttentionBackend(name=name, store_kv=store_kv, paged_attention=module.paged_attention)
+    from tetriinfer.kernels import activation, attention_triton, norm, rope, store_kv_triton
+
+    return Kernels(name, store_kv_triton.store_kv, attention_triton.paged_attention, rope.rope_store_kv_triton,
+                   norm.rms_norm_triton, activation.silu_and_mul_triton)
+
+
+# The attention tests predate the other ops and call the backends by this name.
+get_attention_backend = get_kernels

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from tetriinfer.kernels import Kernels
 
 
 @dataclass
@@ -24,20 +24,27 @@ class ForwardContext:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache)
-    attention: Any  # backend with store_kv(...) and paged_attention(...)
+    kernels: Kernels  # the ops every layer calls: one backend for the whole pass
+
+    def attend(self, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Paged attention of q [T, heads, head_dim] over layer `layer_idx`'s cache (this step's K/V
+        already stored), flattened to [T, heads * head_dim]."""
+        k_cache, v_cache = self.kv_caches[layer_idx]
+        out = self.kernels.paged_attention(q, k_cache, v_cache, self.block_tables, self.query_start_loc,
+                                           self.seq_lens, scale)
+        return out.flatten(1)
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; with `residual`, first adds it (the residual stream) and returns (normed, new stream)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, residual: torch.Tensor | None = None):
+        return ctx.kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -62,7 +69,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half (GPT-NeoX style) RoPE, as Hugging Face's Llama/Qwen checkpoints expect."""
+    """Tables of rotate-half (GPT-NeoX style) RoPE, as Hugging Face's Llama/Qwen checkpoints expect;
+    the rotation itself is fused into the KV write (`kernels.rope_store_kv`)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
         super().__init__()
@@ -70,42 +78,3 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_positions, head_dim // 2]
         self.register_buffer("sin", freqs.sin(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
-class PagedAttention(nn.Module):
-    """Stores this step's K/V into the paged cache, then attends over the whole cached context."""
-
-    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scale = scale
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        num_tokens = q.shape[0]
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        ctx.attention.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-        out = ctx.attention.paged_attention(
-            q, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, self.scale
-        )
-        return out.reshape(num_tokens, self.num_heads * self.head_dim)
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tetriinfer.model.arch import ModelArch
-from tetriinfer.model.layers import ForwardContext, PagedAttention, RMSNorm, RotaryEmbedding, silu_and_mul
+from tetriinfer.model.layers import ForwardContext, RMSNorm, RotaryEmbedding
 
 # checkpoint name piece -> (our fused name piece, shard key)
 STACKED_PARAMS = {
@@ -25,28 +25,32 @@ STACKED_PARAMS = {
 class LlamaAttention(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding):
         super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = arch.head_dim
+        self.scale = arch.head_dim**-0.5
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
         self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.qk_norm = arch.qk_norm
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.norm_eps)
             self.k_norm = RMSNorm(arch.head_dim, arch.norm_eps)
-        self.qk_norm = arch.qk_norm
-        self.head_dim = arch.head_dim
         self.rotary = rotary
-        self.attn = PagedAttention(layer_idx, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.head_dim**-0.5)
 
     def shard_offsets(self) -> dict:
         return {"q": (0, self.q_size), "k": (self.q_size, self.kv_size), "v": (self.q_size + self.kv_size, self.kv_size)}
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        heads = lambda t: t.unflatten(-1, (-1, self.head_dim))  # noqa: E731  [T, n * d] -> [T, n, d]
+        q, k, v = (heads(t) for t in self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1))
         if self.qk_norm:
-            q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-            k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-        q, k = self.rotary(positions, q.unflatten(-1, (-1, self.head_dim)), k.unflatten(-1, (-1, self.head_dim)))
-        return self.o_proj(self.attn(q, k, v, ctx))
+            q = self.q_norm(q.flatten(0, 1), ctx).view_as(q)
+            k = self.k_norm(k.flatten(0, 1), ctx).view_as(k)
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        q = ctx.kernels.rope_store_kv(q, k, v, positions, self.rotary.cos, self.rotary.sin,
+                                      k_cache, v_cache, ctx.slot_mapping)
+        return self.o_proj(ctx.attend(self.layer_idx, q, self.scale))
 
 
 class LlamaMLP(nn.Module):
@@ -60,11 +64,14 @@ class LlamaMLP(nn.Module):
         n = self.intermediate_size
         return {0: (0, n), 1: (n, n)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.down_proj(ctx.kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block. The residual stream travels beside the hidden state so each norm also does
+    the residual add (one fused kernel): h + attn and h + mlp are summed inside the next norm."""
+
     def __init__(self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding):
         super().__init__()
         self.self_attn = LlamaAttention(arch, layer_idx, rotary)
@@ -72,9 +79,15 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, h = h, self.input_layernorm(h, ctx)
+        else:
+            h, residual = self.input_layernorm(h, ctx, residual)
+        h = self.self_attn(positions, h, ctx)
+        h, residual = self.post_attention_layernorm(h, ctx, residual)
+        return self.mlp(h, ctx), residual
 
 
 class LlamaModel(nn.Module):
@@ -86,10 +99,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            h = layer(positions, h, ctx)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual, ctx)
+        return self.norm(h, ctx, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tetriinfer.model.arch import ModelArch
-from tetriinfer.model.layers import ForwardContext, PagedAttention
+from tetriinfer.model.layers import ForwardContext
 
 STACKED_PARAMS = {
     "q_proj": ("qkv_proj", "q"),
@@ -20,18 +20,22 @@ POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
 class OPTAttention(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.hidden_size = arch.hidden_size
+        self.head_dim = arch.head_dim
+        self.scale = arch.head_dim**-0.5
         self.qkv_proj = nn.Linear(arch.hidden_size, 3 * arch.hidden_size, bias=True)
         self.out_proj = nn.Linear(arch.hidden_size, arch.hidden_size, bias=True)
-        self.attn = PagedAttention(layer_idx, arch.num_heads, arch.num_heads, arch.head_dim, arch.head_dim**-0.5)
 
     def shard_offsets(self) -> dict:
         n = self.hidden_size
         return {"q": (0, n), "k": (n, n), "v": (2 * n, n)}
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        return self.out_proj(self.attn(q, k, v, ctx))
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv_proj(x).chunk(3, dim=-1))
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        ctx.kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        return self.out_proj(ctx.attend(self.layer_idx, q, self.scale))
 
 
 class OPTDecoderLayer(nn.Module):
