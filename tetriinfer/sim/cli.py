@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tpot-slo", type=float, default=None, help="seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write summaries as JSON here")
-    p.add_argument("--plot", default=None, help="TTFT/JCT CDF image (default with --compare: simulate-<workload>.png)")
+    p.add_argument("--plot", default=None, help="TTFT/JCT CDF image (default with --compare: beside --json, else simulate-<workload>.png)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -103,6 +103,7 @@ def build_config(args: argparse.Namespace, system: str):
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
+from pathlib import Path
 
     from tetriinfer.bench.metrics import format_table, plot_distributions
     from tetriinfer.sim.cluster import simulate
@@ -133,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json_out, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json_out}")
-    plot = args.plot or (f"simulate-{args.workload}.png" if len(systems) > 1 else None)
+    default_plot = str(Path(args.json_out).with_suffix(".png")) if args.json_out else f"simulate-{args.workload}.png"
+    plot = args.plot or (default_plot if len(systems) > 1 else None)
     if plot:
         plot_distributions(records, plot)
         print(f"wrote {plot}")
