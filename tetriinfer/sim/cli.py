@@ -103,7 +103,7 @@ def build_config(args: argparse.Namespace, system: str):
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
-from pathlib import Path
+    from pathlib import Path
 
     from tetriinfer.bench.metrics import format_table, plot_distributions
     from tetriinfer.sim.cluster import simulate
