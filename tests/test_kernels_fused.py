@@ -26,7 +26,9 @@ from tetriinfer.kernels.norm import rms_norm_ref, rms_norm_triton
 from tetriinfer.kernels.rope import rope_store_kv_ref, rope_store_kv_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LOOSE = dict(rtol=2e-2, atol=2e-2)  # 16-bit outputs
+# 16-bit outputs: two units in the last place (an fp32 intermediate that lands near a rounding
+# boundary may round either way; under the interpreter bfloat16 truncates, see the module doc).
+LOW_PRECISION = {torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2), torch.float16: dict(rtol=2e-3, atol=1e-3)}
 EXACT = dict(rtol=0, atol=0)
 
 
@@ -93,9 +95,9 @@ def test_rms_norm_triton_low_precision(dtype):
     normed, summed = rms_norm_triton(x, weight, 1e-5, residual)
     expected_normed, expected_summed = rms_norm_ref(x, weight, 1e-5, residual)
     assert normed.dtype == dtype and summed.dtype == dtype
-    torch.testing.assert_close(summed, expected_summed, **LOOSE)
-    torch.testing.assert_close(normed, expected_normed, **LOOSE)
-    torch.testing.assert_close(rms_norm_triton(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5), **LOOSE)
+    torch.testing.assert_close(summed, expected_summed, **LOW_PRECISION[dtype])
+    torch.testing.assert_close(normed, expected_normed, **LOW_PRECISION[dtype])
+    torch.testing.assert_close(rms_norm_triton(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5), **LOW_PRECISION[dtype])
 
 
 def test_rms_norm_triton_in_place_like_a_decoder_layer():
@@ -113,7 +115,7 @@ def test_rms_norm_triton_promotes_like_the_reference():
     x, weight = randn(2, 64, dtype=torch.bfloat16), randn(64, seed=1)
     out = rms_norm_triton(x, weight, 1e-6)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, rms_norm_ref(x, weight, 1e-6), **LOOSE)
+    torch.testing.assert_close(out, rms_norm_ref(x, weight, 1e-6), **LOW_PRECISION[torch.bfloat16])
 
 
 def test_rms_norm_triton_edge_cases():
@@ -147,7 +149,7 @@ def test_silu_and_mul_triton_low_precision(dtype):
     x = randn(5, 2 * 1100, dtype=dtype, seed=1)
     out = silu_and_mul_triton(x)
     assert out.dtype == dtype and out.shape == (5, 1100)
-    torch.testing.assert_close(out, silu_and_mul_ref(x), **LOOSE)
+    torch.testing.assert_close(out, silu_and_mul_ref(x), **LOW_PRECISION[dtype])
 
 
 def test_silu_and_mul_triton_edge_cases():
@@ -251,7 +253,7 @@ def test_rope_store_kv_triton_float32_is_bit_exact(num_q_heads, num_kv_heads, he
 def test_rope_store_kv_triton_low_precision(dtype):
     got, expected = run_both_rope(8, 2, 128, dtype, block_size=8)
     for name, g, e in zip(("q", "k_cache", "v_cache"), got, expected):
-        torch.testing.assert_close(g, e, equal_nan=True, **LOOSE, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, e, equal_nan=True, **LOW_PRECISION[dtype], msg=lambda m: f"{name}: {m}")
 
 
 def test_rope_store_kv_triton_default_out_and_empty_batch():

@@ -95,7 +95,8 @@ def triton_kernel():
         token = tl.program_id(0).to(tl.int64)
         dims = tl.arange(0, HALF_DIM_P2)
         dim_valid = dims < HALF_DIM
-        position = tl.load(positions_ptr + token)
+        # int64 offsets even for int32 inputs: a large cache has more than 2**31 elements.
+        position = tl.load(positions_ptr + token).to(tl.int64)
         cos = tl.load(cos_ptr + position * stride_cos + dims, mask=dim_valid, other=0.0)[None, :]
         sin = tl.load(sin_ptr + position * stride_sin + dims, mask=dim_valid, other=0.0)[None, :]
 
@@ -113,7 +114,7 @@ def triton_kernel():
             tl.store(q_out_ptr + out_offsets, out1, mask=mask)
             tl.store(q_out_ptr + out_offsets + HALF_DIM, out2, mask=mask)
 
-        slot = tl.load(slot_mapping_ptr + token)
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
         if slot >= 0:  # padding tokens leave the cache alone
             block = slot // PAGE_SIZE
             offset = slot % PAGE_SIZE
