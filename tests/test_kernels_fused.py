@@ -256,11 +256,11 @@ def test_rope_store_kv_triton_low_precision(dtype):
         torch.testing.assert_close(g, e, equal_nan=True, **LOW_PRECISION[dtype], msg=lambda m: f"{name}: {m}")
 
 
-def test_rope_store_kv_triton_default_out_and_empty_batch():
+def test_rope_store_kv_triton_default_out_int32_indices_and_empty_batch():
     q, k, v = fused_qkv(3, 2, 1, 32, torch.float32)
     cos, sin = rotary_tables(32)
-    positions = torch.tensor([5, 0, 9], device=DEVICE)
-    slots = torch.tensor([2, 0, 1], device=DEVICE)
+    positions = torch.tensor([5, 0, 9], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([2, 0, 1], dtype=torch.int32, device=DEVICE)
     k_cache, v_cache = nan_caches(1, 4, 1, 32, torch.float32)
     got = rope_store_kv_triton(q, k, v, positions, cos, sin, k_cache, v_cache, slots)
     assert got.is_contiguous() and got.shape == q.shape

@@ -27,7 +27,7 @@ def rms_norm_ref(
     out: Tensor | None = None,
     residual_out: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """x: [T, H], weight: [H]. Returns the normed x, or (normed x + residual, x + residual).
+    """x: [T, H], weight: [H]. Returns rms_norm(x), or (rms_norm(x + residual), x + residual).
 
     `out` / `residual_out` receive the results if given (either may alias x or residual).
     """
