@@ -54,9 +54,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from tetriinfer.predictor.report import markdown_table
+    from tetriinfer.predictor.report import markdown_table, plot_label_shares
 
-    print(markdown_table([json.loads(Path(p).read_text()) for p in args.reports]))
+    reports = [json.loads(Path(p).read_text()) for p in args.reports]
+    print(markdown_table(reports))
+    if args.plot:
+        plot_label_shares(reports, args.plot)
     return 0
 
 
@@ -99,4 +102,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     table = commands.add_parser("table", help="markdown table from `eval --json` reports")
     table.add_argument("reports", nargs="+")
+    table.add_argument("--plot", default=None, help="also save a bar plot of label bucket shares per data set")
     table.set_defaults(func=_table)

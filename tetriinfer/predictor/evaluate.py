@@ -20,7 +20,10 @@ from tetriinfer.predictor.train import label_tokens
 
 @dataclass
 class EvalReport:
-    """Bucket metrics are None for a `rank`-only model (its bucket logits are untrained)."""
+    """`kendall_tau` ranks by the score; `kendall_tau_bucket` by the predicted bucket alone (many ties).
+
+    Bucket metrics are None for a `rank`-only model (its bucket logits are untrained).
+    """
 
     examples: int
     granularity: int
@@ -29,6 +32,7 @@ class EvalReport:
     mae_tokens: float | None
     majority_mae_tokens: float
     kendall_tau: float
+    kendall_tau_bucket: float | None
     latency_ms_per_prompt_batched: float
     latency_ms_single_prompt: float
     batch_size: int
@@ -77,6 +81,7 @@ def evaluate(
         mae_tokens=mean_absolute_error([spec.midpoint(b) for b in predicted], tokens) if has_buckets else None,
         majority_mae_tokens=mean_absolute_error([spec.midpoint(meta.majority_bucket)] * len(tokens), tokens),
         kendall_tau=kendall_tau_b(scores, tokens),
+        kendall_tau_bucket=kendall_tau_b(predicted, tokens) if has_buckets else None,
         latency_ms_per_prompt_batched=1000 * batch_seconds / len(examples),
         latency_ms_single_prompt=1000 * statistics.median(single),
         batch_size=batch_size,
