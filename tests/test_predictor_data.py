@@ -10,7 +10,7 @@ import pytest
 from tetriinfer.predictor.buckets import BucketSpec
 from tetriinfer.predictor.metrics import kendall_tau_b
 from tetriinfer.predictor.sources import (
-    SPLITS, conversation_group, sharegpt_examples, split_examples, split_of,
+    SPLITS, conversation_group, format_chat, sharegpt_examples, split_examples, split_of,
 )
 
 SHAREGPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sharegpt-v3-partial"
@@ -39,6 +39,12 @@ def test_examples_carry_context_and_skip_unanswered_turns(tmp_path):
     assert {ex.group for ex in examples} == {"abc"}  # chunks of one conversation form one group
     capped = sharegpt_examples(tmp_path, context_chars=5)
     assert capped[1].prompt == " one\n" + "USER: second?\n"  # the last 5 context chars
+
+
+def test_format_chat_matches_training_layout():
+    messages = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "first?"},
+                {"role": "assistant", "content": "one"}, {"role": "user", "content": "second?"}]
+    assert format_chat(messages) == "SYSTEM: be nice\nUSER: first?\nASSISTANT: one\nUSER: second?\n"
 
 
 def test_conversation_group_strips_chunk_suffix():

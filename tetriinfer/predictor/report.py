@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tetriinfer.predictor.artifact import read_meta
 
-COLUMNS = ("model", "loss", "g", "data", "n", "acc", "majority", "MAE", "maj. MAE", "tau", "tau (bucket)",
+COLUMNS = ("model", "train n", "loss", "g", "data", "n", "acc", "majority", "MAE", "maj. MAE", "tau", "tau (bucket)",
            "ms/prompt (b=32)", "ms (b=1)", "train s", "params", "MB")
 
 
@@ -25,7 +25,8 @@ def report_row(report: dict) -> list[str]:
     meta = read_meta(model_dir)
     config = meta.training.get("config", {})
     return [
-        Path(config.get("model", meta.kind)).name, config.get("loss", "?"), str(report["granularity"]),
+        Path(config.get("model", meta.kind)).name, f"{meta.training.get('train_examples', 0) / 1000:.1f}K",
+        config.get("loss", "?"), str(report["granularity"]),
         Path(report["data"]).stem, str(report["examples"]),
         _fmt(report["accuracy"], 3), _fmt(report["majority_accuracy"], 3),
         _fmt(report["mae_tokens"], 0), _fmt(report["majority_mae_tokens"], 0), _fmt(report["kendall_tau"], 3),

@@ -12,17 +12,24 @@ import gzip
 import hashlib
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tetriinfer.predictor.examples import LengthExample
 
 ROLE_TAGS = {"human": "USER", "gpt": "ASSISTANT", "system": "SYSTEM"}
+OPENAI_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
 SPLITS = ("train", "val", "test")
 _CHUNK_SUFFIX = re.compile(r"_\d+$")
 
 
 def format_turn(role: str, text: str) -> str:
     return f"{ROLE_TAGS.get(role, role.upper())}: {text}\n"
+
+
+def format_chat(messages: Sequence[Mapping[str, str]]) -> str:
+    """OpenAI-style chat messages (`role`, `content`) in the layout the predictor was trained on."""
+    return "".join(format_turn(OPENAI_ROLES.get(m["role"], m["role"]), m["content"]) for m in messages)
 
 
 def conversation_group(record_id: str) -> str:

@@ -11,7 +11,7 @@ import copy
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +226,7 @@ def train(cfg: TrainConfig) -> PredictorMeta:
         label_tokenizer=label_file,
         model=model.config_dict(),
         training={
-            "config": {k: v for k, v in vars(cfg).items()},
+            "config": asdict(cfg),
             "train_examples": len(train_examples),
             "val_examples": len(val_examples),
             "parameters": model.num_parameters(),
