@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128, 256])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--step-policy", default="mixed", help="engine step policy for the offline run")
+    ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--skip", nargs="*", default=[], choices=["ceiling", "steps", "throughput", "hf"])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -174,7 +176,11 @@ def main() -> None:
             res["hf"] = {"error": f"{type(e).__name__}: {e}"}
         save()
         gc.collect(); torch.cuda.empty_cache()  # noqa: E702
-    llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk, max_num_seqs=256)
+    llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk, max_num_seqs=args.max_num_seqs,
+              step_policy=args.step_policy)
+    res["engine_config"] = {"chunk_size": args.chunk, "max_num_seqs": args.max_num_seqs,
+                            "step_policy": args.step_policy, "num_blocks": llm.engine.block_manager.num_blocks,
+                            "block_size": llm.engine.block_manager.block_size}
     if "steps" not in args.skip:
         res["engine"] = engine_steps(llm, args.batches, args.context, args.chunk, steps=32)
         save()

@@ -50,7 +50,3 @@ def get_kernels(name: str) -> Kernels:
 
     return Kernels(name, store_kv_triton.store_kv, attention_triton.paged_attention, rope.rope_store_kv_triton,
                    norm.rms_norm_triton, activation.silu_and_mul_triton)
-
-
-# The attention tests predate the other ops and call the backends by this name.
-get_attention_backend = get_kernels
