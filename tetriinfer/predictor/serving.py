@@ -36,6 +36,8 @@ class LengthPrediction:
 
 
 class LengthPredictor(ABC):
+    """Predicts decode lengths for batches of prompts; `buckets` says what the bucket ids mean."""
+
     def __init__(self, buckets: BucketSpec) -> None:
         self.buckets = buckets
         self._executor: ThreadPoolExecutor | None = None
