@@ -1,5 +1,6 @@
 """The shipped default predictor and the serving interface the prefill side calls."""
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -74,3 +75,21 @@ def test_disabled_predictor_returns_training_majority_bucket():
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a predictor directory"):
         load_predictor(tmp_path)
+
+
+def test_eval_cli_writes_report_and_names_bad_line(tmp_path, capsys):
+    from tetriinfer.cli import main
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"prompt": p, "output_tokens": 150 * i}) + "\n" for i, p in enumerate(PROMPTS)))
+    report = tmp_path / "report.json"
+    assert main(["predictor", "eval", "--model", str(DEFAULT_DIR), "--data", str(good), "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["examples"] == len(PROMPTS) and 0.0 <= result["accuracy"] <= 1.0
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "output_tokens": 3}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predictor", "eval", "--model", str(DEFAULT_DIR), "--data", str(bad)])
+    assert exit_info.value.code == 2
+    assert f"{bad}:2: needs 'response'" in capsys.readouterr().err
