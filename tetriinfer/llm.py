@@ -97,7 +97,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(request_ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
             while len(finished) < len(request_ids):
-                for out in self.engine.step():
+                for out in self.engine.step(final_only=True):
                     if out.finished:
                         finished[out.request_id] = out
                         bar.update(1)

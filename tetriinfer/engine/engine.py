@@ -161,8 +161,9 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # ---- stepping ------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one forward pass; return the outputs of requests that got a token (finished or not)."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Run one forward pass; return the outputs of requests that got a token (finished or not),
+        or with `final_only` of those that finished (no per-step copies: offline batch runs)."""
         plan = self.scheduler.schedule()
         if plan.empty:
             if self.scheduler.has_work():
@@ -181,7 +182,8 @@ class LLMEngine:
             if req.status == RequestStatus.WAITING:
                 self.scheduler.on_prefill_done(req)
             self._append_token(req, result.token_ids[i], None if result.logprobs is None else result.logprobs[i], now)
-            outputs.append(self._output(req))
+            if not final_only or req.status.finished:
+                outputs.append(self._output(req))
         return outputs
 
     def _append_token(self, req: Request, token: int, logprob: float | None, now: float) -> None:

@@ -54,6 +54,7 @@ class _Graph:
     num_tokens: int
     num_seqs: int
     hidden: torch.Tensor  # output buffer [num_tokens, hidden]
+    inputs: dict[str, torch.Tensor]  # the static input buffers it was captured on
 
 
 class ModelRunner:
@@ -168,15 +169,33 @@ class ModelRunner:
         if inputs.num_tokens == inputs.num_seqs:  # decode only
             rung = next((b for b in DECODE_GRAPH_BATCHES if b >= inputs.num_seqs), None)
             return self.graphs.get((rung, rung))
-        if inputs.num_tokens == self.chunk_size and inputs.num_seqs <= MAX_GRAPH_PIECES:
-            return self.graphs.get((self.chunk_size, MAX_GRAPH_PIECES))
+        if inputs.num_seqs <= MAX_GRAPH_PIECES:  # a prefill chunk of a captured size
+            return self.graphs.get((inputs.num_tokens, MAX_GRAPH_PIECES))
         return None
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
-        max_tokens = max(self.chunk_size, max_num_seqs)
+        self._max_graph_tokens = max(self.chunk_size, max_num_seqs)
         max_seqs = max(MAX_GRAPH_PIECES, max_num_seqs)
+        self._static = self._static_buffers(self._max_graph_tokens, max_seqs)
+        self._graph_pool = None
+        shapes = [(b, b) for b in DECODE_GRAPH_BATCHES if b <= max_num_seqs]
+        shapes.append((self.chunk_size, MAX_GRAPH_PIECES))
+        for num_tokens, num_seqs in sorted(shapes, reverse=True):  # largest first: the pool fits all
+            self._capture(num_tokens, num_seqs)
+
+    def capture_prefill_graph(self, num_tokens: int) -> None:
+        """Also replay prefill chunks of `num_tokens` tokens from a graph (the profiler measures
+        every chunk size as an engine configured with it would run)."""
+        if not self.graphs or (num_tokens, MAX_GRAPH_PIECES) in self.graphs:
+            return
+        if num_tokens > self._max_graph_tokens:  # grow the static inputs; captured graphs keep theirs
+            self._max_graph_tokens = num_tokens
+            self._static = self._static_buffers(num_tokens, self._static["seq_lens"].shape[0])
+        self._capture(num_tokens, MAX_GRAPH_PIECES)
+
+    def _static_buffers(self, max_tokens: int, max_seqs: int) -> dict[str, torch.Tensor]:
         dev = self.device
-        self._static = dict(
+        return dict(
             input_ids=torch.zeros(max_tokens, dtype=torch.int64, device=dev),
             positions=torch.zeros(max_tokens, dtype=torch.int64, device=dev),
             slot_mapping=torch.full((max_tokens,), -1, dtype=torch.int64, device=dev),
@@ -184,21 +203,19 @@ class ModelRunner:
             query_start_loc=torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev),
             seq_lens=torch.zeros(max_seqs, dtype=torch.int32, device=dev),
         )
-        shapes = [(b, b) for b in DECODE_GRAPH_BATCHES if b <= max_num_seqs]
-        shapes.append((self.chunk_size, MAX_GRAPH_PIECES))
-        pool = None
-        for num_tokens, num_seqs in sorted(shapes, reverse=True):  # largest first: the pool fits all
-            ctx = self._static_context(num_tokens, num_seqs)
-            s = self._static
-            for _ in range(2):  # warm-up: Triton compiles and the allocator settles outside the graph
-                self.model(s["input_ids"][:num_tokens], s["positions"][:num_tokens], ctx)
-            torch.cuda.synchronize(dev)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self.model(s["input_ids"][:num_tokens], s["positions"][:num_tokens], ctx)
-            pool = graph.pool()
-            self.graphs[(num_tokens, num_seqs)] = _Graph(graph, num_tokens, num_seqs, hidden)
-        torch.cuda.synchronize(dev)
+
+    def _capture(self, num_tokens: int, num_seqs: int) -> None:
+        s = self._static
+        ctx = self._static_context(num_tokens, num_seqs)
+        for _ in range(2):  # warm-up: Triton compiles and the allocator settles outside the graph
+            self.model(s["input_ids"][:num_tokens], s["positions"][:num_tokens], ctx)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            hidden = self.model(s["input_ids"][:num_tokens], s["positions"][:num_tokens], ctx)
+        self._graph_pool = graph.pool()
+        self.graphs[(num_tokens, num_seqs)] = _Graph(graph, num_tokens, num_seqs, hidden, s)
+        torch.cuda.synchronize(self.device)
 
     def _static_context(self, num_tokens: int, num_seqs: int) -> ForwardContext:
         s = self._static
@@ -213,7 +230,7 @@ class ModelRunner:
 
     def _replay(self, graph: _Graph, inputs: StepInputs) -> torch.Tensor:
         """Copy the step into the static buffers, padding sequences and tokens, and replay."""
-        s = self._static
+        s = graph.inputs
         n, seqs, t = inputs.num_tokens, inputs.num_seqs, graph.num_tokens
         s["input_ids"][:n].copy_(inputs.input_ids, non_blocking=True)
         s["positions"][:n].copy_(inputs.positions, non_blocking=True)

@@ -30,6 +30,7 @@ def profile_steps(engine: LLMEngine, chunk_tokens: list[int], context_tokens: li
     """Median seconds per step over `repeats` timed runs, after one untimed run of each shape."""
     prefill, decode = [], []
     for n in chunk_tokens:
+        engine.runner.capture_prefill_graph(n)
         prefill.append([_median_step(engine, _prefill_plan(engine, n, ctx), repeats) for ctx in context_tokens])
         if progress:
             progress(f"prefill chunk {n}")
