@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
+from tetriinfer.predictor.config import FORMS
 from tetriinfer.predictor.features import NUM_FEATURES, prompt_features
 from tetriinfer.predictor.tokenizer import load_tokenizer
 
-FORMS = ("bag", "transformer")
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 
