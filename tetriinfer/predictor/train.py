@@ -123,6 +123,77 @@ def plot_curves(curves: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _selection_metric(cfg: TrainConfig) -> str:
+    """The validation metric that picks the checkpoint: tau when buckets are not trained."""
+    return "val_tau" if cfg.loss == "rank" else "val_accuracy"
+
+
+def _validate(model, val: LabelledSet, buckets: BucketSpec, score_source: str, cfg: TrainConfig) -> dict:
+    """Validation loss, bucket accuracy and Kendall's tau; leaves the model in train mode."""
+    predicted, scores = predict_encoded(model, val.encoded, buckets, score_source)
+    with torch.inference_mode():
+        losses = [
+            length_loss(
+                model(**model.collate([val.encoded[i] for i in idx])),
+                torch.tensor(val.buckets[idx]), torch.tensor(val.tokens[idx]), buckets.num_buckets, cfg,
+            ).item()
+            for idx in np.array_split(np.arange(len(val.encoded)), max(1, len(val.encoded) // 256))
+        ]
+    model.train()
+    return {
+        "val_loss": float(np.mean(losses)),
+        "val_accuracy": accuracy(predicted, val.buckets),
+        "val_tau": kendall_tau_b(scores, val.tokens),
+    }
+
+
+def _fit(model, sets: dict[str, LabelledSet], buckets: BucketSpec, score_source: str, cfg: TrainConfig,
+         rng: random.Random) -> tuple[list[dict], float]:
+    """AdamW with warmup and linear decay; keeps the best validation checkpoint. Returns curves, best."""
+    train_set, val_set = sets["train"], sets["val"]
+    majority = majority_bucket(train_set.buckets, buckets.num_buckets)
+    majority_acc = accuracy(np.full(len(val_set.buckets), majority), val_set.buckets)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    epoch_batches = [length_grouped_batches(train_set.encoded, cfg.batch_size, rng) for _ in range(cfg.epochs)]
+    total_steps = sum(len(b) for b in epoch_batches)
+    warmup = max(1, min(100, total_steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay to zero
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / total_steps)
+    )
+    selection = _selection_metric(cfg)
+    curves: list[dict] = []
+    best, best_state = -float("inf"), None
+    step, running = 0, []
+    model.train()
+    with tqdm(total=total_steps, desc=f"train {cfg.model} {cfg.loss} g={cfg.granularity}", unit="step") as bar:
+        for batches in epoch_batches:
+            for idx in batches:
+                logits = model(**model.collate([train_set.encoded[i] for i in idx]))
+                loss = length_loss(
+                    logits, torch.tensor(train_set.buckets[idx]), torch.tensor(train_set.tokens[idx]),
+                    buckets.num_buckets, cfg,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                step += 1
+                running.append(loss.item())
+                bar.update()
+                if step % cfg.eval_every == 0 or step == total_steps:
+                    point = {"step": step, "train_loss": float(np.mean(running)), "majority_accuracy": majority_acc,
+                             **_validate(model, val_set, buckets, score_source, cfg)}
+                    running = []
+                    curves.append(point)
+                    bar.set_postfix(acc=f"{point['val_accuracy']:.3f}", tau=f"{point['val_tau']:.3f}")
+                    if point[selection] > best:
+                        best, best_state = point[selection], copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    model.eval()
+    return curves, best
+
+
 def train(cfg: TrainConfig) -> PredictorMeta:
     """Train per `cfg`, write the predictor directory `cfg.out`, return its metadata."""
     torch.set_num_threads(cfg.threads)
@@ -140,7 +211,6 @@ def train(cfg: TrainConfig) -> PredictorMeta:
     buckets = BucketSpec.covering(cfg.granularity, cfg.open_from)
     model, own_tokenizer = _build_model(cfg, train_examples, buckets.num_buckets + 1)
     label_tok = load_tokenizer(cfg.label_tokenizer) if cfg.label_tokenizer else own_tokenizer
-
     sets = {}
     for name, examples in (("train", train_examples), ("val", val_examples)):
         tokens = label_tokens(examples, label_tok)
@@ -149,67 +219,8 @@ def train(cfg: TrainConfig) -> PredictorMeta:
             tokens,
             np.array([buckets.bucket_of(int(t)) for t in tokens]),
         )
-    majority = majority_bucket(sets["train"].buckets, buckets.num_buckets)
-    majority_acc = accuracy(np.full(len(sets["val"].buckets), majority), sets["val"].buckets)
     score_source = "expected" if cfg.loss == "ce" else "head"
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    epoch_batches = [length_grouped_batches(sets["train"].encoded, cfg.batch_size, rng) for _ in range(cfg.epochs)]
-    total_steps = sum(len(b) for b in epoch_batches)
-    warmup = max(1, min(100, total_steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay to zero
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / total_steps)
-    )
-
-    def validate(step: int, train_loss: float) -> dict:
-        val = sets["val"]
-        predicted, scores = predict_encoded(model, val.encoded, buckets, score_source)
-        with torch.inference_mode():
-            losses = [
-                length_loss(
-                    model(**model.collate([val.encoded[i] for i in idx])),
-                    torch.tensor(val.buckets[idx]), torch.tensor(val.tokens[idx]), buckets.num_buckets, cfg,
-                ).item()
-                for idx in np.array_split(np.arange(len(val.encoded)), max(1, len(val.encoded) // 256))
-            ]
-        model.train()
-        return {
-            "step": step, "train_loss": train_loss, "val_loss": float(np.mean(losses)),
-            "val_accuracy": accuracy(predicted, val.buckets), "val_tau": kendall_tau_b(scores, val.tokens),
-            "majority_accuracy": majority_acc,
-        }
-
-    curves: list[dict] = []
-    best, best_state = -float("inf"), None
-    selection = "val_tau" if cfg.loss == "rank" else "val_accuracy"
-    model.train()
-    step, running = 0, []
-    with tqdm(total=total_steps, desc=f"train {cfg.model} {cfg.loss} g={cfg.granularity}", unit="step") as bar:
-        for batches in epoch_batches:
-            for idx in batches:
-                train_set = sets["train"]
-                logits = model(**model.collate([train_set.encoded[i] for i in idx]))
-                loss = length_loss(
-                    logits, torch.tensor(train_set.buckets[idx]), torch.tensor(train_set.tokens[idx]),
-                    buckets.num_buckets, cfg,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                step += 1
-                running.append(loss.item())
-                bar.update()
-                if step % cfg.eval_every == 0 or step == total_steps:
-                    point = validate(step, float(np.mean(running)))
-                    running = []
-                    curves.append(point)
-                    bar.set_postfix(acc=f"{point['val_accuracy']:.3f}", tau=f"{point['val_tau']:.3f}")
-                    if point[selection] > best:
-                        best, best_state = point[selection], copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    model.eval()
+    curves, best = _fit(model, sets, buckets, score_source, cfg, rng)
     train_seconds = time.perf_counter() - started
 
     model.save(out)
@@ -222,7 +233,7 @@ def train(cfg: TrainConfig) -> PredictorMeta:
         kind="builtin" if cfg.is_builtin else "hf",
         buckets=buckets,
         score_source=score_source,
-        majority_bucket=majority,
+        majority_bucket=majority_bucket(sets["train"].buckets, buckets.num_buckets),
         label_tokenizer=label_file,
         model=model.config_dict(),
         training={
@@ -231,7 +242,7 @@ def train(cfg: TrainConfig) -> PredictorMeta:
             "val_examples": len(val_examples),
             "parameters": model.num_parameters(),
             "train_seconds": round(train_seconds, 1),
-            "best": {selection: best},
+            "best": {_selection_metric(cfg): best},
         },
     )
     write_meta(out, meta)
