@@ -12,6 +12,7 @@ padding tokens write no KV, so the padded graph computes exactly what the eager 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,24 +99,30 @@ class ModelRunner:
             if piece.completes_prompt:
                 sample_idx.append(offset - 1)
         if plan.decode:
-            positions = np.fromiter((r.num_tokens - 1 for r in plan.decode), dtype=np.int64, count=len(plan.decode))
+            n = len(plan.decode)
+            positions = np.fromiter((r.num_tokens - 1 for r in plan.decode), dtype=np.int64, count=n)
             ids.append(np.fromiter((r.output_token_ids[-1] if r.output_token_ids else r.prompt_token_ids[-1]
-                                    for r in plan.decode), dtype=np.int64, count=len(plan.decode)))
+                                    for r in plan.decode), dtype=np.int64, count=n))
             pos.append(positions)
-            slots.append(np.fromiter((self._slot(r.block_ids, p) for r, p in zip(plan.decode, positions.tolist())),
-                                     dtype=np.int64, count=len(plan.decode)))
+            # The slot of each decode token: its position's block, then the offset inside it.
+            last_blocks = np.fromiter((r.block_ids[p // self.block_size] for r, p in zip(plan.decode, positions.tolist())),
+                                      dtype=np.int64, count=n)
+            slots.append(last_blocks * self.block_size + positions % self.block_size)
             seq_lens.extend((positions + 1).tolist())
             tables.extend(r.block_ids for r in plan.decode)
-            sample_idx.extend(range(offset, offset + len(plan.decode)))
-            offset += len(plan.decode)
+            sample_idx.extend(range(offset, offset + n))
+            offset += n
         # Chunk padding: token 0 at position 0, written nowhere, attended by nobody.
         if plan.num_padding:
             ids.append(np.zeros(plan.num_padding, dtype=np.int64))
             pos.append(np.zeros(plan.num_padding, dtype=np.int64))
             slots.append(np.full(plan.num_padding, -1, dtype=np.int64))
-        table = np.zeros((len(tables), max(len(b) for b in tables)), dtype=np.int32)
-        for i, blocks in enumerate(tables):
-            table[i, : len(blocks)] = blocks
+        # Ragged block lists into one padded array in a single scatter.
+        lens = np.fromiter((len(b) for b in tables), dtype=np.int64, count=len(tables))
+        table = np.zeros((len(tables), int(lens.max())), dtype=np.int32)
+        flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lens.sum()))
+        rows = np.repeat(np.arange(len(tables)), lens)
+        table[rows, np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)] = flat
         query_lens = [p.length for p in plan.prefill] + [1] * len(plan.decode)
         query_start_loc = np.zeros(len(query_lens) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start_loc[1:])

@@ -123,20 +123,25 @@ class EngineScheduler:
 
     def _schedule_decodes(self) -> list[Request]:
         batch: list[Request] = []
-        running = list(self.running[: self.config.max_num_seqs])
+        running = deque(self.running[: self.config.max_num_seqs])
+        block_size, blocks = self.blocks.block_size, self.blocks
         while running:
-            req = running.pop(0)
-            need = self.blocks.blocks_to_grow(req.block_ids, req.num_tokens)
-            while not self.blocks.can_allocate(need) and self._evict_partial_prefill():
+            req = running.popleft()
+            # Fast path: the next token's slot is in a block the request already holds.
+            if len(req.block_ids) * block_size >= req.num_tokens:
+                batch.append(req)
+                continue
+            need = blocks.blocks_to_grow(req.block_ids, req.num_tokens)
+            while not blocks.can_allocate(need) and self._evict_partial_prefill():
                 pass
-            while not self.blocks.can_allocate(need) and (running or batch):
+            while not blocks.can_allocate(need) and (running or batch):
                 # Preempt the newest request by recompute to make room.
                 victim = running.pop() if running else batch.pop()
                 self._preempt(victim)
-            if not self.blocks.can_allocate(need):
+            if not blocks.can_allocate(need):
                 self._preempt(req)  # nothing left to free: it waits for another turn
                 break
-            self.blocks.grow(req.block_ids, req.num_tokens)
+            blocks.grow(req.block_ids, req.num_tokens)
             batch.append(req)
         return batch
 
