@@ -3,6 +3,7 @@ samples, and updates request state. Also the per-request KV export/import (the d
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -95,8 +96,6 @@ class LLMEngine:
             fraction = cache.memory_fraction or GPU_DEFAULT_MEMORY_FRACTION
             budget = free - (1 - fraction) * total
         else:
-            import os
-
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             budget = (cache.memory_fraction or CPU_DEFAULT_MEMORY_FRACTION) * total
         num_blocks = int(budget // block_bytes)

@@ -137,9 +137,6 @@ class ModelRunner:
             num_real_tokens=offset,
         )
 
-    def _slot(self, block_ids: list[int], position: int) -> int:
-        return block_ids[position // self.block_size] * self.block_size + position % self.block_size
-
     def _slots(self, block_ids: list[int], positions: np.ndarray) -> np.ndarray:
         blocks = np.asarray(block_ids, dtype=np.int64)
         return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
