@@ -14,8 +14,10 @@ from tetriinfer.sim.cost import TableCostModel
 def test_profile_command_writes_a_loadable_profile(tmp_path, capsys):
     out = tmp_path / "tiny.json"
     rc = cli_main(["profile", "--out", str(out), "--chunk-tokens", "16,32,64", "--context-tokens", "0,32",
-                   "--batch-sizes", "1,3", "--context-per-seq", "8,40", "--repeats", "1", "--num-blocks", "64"])
+                   "--batch-sizes", "1,3", "--context-per-seq", "8,40", "--repeats", "1", "--num-blocks", "64",
+                   "--plot", str(tmp_path / "tiny.png")])
     assert rc == 0
+    assert (tmp_path / "tiny.png").stat().st_size > 1000
     data = json.loads(out.read_text())
     assert data["metadata"]["model"] == "tiny" and data["metadata"]["recommended_chunk_size"] in (16, 32, 64)
     assert data["kv_capacity_tokens"] == 64 * 16

@@ -29,7 +29,42 @@ def add_parser(subparsers) -> None:
     p.add_argument("--context-per-seq", type=_ints, default=_ints("128,1024,4096"))
     p.add_argument("--repeats", type=int, default=5, help="timed runs per shape (median)")
     p.add_argument("--gpu", default=None, help="sim/hardware.py key recorded in the metadata (h100, h200, ...)")
+    p.add_argument("--plot", default=None, help="also draw the saturation curve and decode step times (PNG)")
     p.set_defaults(func=run)
+
+
+def plot_profile(profile, path: str) -> None:
+    """Prefill throughput against chunk size (the paper's saturation curve, knee marked) and decode
+    step time against batch size, one line per context length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    chunks = profile.prefill.rows
+    for j, ctx in enumerate(profile.prefill.cols):
+        left.plot(chunks, [n / profile.prefill.values[i][j] for i, n in enumerate(chunks)], marker="o",
+                  label=f"{ctx} cached")
+    knee = profile.metadata.get("recommended_chunk_size")
+    if knee:
+        left.axvline(knee, color="grey", linestyle="--", label=f"knee: {knee}")
+    left.set_xscale("log", base=2)
+    left.set(xlabel="chunk tokens", ylabel="prefill tokens/s", title="prefill saturation")
+    left.set_xticks(chunks, [str(c) for c in chunks])
+    left.minorticks_off()
+    left.legend()
+    batches = profile.decode.rows
+    for j, ctx in enumerate(profile.decode.cols):
+        right.plot(batches, [1e3 * profile.decode.values[i][j] for i in range(len(batches))], marker="o",
+                   label=f"{ctx} tokens/seq")
+    right.set(xlabel="decode batch", ylabel="step time (ms)", title="decode step")
+    right.legend()
+    meta = profile.metadata
+    fig.suptitle(f"{meta['model']} {meta['dtype']} on {meta['device']} (commit {meta['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         decode=Grid2D(tuple(args.batch_sizes), tuple(args.context_per_seq), tuple(tuple(r) for r in times.decode)),
     )
     save_profile(profile, args.out)
+    if args.plot:
+        plot_profile(profile, args.plot)
 
     print(f"{args.model} on {device_name} ({args.dtype}); profile written to {args.out}")
     print("prefill (no cached context):  chunk  ms/step  tokens/s")
