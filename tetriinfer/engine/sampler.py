@@ -33,11 +33,10 @@ class Sampler:
         want_logprobs = any(r.sampling.logprobs for r in requests)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
-        greedy = torch.tensor([r.sampling.greedy for r in requests], device=logits.device)
         chosen = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
-            sampled = self._sample(logits, requests)
-            chosen = torch.where(greedy, chosen, sampled)
+        if not all(r.sampling.greedy for r in requests):  # decided on the host: no device sync
+            greedy = torch.tensor([r.sampling.greedy for r in requests], device=logits.device)
+            chosen = torch.where(greedy, chosen, self._sample(logits, requests))
         token_ids = chosen.tolist()
         chosen_logprobs = None
         if logprobs is not None:
