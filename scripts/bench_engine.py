@@ -37,7 +37,7 @@ def timed_steps(llm: LLM, device: str, want_prefill: bool) -> tuple[float, int, 
         is_prefill = bool(plan.prefill)
         sync(device)
         start = time.perf_counter()
-        engine.step()
+        engine.step(final_only=True)  # as offline runs step: no per-request output objects
         sync(device)
         del engine.scheduler.schedule
         if is_prefill == want_prefill:
