@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -28,23 +29,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(llm: LLM, device: str, want_prefill: bool) -> tuple[float, int, int]:
-    """Run steps until all requests finish; return (seconds, tokens, steps) of the wanted kind."""
-    engine, seconds, tokens, steps = llm.engine, 0.0, 0, 0
+def timed_steps(llm: LLM, device: str, want_prefill: bool) -> tuple[float, int, int, float]:
+    """Run steps until all requests finish; of the steps of the wanted kind (prefill or decode),
+    return (seconds, tokens, steps, median seconds per step). A step is timed whole, scheduling
+    included, from a synchronised GPU to a synchronised GPU."""
+    engine, times, tokens = llm.engine, [], 0
+    schedule = engine.scheduler.schedule
     while engine.has_unfinished_requests():
-        plan = engine.scheduler.schedule()
-        engine.scheduler.schedule = lambda p=plan: p  # step() runs exactly the plan measured here
-        is_prefill = bool(plan.prefill)
         sync(device)
         start = time.perf_counter()
+        plan = schedule()
+        engine.scheduler.schedule = lambda p=plan: p  # step() runs exactly this plan
         engine.step(final_only=True)  # as offline runs step: no per-request output objects
         sync(device)
+        elapsed = time.perf_counter() - start
         del engine.scheduler.schedule
-        if is_prefill == want_prefill:
-            seconds += time.perf_counter() - start
-            tokens += sum(p.length for p in plan.prefill) if is_prefill else len(plan.decode)
-            steps += 1
-    return seconds, tokens, steps
+        if bool(plan.prefill) == want_prefill:
+            times.append(elapsed)
+            tokens += sum(p.length for p in plan.prefill) if plan.prefill else len(plan.decode)
+    return sum(times), tokens, len(times), statistics.median(times)
 
 
 def main() -> None:
@@ -73,7 +76,7 @@ def main() -> None:
         for ids in prompts(args.num_prompts, args.prompt_len):
             llm.engine.add_request(f"p-{time.monotonic_ns()}", prompt_token_ids=ids,
                                    sampling=SamplingParams(max_tokens=1, ignore_eos=True))
-        secs, toks, steps = timed_steps(llm, args.device, want_prefill=True)
+        secs, toks, steps, _ = timed_steps(llm, args.device, want_prefill=True)
         out["prefill"] = {"prompt_len": args.prompt_len, "tokens": toks, "steps": steps, "seconds": secs,
                           "tokens_per_s": toks / secs, "ms_per_chunk": 1e3 * secs / steps}
         out["decode"] = []
@@ -81,9 +84,10 @@ def main() -> None:
             for ids in prompts(batch, args.context):
                 llm.engine.add_request(f"d-{time.monotonic_ns()}", prompt_token_ids=ids,
                                        sampling=SamplingParams(max_tokens=args.decode_steps + 1, ignore_eos=True))
-            secs, toks, steps = timed_steps(llm, args.device, want_prefill=False)
+            secs, toks, steps, median = timed_steps(llm, args.device, want_prefill=False)
             out["decode"].append({"batch": batch, "context": args.context, "steps": steps, "seconds": secs,
-                                  "tokens_per_s": toks / secs, "ms_per_step": 1e3 * secs / steps})
+                                  "tokens_per_s": toks / secs, "ms_per_step": 1e3 * secs / steps,
+                                  "median_ms_per_step": 1e3 * median})
         return out
 
     measure()  # warm-up: the same shapes, so kernel compilation and allocator growth are not timed

@@ -62,8 +62,8 @@ def engine_steps(llm: LLM, batches: list[int], context: int, chunk: int, steps: 
             llm.engine.add_request(f"d{b}-{i}-{time.monotonic_ns()}",
                                    prompt_token_ids=torch.randint(0, vocab, (context,), generator=g).tolist(),
                                    sampling=SamplingParams(max_tokens=steps + 1, ignore_eos=True))
-        secs, _, n = timed_steps(llm, "cuda", want_prefill=False)
-        return 1e3 * secs / n
+        _, _, _, median = timed_steps(llm, "cuda", want_prefill=False)
+        return 1e3 * median  # median step, as the ceiling takes the median replay
 
     for b in batches:
         run_decode(b)  # warm-up at this shape
@@ -74,8 +74,8 @@ def engine_steps(llm: LLM, batches: list[int], context: int, chunk: int, steps: 
             llm.engine.add_request(f"p-{i}-{time.monotonic_ns()}",
                                    prompt_token_ids=torch.randint(0, vocab, (chunk,), generator=g).tolist(),
                                    sampling=SamplingParams(max_tokens=1, ignore_eos=True))
-        secs, toks, n = timed_steps(llm, "cuda", want_prefill=True)
-        return secs / n, toks // n
+        _, toks, n, median = timed_steps(llm, "cuda", want_prefill=True)
+        return median, toks // n
 
     run_prefill()
     seconds, tokens = run_prefill()
