@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tetriinfer.predictor.buckets import BucketSpec
+from tetriinfer.sched.lengths import BucketSpec
 from tetriinfer.predictor.metrics import kendall_tau_b
 from tetriinfer.predictor.sources import (
     SPLITS, conversation_group, format_chat, sharegpt_examples, split_examples, split_of,

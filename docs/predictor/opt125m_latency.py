@@ -12,7 +12,7 @@ import torch
 from transformers import OPTConfig, OPTForSequenceClassification, PreTrainedTokenizerFast
 
 from tetriinfer.predictor.artifact import DEFAULT_DIR
-from tetriinfer.predictor.buckets import BucketSpec
+from tetriinfer.sched.lengths import BucketSpec
 from tetriinfer.predictor.examples import read_examples
 from tetriinfer.predictor.model_hf import HFLengthModel
 from tetriinfer.predictor.serving import ModelLengthPredictor

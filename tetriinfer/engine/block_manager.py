@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from tetriinfer.sched.lengths import blocks_for
+
 
 class OutOfBlocks(RuntimeError):
     pass
@@ -26,7 +28,7 @@ class BlockManager:
         return len(self._free)
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free)

@@ -4,7 +4,7 @@ The prefill side calls `load_predictor(dir_or_None_or_"none").predict(prompts)` 
 This package root imports no torch; the model loads on first `load_predictor`.
 """
 
-from tetriinfer.predictor.buckets import BucketSpec
+from tetriinfer.sched.lengths import BucketSpec
 from tetriinfer.predictor.serving import (
     ConstantPredictor,
     LengthPrediction,

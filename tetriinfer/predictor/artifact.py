@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tetriinfer.predictor.buckets import BucketSpec
+from tetriinfer.sched.lengths import BucketSpec
 
 META_FILE = "predictor.json"
 DEFAULT_DIR = Path(__file__).parent / "default"

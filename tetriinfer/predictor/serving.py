@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tetriinfer.predictor.artifact import DEFAULT_DIR, load_model, read_meta
-from tetriinfer.predictor.buckets import BucketSpec
+from tetriinfer.sched.lengths import BucketSpec
 
 Prompts = Sequence[str] | Sequence[Sequence[int]]
 DISABLED = "none"

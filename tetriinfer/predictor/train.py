@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from tetriinfer.predictor.artifact import PredictorMeta, write_meta
-from tetriinfer.predictor.buckets import BucketSpec
+from tetriinfer.sched.lengths import BucketSpec
 from tetriinfer.predictor.config import TrainConfig
 from tetriinfer.predictor.examples import LengthExample, read_examples
 from tetriinfer.predictor.metrics import accuracy, kendall_tau_b, majority_bucket

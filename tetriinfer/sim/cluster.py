@@ -21,7 +21,7 @@ from tetriinfer.sched.baselines import ColocatedScheduler
 from tetriinfer.sched.dispatcher import Dispatcher
 from tetriinfer.sched.flip import FlipPolicy
 from tetriinfer.sched.global_scheduler import GlobalScheduler
-from tetriinfer.sched.lengths import blocks_for, bucket_lower, bucket_upper, is_heavy_decode
+from tetriinfer.sched.lengths import blocks_for, is_heavy_decode
 from tetriinfer.sched.monitor import DECODE, PREFILL, ClusterMonitor, ClusterSnapshot, InstanceStatus
 from tetriinfer.sched.prefill_queue import PrefillQueue
 from tetriinfer.sim.instances import ColocatedInstance, DecodeInstance, PrefillInstance
@@ -289,8 +289,8 @@ class ClusterSim:
             req.heavy = req.output_tokens > p.heavy_decode_tokens
         else:
             req.bucket = self.predictor.predict(req.output_tokens, req.request_id)
-            need = bucket_lower(req.bucket, p.bucket_size)
-            reserve = req.predicted_output = bucket_upper(req.bucket, p.bucket_size)
+            need, reserve = self.predictor.bucket_bounds(req.bucket)
+            req.predicted_output = reserve
             req.heavy = is_heavy_decode(req.bucket, p.bucket_size, p.heavy_decode_tokens)
         req.need_blocks = min(blocks_for(prompt + max(need, 1), bs), cap)
         req.reserve_blocks = min(blocks_for(prompt + reserve, bs), cap)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 from tetriinfer.config import PolicyConfig
-from tetriinfer.sched.lengths import bucket_lower, bucket_upper
+from tetriinfer.sched.lengths import BucketSpec
 
 
 class OracleLengthPredictor:
@@ -36,6 +36,7 @@ class OracleLengthPredictor:
             raise ValueError(f"neighbour_share must be in (0, 1], got {neighbour_share}")
         self.accuracy = accuracy
         self.bucket_size = bucket_size
+        self.buckets = BucketSpec(bucket_size, None)  # bounds at nominal width, also for a last bucket
         self.seed = seed
         self.num_buckets = num_buckets
         self.neighbour_share = neighbour_share
@@ -64,7 +65,7 @@ class OracleLengthPredictor:
     def bucket_bounds(self, bucket: int) -> tuple[int, int]:
         """Output lengths [lower, upper) bucket `bucket` stands for; the last bucket of a bounded
         classifier still reports its nominal width."""
-        return bucket_lower(bucket, self.bucket_size), bucket_upper(bucket, self.bucket_size)
+        return self.buckets.lower(bucket), self.buckets.upper(bucket)
 
     def _wrong_bucket(self, truth: int, offset: int) -> int:
         top = self.num_buckets - 1 if self.num_buckets is not None else None
