@@ -75,3 +75,23 @@ def test_bad_policy_or_window_raises():
         PrefillQueue("random")
     with pytest.raises(ValueError):
         PrefillQueue("sjf", 0)
+
+
+def test_take_pops_whole_requests_in_policy_order():
+    q = PrefillQueue("sjf", sort_window=3)
+    for rid, n in [("a", 50), ("b", 10), ("c", 30), ("d", 5)]:
+        q.add(Req(rid, n))
+    taken = q.take(35)  # the first window sorted by length: b(10), c(30) cover 35 -> stop
+    assert [r.request_id for r in taken] == ["b", "c"]
+    assert q.pending_tokens == 55 and len(q) == 2
+    assert [r.request_id for r in q.take(10**6)] == ["a", "d"]
+    assert q.pending_tokens == 0 and len(q) == 0 and q.take(1) == []
+
+
+def test_remove_drops_a_request_and_its_load():
+    q = PrefillQueue("fcfs", sort_window=2)
+    for rid, n in [("a", 5), ("b", 7), ("c", 11)]:
+        q.add(Req(rid, n))
+    q.take(1)  # sorts the first window: a leaves, b stays ordered
+    assert q.remove("b") and q.remove("c") and not q.remove("zzz")
+    assert q.pending_tokens == 0 and len(q) == 0

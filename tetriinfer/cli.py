@@ -13,8 +13,10 @@ import sys
 SUBCOMMANDS = (
     "tetriinfer.entrypoints.generate",
     "tetriinfer.entrypoints.profile",
+    "tetriinfer.entrypoints.serve",
     "tetriinfer.predictor.cli",
     "tetriinfer.sim.cli",
+    "tetriinfer.bench.cli",
 )
 
 

@@ -205,3 +205,61 @@ class SimConfig:
     flip: FlipConfig = field(default_factory=FlipConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
     seed: int = 0
+
+
+# --- Serving cluster (issue 4) --------------------------------------------------------------------
+
+SERVE_MODES = ("disagg", "colocated")
+COLOCATED_BASELINES = ("vllm", "sarathi")
+KV_TRANSPORTS = ("auto", "shm", "gloo", "nccl", "cuda_ipc")
+LAUNCHERS = ("local", "ray")
+
+
+@dataclass
+class ServeConfig:
+    """`tetriinfer serve`: the cluster's shape, its policies and the HTTP front.
+
+    `disagg`: `num_prefill` + `num_decode` instances (the paper's system). `colocated`:
+    `num_instances` instances each running whole requests with the `baseline` step policy (`vllm`:
+    prefill first, whole prompts up to `policy.max_num_batched_tokens` per step; `sarathi`: decodes
+    plus prompt chunks up to `policy.chunk_size` tokens per step). `engine` is the template every
+    instance's engine is built from (its device `cuda` becomes `cuda:i` for instance i).
+    """
+
+    mode: str = "disagg"
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_instances: int = 1
+    baseline: str = "sarathi"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    kv_transport: str = "auto"
+    kv_timeout_s: float = 30.0
+    predictor: str | None = None  # directory of a trained predictor; None: the shipped one; "none": constant
+    launcher: str = "local"
+    monitor_interval_s: float = 0.1
+    dead_after_s: float = 5.0
+    startup_timeout_s: float = 600.0
+    torch_threads: int | None = None  # per CPU instance (default: cores / instances, at least 1)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    flip: FlipConfig = field(default_factory=FlipConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, SERVE_MODES)
+        _check_choice("baseline", self.baseline, COLOCATED_BASELINES)
+        _check_choice("kv_transport", self.kv_transport, KV_TRANSPORTS)
+        _check_choice("launcher", self.launcher, LAUNCHERS)
+        for name in ("num_prefill", "num_decode", "num_instances"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.kv_timeout_s <= 0 or self.dead_after_s <= 0 or self.monitor_interval_s <= 0:
+            raise ValueError("kv_timeout_s, dead_after_s and monitor_interval_s must be > 0")
+
+    @property
+    def total_instances(self) -> int:
+        return self.num_instances if self.mode == "colocated" else self.num_prefill + self.num_decode

@@ -25,6 +25,11 @@ from tetriinfer.model.loader import TORCH_DTYPES, load_model
 from tetriinfer.sampling_params import SamplingParams
 
 CPU_DEFAULT_MEMORY_FRACTION = 0.05
+
+
+class NoProgress(RuntimeError):
+    """Nothing can run: every free KV block is held by prefilled requests waiting to be exported."""
+
 GPU_DEFAULT_MEMORY_FRACTION = 0.9
 
 
@@ -163,10 +168,15 @@ class LLMEngine:
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """Run one forward pass; return the outputs of requests that got a token (finished or not),
         or with `final_only` of those that finished (no per-step copies: offline batch runs)."""
+        return [self._output(r) for r in self.step_requests() if not final_only or r.status.finished]
+
+    def step_requests(self) -> list[Request]:
+        """Run one forward pass; return the requests that got a token, their state updated (a
+        server reads the new tokens from them without copying whole outputs)."""
         plan = self.scheduler.schedule()
         if plan.empty:
             if self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress: the KV cache is held by requests awaiting export")
+                raise NoProgress("scheduler made no progress: the KV cache is held by requests awaiting export")
             return []
         logits = self.runner.execute(plan)
         sampled = [p.request for p in plan.prefill if p.completes_prompt] + plan.decode
@@ -176,14 +186,11 @@ class LLMEngine:
             piece.request.num_computed_tokens = piece.start + piece.length
         for req in plan.decode:
             req.num_computed_tokens += 1
-        outputs = []
         for i, req in enumerate(sampled):
             if req.status == RequestStatus.WAITING:
                 self.scheduler.on_prefill_done(req)
             self._append_token(req, result.token_ids[i], None if result.logprobs is None else result.logprobs[i], now)
-            if not final_only or req.status.finished:
-                outputs.append(self._output(req))
-        return outputs
+        return sampled
 
     def _append_token(self, req: Request, token: int, logprob: float | None, now: float) -> None:
         req.output_token_ids.append(token)
@@ -250,8 +257,9 @@ class LLMEngine:
         self.scheduler.remove(req)
         return exported
 
-    def import_request(self, kv: RequestKV) -> Request:
-        """Place an exported request into fresh blocks of this engine; it continues decoding here."""
+    def import_request(self, kv: RequestKV, block_ids: list[int] | None = None) -> Request:
+        """Place an exported request into this engine; it continues decoding here. `block_ids`:
+        blocks reserved for it beforehand (taken over by the request); else fresh ones."""
         if kv.request_id in self.requests:
             raise ValueError(f"request id {kv.request_id!r} is already in use")
         expected = (self.arch.num_layers, kv.num_cached_tokens, self.arch.num_kv_heads, self.arch.head_dim)
@@ -263,7 +271,11 @@ class LLMEngine:
         if kv.num_cached_tokens != req.num_tokens - 1:
             raise ValueError(f"KV holds {kv.num_cached_tokens} tokens, expected {req.num_tokens - 1}")
         need = self.block_manager.blocks_for_tokens(kv.num_cached_tokens)
-        req.block_ids = self.block_manager.allocate(need)  # raises OutOfBlocks with nothing taken
+        if block_ids is None:
+            block_ids = self.block_manager.allocate(need)  # raises OutOfBlocks with nothing taken
+        elif len(block_ids) < need:
+            raise ValueError(f"{len(block_ids)} reserved blocks cannot hold {kv.num_cached_tokens} tokens")
+        req.block_ids = block_ids
         self.runner.write_kv(req.block_ids, kv.k, kv.v)
         req.num_computed_tokens = kv.num_cached_tokens
         req.status = RequestStatus.RUNNING

@@ -40,6 +40,14 @@ def resolve_model(name_or_path: str) -> tuple[dict, Path | None]:
     return json.loads((path / "config.json").read_text()), path
 
 
+def load_arch_and_tokenizer(name_or_path: str) -> tuple[ModelArch, Tokenizer | None]:
+    """What a front end needs of a model (shapes, context, tokenizer) without building its weights."""
+    hf_config, model_dir = resolve_model(name_or_path)
+    arch = ModelArch.from_hf_config(hf_config)
+    tokenizer = load_tokenizer(model_dir, arch.bos_token_id, arch.eos_token_ids[0] if arch.eos_token_ids else None)
+    return arch, tokenizer
+
+
 def model_class(arch: ModelArch) -> type[nn.Module]:
     return OPTForCausalLM if arch.is_opt else LlamaForCausalLM
 
@@ -70,7 +78,7 @@ def load_model(name_or_path: str, dtype: str, device: str, load_format: str, see
     else:
         load_safetensors(model, weight_files)
     model.eval().requires_grad_(False)
-    tokenizer = load_tokenizer(model_dir, arch.bos_token_id, arch.eos_token_ids[0] if arch.eos_token_ids else None)
+    _, tokenizer = load_arch_and_tokenizer(name_or_path)
     return LoadedModel(model, arch, tokenizer, name_or_path)
 
 

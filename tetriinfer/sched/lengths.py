@@ -58,3 +58,12 @@ def is_heavy_decode(bucket: int, bucket_size: int, heavy_decode_tokens: int) -> 
 
 def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
+
+
+def placement_blocks(prompt_tokens: int, lower: int, upper: int, block_size: int, capacity_blocks: int) -> tuple[int, int]:
+    """(need, reserve) KV blocks of a prefilled request predicted to output [lower, upper) tokens:
+    the dispatcher places by the lower bound (at least one token), admission reserves the upper;
+    both capped at the instance's capacity so a long prediction never blocks a request for good."""
+    need = min(blocks_for(prompt_tokens + max(lower, 1), block_size), capacity_blocks)
+    reserve = min(blocks_for(prompt_tokens + max(upper, 1), block_size), capacity_blocks)
+    return need, reserve

@@ -44,10 +44,22 @@ class PrefillQueue:
         self._arrived.append(request)
         self.pending_tokens += request.prompt_len - request.num_prefilled
 
+    def remove(self, request_id: Hashable) -> bool:
+        """Drop a queued request (aborted); False if it is not here."""
+        for queue in (self._arrived, self._ordered):
+            for request in queue:
+                if request.request_id == request_id:
+                    queue.remove(request)
+                    remaining = request.prompt_len - request.num_prefilled
+                    self.pending_tokens -= remaining
+                    if queue is self._ordered:
+                        self._ordered_tokens -= remaining
+                    return True
+        return False
+
     def ordered(self, min_tokens: int) -> Iterator[QueuedPrompt]:
         """Requests in scheduling order, sorting new windows until `min_tokens` are covered."""
-        while self._ordered_tokens < min_tokens and self._arrived:
-            self._sort_next_window()
+        self._sort_until(min_tokens)
         return iter(self._ordered)
 
     def next_chunk(self, chunk_size: int, pad: bool = True) -> Chunk:
@@ -67,6 +79,26 @@ class PrefillQueue:
             if request.num_prefilled >= request.prompt_len:
                 done.append(self._ordered.popleft())
         return done
+
+    def take(self, min_tokens: int) -> list[QueuedPrompt]:
+        """Remove and return whole requests from the head, in scheduling order, until they cover
+        `min_tokens` prompt tokens (or the queue is empty): for a caller that runs the prompts
+        elsewhere (an engine's own chunker) but keeps this queue's order."""
+        taken: list[QueuedPrompt] = []
+        covered = 0
+        self._sort_until(min_tokens)
+        while self._ordered and covered < min_tokens:
+            request = self._ordered.popleft()
+            remaining = request.prompt_len - request.num_prefilled
+            self._ordered_tokens -= remaining
+            self.pending_tokens -= remaining
+            covered += remaining
+            taken.append(request)
+        return taken
+
+    def _sort_until(self, min_tokens: int) -> None:
+        while self._ordered_tokens < min_tokens and self._arrived:
+            self._sort_next_window()
 
     def _sort_next_window(self) -> None:
         take = min(self.sort_window, len(self._arrived))

@@ -21,7 +21,7 @@ from tetriinfer.sched.baselines import ColocatedScheduler
 from tetriinfer.sched.dispatcher import Dispatcher
 from tetriinfer.sched.flip import FlipPolicy
 from tetriinfer.sched.global_scheduler import GlobalScheduler
-from tetriinfer.sched.lengths import blocks_for, is_heavy_decode
+from tetriinfer.sched.lengths import blocks_for, is_heavy_decode, placement_blocks
 from tetriinfer.sched.monitor import DECODE, PREFILL, ClusterMonitor, ClusterSnapshot, InstanceStatus
 from tetriinfer.sched.prefill_queue import PrefillQueue
 from tetriinfer.sim.instances import ColocatedInstance, DecodeInstance, PrefillInstance
@@ -292,8 +292,7 @@ class ClusterSim:
             need, reserve = self.predictor.bucket_bounds(req.bucket)
             req.predicted_output = reserve
             req.heavy = is_heavy_decode(req.bucket, p.bucket_size, p.heavy_decode_tokens)
-        req.need_blocks = min(blocks_for(prompt + max(need, 1), bs), cap)
-        req.reserve_blocks = min(blocks_for(prompt + reserve, bs), cap)
+        req.need_blocks, req.reserve_blocks = placement_blocks(prompt, need, reserve, bs, cap)
 
     def _dispatch(self, inst: PrefillInstance, now: float) -> None:
         """Send waiting prefilled requests to decode instances chosen from the snapshot; those

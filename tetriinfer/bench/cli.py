@@ -1,0 +1,154 @@
+"""`tetriinfer bench serve`: drive a running OpenAI-compatible server with a workload and report.
+
+The requests are the ones `tetriinfer simulate` builds for the same --workload/--trace/--num-requests/
+--rate/--seed flags (closed batch without --rate, Poisson at --rate, traces keep their timestamps),
+so a real run and a simulated one can be compared line by line. Each is a streaming /v1/completions
+of token ids (ignore_eos, greedy). Metrics are taken at the client: TTFT from the send to the first
+streamed token. The client cannot see instances, so resource time is makespan x --instances (each
+instance counted from the start to the last finish).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks against a running server",
+                                  description="Benchmarks against a running server.")
+    commands = bench.add_subparsers(dest="bench_command", required=True)
+    p = commands.add_parser(
+        "serve", help="send a workload to a running server and report TTFT/TPOT/JCT",
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server root (…/v1 is added)")
+    p.add_argument("--workload", default="mixed", help="lpld|lphd|hpld|hphd|mixed|azure-code|azure-conv")
+    p.add_argument("--trace", default=None, help="CSV with columns arrival_s,prompt_tokens,output_tokens")
+    p.add_argument("--num-requests", type=int, default=128, help="ignored with --trace (every row is sent)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="Poisson arrivals at this many requests/s "
+                        "(default: closed batch; traces keep their timestamps)")
+    p.add_argument("--seed", type=int, default=0, help="workload draw, arrivals and prompt token ids")
+    p.add_argument("--concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
+    p.add_argument("--model", default=None, help="model name to request (default: the first of GET /v1/models)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn from [0, this)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="drop requests whose prompt + output exceed it, as simulate does with the "
+                        "model's context (default: no cap)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="cut longer prompts to this many tokens (output lengths unchanged)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per request (default: none)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="GPUs/instances behind the server: resource time = this x makespan")
+    p.add_argument("--label", default="server", help="system name in the table and the JSON")
+    p.add_argument("--ttft-slo", type=float, default=None, help="seconds")
+    p.add_argument("--tpot-slo", type=float, default=None, help="seconds")
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT",
+                   help="write the report as JSON here (the layout of simulate --json)")
+    p.add_argument("--plot", default=None, help="TTFT/JCT CDF image (default with --json: beside it)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def build_specs(
+    workload: str,
+    num_requests: int,
+    *,
+    trace: str | None = None,
+    rate: float | None = None,
+    seed: int = 0,
+    max_total_tokens: int | None = None,
+) -> list:
+    """The requests of `tetriinfer simulate`'s flags: a trace CSV as written, else the named workload
+    (Poisson at `rate`; without it a closed batch, or the Azure timestamps). `max_total_tokens` drops
+    requests whose prompt + output exceed it (trace CSV rows too; the rest are renumbered 0..n-1)."""
+    import dataclasses
+
+    from tetriinfer.bench.workload import load_trace_csv, make_workload
+
+    if trace:
+        specs = load_trace_csv(trace)
+        if max_total_tokens is not None:
+            kept = [s for s in specs if s.prompt_tokens + s.output_tokens <= max_total_tokens]
+            if not kept:
+                raise ValueError(f"{trace}: no row has prompt + output <= {max_total_tokens} tokens")
+            specs = [dataclasses.replace(s, request_id=i) for i, s in enumerate(kept)]
+        return specs
+    azure = workload.startswith("azure")
+    arrival = "poisson" if rate else ("trace" if azure else "closed")
+    return make_workload(workload, num_requests, seed=seed, arrival=arrival, rate=rate,
+                         max_total_tokens=max_total_tokens)
+
+
+def cap_prompts(specs: list, max_prompt_tokens: int) -> list:
+    import dataclasses
+
+    if max_prompt_tokens < 1:
+        raise ValueError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
+    return [dataclasses.replace(s, prompt_tokens=min(s.prompt_tokens, max_prompt_tokens)) for s in specs]
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from tetriinfer.bench.metrics import format_table, plot_distributions, summarize
+    from tetriinfer.bench.serve_client import run_load_sync
+
+    if args.instances < 1:
+        raise ValueError(f"--instances must be >= 1, got {args.instances}")
+    specs = build_specs(args.workload, args.num_requests, trace=args.trace, rate=args.rate, seed=args.seed,
+                        max_total_tokens=args.max_model_len)
+    if args.max_prompt_tokens is not None:
+        specs = cap_prompts(specs, args.max_prompt_tokens)
+    result = run_load_sync(args.url, specs, model=args.model, api_key=args.api_key, vocab_size=args.vocab_size,
+                           progress=not args.no_progress, concurrency=args.concurrency, seed=args.seed,
+                           timeout_s=args.timeout)
+    print(f"{len(specs)} requests of {args.trace or args.workload} against {args.url} "
+          f"in {result.wall_s:.2f} s: {len(result.records)} ok, {len(result.failures)} failed")
+    for reason, count in result.failures_by_reason().items():
+        example = next(f for f in result.failures if f.reason == reason)
+        print(f"  failed {count}x {reason} (e.g. request {example.request_id}: {example.error[:120]})")
+    asked = {s.request_id: s.output_tokens for s in specs}
+    short = sum(1 for r in result.records if r.output_tokens != asked[r.request_id])
+    if short:
+        print(f"  note: {short} requests streamed a different number of tokens than max_tokens asked")
+    if not result.records:
+        print("no request succeeded: nothing to summarize")
+        return 1
+
+    last_finish = max(r.finish_s for r in result.records)
+    # Every instance is counted from the start to the last finish: resource time = K x makespan.
+    instances = {f"instance{i}": last_finish for i in range(args.instances)}
+    summary = summarize(result.records, instances, ttft_slo_s=args.ttft_slo, tpot_slo_s=args.tpot_slo, start_s=0.0)
+    print(format_table({args.label: summary}))
+
+    config = {k: getattr(args, k) for k in (
+        "url", "workload", "trace", "num_requests", "rate", "seed", "concurrency", "model", "vocab_size",
+        "max_model_len", "max_prompt_tokens", "timeout", "instances", "ttft_slo", "tpot_slo")}
+    config["model"] = result.model
+    report = {args.label: {
+        "config": config,
+        "summary": dataclasses.asdict(summary),
+        "num_sent": len(specs),
+        "num_failures": len(result.failures),
+        "failures_by_reason": result.failures_by_reason(),
+        "failures": [dataclasses.asdict(f) for f in result.failures],
+        "wall_s": result.wall_s,
+    }}
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json_out}")
+    plot = args.plot or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else None)
+    if plot:
+        try:
+            plot_distributions({args.label: result.records}, plot)
+            print(f"wrote {plot}")
+        except ImportError:
+            if args.plot:
+                raise
+            print("no plot: matplotlib is not installed (pip install 'tetriinfer[plot]')")
+    return 0

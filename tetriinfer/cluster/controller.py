@@ -1,0 +1,199 @@
+"""The controller process: global scheduler, cluster monitor and flip policy (all from `sched`).
+
+It routes each submitted request to the least-loaded prefill (or colocated) instance, collects
+every instance's stats (its heartbeat), broadcasts the monitor snapshot (decode loads for the
+dispatchers, and the address book) every `monitor_interval_s`, orders flips, and declares an
+instance dead when its heartbeat stops or its process is gone: the API then fails the requests it
+held and nobody routes to it again. It never touches a tensor (no torch import).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from tetriinfer.cluster import messages as msg
+from tetriinfer.cluster.zmq_io import Inbox, Outboxes
+from tetriinfer.config import FlipConfig
+from tetriinfer.sched.flip import FlipPolicy
+from tetriinfer.sched.global_scheduler import GlobalScheduler
+from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL, ClusterSnapshot, InstanceStatus
+from tetriinfer.sched.dispatcher import DecodeLoad
+
+log = logging.getLogger("tetriinfer.controller")
+
+
+@dataclass
+class ControllerConfig:
+    api_address: str
+    num_instances: int
+    host: str = "127.0.0.1"
+    port: int | None = None  # the inbox; a free port when None (the launcher passes one)
+    monitor_interval_s: float = 0.1
+    dead_after_s: float = 5.0  # no stats for this long: the instance is dead
+    flip: FlipConfig = field(default_factory=FlipConfig)
+    pids: dict[int, int] = field(default_factory=dict)  # local launcher: instance -> pid, checked each tick
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.inbox = Inbox(config.host, config.port)
+        self.out = Outboxes()
+        self.ready: dict[int, msg.Ready] = {}
+        self.stats: dict[int, msg.InstanceStats] = {}
+        self.last_seen: dict[int, float] = {}
+        self.dead: dict[int, str] = {}
+        self.draining: set[int] = set()  # ordered to flip, FlipDone not yet back
+        self.pids = dict(config.pids)
+        self.global_scheduler = GlobalScheduler([])
+        self.flip_policy = FlipPolicy(config.flip)
+        self.num_flips = 0
+        self.last_flip_s: float | None = None
+        self.cluster_ready = False
+        self._running = True
+        self._start = time.monotonic()
+
+    @property
+    def address(self) -> str:
+        return self.inbox.address
+
+    def live(self) -> list[int]:
+        return [i for i in self.ready if i not in self.dead]
+
+    def serve(self) -> None:
+        next_tick = time.monotonic()
+        try:
+            while self._running:
+                wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+                for message in self.inbox.drain(timeout_ms=max(wait_ms, 1)):
+                    self._handle(message)
+                if time.monotonic() >= next_tick:
+                    self._tick()
+                    next_tick = time.monotonic() + self.config.monitor_interval_s
+        finally:
+            self.inbox.close()
+            self.out.close()
+
+    def _handle(self, message) -> None:
+        now = time.monotonic()
+        if isinstance(message, msg.Submit):
+            self._route(message)
+        elif isinstance(message, msg.Abort):
+            for i in self.live():
+                self.out.send(self.ready[i].address, message)
+        elif isinstance(message, msg.InstanceStats):
+            if message.instance_id not in self.dead:
+                self.stats[message.instance_id] = message
+                self.last_seen[message.instance_id] = now
+        elif isinstance(message, msg.Ready):
+            self.ready[message.instance_id] = message
+            self.last_seen[message.instance_id] = now
+            self.pids.setdefault(message.instance_id, message.pid)
+            if not self.cluster_ready and len(self.ready) == self.config.num_instances:
+                self.cluster_ready = True
+                self._tick()  # everyone gets the address book before the first request
+                max_len = min(r.max_model_len for r in self.ready.values())
+                self.out.send(self.config.api_address, msg.ClusterReady(len(self.ready), max_len))
+        elif isinstance(message, msg.FlipDone):
+            self.draining.discard(message.instance_id)
+            self.num_flips += 1
+            self.last_flip_s = message.drain_s + message.switch_s
+            log.warning("instance %d is now %s: drained in %.3f s, switched in %.6f s",
+                        message.instance_id, message.role, message.drain_s, message.switch_s)
+        elif isinstance(message, msg.Shutdown):
+            for i in self.live():
+                self.out.send(self.ready[i].address, message)
+            self._running = False
+
+    def _route(self, submit: msg.Submit) -> None:
+        try:
+            instance_id = self.global_scheduler.pick(len(submit.prompt_token_ids))
+        except RuntimeError:
+            error = "no prefill instance is available" if self.cluster_ready else "the cluster is still starting"
+            self.out.send(self.config.api_address, msg.TokenBatch(-1, [
+                msg.TokenDelta(submit.request_id, [], "", None, "error", None, error)]))
+            return
+        self.out.send(self.ready[instance_id].address, submit)
+        self.out.send(self.config.api_address, msg.Routed(submit.request_id, instance_id))
+
+    # ---- the monitor tick --------------------------------------------------------------------------
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self._find_dead(now)
+        live = [self.stats[i] for i in self.live() if i in self.stats]
+        # The role each instance reports, unless it is draining for a flip the controller ordered.
+        active = [s for s in live if s.instance_id not in self.draining and not s.draining]
+        prefill_loads = {s.instance_id: s.queued_prompt_tokens for s in active if s.role in (PREFILL, COLOCATED)}
+        decode_loads = [s.decode_load for s in active if s.role == DECODE and s.decode_load is not None]
+        self.global_scheduler.update(prefill_loads)
+        addresses = {i: self.ready[i].address for i in self.live()}
+        snapshot = msg.Snapshot(now - self._start, decode_loads, addresses)
+        for i in self.live():
+            self.out.send(self.ready[i].address, snapshot)
+        if self.cluster_ready:
+            self._flip(now, live, decode_loads)
+        self.out.send(self.config.api_address, msg.ClusterStats(
+            live, self.num_flips, self.last_flip_s, sorted(self.dead)))
+
+    def _flip(self, now: float, live: list[msg.InstanceStats], decode_loads: list[msg.DecodeLoadMsg]) -> None:
+        if not self.config.flip.enabled or not live or any(s.role == COLOCATED for s in live):
+            return
+        statuses = tuple(InstanceStatus(s.instance_id, s.role, s.load_fraction,
+                                        s.draining or s.instance_id in self.draining) for s in live)
+        snapshot = ClusterSnapshot(
+            now - self._start, statuses,
+            {s.instance_id: s.queued_prompt_tokens for s in live if s.role == PREFILL},
+            tuple(DecodeLoad(d.instance_id, d.room_blocks, d.num_heavy, d.num_light, 0, d.free_slots)
+                  for d in decode_loads),
+            sum(s.num_dispatch_waiting for s in live),
+        )
+        for order in self.flip_policy.decide(snapshot):
+            self.draining.add(order.instance_id)
+            self.global_scheduler.update({i: load for i, load in snapshot.prefill_loads.items()
+                                          if i != order.instance_id})
+            self.out.send(self.ready[order.instance_id].address, msg.Flip(order.to_role))
+            log.warning("flip: instance %s -> %s", order.instance_id, order.to_role)
+
+    def _find_dead(self, now: float) -> None:
+        for i in self.live():
+            reason = None
+            if now - self.last_seen.get(i, now) > self.config.dead_after_s:
+                reason = f"no heartbeat for {self.config.dead_after_s:.1f} s"
+            elif i in self.pids and not _pid_alive(self.pids[i]):
+                reason = f"its process {self.pids[i]} exited"
+            if reason is not None:
+                self.dead[i] = reason
+                self.stats.pop(i, None)
+                self.draining.discard(i)
+                log.error("instance %d is dead: %s", i, reason)
+                self.out.send(self.config.api_address, msg.InstanceDied(i, reason))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # reaps it if it is our child and gone
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child (instances are the launcher's children): fall back to a signal probe
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); /proc tells us it is done.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def run_controller(config: ControllerConfig) -> None:
+    logging.basicConfig(level=os.environ.get("TETRIINFER_LOG", "WARNING"),
+                        format="%(asctime)s controller %(levelname)s %(message)s")
+    Controller(config).serve()

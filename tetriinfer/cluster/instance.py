@@ -1,0 +1,621 @@
+"""One instance process: an engine on one device, driven by the `sched` policies of its role.
+
+Roles (sched.monitor): PREFILL runs prompts in fixed-size chunks, streams the first token, predicts
+the decode length, and hands the request (with its KV) to a decode instance its dispatcher picks;
+DECODE admits offered requests (admission policy), reserves their blocks, receives their KV and
+decodes them; COLOCATED (the baselines) runs whole requests. PREFILL and DECODE flip into each
+other on the controller's order, in the same process with the same weights.
+
+Hand-off, prefill P -> decode D (messages in cluster.messages, bytes through cluster.kv_transfer):
+    P: prefill done -> predict -> dispatcher picks D -> KVOffer
+    D: admission allows -> reserve blocks -> KVReady(transfer_id)
+    P: export KV (frees P's blocks) -> start_send -> KVPush(descriptor)
+    D: recv into the reserved blocks -> import -> KVDone; tokens now stream from D.
+Any failure (timeout, dead peer, abort) frees what each side holds and ends the request with an
+error delta to the API; nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zmq
+
+from tetriinfer.cluster import messages as msg
+from tetriinfer.cluster.zmq_io import Inbox, Outboxes
+from tetriinfer.config import EngineConfig, FlipConfig, PolicyConfig
+from tetriinfer.sched.admission import AdmissionView, admits
+from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
+from tetriinfer.sched.lengths import blocks_for, is_heavy_decode, placement_blocks
+from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
+from tetriinfer.sched.prefill_queue import PrefillQueue
+
+log = logging.getLogger("tetriinfer.instance")
+
+
+@dataclass
+class InstanceConfig:
+    instance_id: int
+    role: str
+    engine: EngineConfig
+    policy: PolicyConfig
+    flip: FlipConfig
+    controller_address: str
+    api_address: str
+    host: str = "127.0.0.1"
+    kv_transport: str = "shm"
+    kv_init_method: str | None = None  # torch.distributed rendezvous for the gloo / nccl transports
+    world_size: int = 1
+    kv_timeout_s: float = 30.0
+    stats_interval_s: float = 0.05
+    predictor: str | None = None  # a trained predictor's directory; None: the shipped one; "none": constant
+    torch_threads: int | None = None  # CPU instances sharing a machine: threads per instance
+
+
+@dataclass
+class Pending:
+    """A prompt waiting in the instance's prefill queue (the engine has not seen it yet)."""
+
+    request_id: str
+    submit: msg.Submit
+    prompt_len: int
+    num_prefilled: int = 0
+    prediction: Future | None = None
+
+
+@dataclass
+class Parked:
+    """A prefilled request on a prefill instance, its KV held until a decode instance takes it."""
+
+    request_id: str
+    prediction: Future | None
+    need_blocks: int = 0
+    heavy: bool = False
+    reserve_blocks: int = 0
+    predicted_decode_tokens: int = 0
+    decode_left: int = 0  # read by the oracle dispatch policy only; unknown when serving
+    dst: int | None = None  # offered to this decode instance
+    transfer_id: int | None = None
+    deadline: float = 0.0  # while sending: give up after this
+
+
+@dataclass
+class Incoming:
+    """A request admitted on a decode instance: blocks reserved, KV on its way."""
+
+    offer: msg.KVOffer
+    transfer_id: int
+    block_ids: list[int]
+    deadline: float
+    receiving: bool = False
+    cancelled: bool = False
+
+
+@dataclass
+class Assigned:
+    """A request sent to this decode instance and not finished: what the dispatcher's view counts."""
+
+    need_blocks: int
+    heavy: bool
+    reserve_blocks: int
+    predicted_total_tokens: int
+
+
+@dataclass
+class TransferCounters:
+    bytes: int = 0
+    seconds: float = 0.0
+    count: int = 0
+    failures: int = 0
+
+
+@dataclass
+class FlipState:
+    to_role: str
+    ordered_at: float
+
+
+class Instance:
+    def __init__(self, config: InstanceConfig) -> None:
+        import torch
+
+        from tetriinfer.cluster.kv_transfer import make_transport
+        from tetriinfer.engine.engine import LLMEngine
+        from tetriinfer.predictor.serving import load_predictor
+
+        self.config = config
+        self.instance_id = config.instance_id
+        self.role = config.role
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.engine = LLMEngine(config.engine)
+        self.block_size = config.engine.cache.block_size
+        self.capacity_blocks = self.engine.block_manager.num_blocks
+        self.chunk_size = config.engine.scheduler.chunk_size
+        self.max_num_seqs = config.engine.scheduler.max_num_seqs
+        tokenizer = self.engine.tokenizer
+        self.predictor = None
+        if config.role != COLOCATED:
+            decode = tokenizer.decode if tokenizer is not None else None
+            self.predictor = load_predictor(config.predictor, decode=decode)
+        self.transport = make_transport(
+            config.kv_transport, rank=config.instance_id, world_size=config.world_size,
+            init_method=config.kv_init_method, device=config.engine.device, timeout_s=config.kv_timeout_s,
+        ) if config.role != COLOCATED else None
+        self.inbox = Inbox(config.host)
+        self.out = Outboxes()
+        self.addresses: dict[int, str] = {}
+        self.dispatcher = Dispatcher(config.policy.dispatch_policy, random.Random(config.instance_id))
+        self.queue = PrefillQueue(config.policy.prefill_policy, config.policy.sort_window)
+        self.sent_tokens: dict[str, int] = {}  # output tokens already streamed, per engine request
+        # prefill role
+        self.parked: dict[str, Parked] = {}
+        self.dispatch_wait: deque[Parked] = deque()
+        self.sending: dict[int, Parked] = {}  # transfer id -> request whose KV is on its way out
+        # decode role
+        self.offers: deque[msg.KVOffer] = deque()
+        self.incoming: dict[str, Incoming] = {}
+        self.assigned: dict[str, Assigned] = {}
+        self.transfers_out = TransferCounters()
+        self.transfers_in = TransferCounters()
+        self._receives: dict[int, tuple[Future, msg.KVPush]] = {}
+        self._recv_pool = ThreadPoolExecutor(1, thread_name_prefix="kv-recv")  # one at a time: p2p order
+        self._next_transfer = 0
+        self.flip: FlipState | None = None
+        self._last_stats = 0.0
+        self._running = True
+        self._deltas: list[msg.TokenDelta] = []
+
+    # ---- main loop -------------------------------------------------------------------------------
+    def serve(self) -> None:
+        cfg = self.config
+        self.out.send(cfg.controller_address, msg.Ready(
+            self.instance_id, self.inbox.address, os.getpid(), self.role, self.engine.max_model_len))
+        try:
+            while self._running:
+                busy = self.engine.has_unfinished_requests() or bool(self.queue)
+                for message in self.inbox.drain(timeout_ms=0 if busy else 5):
+                    self._handle(message)
+                self._feed_engine()
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._dispatch()
+                self._admit()
+                self._poll_transfers()
+                self._flush_deltas()
+                self._maybe_finish_flip()
+                now = time.monotonic()
+                if now - self._last_stats >= cfg.stats_interval_s:
+                    self._last_stats = now
+                    self.out.send(cfg.controller_address, self._stats())
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self._recv_pool.shutdown(wait=False, cancel_futures=True)
+        for parked in self.sending.values():
+            self.transport.cancel_send(parked.transfer_id)
+        if self.transport is not None:
+            self.transport.close()
+        if self.predictor is not None:
+            self.predictor.close()
+        self.inbox.close()
+        self.out.close()
+
+    def _handle(self, message) -> None:
+        if isinstance(message, msg.Submit):
+            self._on_submit(message)
+        elif isinstance(message, msg.Abort):
+            self._on_abort(message.request_id)
+        elif isinstance(message, msg.Snapshot):
+            self._on_snapshot(message)
+        elif isinstance(message, msg.KVOffer):
+            self._on_offer(message)
+        elif isinstance(message, msg.KVReady):
+            self._on_ready(message)
+        elif isinstance(message, msg.KVPush):
+            self._on_push(message)
+        elif isinstance(message, msg.KVCancel):
+            self._on_cancel(message)
+        elif isinstance(message, msg.KVDone):
+            self._on_done(message)
+        elif isinstance(message, msg.Flip):
+            self._on_flip(message)
+        elif isinstance(message, msg.Shutdown):
+            self._running = False
+        else:
+            log.warning("instance %d: unexpected message %r", self.instance_id, type(message).__name__)
+
+    # ---- prompts in ------------------------------------------------------------------------------
+    def _on_submit(self, submit: msg.Submit) -> None:
+        prediction = None
+        if self.role == PREFILL and self.predictor is not None:
+            prediction = self.predictor.submit([submit.prompt_token_ids])  # runs beside the prefill
+        self.queue.add(Pending(submit.request_id, submit, len(submit.prompt_token_ids), prediction=prediction))
+
+    def _feed_engine(self) -> None:
+        """Hand prompts from the policy-ordered queue to the engine just in time: the engine's own
+        chunker stays FCFS over what it has, so the queue's order (SJF, LJF) is the order served."""
+        if not self.queue:
+            return
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in self.engine.scheduler.waiting)
+        if queued >= self.chunk_size:
+            return
+        for pending in self.queue.take(self.chunk_size - queued):
+            s = pending.submit
+            try:
+                self.engine.add_request(s.request_id, prompt_token_ids=s.prompt_token_ids, sampling=s.sampling,
+                                        prefill_only=self.role == PREFILL)
+            except ValueError as e:  # the API validates first; this is the last line of defence
+                self._fail(s.request_id, str(e))
+                continue
+            self.engine.requests[s.request_id].prompt = s.prompt
+            self.sent_tokens[s.request_id] = 0
+            if pending.prediction is not None:
+                self.parked[s.request_id] = Parked(s.request_id, pending.prediction)
+
+    # ---- stepping and streaming -------------------------------------------------------------------
+    def _step(self) -> None:
+        from tetriinfer.engine.engine import NoProgress
+        from tetriinfer.engine.request import RequestStatus
+
+        try:
+            stepped = self.engine.step_requests()
+        except NoProgress:
+            return  # parked requests hold the cache; their hand-off frees it
+        for req in stepped:
+            self._emit(req)
+            if req.status == RequestStatus.PREFILLED:
+                self._park(req)
+            elif req.status.finished:
+                self.sent_tokens.pop(req.request_id, None)
+                self.parked.pop(req.request_id, None)
+                self.assigned.pop(req.request_id, None)
+
+    def _emit(self, req) -> None:
+        """Queue the request's new tokens (and its end) for the API."""
+        sent = self.sent_tokens.get(req.request_id, 0)
+        new = req.output_token_ids[sent:]
+        self.sent_tokens[req.request_id] = sent + len(new)
+        finished = req.status.finished
+        text = req.detokenizer.take_delta() if req.detokenizer is not None else ""
+        if finished and req.detokenizer is not None:
+            text += req.detokenizer.finish()
+        self._deltas.append(msg.TokenDelta(
+            req.request_id, list(new), text,
+            req.output_logprobs[sent:] if req.sampling.logprobs else None,
+            req.status.value if finished else None, req.stop_reason,
+        ))
+
+    def _fail(self, request_id: str, error: str) -> None:
+        log.warning("instance %d: request %s failed: %s", self.instance_id, request_id, error)
+        self._deltas.append(msg.TokenDelta(request_id, [], "", None, "error", None, error))
+
+    def _flush_deltas(self) -> None:
+        if self._deltas:
+            self.out.send(self.config.api_address, msg.TokenBatch(self.instance_id, self._deltas))
+            self._deltas = []
+
+    # ---- prefill role: dispatch and send ---------------------------------------------------------
+    def _park(self, req) -> None:
+        parked = self.parked.get(req.request_id)
+        if parked is None:  # flipped from decode while this request was queued: predict now
+            parked = self.parked[req.request_id] = Parked(req.request_id, self.predictor.submit([req.prompt_token_ids]))
+        prompt, max_tokens = len(req.prompt_token_ids), req.sampling.max_tokens
+        lower, upper = 1, max_tokens
+        if parked.prediction is not None:
+            prediction = parked.prediction.result()[0]
+            lower, upper = min(prediction.lower, max_tokens), min(prediction.upper, max_tokens)
+            parked.heavy = is_heavy_decode(prediction.bucket, self.predictor.buckets.granularity,
+                                           self.config.policy.heavy_decode_tokens)
+        parked.need_blocks, parked.reserve_blocks = placement_blocks(
+            prompt, lower, upper, self.block_size, self.capacity_blocks)
+        parked.predicted_decode_tokens = upper
+        self.dispatch_wait.append(parked)
+
+    def _dispatch(self) -> None:
+        if self.role != PREFILL or not self.dispatch_wait:
+            return
+        for parked, dst in self.dispatcher.place_waiting(self.dispatch_wait, self.config.policy.sort_window):
+            parked.dst = dst
+            req = self.engine.requests[parked.request_id]
+            self._send_to(dst, msg.KVOffer(parked.request_id, self.instance_id, req.num_computed_tokens,
+                                           parked.need_blocks, parked.reserve_blocks, parked.heavy,
+                                           parked.predicted_decode_tokens))
+
+    def _on_ready(self, ready: msg.KVReady) -> None:
+        parked = self.parked.get(ready.request_id)
+        if parked is None or parked.dst != ready.dst_instance or ready.request_id not in self.engine.requests:
+            self._send_to(ready.dst_instance, msg.KVCancel(ready.request_id, ready.transfer_id, "request is gone"))
+            return
+        kv = self.engine.export_request(ready.request_id)  # frees this side's blocks
+        self.sent_tokens.pop(ready.request_id, None)
+        parked.transfer_id = ready.transfer_id
+        parked.deadline = time.monotonic() + self.config.kv_timeout_s
+        try:
+            descriptor = self.transport.start_send(ready.dst_instance, ready.transfer_id, kv.k, kv.v)
+        except Exception as e:  # noqa: BLE001 - any transport failure ends this request, not the instance
+            self._transfer_failed(parked, f"KV transfer to instance {ready.dst_instance} failed: {e}")
+            return
+        self.sending[ready.transfer_id] = parked
+        self._send_to(ready.dst_instance, msg.KVPush(
+            kv.request_id, self.instance_id, ready.transfer_id, kv.prompt_token_ids, kv.output_token_ids,
+            kv.output_logprobs, kv.sampling, kv.prompt, descriptor))
+        self.transfers_out.bytes += kv.nbytes
+
+    def _on_done(self, done: msg.KVDone) -> None:
+        parked = self.sending.pop(done.transfer_id, None)
+        self.transport.release(done.transfer_id)
+        if parked is None:
+            return
+        self.parked.pop(parked.request_id, None)
+        if done.ok:
+            self.transfers_out.count += 1
+            self.transfers_out.seconds += done.seconds
+        else:  # the decode side reported the error to the API
+            self.transfers_out.failures += 1
+
+    def _transfer_failed(self, parked: Parked, error: str) -> None:
+        self.transfers_out.failures += 1
+        if parked.transfer_id is not None:
+            self.transport.cancel_send(parked.transfer_id)
+            self.sending.pop(parked.transfer_id, None)
+            if parked.dst in self.addresses:
+                self._send_to(parked.dst, msg.KVCancel(parked.request_id, parked.transfer_id, error))
+        self.parked.pop(parked.request_id, None)
+        if parked.request_id in self.engine.requests:
+            self.engine.abort_request(parked.request_id)
+        self._fail(parked.request_id, error)
+
+    # ---- decode role: admit, receive -------------------------------------------------------------
+    def _on_offer(self, offer: msg.KVOffer) -> None:
+        if self.role != DECODE or self.flip is not None:
+            # Offered from a stale view (we flipped or are draining): the prefill side re-dispatches.
+            self._send_to(offer.src_instance, msg.KVCancel(offer.request_id, -1, "not taking requests"))
+            return
+        self.assigned[offer.request_id] = Assigned(offer.need_blocks, offer.heavy, offer.reserve_blocks,
+                                                   offer.num_cached_tokens + offer.predicted_decode_tokens)
+        self.offers.append(offer)
+
+    def _admission_view(self) -> AdmissionView:
+        running = self.engine.scheduler.running
+        reserved = {rid: a.reserve_blocks for rid, a in self.assigned.items()
+                    if rid in self.incoming or rid in self.engine.requests}
+        # The running request predicted to finish first gives its reservation back first.
+        shortest = min(running, key=lambda r: self.assigned[r.request_id].predicted_total_tokens - r.num_tokens
+                       if r.request_id in self.assigned else 1 << 30, default=None)
+        shortest_blocks = reserved.get(shortest.request_id, 0) if shortest is not None else 0
+        return AdmissionView(self.capacity_blocks, self.engine.block_manager.num_free_blocks, sum(reserved.values()),
+                             shortest_blocks, len(running) + len(self.incoming), self.max_num_seqs)
+
+    def _admit(self) -> None:
+        blocks = self.engine.block_manager
+        while self.offers and self.role == DECODE:
+            offer = self.offers[0]
+            now_blocks = blocks_for(offer.num_cached_tokens + 1, self.block_size)
+            if not admits(self.config.policy.admission_policy, self._admission_view(), now_blocks, offer.reserve_blocks):
+                break
+            self.offers.popleft()
+            self._next_transfer += 1
+            transfer_id = self.instance_id << 32 | self._next_transfer
+            reserved = blocks.allocate(blocks_for(offer.num_cached_tokens, self.block_size))
+            self.incoming[offer.request_id] = Incoming(offer, transfer_id, reserved,
+                                                       time.monotonic() + self.config.kv_timeout_s)
+            self._send_to(offer.src_instance, msg.KVReady(offer.request_id, self.instance_id, transfer_id))
+
+    def _on_push(self, push: msg.KVPush) -> None:
+        # Always receive, even for a request given up meanwhile: the transport must be drained in order.
+        incoming = self.incoming.get(push.request_id)
+        if incoming is not None:
+            incoming.receiving = True
+        device = self.config.engine.device
+        future = self._recv_pool.submit(self.transport.recv, push.src_instance, push.transfer_id, push.descriptor,
+                                        self.config.kv_timeout_s, device)
+        self._receives[push.transfer_id] = (future, push)
+
+    def _poll_transfers(self) -> None:
+        now = time.monotonic()
+        for transfer_id, (future, push) in list(self._receives.items()):
+            if future.done():
+                del self._receives[transfer_id]
+                self._land(push, future)
+        for rid, incoming in list(self.incoming.items()):
+            if not incoming.receiving and (now > incoming.deadline or incoming.offer.src_instance not in self.addresses):
+                self._drop_incoming(rid, "KV never arrived from instance %d" % incoming.offer.src_instance)
+        for parked in list(self.sending.values()):
+            if now > parked.deadline or parked.dst not in self.addresses:
+                self._transfer_failed(parked, f"KV transfer to instance {parked.dst} timed out or its peer died")
+
+    def _land(self, push: msg.KVPush, future: Future) -> None:
+        from tetriinfer.engine.engine import RequestKV
+
+        incoming = self.incoming.pop(push.request_id, None)
+        error = None
+        try:
+            k, v = future.result()
+        except Exception as e:  # noqa: BLE001
+            error = f"KV transfer from instance {push.src_instance} failed: {e}"
+        if incoming is None or incoming.cancelled or incoming.transfer_id != push.transfer_id:
+            if incoming is not None:
+                self.engine.block_manager.free(incoming.block_ids)
+            self._send_to(push.src_instance, msg.KVDone(push.request_id, push.transfer_id, False, 0.0, "request is gone"))
+            return
+        if error is None:
+            kv = RequestKV(push.request_id, push.prompt, push.prompt_token_ids, push.output_token_ids,
+                           push.output_logprobs, push.sampling, time.monotonic(), None, k, v)
+            try:
+                req = self.engine.import_request(kv, incoming.block_ids)
+            except ValueError as e:
+                error = f"KV from instance {push.src_instance} does not fit: {e}"
+        if error is not None:
+            self.engine.block_manager.free(incoming.block_ids)
+            self.assigned.pop(push.request_id, None)
+            self.transfers_in.failures += 1
+            self._fail(push.request_id, error)
+            self._send_to(push.src_instance, msg.KVDone(push.request_id, push.transfer_id, False, 0.0, error))
+            return
+        seconds = time.monotonic() - (incoming.deadline - self.config.kv_timeout_s)
+        self.transfers_in.count += 1
+        self.transfers_in.bytes += k.nbytes + v.nbytes
+        self.transfers_in.seconds += seconds
+        self.sent_tokens[req.request_id] = len(req.output_token_ids)
+        req.detokenizer = self._resume_detokenizer(req)
+        self._deltas.append(msg.TokenDelta(req.request_id, [], ""))  # ownership moves here
+        self._send_to(push.src_instance, msg.KVDone(push.request_id, push.transfer_id, True, seconds, None))
+
+    def _resume_detokenizer(self, req):
+        return self.engine.new_detokenizer(req, already_sent=True)
+
+    def _drop_incoming(self, request_id: str, reason: str) -> None:
+        incoming = self.incoming.pop(request_id)
+        self.engine.block_manager.free(incoming.block_ids)
+        self.assigned.pop(request_id, None)
+        log.warning("instance %d: dropped incoming %s: %s", self.instance_id, request_id, reason)
+
+    def _on_cancel(self, cancel: msg.KVCancel) -> None:
+        rid = cancel.request_id
+        if self.role == PREFILL or rid in self.parked:
+            parked = self.parked.get(rid)
+            if parked is None:
+                return
+            if cancel.transfer_id == -1 and parked.transfer_id is None:
+                parked.dst = None  # the decode instance declined: place it again
+                self.dispatch_wait.append(parked)
+                return
+            self._transfer_failed(parked, f"decode instance gave up the transfer: {cancel.reason}")
+            return
+        incoming = self.incoming.get(rid)
+        if incoming is not None:
+            if incoming.receiving:
+                incoming.cancelled = True  # the receive finishes, then its blocks are freed
+            else:
+                self._drop_incoming(rid, cancel.reason)
+        self._drop_offer(rid)
+
+    def _drop_offer(self, request_id: str) -> None:
+        for offer in self.offers:
+            if offer.request_id == request_id:
+                self.offers.remove(offer)
+                self.assigned.pop(request_id, None)
+                return
+
+    # ---- abort, snapshot, flip -------------------------------------------------------------------
+    def _on_abort(self, request_id: str) -> None:
+        self.queue.remove(request_id)
+        parked = self.parked.pop(request_id, None)
+        if parked is not None:
+            if parked in self.dispatch_wait:
+                self.dispatch_wait.remove(parked)
+            if parked.transfer_id is not None:
+                self.sending.pop(parked.transfer_id, None)
+                self.transport.cancel_send(parked.transfer_id)
+            if parked.dst is not None and parked.dst in self.addresses:
+                self._send_to(parked.dst, msg.KVCancel(request_id, parked.transfer_id or -1, "aborted"))
+        if request_id in self.engine.requests:
+            self.engine.abort_request(request_id)
+        self.sent_tokens.pop(request_id, None)
+        incoming = self.incoming.get(request_id)
+        if incoming is not None:
+            if incoming.receiving:
+                incoming.cancelled = True
+            else:
+                self._drop_incoming(request_id, "aborted")
+        self._drop_offer(request_id)
+        self.assigned.pop(request_id, None)
+
+    def _on_snapshot(self, snapshot: msg.Snapshot) -> None:
+        self.addresses = dict(snapshot.addresses)
+        self.dispatcher.update([DecodeLoad(d.instance_id, d.room_blocks, d.num_heavy, d.num_light, 0, d.free_slots)
+                                for d in snapshot.decode_loads])
+
+    def _on_flip(self, flip: msg.Flip) -> None:
+        if flip.to_role == self.role or self.role == COLOCATED:
+            return
+        self.flip = FlipState(flip.to_role, time.monotonic())
+        # Offers not yet admitted go back to their prefill instances, to be placed elsewhere.
+        while self.offers:
+            offer = self.offers.popleft()
+            self.assigned.pop(offer.request_id, None)
+            self._send_to(offer.src_instance, msg.KVCancel(offer.request_id, -1, "instance is flipping"))
+
+    def _maybe_finish_flip(self) -> None:
+        from tetriinfer.engine.request import RequestStatus
+
+        if self.flip is None:
+            return
+        if self.role == PREFILL:
+            in_flight = any(p.dst is not None for p in self.parked.values())
+            drained = not self.queue and not self.engine.scheduler.waiting and not in_flight
+        else:
+            drained = not self.engine.has_unfinished_requests() and not self.incoming and not self._receives
+        if not drained:
+            return
+        drained_at = time.monotonic()
+        if self.role == PREFILL:
+            # Prefilled requests still waiting for a decode instance decode right here.
+            while self.dispatch_wait:
+                parked = self.dispatch_wait.popleft()
+                self.parked.pop(parked.request_id, None)
+                req = self.engine.requests[parked.request_id]
+                req.status = RequestStatus.RUNNING
+                self.engine.scheduler.add_running(req)
+        self.role = self.flip.to_role
+        switched_at = time.monotonic()
+        self.out.send(self.config.controller_address, msg.FlipDone(
+            self.instance_id, self.role, drained_at - self.flip.ordered_at, switched_at - drained_at))
+        log.info("instance %d flipped to %s (drain %.3f s)", self.instance_id, self.role, drained_at - self.flip.ordered_at)
+        self.flip = None
+        self._last_stats = 0.0  # report the new role now
+
+    # ---- reporting -------------------------------------------------------------------------------
+    def _decode_load(self) -> msg.DecodeLoadMsg:
+        bm = self.engine.block_manager
+        held = self.capacity_blocks - bm.num_free_blocks
+        need = sum(a.need_blocks for a in self.assigned.values())
+        heavy = sum(1 for a in self.assigned.values() if a.heavy)
+        return msg.DecodeLoadMsg(self.instance_id, self.capacity_blocks - max(held, need), heavy,
+                                 len(self.assigned) - heavy, self.max_num_seqs - len(self.assigned))
+
+    def _stats(self) -> msg.InstanceStats:
+        bm = self.engine.block_manager
+        used = self.capacity_blocks - bm.num_free_blocks
+        queued = self.queue.pending_tokens + sum(r.num_tokens - r.num_computed_tokens
+                                                 for r in self.engine.scheduler.waiting)
+        running = len(self.engine.scheduler.running)
+        if self.role == DECODE:
+            fraction = max(used / self.capacity_blocks, len(self.assigned) / self.max_num_seqs)
+            waiting = len(self.offers)
+        else:
+            fraction = queued / (self.config.flip.prefill_pressure_chunks * self.chunk_size)
+            waiting = len(self.queue) + len(self.engine.scheduler.waiting)
+        out, into = self.transfers_out, self.transfers_in
+        return msg.InstanceStats(
+            self.instance_id, self.role, self.inbox.address, self.flip is not None, fraction, queued, waiting,
+            running, len(self.dispatch_wait), self.capacity_blocks, used,
+            self._decode_load() if self.role == DECODE else None,
+            out.bytes + into.bytes, out.seconds + into.seconds, out.count + into.count, out.failures + into.failures,
+        )
+
+    def _send_to(self, instance_id: int, message) -> None:
+        address = self.addresses.get(instance_id)
+        if address is None:
+            log.warning("instance %d: no address for instance %d; dropped %s", self.instance_id, instance_id,
+                        type(message).__name__)
+            return
+        self.out.send(address, message)
+
+
+def run_instance(config: InstanceConfig) -> None:
+    """Process entry point (local launcher and Ray)."""
+    logging.basicConfig(level=os.environ.get("TETRIINFER_LOG", "WARNING"),
+                        format=f"%(asctime)s instance {config.instance_id} %(levelname)s %(message)s")
+    try:
+        Instance(config).serve()
+    except zmq.ContextTerminated:
+        pass

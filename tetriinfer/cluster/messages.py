@@ -1,0 +1,207 @@
+"""Every message between the cluster's processes, as typed msgspec structs over ZeroMQ.
+
+Each process binds one PULL socket (its inbox) and PUSHes to the inboxes of the others; a frame
+is one `Message`, encoded with msgpack. Who sends what:
+
+    API        -> controller : Submit, Abort, Shutdown
+    controller -> instance   : Submit (routed), Abort, Snapshot, Flip, Shutdown
+    controller -> API        : Routed, InstanceDied, ClusterStats, ClusterReady
+    instance   -> controller : Ready, InstanceStats, FlipDone
+    instance   -> API        : TokenBatch (tokens stream straight from the instance that made them)
+    instance   -> instance   : KVOffer, KVReady, KVCancel, KVPush, KVDone (the KV bytes go through `kv_transfer`)
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from tetriinfer.sampling_params import SamplingParams
+
+
+class Submit(msgspec.Struct, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    prompt: str | None = None
+
+
+class Abort(msgspec.Struct, tag=True):
+    request_id: str
+    reason: str = "aborted"
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+class Routed(msgspec.Struct, tag=True):
+    """The controller placed a request on a (prefill or colocated) instance."""
+
+    request_id: str
+    instance_id: int
+
+
+class TokenDelta(msgspec.Struct, array_like=True):
+    """New output of one request since its last delta. `finish_reason` ("stop", "length", "abort",
+    "error") ends the request; `error` says why for "error". A delta without tokens only moves the
+    request's ownership to `instance_id` (its KV arrived there)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+
+
+class TokenBatch(msgspec.Struct, tag=True):
+    instance_id: int
+    deltas: list[TokenDelta]
+
+
+class DecodeLoadMsg(msgspec.Struct, array_like=True):
+    """sched.dispatcher.DecodeLoad on the wire."""
+
+    instance_id: int
+    room_blocks: int
+    num_heavy: int
+    num_light: int
+    free_slots: int
+
+
+class InstanceStats(msgspec.Struct, tag=True):
+    """What an instance reports every monitor interval (and its heartbeat)."""
+
+    instance_id: int
+    role: str  # sched.monitor.PREFILL / DECODE / COLOCATED
+    address: str  # its inbox
+    draining: bool
+    load_fraction: float
+    queued_prompt_tokens: int  # the global scheduler's load
+    num_waiting: int  # queued for prefill (prefill, colocated) or for admission (decode)
+    num_running: int
+    num_dispatch_waiting: int  # prefilled, no decode instance with room yet
+    kv_blocks_total: int
+    kv_blocks_used: int
+    decode_load: DecodeLoadMsg | None
+    kv_transfer_bytes: int  # totals since start (counters)
+    kv_transfer_seconds: float
+    kv_transfers: int
+    kv_transfer_failures: int
+
+
+class Ready(msgspec.Struct, tag=True):
+    instance_id: int
+    address: str
+    pid: int
+    role: str
+    max_model_len: int
+
+
+class ClusterReady(msgspec.Struct, tag=True):
+    num_instances: int
+    max_model_len: int
+
+
+class Snapshot(msgspec.Struct, tag=True):
+    """The monitor's broadcast: decode loads for the dispatchers, and the address book."""
+
+    time_s: float
+    decode_loads: list[DecodeLoadMsg]
+    addresses: dict[int, str]
+
+
+class Flip(msgspec.Struct, tag=True):
+    to_role: str
+
+
+class FlipDone(msgspec.Struct, tag=True):
+    instance_id: int
+    role: str
+    drain_s: float  # order to drained
+    switch_s: float  # drained to serving in the new role
+
+
+class InstanceDied(msgspec.Struct, tag=True):
+    instance_id: int
+    reason: str
+
+
+class ClusterStats(msgspec.Struct, tag=True):
+    """The controller's view, for /metrics: latest stats per live instance plus cluster counters."""
+
+    instances: list[InstanceStats]
+    num_flips: int
+    last_flip_s: float | None
+    dead_instances: list[int]
+
+
+class KVOffer(msgspec.Struct, tag=True):
+    """Prefill -> decode: a prefilled request the dispatcher picked this instance for."""
+
+    request_id: str
+    src_instance: int
+    num_cached_tokens: int
+    need_blocks: int  # prompt + predicted output (lower bound): what the dispatcher placed
+    reserve_blocks: int  # prompt + predicted output (upper bound): what admission reserves
+    heavy: bool
+    predicted_decode_tokens: int
+
+
+class KVReady(msgspec.Struct, tag=True):
+    """Decode -> prefill: blocks are reserved; push the KV."""
+
+    request_id: str
+    dst_instance: int
+    transfer_id: int
+
+
+class KVCancel(msgspec.Struct, tag=True):
+    """Either side gives a transfer up (request aborted or failed): the other frees what it holds."""
+
+    request_id: str
+    transfer_id: int
+    reason: str
+
+
+class KVPush(msgspec.Struct, tag=True):
+    """Prefill -> decode: the request's state; the K/V travel through the transport per `descriptor`."""
+
+    request_id: str
+    src_instance: int
+    transfer_id: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    output_logprobs: list[float]
+    sampling: SamplingParams
+    prompt: str | None
+    text_sent: int  # characters of output text already streamed to the API (by the prefill side)
+    descriptor: dict  # the transport's description of the sent tensors
+
+
+class KVDone(msgspec.Struct, tag=True):
+    """Decode -> prefill: the KV landed (`ok`) or the request failed there (reported to the API)."""
+
+    request_id: str
+    transfer_id: int
+    ok: bool
+    seconds: float
+    error: str | None
+
+
+Message = (
+    Submit | Abort | Shutdown | Routed | TokenBatch | InstanceStats | Ready | ClusterReady | Snapshot | Flip
+    | FlipDone | InstanceDied | ClusterStats | KVOffer | KVReady | KVCancel | KVPush | KVDone
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(frame: bytes):
+    return _decoder.decode(frame)

@@ -1,0 +1,150 @@
+"""`tetriinfer serve`: start a cluster (controller + instance processes) behind the OpenAI API.
+
+With no arguments: the tiny built-in model, one prefill and one decode instance, on the CPU, at
+http://127.0.0.1:8000. This process is the API process (FastAPI under uvicorn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from tetriinfer.entrypoints.generate import add_engine_arguments
+
+log = logging.getLogger("tetriinfer.serve")
+
+
+def add_parser(subparsers) -> None:
+    from tetriinfer.config import (
+        ADMISSION_POLICIES, COLOCATED_BASELINES, DISPATCH_POLICIES, KV_TRANSPORTS, LAUNCHERS, PREFILL_POLICIES,
+        SERVE_MODES, FlipConfig, PolicyConfig, ServeConfig,
+    )
+
+    serve, policy, flip = ServeConfig(), PolicyConfig(), FlipConfig()
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_engine_arguments(p)
+    g = p.add_argument_group("cluster")
+    g.add_argument("--mode", default=serve.mode, choices=SERVE_MODES,
+                   help="disagg: prefill and decode instances (TetriInfer); colocated: the baselines")
+    g.add_argument("--prefill-instances", type=int, default=serve.num_prefill)
+    g.add_argument("--decode-instances", type=int, default=serve.num_decode)
+    g.add_argument("--instances", type=int, default=serve.num_instances, help="colocated mode: instances")
+    g.add_argument("--baseline", default=serve.baseline, choices=COLOCATED_BASELINES,
+                   help="colocated mode: vllm (prefill first, whole prompts) or sarathi (chunked, mixed steps)")
+    g.add_argument("--kv-transport", default=serve.kv_transport, choices=KV_TRANSPORTS,
+                   help="auto: shared memory on CPU, CUDA IPC between GPUs of one host")
+    g.add_argument("--kv-timeout", type=float, default=serve.kv_timeout_s, help="seconds before a KV transfer fails")
+    g.add_argument("--predictor", default=serve.predictor,
+                   help="trained length predictor directory; default: the shipped one; 'none': constant fallback")
+    g.add_argument("--launcher", default=serve.launcher, choices=LAUNCHERS, help="ray needs the [ray] extra")
+    g.add_argument("--ray-address", default=None, help="with --launcher ray: the cluster to join (default: auto)")
+    g.add_argument("--monitor-interval", type=float, default=serve.monitor_interval_s, help="seconds")
+    g.add_argument("--dead-after", type=float, default=serve.dead_after_s,
+                   help="seconds without a heartbeat before an instance counts as dead")
+    g.add_argument("--torch-threads", type=int, default=None, help="CPU threads per CPU instance")
+    s = p.add_argument_group("scheduling")
+    s.add_argument("--prefill-policy", default=policy.prefill_policy, choices=PREFILL_POLICIES)
+    s.add_argument("--sort-window", type=int, default=policy.sort_window)
+    s.add_argument("--dispatch", default=policy.dispatch_policy, choices=[d for d in DISPATCH_POLICIES if d != "oracle"])
+    s.add_argument("--admission", default=policy.admission_policy, choices=ADMISSION_POLICIES)
+    s.add_argument("--max-num-batched-tokens", type=int, default=policy.max_num_batched_tokens,
+                   help="vllm baseline: prompt tokens per prefill step")
+    s.add_argument("--flip", action="store_true", help="let idle instances flip between prefill and decode")
+    s.add_argument("--flip-idle", type=float, default=flip.idle_s, help="seconds underused before a flip")
+    s.add_argument("--flip-cooldown", type=float, default=flip.cooldown_s)
+    h = p.add_argument_group("http")
+    h.add_argument("--host", default=serve.host)
+    h.add_argument("--port", type=int, default=serve.port)
+    h.add_argument("--api-key", default=os.environ.get("TETRIINFER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $TETRIINFER_API_KEY)")
+    h.add_argument("--served-model-name", default=None, help="the name clients use (default: --model)")
+    p.set_defaults(func=run)
+
+
+def serve_config(args: argparse.Namespace):
+    from tetriinfer.config import CacheConfig, EngineConfig, EngineSchedulerConfig, FlipConfig, PolicyConfig, ServeConfig
+
+    engine = EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
+        attention_backend=args.attention_backend, seed=args.seed, max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        cache=CacheConfig(args.block_size, args.num_blocks, args.memory_fraction),
+        scheduler=EngineSchedulerConfig(args.chunk_size, args.max_num_seqs, args.step_policy),
+    )
+    policy = PolicyConfig(
+        prefill_policy=args.prefill_policy, sort_window=args.sort_window, chunk_size=args.chunk_size,
+        dispatch_policy=args.dispatch, admission_policy=args.admission, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    flip = FlipConfig(enabled=args.flip, idle_s=args.flip_idle, cooldown_s=args.flip_cooldown)
+    return ServeConfig(
+        mode=args.mode, num_prefill=args.prefill_instances, num_decode=args.decode_instances,
+        num_instances=args.instances, baseline=args.baseline, host=args.host, port=args.port, api_key=args.api_key,
+        served_model_name=args.served_model_name, kv_transport=args.kv_transport, kv_timeout_s=args.kv_timeout,
+        predictor=args.predictor, launcher=args.launcher, monitor_interval_s=args.monitor_interval,
+        dead_after_s=args.dead_after, torch_threads=args.torch_threads, engine=engine, policy=policy, flip=flip,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=os.environ.get("TETRIINFER_LOG", "WARNING"),
+                        format="%(asctime)s api %(levelname)s %(message)s")
+    cfg = serve_config(args)
+    return asyncio.run(serve(cfg, ray_address=args.ray_address))
+
+
+async def serve(cfg, ray_address: str | None = None) -> int:
+    import uvicorn
+
+    from tetriinfer.cluster.client import ClusterClient
+    from tetriinfer.cluster.zmq_io import AsyncInbox
+    from tetriinfer.model.loader import load_arch_and_tokenizer
+    from tetriinfer.server.app import create_app
+
+    arch, tokenizer = load_arch_and_tokenizer(cfg.engine.model)  # bad model names fail here, before any process
+    if tokenizer is None:
+        raise ValueError(f"model {cfg.engine.model!r} has no tokenizer.json; the server needs one")
+    internal_host = "0.0.0.0" if cfg.launcher == "ray" else "127.0.0.1"
+    inbox = AsyncInbox(internal_host)
+    if cfg.launcher == "ray":
+        from tetriinfer.cluster.ray_launcher import start_ray
+
+        cluster = start_ray(cfg, inbox.address, ray_address)
+    else:
+        from tetriinfer.cluster.launcher import start_local
+
+        cluster = start_local(cfg, inbox.address)
+    client = ClusterClient(inbox, cluster.controller_address, model_name=cfg.served_model_name or cfg.engine.model,
+                           max_model_len=cfg.engine.max_model_len or arch.max_position_embeddings,
+                           vocab_size=arch.vocab_size, tokenizer=tokenizer, num_instances=cfg.total_instances)
+    try:
+        await _wait_ready(client, cluster, cfg.startup_timeout_s)
+        app = create_app(client, api_key=cfg.api_key)
+        shape = (f"{cfg.num_instances} colocated {cfg.baseline} instance(s)" if cfg.mode == "colocated"
+                 else f"{cfg.num_prefill} prefill + {cfg.num_decode} decode instance(s)")
+        print(f"TetriInfer serving {client.model_name} on http://{cfg.host}:{cfg.port} ({shape}, "
+              f"{cfg.engine.device})", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+        await server.serve()
+    finally:
+        await client.close()
+        cluster.stop()
+    return 0
+
+
+async def _wait_ready(client, cluster, timeout_s: float) -> None:
+    """Wait for every instance's Ready; fail fast when a process dies while starting."""
+    start = asyncio.get_running_loop().create_task(client.start(timeout_s))
+    while not start.done():
+        await asyncio.sleep(0.2)
+        dead = [i for i in range(len(cluster.instances)) if i not in cluster.alive()]
+        if dead or not cluster.controller_alive():
+            start.cancel()
+            which = f"instance(s) {dead}" if dead else "the controller"
+            print(f"tetriinfer serve: error: {which} exited while starting; see the log above", file=sys.stderr)
+            raise SystemExit(1)
+    start.result()
