@@ -12,7 +12,8 @@ import time
 import pytest
 from aiohttp import web
 
-from tetriinfer.bench.cli import build_specs, cap_prompts
+from tetriinfer.bench.cli import cap_prompts
+from tetriinfer.bench.workload import build_specs
 from tetriinfer.bench.serve_client import SSEParser, prompt_token_ids, run_load_sync
 from tetriinfer.bench.workload import RequestSpec, poisson_arrivals
 from tetriinfer.cli import main

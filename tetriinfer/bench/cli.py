@@ -52,36 +52,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def build_specs(
-    workload: str,
-    num_requests: int,
-    *,
-    trace: str | None = None,
-    rate: float | None = None,
-    seed: int = 0,
-    max_total_tokens: int | None = None,
-) -> list:
-    """The requests of `tetriinfer simulate`'s flags: a trace CSV as written, else the named workload
-    (Poisson at `rate`; without it a closed batch, or the Azure timestamps). `max_total_tokens` drops
-    requests whose prompt + output exceed it (trace CSV rows too; the rest are renumbered 0..n-1)."""
-    import dataclasses
-
-    from tetriinfer.bench.workload import load_trace_csv, make_workload
-
-    if trace:
-        specs = load_trace_csv(trace)
-        if max_total_tokens is not None:
-            kept = [s for s in specs if s.prompt_tokens + s.output_tokens <= max_total_tokens]
-            if not kept:
-                raise ValueError(f"{trace}: no row has prompt + output <= {max_total_tokens} tokens")
-            specs = [dataclasses.replace(s, request_id=i) for i, s in enumerate(kept)]
-        return specs
-    azure = workload.startswith("azure")
-    arrival = "poisson" if rate else ("trace" if azure else "closed")
-    return make_workload(workload, num_requests, seed=seed, arrival=arrival, rate=rate,
-                         max_total_tokens=max_total_tokens)
-
-
 def cap_prompts(specs: list, max_prompt_tokens: int) -> list:
     import dataclasses
 
@@ -96,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tetriinfer.bench.metrics import format_table, plot_distributions, summarize
     from tetriinfer.bench.serve_client import run_load_sync
+    from tetriinfer.bench.workload import build_specs
 
     if args.instances < 1:
         raise ValueError(f"--instances must be >= 1, got {args.instances}")

@@ -10,6 +10,8 @@ Azure timestamps, rebased to 0). `load_trace_csv` reads any `arrival_s,prompt_to
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import functools
 import gzip
@@ -244,3 +246,29 @@ def load_trace_csv(path: str | Path) -> list[RequestSpec]:
     if not requests:
         raise ValueError(f"{path}: no requests after the header")
     return requests
+
+
+def build_specs(
+    workload: str,
+    num_requests: int,
+    *,
+    trace: str | None = None,
+    rate: float | None = None,
+    seed: int = 0,
+    max_total_tokens: int | None = None,
+) -> list:
+    """The requests of `tetriinfer simulate`'s flags: a trace CSV as written, else the named workload
+    (Poisson at `rate`; without it a closed batch, or the Azure timestamps). `max_total_tokens` drops
+    requests whose prompt + output exceed it (trace CSV rows too; the rest are renumbered 0..n-1)."""
+    if trace:
+        specs = load_trace_csv(trace)
+        if max_total_tokens is not None:
+            kept = [s for s in specs if s.prompt_tokens + s.output_tokens <= max_total_tokens]
+            if not kept:
+                raise ValueError(f"{trace}: no row has prompt + output <= {max_total_tokens} tokens")
+            specs = [dataclasses.replace(s, request_id=i) for i, s in enumerate(kept)]
+        return specs
+    azure = workload.startswith("azure")
+    arrival = "poisson" if rate else ("trace" if azure else "closed")
+    return make_workload(workload, num_requests, seed=seed, arrival=arrival, rate=rate,
+                         max_total_tokens=max_total_tokens)

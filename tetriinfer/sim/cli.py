@@ -63,16 +63,13 @@ def add_parser(subparsers) -> None:
 
 
 def build_specs(args: argparse.Namespace) -> list:
-    from tetriinfer.bench.workload import load_trace_csv, make_workload
+    from tetriinfer.bench.workload import build_specs
     from tetriinfer.presets import get_preset
 
-    if args.trace:
-        return load_trace_csv(args.trace)
-    trace = args.workload.startswith("azure")
-    arrival = "poisson" if args.rate else ("trace" if trace else "closed")
-    max_len = get_preset(args.model)["max_position_embeddings"]
-    return make_workload(args.workload, args.num_requests, seed=args.seed, arrival=arrival, rate=args.rate,
-                         max_total_tokens=max_len)
+    # Trace rows are simulated as written; workloads drop requests beyond the model's context.
+    max_len = None if args.trace else get_preset(args.model)["max_position_embeddings"]
+    return build_specs(args.workload, args.num_requests, trace=args.trace, rate=args.rate, seed=args.seed,
+                       max_total_tokens=max_len)
 
 
 def build_cost(args: argparse.Namespace):
