@@ -285,8 +285,6 @@ class Instance:
         self.sent_tokens[req.request_id] = sent + len(new)
         finished = req.status.finished
         text = req.detokenizer.take_delta() if req.detokenizer is not None else ""
-        if finished and req.detokenizer is not None:
-            text += req.detokenizer.finish()
         self._deltas.append(msg.TokenDelta(
             req.request_id, list(new), text,
             req.output_logprobs[sent:] if req.sampling.logprobs else None,
@@ -465,12 +463,8 @@ class Instance:
         self.transfers_in.bytes += k.nbytes + v.nbytes
         self.transfers_in.seconds += seconds
         self.sent_tokens[req.request_id] = len(req.output_token_ids)
-        req.detokenizer = self._resume_detokenizer(req)
         self._deltas.append(msg.TokenDelta(req.request_id, [], ""))  # ownership moves here
         self._send_to(push.src_instance, msg.KVDone(push.request_id, push.transfer_id, True, seconds, None))
-
-    def _resume_detokenizer(self, req):
-        return self.engine.new_detokenizer(req, already_sent=True)
 
     def _drop_incoming(self, request_id: str, reason: str) -> None:
         incoming = self.incoming.pop(request_id)
@@ -596,7 +590,7 @@ class Instance:
             waiting = len(self.queue) + len(self.engine.scheduler.waiting)
         out, into = self.transfers_out, self.transfers_in
         return msg.InstanceStats(
-            self.instance_id, self.role, self.inbox.address, self.flip is not None, fraction, queued, waiting,
+            self.instance_id, self.role, self.inbox.address, os.getpid(), self.flip is not None, fraction, queued, waiting,
             running, len(self.dispatch_wait), self.capacity_blocks, used,
             self._decode_load() if self.role == DECODE else None,
             out.bytes + into.bytes, out.seconds + into.seconds, out.count + into.count, out.failures + into.failures,

@@ -76,6 +76,7 @@ class InstanceStats(msgspec.Struct, tag=True):
     instance_id: int
     role: str  # sched.monitor.PREFILL / DECODE / COLOCATED
     address: str  # its inbox
+    pid: int
     draining: bool
     load_fraction: float
     queued_prompt_tokens: int  # the global scheduler's load
@@ -176,7 +177,6 @@ class KVPush(msgspec.Struct, tag=True):
     output_logprobs: list[float]
     sampling: SamplingParams
     prompt: str | None
-    text_sent: int  # characters of output text already streamed to the API (by the prefill side)
     descriptor: dict  # the transport's description of the sent tensors
 
 

@@ -11,6 +11,7 @@ import torch
 
 from tetriinfer.config import EngineConfig
 from tetriinfer.engine.block_manager import BlockManager
+from tetriinfer.engine.detokenizer import IncrementalDetokenizer
 from tetriinfer.engine.model_runner import ModelRunner
 from tetriinfer.engine.request import (
     CompletionOutput,
@@ -130,6 +131,7 @@ class LLMEngine:
         self._validate(prompt_token_ids, sampling)
         req = Request(request_id, prompt_token_ids, sampling, arrival_time or time.monotonic(), prompt=prompt,
                       prefill_only=prefill_only)
+        req.detokenizer = self.new_detokenizer(req)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req
@@ -201,19 +203,29 @@ class LLMEngine:
         status, reason = self._check_stop(req, token)
         if status is not None:
             req.status, req.stop_reason, req.finish_time = status, reason, now
+            if req.detokenizer is not None:
+                req.detokenizer.settle()  # the last delta stays for a streaming caller to take
+                req.output_text = req.detokenizer.text
             self.requests.pop(req.request_id, None)
             self.scheduler.remove(req)
+
+    def new_detokenizer(self, req: Request, already_streamed: bool = False) -> IncrementalDetokenizer | None:
+        """Turns the request's tokens into text as they come. `already_streamed`: a request moving
+        in from another engine, whose output so far was streamed there."""
+        if self.tokenizer is None:
+            return None
+        if already_streamed:
+            return IncrementalDetokenizer.replay(self.tokenizer, req.prompt_token_ids, req.sampling.stop,
+                                                 req.output_token_ids)
+        return IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.sampling.stop)
 
     def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus | None, str | int | None]:
         sp = req.sampling
         n_out = len(req.output_token_ids)
-        if sp.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output_token_ids)
-            for stop in sp.stop:
-                idx = text.find(stop)
-                if idx >= 0:
-                    req.output_text = text[:idx]
-                    return RequestStatus.FINISHED_STOPPED, stop
+        if req.detokenizer is not None:  # also advances the text, so it runs for every token
+            stop = req.detokenizer.append(token)
+            if stop is not None:
+                return RequestStatus.FINISHED_STOPPED, stop
         if n_out >= sp.min_tokens:
             if not sp.ignore_eos and token in self.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED, None
@@ -225,8 +237,6 @@ class LLMEngine:
 
     def _output(self, req: Request) -> RequestOutput:
         finished = req.status.finished
-        if finished and not req.output_text and self.tokenizer is not None:
-            req.output_text = self.tokenizer.decode(req.output_token_ids)
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
@@ -268,6 +278,7 @@ class LLMEngine:
         req = Request(kv.request_id, kv.prompt_token_ids, kv.sampling, kv.arrival_time, prompt=kv.prompt,
                       output_token_ids=list(kv.output_token_ids), output_logprobs=list(kv.output_logprobs),
                       first_token_time=kv.first_token_time)
+        req.detokenizer = self.new_detokenizer(req, already_streamed=True)
         if kv.num_cached_tokens != req.num_tokens - 1:
             raise ValueError(f"KV holds {kv.num_cached_tokens} tokens, expected {req.num_tokens - 1}")
         need = self.block_manager.blocks_for_tokens(kv.num_cached_tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from tetriinfer.engine.detokenizer import IncrementalDetokenizer
 from tetriinfer.sampling_params import SamplingParams
 
 
@@ -42,6 +43,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    detokenizer: IncrementalDetokenizer | None = None  # None when the model has no tokenizer
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,177 @@
+"""End to end: `tetriinfer serve` (tiny model, CPU) driven by the official `openai` client.
+
+One disaggregated server (1 prefill + 2 decode) and one colocated server live for the whole module;
+the fault tests that kill an instance start their own.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+
+import httpx
+import openai
+import pytest
+
+from serve_utils import start_server
+from tetriinfer import LLM, SamplingParams
+
+SERVER_ARGS = ["--num-blocks", "256", "--chunk-size", "64", "--max-model-len", "512", "--dead-after", "3"]
+PROMPTS = [f"Request {i}: the quick brown fox " + "jumps " * (i % 9) for i in range(64)]
+
+
+def sampling_for(i: int) -> dict:
+    """Half greedy, half seeded sampling: both must match the offline engine token for token."""
+    return dict(temperature=0.0) if i % 2 == 0 else dict(temperature=1.0, top_p=0.9, seed=1000 + i)
+
+
+@pytest.fixture(scope="module")
+def disagg(tmp_path_factory):
+    server = start_server(["--prefill-instances", "1", "--decode-instances", "2", *SERVER_ARGS],
+                          tmp_path_factory.mktemp("disagg"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def colocated(tmp_path_factory):
+    server = start_server(["--mode", "colocated", "--instances", "2", "--baseline", "sarathi", *SERVER_ARGS],
+                          tmp_path_factory.mktemp("colocated"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def offline():
+    llm = LLM("tiny", num_blocks=256, chunk_size=64, max_model_len=512)
+    params = [SamplingParams(max_tokens=12 + i % 5, ignore_eos=True, **sampling_for(i)) for i in range(len(PROMPTS))]
+    return {p: o.outputs[0] for p, o in zip(PROMPTS, llm.generate(PROMPTS, params))}
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def assert_no_kv_held(server) -> None:
+    server.wait_until(lambda: server.metric_sum("tetriinfer_kv_blocks_used") == 0, 20, "every KV block freed")
+
+
+@pytest.mark.parametrize("which", ["disagg", "colocated"])
+def test_completion_chat_and_stream(which, request, offline):
+    server = request.getfixturevalue(which)
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    prompt = PROMPTS[0]
+    out = c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                               extra_body={"ignore_eos": True})
+    assert out.choices[0].text == offline[prompt].text
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens == len(prompt.encode()) + 1
+
+    chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == offline[prompt].text
+    assert chunks[-1].usage.completion_tokens == 12
+
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi there"}],
+                                     max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    llm_chat = LLM("tiny", num_blocks=64).chat([{"role": "user", "content": "Hi there"}],
+                                               SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert chat.choices[0].message.content == llm_chat[0].outputs[0].text
+    assert chat.choices[0].message.role == "assistant"
+    assert_no_kv_held(server)
+
+
+@pytest.mark.parametrize("which", ["disagg", "colocated"])
+def test_64_concurrent_requests_equal_the_offline_engine(which, request, offline):
+    server = request.getfixturevalue(which)
+    c = client(server)
+
+    def one(i: int):
+        return c.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=12 + i % 5,
+                                    extra_body={"ignore_eos": True}, **sampling_for(i))
+
+    with cf.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(one, range(len(PROMPTS))))
+    for i, result in enumerate(results):
+        assert result.choices[0].text == offline[PROMPTS[i]].text, f"request {i}"
+        assert result.usage.completion_tokens == 12 + i % 5
+    assert server.metric_sum("tetriinfer_requests_total", outcome="ok") >= len(PROMPTS)
+    if which == "disagg":  # every request's KV moved from the prefill to a decode instance
+        assert server.metric_sum("tetriinfer_kv_transfer_bytes_total") > 0
+    assert_no_kv_held(server)
+
+
+def test_bad_input_gets_4xx_with_openai_error(disagg):
+    url = f"{disagg.url}/v1/completions"
+    cases = [
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (dict(json={"model": "tiny", "prompt": "hi", "max_tokens": "many"}), 400),
+        (dict(json={"model": "nope", "prompt": "hi"}), 404),
+        (dict(json={"model": "tiny", "prompt": "x" * 600}), 400),  # longer than the 512-token context
+        (dict(json={"model": "tiny", "prompt": "hi", "max_tokens": 600}), 400),
+        (dict(json={"model": "tiny", "prompt": "hi", "temperature": -1}), 400),
+    ]
+    for kwargs, status in cases:
+        r = httpx.post(url, timeout=30, **kwargs)
+        assert r.status_code == status, (kwargs, r.text)
+        assert r.json()["error"]["message"]
+    assert_no_kv_held(disagg)
+
+
+def test_client_disconnect_mid_stream_frees_kv(disagg):
+    body = {"model": "tiny", "prompt": "a long story", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{disagg.url}/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break  # hang up mid-stream
+    disagg.wait_until(lambda: disagg.metric_sum("tetriinfer_requests_total", outcome="aborted") >= 1, 20,
+                      "the abort to be counted")
+    assert_no_kv_held(disagg)
+
+
+def test_api_key_required(tmp_path):
+    server = start_server(["--api-key", "sekrit", "--decode-instances", "1", *SERVER_ARGS], tmp_path)
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekrit", max_retries=0)
+        assert ok.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        server.stop()
+
+
+def test_decode_instance_death_fails_its_requests_and_the_rest_serve_on(tmp_path):
+    server = start_server(["--prefill-instances", "1", "--decode-instances", "2", *SERVER_ARGS], tmp_path)
+    try:
+        c = client(server)
+        pids = server.wait_until(lambda: server.instance_pids() if len(server.instance_pids()) == 3 else None,
+                                 20, "three instances in /metrics")
+        victim = next(i for i, (role, _) in pids.items() if role == "decode")
+
+        def long_request(i: int):
+            try:
+                r = c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=480, temperature=0,
+                                         extra_body={"ignore_eos": True})
+                return r.usage.completion_tokens
+            except openai.APIError as e:
+                return e
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(long_request, i) for i in range(8)]
+            server.wait_until(lambda: server.metric_sum("tetriinfer_num_running", instance=victim) >= 2, 30,
+                              "requests decoding on the victim")
+            os.kill(pids[victim][1], signal.SIGKILL)
+            results = [f.result(timeout=120) for f in futures]
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert errors, "some requests were decoding on the killed instance"
+        assert all("died" in str(e) for e in errors), errors
+        server.wait_until(lambda: victim not in server.instance_pids(), 20, "the dead instance to leave /metrics")
+        for i in range(4):  # the cluster keeps serving on the remaining decode instance
+            out = c.completions.create(model="tiny", prompt=f"after {i}", max_tokens=5, temperature=0)
+            assert out.usage.completion_tokens >= 1
+        assert_no_kv_held(server)
+        assert server.metric_sum("tetriinfer_dead_instances") == 1
+    finally:
+        server.stop()

@@ -1,0 +1,540 @@
+"""The OpenAI-compatible server over a fake backend: httpx on the ASGI app for request/response
+checks, and a real uvicorn server for streaming, disconnects and the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from fake_backend import FakeBackend, serve_in_thread
+from tetriinfer.cluster.messages import ClusterStats, DecodeLoadMsg, InstanceStats
+from tetriinfer.server.app import create_app
+
+MODEL = "fake-model"
+API_KEY = "sk-test-key"
+
+
+def call(app, method: str, path: str, **kwargs) -> httpx.Response:
+    """One request to `app` in-process (httpx's ASGI transport)."""
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+def wait_until(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def sse_events(text: str) -> list:
+    """The `data:` payloads of an SSE body, JSON-decoded except [DONE]."""
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def metric_value(text: str, sample: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{sample} not in /metrics")
+
+
+def expected_text(backend: FakeBackend, prompt: str, max_tokens: int) -> str:
+    ids = backend.tokenizer.encode(prompt)
+    return backend.tokenizer.decode(backend.continuation(ids, max_tokens))
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def app(backend):
+    return create_app(backend)
+
+
+@pytest.fixture(scope="module")
+def live():
+    """One uvicorn server for the module; each test gets the backend reset to defaults."""
+    backend = FakeBackend()
+    base_url, stop = serve_in_thread(create_app(backend))
+    yield backend, base_url
+    stop()
+
+
+@pytest.fixture
+def server(live):
+    backend, base_url = live
+    fresh = FakeBackend()
+    for name in ("delay_s", "fail_after", "fail_with", "error_message", "is_healthy", "stats"):
+        setattr(backend, name, getattr(fresh, name))
+    backend.started.clear()
+    backend.aborted.clear()
+    backend.closed.clear()
+    return backend, base_url
+
+
+# ---- completions and chat, in-process -------------------------------------------------------------
+def test_completion_text_usage_and_sampling_fields(app, backend):
+    r = call(app, "POST", "/v1/completions", json={
+        "model": MODEL, "prompt": "hello", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 5,
+        "seed": 3, "stop_token_ids": [7], "ignore_eos": True, "min_tokens": 2, "stop": "zz", "user": "ignored",
+    })
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == MODEL
+    assert isinstance(body["created"], int)
+    choice = body["choices"][0]
+    assert choice["text"] == expected_text(backend, "hello", 7) == "ollehol"
+    assert choice["finish_reason"] == "length" and choice["logprobs"] is None
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 7, "total_tokens": 13}
+    (started,) = backend.started
+    assert started.request_id == body["id"] and started.prompt == "hello"
+    assert started.prompt_token_ids == backend.tokenizer.encode("hello")
+    s = started.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (7, 0.5, 0.9, 5, 3)
+    assert (s.stop, s.stop_token_ids, s.ignore_eos, s.min_tokens, s.logprobs) == (["zz"], [7], True, 2, False)
+
+
+def test_completion_defaults(app, backend):
+    r = call(app, "POST", "/v1/completions", json={"prompt": "abc"})  # model may be left out
+    assert r.status_code == 200, r.text
+    nulls = dict.fromkeys(["model", "max_tokens", "temperature", "top_p", "stop", "n", "stream", "ignore_eos",
+                           "min_tokens", "logprobs", "echo", "seed"])
+    r2 = call(app, "POST", "/v1/completions", json={"prompt": "abc", **nulls})  # null is "unset"
+    assert r2.status_code == 200, r2.text
+    assert (r2.json()["choices"], r2.json()["usage"]) == (r.json()["choices"], r.json()["usage"])
+    assert backend.started[1].sampling == backend.started[0].sampling
+    s = backend.started[0].sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (16, 1.0, 1.0, 0, None)
+    assert r.json()["usage"]["completion_tokens"] == 16
+
+
+def test_completion_token_id_prompts_and_single_item_lists(app, backend):
+    for prompt in ([104, 105], [[104, 105]]):
+        r = call(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == "ihi"
+        assert backend.started[-1].prompt_token_ids == [104, 105] and backend.started[-1].prompt is None
+    r = call(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": ["hey"], "max_tokens": 3})
+    assert r.json()["choices"][0]["text"] == "yeh"
+
+
+def test_completion_stop_string_finishes_with_stop(app):
+    r = call(app, "POST", "/v1/completions", json={"prompt": "abcdef", "max_tokens": 10, "stop": ["d", "q"]})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == "fe" and choice["finish_reason"] == "stop" and choice["stop_reason"] == "d"
+
+
+def test_completion_logprobs_of_chosen_tokens(app, backend):
+    r = call(app, "POST", "/v1/completions", json={"prompt": "hello", "max_tokens": 3, "logprobs": 2})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["o", "l", "l"]
+    assert lp["token_logprobs"] == [-0.25, -0.5, -0.75]
+    assert lp["text_offset"] == [0, 1, 2]
+    assert backend.started[0].sampling.logprobs is True
+
+
+def test_chat_uses_the_chat_template_and_text_parts(app, backend):
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}]
+    r = call(app, "POST", "/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    expected_prompt = backend.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi\nthere"}])
+    started = backend.started[0]
+    assert started.prompt == expected_prompt
+    assert started.prompt_token_ids == backend.tokenizer.encode(expected_prompt)
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": expected_text(backend, expected_prompt, 4)}
+    assert choice["finish_reason"] == "length"
+    assert body["usage"]["prompt_tokens"] == len(started.prompt_token_ids)
+    assert body["usage"]["completion_tokens"] == 4
+
+
+def test_chat_max_completion_tokens_default_and_logprobs(app, backend):
+    msgs = [{"role": "user", "content": "hi"}]
+    r = call(app, "POST", "/v1/chat/completions", json={"messages": msgs, "max_completion_tokens": 2, "logprobs": True})
+    lp = r.json()["choices"][0]["logprobs"]["content"]
+    assert [e["logprob"] for e in lp] == [-0.25, -0.5]
+    assert all(e["bytes"] == list(e["token"].encode()) and e["top_logprobs"] == [] for e in lp)
+    # Without a limit, a chat request may fill the context (as vLLM does).
+    call(app, "POST", "/v1/chat/completions", json={"messages": msgs})
+    started = backend.started[-1]
+    assert started.sampling.max_tokens == backend.max_model_len - len(started.prompt_token_ids)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+LONG = "x" * 200  # > max_model_len (128) byte tokens
+CHAT = [{"role": "user", "content": "hi"}]
+
+BAD_REQUESTS = [
+    # (path, body, status, param, words in the message)
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens", "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature", "temperature"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", "stream"),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt", "prompt must be"),
+    ("/v1/completions", {}, 400, "prompt", "prompt is required"),
+    ("/v1/completions", {"prompt": "hi", "stop": 5}, 400, "stop", "stop must be"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": ["a"]}, 400, "stop_token_ids.0", "stop_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": 3}, 400, "stream_options", "stream_options"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "messages"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages.0.role", "role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content",
+     "content must be"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages.0.content", "only"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "non-empty"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model", "gpt-4"),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": CHAT}, 404, "model", "does not exist"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "prompt is empty"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", "prompt is empty"),
+    ("/v1/completions", {"prompt": LONG, "max_tokens": 1}, 400, "prompt", "maximum context length is 128"),
+    ("/v1/completions", {"prompt": "x" * 100, "max_tokens": 50}, 400, "max_tokens", "151 tokens (101 in the prompt, 50"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages",
+     "maximum context length is 128"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "max_tokens must be"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -1}, 400, "max_tokens", ">= 1"),
+    ("/v1/completions", {"prompt": "hi", "temperature": -0.1}, 400, "temperature", "temperature must be >= 0"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p", "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "hi", "top_k": -3}, 400, "top_k", "top_k"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens", "min_tokens"),
+    ("/v1/completions", {"prompt": [1, 259]}, 400, "prompt", "token id 259 is outside the vocabulary [0, 259)"),
+    ("/v1/completions", {"prompt": [-1, 5]}, 400, "prompt", "token id -1"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [300]}, 400, "stop_token_ids", "300"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "batched prompts are not supported"),
+    ("/v1/completions", {"prompt": [[1, 2], [3]]}, 400, "prompt", "batched prompts are not supported"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 2}, 400, "best_of", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs", "logprobs must be >= 0"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 2}, 400, "top_logprobs",
+     "not supported"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param, words", BAD_REQUESTS,
+                         ids=[f"{i}-{b[0].split('/')[-1]}-{b[3]}" for i, b in enumerate(BAD_REQUESTS)])
+def test_bad_input_gets_openai_error(app, backend, path, body, status, param, words):
+    r = call(app, "POST", path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert words in error["message"]
+    if status == 404:
+        assert error["code"] == "model_not_found"
+    assert backend.started == []  # nothing reached the backend
+
+
+@pytest.mark.parametrize("content, words", [(b"{not json", "malformed JSON"), (b"[1, 2]", "JSON object"),
+                                            (b"", "malformed JSON")])
+def test_malformed_body(app, content, words):
+    r = call(app, "POST", "/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert words in r.json()["error"]["message"]
+
+
+def test_unknown_route_and_method_keep_the_error_shape(app):
+    r = call(app, "GET", "/v1/nothing")
+    assert r.status_code == 404 and "message" in r.json()["error"]
+    r = call(app, "GET", "/v1/completions")
+    assert r.status_code == 405 and "message" in r.json()["error"]
+
+
+# ---- backend failures, in-process ----------------------------------------------------------------
+@pytest.mark.parametrize("fail_with, message", [("error", "fake backend failure"), ("abort", "request aborted"),
+                                                ("raise", "fake backend failure")])
+def test_backend_failure_is_a_500(app, backend, fail_with, message):
+    backend.fail_after, backend.fail_with = 2, fail_with
+    r = call(app, "POST", "/v1/completions", json={"prompt": "hello", "max_tokens": 5})
+    assert r.status_code == 500
+    assert r.json()["error"] == {"message": message, "type": "server_error", "param": None, "code": None}
+    # An exception leaves the request's fate unknown on the backend: it must be aborted there.
+    assert backend.aborted == ([backend.started[0].request_id] if fail_with == "raise" else [])
+
+
+# ---- other routes, auth, metrics ---------------------------------------------------------------
+def test_models_and_health(app, backend):
+    data = call(app, "GET", "/v1/models").json()["data"]
+    assert [m["id"] for m in data] == [MODEL] and data[0]["object"] == "model"
+    assert call(app, "GET", f"/v1/models/{MODEL}").json()["id"] == MODEL
+    assert call(app, "GET", "/v1/models/other").status_code == 404
+    r = call(app, "GET", "/health")
+    assert (r.status_code, r.json()) == (200, {"status": "ok"})
+    backend.is_healthy = False
+    assert call(app, "GET", "/health").status_code == 503
+
+
+def test_api_key(backend):
+    app = create_app(backend, api_key=API_KEY)
+    good = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": API_KEY}):
+        for method, path, kwargs in (("POST", "/v1/completions", {"json": body}), ("GET", "/v1/models", {}),
+                                     ("POST", "/v1/chat/completions", {"json": {"messages": CHAT}})):
+            r = call(app, method, path, headers=headers, **kwargs)
+            assert r.status_code == 401, (headers, path)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    assert backend.started == []
+    assert call(app, "POST", "/v1/completions", json=body, headers=good).status_code == 200
+    assert call(app, "GET", "/v1/models", headers=good).status_code == 200
+    assert call(app, "GET", "/health").status_code == 200
+    assert call(app, "GET", "/metrics").status_code == 200
+
+
+def _instance(instance_id: int, role: str, used: int) -> InstanceStats:
+    return InstanceStats(instance_id=instance_id, role=role, address=f"ipc://{instance_id}", pid=1000 + instance_id, draining=role == "decode",
+                         load_fraction=0.5, queued_prompt_tokens=100 * instance_id, num_waiting=2, num_running=3,
+                         num_dispatch_waiting=1, kv_blocks_total=64, kv_blocks_used=used,
+                         decode_load=DecodeLoadMsg(instance_id, 10, 1, 2, 3), kv_transfer_bytes=4096,
+                         kv_transfer_seconds=0.5, kv_transfers=7, kv_transfer_failures=1)
+
+
+def test_metrics_requests_latencies_and_cluster_view(app, backend):
+    text = call(app, "GET", "/metrics").text
+    assert metric_value(text, "tetriinfer_requests_running") == 0
+    assert "tetriinfer_kv_blocks_used" not in text  # no cluster report yet
+    call(app, "POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+    call(app, "POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True})
+    call(app, "POST", "/v1/completions", json={"prompt": ""})
+    backend.fail_after = 0
+    call(app, "POST", "/v1/completions", json={"prompt": "hi"})
+    backend.stats = ClusterStats(instances=[_instance(0, "prefill", 10), _instance(1, "decode", 60)], num_flips=3,
+                                 last_flip_s=0.006, dead_instances=[5])
+    text = call(app, "GET", "/metrics").text
+    assert metric_value(text, 'tetriinfer_requests_total{outcome="ok"}') == 2
+    assert metric_value(text, 'tetriinfer_requests_total{outcome="rejected"}') == 1
+    assert metric_value(text, 'tetriinfer_requests_total{outcome="error"}') == 1
+    assert metric_value(text, 'tetriinfer_requests_total{outcome="aborted"}') == 0
+    for name in ("ttft_seconds", "tpot_seconds", "jct_seconds", "prompt_tokens", "output_tokens"):
+        assert metric_value(text, f"tetriinfer_{name}_count") == 2
+    assert metric_value(text, "tetriinfer_output_tokens_sum") == 6
+    assert metric_value(text, 'tetriinfer_kv_blocks_used{instance="1",role="decode"}') == 60
+    assert metric_value(text, 'tetriinfer_kv_blocks_free{instance="1",role="decode"}') == 4
+    assert metric_value(text, 'tetriinfer_queued_prompt_tokens{instance="1",role="decode"}') == 100
+    assert metric_value(text, 'tetriinfer_num_waiting{instance="0",role="prefill"}') == 2
+    assert metric_value(text, 'tetriinfer_num_running{instance="0",role="prefill"}') == 3
+    assert metric_value(text, 'tetriinfer_draining{instance="1",role="decode"}') == 1
+    assert metric_value(text, 'tetriinfer_draining{instance="0",role="prefill"}') == 0
+    assert metric_value(text, 'tetriinfer_kv_transfer_bytes_total{instance="0",role="prefill"}') == 4096
+    assert metric_value(text, 'tetriinfer_kv_transfer_seconds_total{instance="0",role="prefill"}') == 0.5
+    assert metric_value(text, 'tetriinfer_kv_transfers_total{instance="0",role="prefill"}') == 7
+    assert metric_value(text, 'tetriinfer_kv_transfer_failures_total{instance="0",role="prefill"}') == 1
+    assert metric_value(text, 'tetriinfer_instance_info{address="ipc://1",instance="1",pid="1001",role="decode"}') == 1
+    assert metric_value(text, "tetriinfer_instances") == 2
+    assert metric_value(text, "tetriinfer_flips_total") == 3
+    assert metric_value(text, "tetriinfer_last_flip_seconds") == 0.006
+    assert metric_value(text, "tetriinfer_dead_instances") == 1
+
+
+def test_two_apps_in_one_process_have_their_own_metrics(backend):
+    a, b = create_app(backend), create_app(FakeBackend())
+    call(a, "POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+    assert metric_value(call(a, "GET", "/metrics").text, 'tetriinfer_requests_total{outcome="ok"}') == 1
+    assert metric_value(call(b, "GET", "/metrics").text, 'tetriinfer_requests_total{outcome="ok"}') == 0
+
+
+# ---- a real server: streaming, disconnects ------------------------------------------------------
+def test_stream_completion_chunks_finish_usage_done(server):
+    backend, url = server
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 4, "stream": True, "logprobs": 0})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks, finish, usage = events[:-3], events[-3], events[-2]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "olle"
+    assert all(c["choices"][0]["finish_reason"] is None and c["object"] == "text_completion" for c in chunks)
+    assert [c["choices"][0]["logprobs"]["token_logprobs"][0] for c in chunks] == [-0.25, -0.5, -0.75, -1.0]
+    assert [c["choices"][0]["logprobs"]["text_offset"][0] for c in chunks] == [0, 1, 2, 3]
+    assert finish["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}
+    assert len({e["id"] for e in events[:-1]}) == 1
+
+
+def test_stream_chat_role_first(server):
+    backend, url = server
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "max_tokens": 3, "stream": True})
+    events = sse_events(r.text)
+    assert events[0]["object"] == "chat.completion.chunk"
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    contents = [e["choices"][0]["delta"]["content"] for e in events[1:-3]]
+    prompt = backend.started[0].prompt
+    assert "".join(contents) == expected_text(backend, prompt, 3) and len(contents) == 3
+    assert events[-3]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length",
+                                        "stop_reason": None}
+    assert events[-2]["usage"]["completion_tokens"] == 3 and events[-1] == "[DONE]"
+
+
+def test_stream_backend_error_event_then_done(server):
+    backend, url = server
+    backend.fail_after = 2
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 5, "stream": True})
+    events = sse_events(r.text)
+    assert [e["choices"][0]["text"] for e in events[:2]] == ["o", "l"]
+    assert events[2] == {"error": {"message": "fake backend failure", "type": "server_error", "param": None,
+                                   "code": None}}
+    assert events[3:] == ["[DONE]"]
+
+
+def test_client_disconnect_mid_stream_aborts(server):
+    backend, url = server
+    backend.delay_s = 0.05
+    with httpx.Client(timeout=10) as client:
+        with client.stream("POST", f"{url}/v1/completions",
+                           json={"prompt": "hello", "max_tokens": 100, "stream": True}) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"][0]["text"] == "o"
+        # leaving the block closes the connection mid-stream
+    request_id = backend.started[0].request_id
+    wait_until(lambda: request_id in backend.aborted)
+    assert request_id in backend.closed  # the backend's stream was closed too
+    wait_until(lambda: metric_value(httpx.get(f"{url}/metrics").text, "tetriinfer_requests_running") == 0)
+    text = httpx.get(f"{url}/metrics").text
+    assert metric_value(text, 'tetriinfer_requests_total{outcome="aborted"}') >= 1
+
+
+def test_client_disconnect_mid_request_aborts(server):
+    backend, url = server
+    backend.delay_s = 0.05
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 100}, timeout=0.3)
+    wait_until(lambda: len(backend.aborted) == 1)
+    assert backend.aborted == [backend.started[0].request_id]
+
+
+def test_concurrent_requests_each_get_their_own_output(server):
+    backend, url = server
+    backend.delay_s = 0.01
+    prompts = [f"prompt number {i}" for i in range(8)]
+
+    async def one(client: httpx.AsyncClient, i: int) -> str:
+        body = {"prompt": prompts[i], "max_tokens": 6, "stream": i % 2 == 0}
+        r = await client.post(f"{url}/v1/completions", json=body)
+        if body["stream"]:
+            return "".join(e["choices"][0]["text"] for e in sse_events(r.text)[:-1] if e["choices"])
+        return r.json()["choices"][0]["text"]
+
+    async def run_all() -> list[str]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
+
+    assert asyncio.run(run_all()) == [expected_text(backend, p, 6) for p in prompts]
+    assert backend.aborted == []
+
+
+def test_non_finite_logprob_stays_valid_json():
+    from tetriinfer.server import protocol
+
+    assert protocol.chat_logprobs(["a"], [float("-inf")])["content"][0]["logprob"] == -9999.0
+    assert protocol.completion_logprobs(["a", "b"], [float("-inf"), -1.0], 0)["token_logprobs"] == [-9999.0, -1.0]
+
+
+# ---- the official openai client against the real server -----------------------------------------
+def _client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=10)
+
+
+def test_openai_client_completions_chat_models(server):
+    backend, url = server
+    client = _client(url)
+    out = client.completions.create(model=MODEL, prompt="hello", max_tokens=5, temperature=0, seed=1)
+    assert out.choices[0].text == "olleh" and out.choices[0].finish_reason == "length"
+    assert out.usage.total_tokens == 6 + 5
+    assert backend.started[-1].sampling.temperature == 0
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, logprobs=True,
+                                          extra_body={"top_k": 4, "ignore_eos": True})
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == expected_text(backend, backend.started[-1].prompt, 3)
+    assert [c.logprob for c in chat.choices[0].logprobs.content] == [-0.25, -0.5, -0.75]
+    assert backend.started[-1].sampling.top_k == 4 and backend.started[-1].sampling.ignore_eos
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_openai_client_streaming(server):
+    backend, url = server
+    client = _client(url)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_text(backend, backend.started[-1].prompt, 4)
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    chunks = list(client.completions.create(model=MODEL, prompt="hello", max_tokens=3, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "oll"
+    assert chunks[-1].usage.prompt_tokens == 6
+
+
+def test_openai_client_errors(server):
+    backend, url = server
+    client = _client(url)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="hi")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 128"):
+        client.completions.create(model=MODEL, prompt="x" * 100, max_tokens=100)
+    backend.fail_after = 1
+    with pytest.raises(openai.InternalServerError, match="fake backend failure"):
+        client.completions.create(model=MODEL, prompt="hello", max_tokens=5)
+    stream = client.completions.create(model=MODEL, prompt="hello", max_tokens=5, stream=True)
+    with pytest.raises(openai.APIError, match="fake backend failure"):
+        for _ in stream:
+            pass
+
+
+def test_openai_client_api_key(backend):
+    url, stop = serve_in_thread(create_app(backend, api_key=API_KEY))
+    try:
+        for key in ("wrong", API_KEY + "x"):
+            with pytest.raises(openai.AuthenticationError):
+                _client(url, key).completions.create(model=MODEL, prompt="hi", max_tokens=1)
+        out = _client(url, API_KEY).completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert out.choices[0].text == "ih"
+        assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        stop()
+
+
+def test_disconnect_aborts_under_asgi_spec_2_4(backend):
+    """Starlette stops listening for disconnects at ASGI spec 2.4; our stream must still notice."""
+    app = create_app(backend)
+
+    async def spec_2_4(scope, receive, send):
+        scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.4"}}
+        await app(scope, receive, send)
+
+    backend.delay_s = 1.0  # no token is written while the client leaves
+    url, stop = serve_in_thread(spec_2_4)
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions",
+                          json={"messages": CHAT, "max_tokens": 50, "stream": True}, timeout=10) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+        request_id = backend.started[0].request_id
+        wait_until(lambda: request_id in backend.aborted, timeout_s=0.9)
+    finally:
+        stop()
