@@ -16,7 +16,7 @@ from serve_utils import start_server
 from tetriinfer import LLM, SamplingParams
 from tetriinfer.cluster.ray_launcher import (
     RAY_MISSING, NodeInfo, ProcessActor, RayCluster, assigned_devices, describe, instance_configs, plan_placement,
-    reachable_address, start_ray, unwatched_pids,
+    reachable_address, remote_instances, start_ray,
 )
 from tetriinfer.config import EngineConfig, ServeConfig
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
@@ -194,13 +194,13 @@ def test_instance_configs_carry_each_node_host_and_the_plan_transport():
     assert [c.role for c in configs] == [COLOCATED, COLOCATED]
 
 
-def test_unwatched_pids_cover_only_instances_off_the_controller_node():
+def test_remote_instances_are_those_off_the_controller_node():
     nodes = [gpu_node("a", "10.0.0.1", 2, driver=True), gpu_node("b", "10.0.0.2", 2)]
     plan = plan_placement(serve_cfg("cuda", prefill=2, decode=2), nodes)
     assert plan.controller.node_id == "a"
-    assert unwatched_pids(plan, 777) == {2: 777, 3: 777}  # b's instances: a pid probe on a means nothing
+    assert remote_instances(plan) == {2, 3}  # b's instances: a pid probe on a means nothing
     single = plan_placement(serve_cfg("cuda"), nodes)
-    assert unwatched_pids(single, 777) == {}
+    assert remote_instances(single) == frozenset()
 
 
 def test_assigned_devices_share_the_node_gpus_by_position():

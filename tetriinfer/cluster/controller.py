@@ -34,7 +34,8 @@ class ControllerConfig:
     monitor_interval_s: float = 0.1
     dead_after_s: float = 5.0  # no stats for this long: the instance is dead
     flip: FlipConfig = field(default_factory=FlipConfig)
-    pids: dict[int, int] = field(default_factory=dict)  # local launcher: instance -> pid, checked each tick
+    # Instances on other machines (Ray): their pids cannot be probed here; the heartbeat alone decides.
+    remote_instances: frozenset[int] = frozenset()
 
 
 class Controller:
@@ -47,7 +48,7 @@ class Controller:
         self.last_seen: dict[int, float] = {}
         self.dead: dict[int, str] = {}
         self.draining: set[int] = set()  # ordered to flip, FlipDone not yet back
-        self.pids = dict(config.pids)
+        self.pids: dict[int, int] = {}  # instance -> pid, probed each tick (same-machine instances)
         self.global_scheduler = GlobalScheduler([])
         self.flip_policy = FlipPolicy(config.flip)
         self.num_flips = 0
@@ -91,7 +92,8 @@ class Controller:
         elif isinstance(message, msg.Ready):
             self.ready[message.instance_id] = message
             self.last_seen[message.instance_id] = now
-            self.pids.setdefault(message.instance_id, message.pid)
+            if message.instance_id not in self.config.remote_instances:
+                self.pids[message.instance_id] = message.pid
             if not self.cluster_ready and len(self.ready) == self.config.num_instances:
                 self.cluster_ready = True
                 self._tick()  # everyone gets the address book before the first request

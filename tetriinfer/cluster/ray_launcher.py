@@ -199,13 +199,10 @@ def instance_configs(cfg: ServeConfig, plan: RayPlan, *, api_address: str, contr
             for c, p in zip(configs, plan.instances)]
 
 
-def unwatched_pids(plan: RayPlan, stand_in_pid: int) -> dict[int, int]:
-    """Instances on other nodes than the controller's: their pids mean nothing on its node.
-
-    The controller checks each Ready's pid with a local signal probe; a stand-in pid that stays
-    alive (the controller's own) turns that probe off for them, and the heartbeat alone decides.
-    """
-    return {i: stand_in_pid for i, p in enumerate(plan.instances) if p.node_id != plan.controller.node_id}
+def remote_instances(plan: RayPlan) -> frozenset[int]:
+    """Instances on other nodes than the controller's: their pids mean nothing on its node, so the
+    controller judges them by their heartbeat alone."""
+    return frozenset(i for i, p in enumerate(plan.instances) if p.node_id != plan.controller.node_id)
 
 
 def assigned_devices(node_ids: list[str], gpu_ids: list[list[str]]) -> list[tuple[str, str]]:
@@ -361,14 +358,13 @@ def start_ray(cfg: ServeConfig, api_address: str, ray_address: str | None) -> Ra
         actor_cls = ray.remote(ProcessActor)
         controller, *instances = actors = [_launch(actor_cls, pg, p) for p in [plan.controller, *plan.instances]]
 
-        controller_port, controller_pid, kv_port = ray.get([
-            controller.free_port.remote(plan.controller.host), controller.pid.remote(),
-            instances[0].free_port.remote(plan.rendezvous_host)])
+        controller_port, kv_port = ray.get([
+            controller.free_port.remote(plan.controller.host), instances[0].free_port.remote(plan.rendezvous_host)])
         api_address = reachable_address(api_address, driver_ip)
         controller_address = f"tcp://{plan.controller.host}:{controller_port}"
         controller_cfg = ControllerConfig(api_address, len(instances), plan.controller.host, controller_port,
                                           cfg.monitor_interval_s, cfg.dead_after_s, cfg.flip,
-                                          pids=unwatched_pids(plan, controller_pid))
+                                          remote_instances=remote_instances(plan))
         controller_run = controller.run.remote(run_controller, controller_cfg)
 
         configs = instance_configs(cfg, plan, api_address=api_address, controller_address=controller_address,
