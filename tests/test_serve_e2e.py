@@ -175,3 +175,30 @@ def test_decode_instance_death_fails_its_requests_and_the_rest_serve_on(tmp_path
         assert server.metric_sum("tetriinfer_dead_instances") == 1
     finally:
         server.stop()
+
+
+def test_idle_decode_instance_flips_to_prefill_under_prompt_pressure(tmp_path):
+    """Only prompts (max_tokens=1: no decode work): one of the two idle decode instances turns
+    into a second prefill instance, in the same process, and serves prompts from then on."""
+    server = start_server(["--prefill-instances", "1", "--decode-instances", "2", "--flip", "--flip-idle", "0.2",
+                           *SERVER_ARGS], tmp_path)
+    try:
+        c = client(server)
+        before = server.wait_until(lambda: server.instance_pids() if len(server.instance_pids()) == 3 else None,
+                                   20, "three instances in /metrics")
+
+        def prompt_only(i: int):
+            return c.completions.create(model="tiny", prompt=f"{i} " + "long prompt " * 40, max_tokens=1,
+                                        temperature=0).usage.completion_tokens
+
+        with cf.ThreadPoolExecutor(32) as pool:
+            assert all(n == 1 for n in pool.map(prompt_only, range(400)))
+        assert server.metric_sum("tetriinfer_flips_total") >= 1
+        assert 0 < server.metric_sum("tetriinfer_last_flip_seconds") < 30
+        after = server.instance_pids()
+        flipped = [i for i in after if before[i][0] == "decode" and after[i][0] == "prefill"]
+        assert flipped and after[flipped[0]][1] == before[flipped[0]][1]  # same process, weights kept
+        assert sum(role == "decode" for role, _ in after.values()) >= 1  # FlipConfig.min_decode
+        assert_no_kv_held(server)
+    finally:
+        server.stop()

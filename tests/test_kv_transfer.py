@@ -1,0 +1,542 @@
+"""KV transfer backends between real processes: exact round trips, failures that raise instead of
+hanging, nothing left behind. Every multi-process test is guarded by a hard deadline: a hang fails.
+
+`pytest -s tests/test_kv_transfer.py -k bandwidth` prints the 64 MiB bandwidth of shm and gloo.
+"""
+
+from __future__ import annotations
+
+import glob
+import multiprocessing as mp
+import os
+import queue
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+import pytest
+import torch
+
+from tetriinfer.cluster.kv_transfer import (
+    TRANSPORTS,
+    KVTransferError,
+    ShmTransport,
+    _decode_ipc,
+    _encode_ipc,
+    default_transport,
+    make_transport,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ODD = (3, 37, 2, 5)  # layers, tokens, kv heads, head dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and checks
+
+
+def make_kv(seed: int, shape=ODD, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(shape, generator=g).to(dtype)
+    v = torch.randn(shape, generator=g).to(dtype)
+    return k.to(device), v.to(device)
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.cpu().contiguous().view(torch.uint8), b.cpu().contiguous().view(torch.uint8)))
+
+
+def check_kv(got, seed, shape, dtype, what=""):
+    k, v = make_kv(seed, shape, dtype)
+    assert bitwise_equal(got[0], k) and bitwise_equal(got[1], v), f"{what}: K/V differ after the transfer"
+
+
+def shm_segments(prefix: str) -> list[str]:
+    return glob.glob(f"/dev/shm/{prefix}*")
+
+
+# ---------------------------------------------------------------------------------------------
+# A cluster of spawned processes: control messages over pipes (msgpack, as over ZeroMQ), the
+# bytes through the transport under test.
+
+
+class Peer:
+    """One process's control channel to the other ranks (stands in for the ZeroMQ messages)."""
+
+    def __init__(self, conns):
+        self.conns = conns
+
+    def send(self, peer: int, msg) -> None:
+        self.conns[peer].send_bytes(msgspec.msgpack.encode(msg))
+
+    def get(self, peer: int, timeout: float = 30.0):
+        if not self.conns[peer].poll(timeout):
+            raise TimeoutError(f"no control message from rank {peer} in {timeout} s")
+        return msgspec.msgpack.decode(self.conns[peer].recv_bytes())
+
+
+def _worker(rank, world_size, port, kind, scenario_name, timeout_s, device, conns, results):
+    torch.set_num_threads(1)
+    try:
+        transport = make_transport(kind, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
+                                   device=device, timeout_s=timeout_s)
+        payload = globals()[scenario_name](rank, transport, Peer(conns))
+        transport.close()
+        results.put((rank, "ok", payload))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cluster(kind, scenario, world_size=2, timeout_s=30.0, deadline_s=60.0, dying=(), devices=None):
+    """Run `scenario(rank, transport, peer)` in `world_size` spawned processes; returns each
+    surviving rank's payload. Ranks in `dying` exit on their own without reporting."""
+    ctx = mp.get_context("spawn")
+    conns = [dict() for _ in range(world_size)]
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            conns[a][b], conns[b][a] = ctx.Pipe()
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, daemon=True,
+                         args=(r, world_size, port, kind, scenario.__name__, timeout_s,
+                               devices[r] if devices else "cpu", conns[r], results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + deadline_s
+    expected = world_size - len(dying)
+    got = {}
+    try:
+        while len(got) < expected:
+            try:
+                rank, status, payload = results.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                missing = sorted(set(range(world_size)) - set(got) - set(dying))
+                pytest.fail(f"{kind} {scenario.__name__}: ranks {missing} hung past {deadline_s} s")
+            assert status == "ok", f"rank {rank} failed:\n{payload}"
+            got[rank] = payload
+        for p in procs:
+            p.join(timeout=max(deadline - time.monotonic(), 5.0))
+            assert not p.is_alive(), f"{kind} {scenario.__name__}: a process did not exit"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return got
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios (run inside the spawned processes)
+
+CASES = [(torch.float32, ODD), (torch.bfloat16, ODD), (torch.float16, (1, 1, 1, 3)), (torch.bfloat16, (4, 129, 8, 16))]
+
+
+def send_one(t, peer: Peer, dst, tid, seed, dtype, shape, noncontiguous=False):
+    k, v = make_kv(seed, shape, dtype, device=getattr(t, "device", "cpu"))
+    if noncontiguous:  # a strided view, as a slice of a larger cache would be
+        k2, v2 = make_kv(seed, shape, dtype, device=getattr(t, "device", "cpu"))
+        k = torch.stack([k, k2], dim=-1)[..., 0]
+        assert not k.is_contiguous()
+    desc = t.start_send(dst, tid, k, v)
+    peer.send(dst, {"tid": tid, "seed": seed, "dtype": str(dtype)[6:], "shape": list(shape), "desc": desc})
+    stats = t.finish_send(tid, 10.0)
+    assert stats.nbytes == 2 * k.numel() * k.element_size()
+    assert peer.get(dst) == {"ack": tid}
+    t.release(tid)
+
+
+def recv_one(t, peer: Peer, src, timeout=10.0):
+    msg = peer.get(src)
+    got = t.recv(src, msg["tid"], msg["desc"], timeout)
+    peer.send(src, {"ack": msg["tid"]})
+    check_kv(got, msg["seed"], tuple(msg["shape"]), getattr(torch, msg["dtype"]), f"transfer {msg['tid']}")
+    return got
+
+
+def scenario_round_trips(rank, t, peer: Peer):
+    """Several transfers each way between one pair, odd shapes, 3 dtypes, strided input, and two
+    transfers in flight at once received in reverse order (not for nccl: it matches by order)."""
+    other = 1 - rank
+    for direction in (0, 1):
+        for i, (dtype, shape) in enumerate(CASES):
+            tid = 100 * direction + i
+            if rank == direction:
+                send_one(t, peer, other, tid, seed=tid, dtype=dtype, shape=shape, noncontiguous=(i == 0))
+            else:
+                recv_one(t, peer, other)
+    # ping-pong: rank 1 sends back what it received
+    for i in range(3):
+        if rank == 0:
+            send_one(t, peer, 1, 200 + i, seed=200 + i, dtype=torch.bfloat16, shape=ODD)
+            msg = peer.get(1)
+            got = t.recv(1, msg["tid"], msg["desc"], 10.0)
+            peer.send(1, {"ack": msg["tid"]})
+            check_kv(got, 200 + i, ODD, torch.bfloat16, "echo")
+        else:
+            k, v = recv_one(t, peer, 0)
+            desc = t.start_send(0, 300 + i, k, v)
+            peer.send(0, {"tid": 300 + i, "desc": desc})
+            assert peer.get(0) == {"ack": 300 + i}  # as the instances do: no finish_send, release on KVDone
+            t.release(300 + i)
+    if t.name != "nccl":
+        if rank == 0:
+            tids = (400, 401)
+            for tid in tids:
+                desc = t.start_send(1, tid, *make_kv(tid, ODD, torch.float32, device=getattr(t, "device", "cpu")))
+                peer.send(1, {"tid": tid, "seed": tid, "dtype": "float32", "shape": list(ODD), "desc": desc})
+            with ThreadPoolExecutor(2) as pool:
+                stats = list(pool.map(lambda tid: t.finish_send(tid, 10.0), tids))
+            assert all(s.nbytes > 0 for s in stats)
+            assert sorted(peer.get(1)["acks"]) == list(tids)
+            for tid in tids:
+                t.release(tid)
+        else:
+            msgs = [peer.get(0), peer.get(0)]
+            for msg in reversed(msgs):
+                check_kv(t.recv(0, msg["tid"], msg["desc"], 10.0), msg["seed"], ODD, torch.float32, "reversed")
+            peer.send(0, {"acks": [m["tid"] for m in msgs]})
+    if t.name == "shm":
+        return shm_segments(t.name_prefix)
+    return None
+
+
+def scenario_gloo_timeouts(rank, t, peer: Peer):
+    """Timeouts on either side raise within about the timeout (1 s: the transport's for sends, the
+    call's for receives), and the pair recovers: later transfers arrive intact. Phases are
+    synchronised over the control pipe."""
+    timeout = 1.0
+    out = {}
+    if rank == 0:
+        desc = t.start_send(1, 1, *make_kv(1))  # builds the connection
+        peer.send(1, {"tid": 1, "seed": 1, "dtype": "float32", "shape": list(ODD), "desc": desc})
+        assert peer.get(1) == {"ack": 1}
+        t.release(1)
+        # 1. a sender that never sends: a descriptor of the live connection, for a transfer never started
+        peer.send(1, {"desc": desc})
+        assert peer.get(1) == "recv timed out"
+        # 2. the next transfer, on the connection rank 1 dropped, fails fast on both sides
+        desc = t.start_send(1, 3, *make_kv(3))
+        peer.send(1, {"desc": desc})
+        start = time.monotonic()
+        with pytest.raises(KVTransferError):
+            t.finish_send(3, 10.0)
+        out["stale_send_s"] = time.monotonic() - start
+        assert peer.get(1) == "stale rejected"
+        # 3. a receiver that never receives: the send times out building the new connection
+        start = time.monotonic()
+        t.start_send(1, 4, *make_kv(4))
+        with pytest.raises(KVTransferError):
+            t.finish_send(4, 10.0)
+        out["send_timeout_s"] = time.monotonic() - start
+        # 4. then a connected receiver that does not receive: the send times out on a live connection
+        send_one(t, peer, 1, 5, seed=5, dtype=torch.bfloat16, shape=ODD)
+        start = time.monotonic()
+        t.start_send(1, 6, *make_kv(6))
+        with pytest.raises(KVTransferError):
+            t.finish_send(6, 10.0)
+        out["live_send_timeout_s"] = time.monotonic() - start
+        t.cancel_send(6)  # idempotent after the end
+        with pytest.raises(KVTransferError):
+            t.finish_send(6, 1.0)  # gone
+        peer.send(1, "send timed out")
+        # 5. recovered: both directions carry exact data again
+        assert peer.get(1) == "go"
+        for i in range(2):
+            send_one(t, peer, 1, 10 + i, seed=10 + i, dtype=torch.bfloat16, shape=ODD)
+        recv_one(t, peer, 1)
+    else:
+        recv_one(t, peer, 0)
+        msg = peer.get(0)
+        start = time.monotonic()
+        with pytest.raises(KVTransferError):
+            t.recv(0, 2, msg["desc"], timeout)
+        out["recv_timeout_s"] = time.monotonic() - start
+        peer.send(0, "recv timed out")
+        msg = peer.get(0)
+        start = time.monotonic()
+        with pytest.raises(KVTransferError):
+            t.recv(0, 3, msg["desc"], timeout)
+        out["stale_recv_s"] = time.monotonic() - start
+        peer.send(0, "stale rejected")
+        recv_one(t, peer, 0)  # transfer 5, on a fresh connection
+        assert peer.get(0) == "send timed out"
+        peer.send(0, "go")
+        for _ in range(2):
+            recv_one(t, peer, 0)
+        send_one(t, peer, 0, 20, seed=20, dtype=torch.float16, shape=ODD)
+    return out
+
+
+def scenario_gloo_dead_peers(rank, t, peer: Peer):
+    """Rank 1 dies after posting a descriptor but before sending (rank 0 is receiving); rank 2 dies
+    instead of receiving (rank 0 is sending). Rank 0 must get errors, not hang; a later send to a
+    dead rank fails by its deadline (the transport's timeout, 2 s)."""
+    out = {}
+    if rank == 0:
+        recv_one(t, peer, 1)
+        msg = peer.get(1)
+        start = time.monotonic()
+        with pytest.raises(KVTransferError):
+            t.recv(1, msg["tid"], msg["desc"], 20.0)
+        out["sender_died_s"] = time.monotonic() - start
+        send_one(t, peer, 2, 1, seed=1, dtype=torch.float32, shape=ODD)
+        desc = t.start_send(2, 2, *make_kv(2))
+        peer.send(2, {"desc": desc})
+        start = time.monotonic()
+        with pytest.raises(KVTransferError):
+            t.finish_send(2, 20.0)
+        out["receiver_died_s"] = time.monotonic() - start
+        start = time.monotonic()
+        t.start_send(1, 3, *make_kv(3))
+        with pytest.raises(KVTransferError):
+            t.finish_send(3, 20.0)
+        out["send_to_dead_s"] = time.monotonic() - start
+    elif rank == 1:
+        desc = t.start_send(0, 1, *make_kv(1))
+        peer.send(0, {"tid": 1, "seed": 1, "dtype": "float32", "shape": list(ODD), "desc": desc})
+        assert peer.get(0) == {"ack": 1}
+        t.release(1)
+        peer.send(0, {"tid": 2, "desc": desc})  # transfer 2 will never be sent: this process dies
+        time.sleep(0.5)
+        os._exit(0)
+    else:
+        recv_one(t, peer, 0)
+        peer.get(0)
+        os._exit(0)
+    return out
+
+
+MIB64 = (16, 1024, 8, 64)  # float32: 32 MiB each for K and V, 64 MiB in all
+
+
+def scenario_bandwidth(rank, t, peer: Peer):
+    """64 MiB (K + V) rank 0 -> rank 1 through shm and gloo, 3 times each; times on both sides."""
+    shm = ShmTransport()
+    out = {}
+    k, v = make_kv(7, MIB64)  # once: random numbers cost more than the transfer here
+    for transport in (shm, t):
+        rows = []
+        for i in range(3):
+            tid = 1000 + i
+            if rank == 0:
+                start = time.monotonic()
+                desc = transport.start_send(1, tid, k, v)
+                peer.send(1, {"desc": desc, "start": start})
+                stats = transport.finish_send(tid, 30.0)
+                assert peer.get(1) == {"ack": tid}
+                transport.release(tid)
+                rows.append({"send_s": stats.seconds, "nbytes": stats.nbytes})
+            else:
+                msg = peer.get(0)
+                recv_start = time.monotonic()
+                got = transport.recv(0, tid, msg["desc"], 30.0)
+                end = time.monotonic()  # CLOCK_MONOTONIC: comparable between processes of one host
+                assert bitwise_equal(got[0], k) and bitwise_equal(got[1], v), "64 MiB: K/V differ"
+                del got
+                peer.send(0, {"ack": tid})  # after the check: the next transfer finds this process idle
+                rows.append({"recv_s": end - recv_start, "end_to_end_s": end - msg["start"]})
+        out[transport.name] = rows
+    shm.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests: shm
+
+
+def test_shm_round_trips_between_processes():
+    got = run_cluster("shm", scenario_round_trips)
+    assert got[0] == [] and got[1] == [], "shm segments left behind"
+
+
+def test_shm_cancel_and_gone_segments_raise_and_leave_nothing():
+    k, v = make_kv(0)
+    with ShmTransport() as t:
+        desc = t.start_send(1, 7, k, v)
+        assert len(shm_segments(t.name_prefix)) == 1
+        t.cancel_send(7)  # the receiver never came
+        assert shm_segments(t.name_prefix) == []
+        t.cancel_send(7)  # idempotent
+        start = time.monotonic()
+        with pytest.raises(KVTransferError, match="gone"):
+            t.recv(0, 7, desc, 5.0)
+        assert time.monotonic() - start < 1.0
+        with pytest.raises(KVTransferError):
+            t.finish_send(7, 1.0)
+        # received once: the segment is gone, a second recv raises
+        desc = t.start_send(1, 8, k, v)
+        got = t.recv(0, 8, desc, 5.0)
+        assert bitwise_equal(got[0], k) and bitwise_equal(got[1], v)
+        assert shm_segments(t.name_prefix) == []
+        with pytest.raises(KVTransferError):
+            t.recv(0, 8, desc, 5.0)
+        # close() unlinks what was never received
+        t.start_send(1, 9, k, v)
+        t.start_send(1, 10, k, v)
+        assert len(shm_segments(t.name_prefix)) == 2
+    assert shm_segments(t.name_prefix) == []
+
+
+def test_shm_bad_input_names_the_problem():
+    k, v = make_kv(0)
+    with ShmTransport() as t:
+        with pytest.raises(ValueError, match="must match"):
+            t.start_send(1, 1, k, v[:, :5])
+        with pytest.raises(ValueError, match="empty"):
+            t.start_send(1, 1, k[:, :0], v[:, :0])
+        desc = t.start_send(1, 1, k, v)
+        with pytest.raises(ValueError, match="already started"):
+            t.start_send(1, 1, k, v)
+        with pytest.raises(ValueError, match="gloo"):
+            t.recv(0, 1, {**desc, "transport": "gloo"}, 1.0)
+        with pytest.raises(ValueError, match="bytes"):
+            t.recv(0, 1, {**desc, "nbytes": 12}, 1.0)
+        with pytest.raises(ValueError, match="dtype"):
+            t.recv(0, 1, {**desc, "dtype": "float99"}, 1.0)
+    with pytest.raises(ValueError, match="unknown KV transport"):
+        make_transport("rdma", rank=0, world_size=2, init_method=None, device="cpu")
+    with pytest.raises(ValueError, match="init_method"):
+        make_transport("gloo", rank=0, world_size=2, init_method=None, device="cpu")
+
+
+_SEND_SCRIPT = """
+import sys, msgspec, torch
+sys.path.insert(0, {tests!r})
+from test_kv_transfer import make_kv
+from tetriinfer.cluster.kv_transfer import ShmTransport
+t = ShmTransport()
+desc = t.start_send(1, 5, *make_kv(5, dtype=torch.bfloat16))
+t.finish_send(5, 1.0)
+print(msgspec.msgpack.encode(desc).hex())
+"""  # exits without release/close: the receiver owns the segment now
+
+_RECV_SCRIPT = """
+import sys, msgspec, torch
+sys.path.insert(0, {tests!r})
+from test_kv_transfer import check_kv, ODD
+from tetriinfer.cluster.kv_transfer import ShmTransport
+desc = msgspec.msgpack.decode(bytes.fromhex(sys.argv[1]))
+check_kv(ShmTransport().recv(0, 5, desc, 1.0), 5, ODD, torch.bfloat16)
+print("ok")
+"""
+
+
+def test_shm_segment_outlives_its_sender_and_no_tracker_complains():
+    """Each side in its own interpreter (own resource_tracker): the sender's tracker must not unlink
+    the segment when the sender exits, nor warn about it; the receiver's must not either."""
+    tests = os.path.join(REPO, "tests")
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    sender = subprocess.run([sys.executable, "-c", _SEND_SCRIPT.format(tests=tests)], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert sender.returncode == 0, sender.stderr
+    assert "resource_tracker" not in sender.stderr and "leaked" not in sender.stderr, sender.stderr
+    desc = msgspec.msgpack.decode(bytes.fromhex(sender.stdout.strip()))
+    assert os.path.exists(f"/dev/shm/{desc['name']}"), "the segment died with its sender"
+    receiver = subprocess.run([sys.executable, "-c", _RECV_SCRIPT.format(tests=tests), sender.stdout.strip()],
+                              capture_output=True, text=True, env=env, timeout=60)
+    assert receiver.returncode == 0 and receiver.stdout.strip() == "ok", receiver.stderr
+    assert "resource_tracker" not in receiver.stderr and "leaked" not in receiver.stderr, receiver.stderr
+    assert not os.path.exists(f"/dev/shm/{desc['name']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests: gloo
+
+
+def test_gloo_round_trips_between_processes():
+    run_cluster("gloo", scenario_round_trips)
+
+
+def test_gloo_timeouts_raise_in_time_and_the_pair_recovers():
+    got = run_cluster("gloo", scenario_gloo_timeouts, timeout_s=1.0, deadline_s=90.0)
+    sender, receiver = got[0], got[1]
+    print(f"\ngloo, timeout 1 s: sender {sender}, receiver {receiver}")
+    assert 0.8 <= receiver["recv_timeout_s"] < 3.0, receiver
+    assert receiver["stale_recv_s"] < 0.5, receiver  # rejected without waiting
+    assert sender["stale_send_s"] < 3.0, sender
+    assert 0.8 <= sender["send_timeout_s"] < 3.0, sender
+    assert 0.8 <= sender["live_send_timeout_s"] < 3.0, sender
+
+
+def test_gloo_dead_peer_raises_instead_of_hanging():
+    got = run_cluster("gloo", scenario_gloo_dead_peers, world_size=3, dying=(1, 2), timeout_s=2.0, deadline_s=90.0)
+    out = got[0]
+    print(f"\ngloo dead peers: {out}")
+    assert out["sender_died_s"] < 10.0, out  # the closed connection is noticed, not waited out (20 s)
+    assert out["receiver_died_s"] < 10.0, out
+    assert 1.5 <= out["send_to_dead_s"] < 5.0, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Bandwidth (printed, not asserted)
+
+
+def test_bandwidth_64mib_shm_and_gloo():
+    got = run_cluster("gloo", scenario_bandwidth, deadline_s=120.0)
+    for name in ("shm", "gloo"):
+        rows = zip(got[0][name], got[1][name])
+        lines = []
+        for send, recv in rows:
+            gb = send["nbytes"] / 1e9
+            lines.append(f"end-to-end {recv['end_to_end_s'] * 1e3:7.1f} ms = {gb / recv['end_to_end_s']:5.2f} GB/s "
+                         f"(sender {send['send_s'] * 1e3:6.1f} ms, receiver {recv['recv_s'] * 1e3:6.1f} ms)")
+        print(f"\n{name} 64 MiB (K+V float32 {MIB64} x 2), 2-core CPU:\n  " + "\n  ".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing that needs no peer
+
+
+def test_default_transport_and_names():
+    assert default_transport("cpu") == "shm"
+    assert default_transport("cuda:1") == "cuda_ipc"
+    assert TRANSPORTS == ("shm", "gloo", "nccl", "cuda_ipc")
+
+
+def test_cuda_ipc_descriptor_fields_are_plain_data_and_round_trip():
+    import inspect
+
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    from tetriinfer.cluster.kv_transfer import _IPC_FIELDS
+
+    # the descriptor's fields are this torch's rebuild_cuda_tensor arguments, in order
+    assert tuple(inspect.signature(rebuild_cuda_tensor).parameters) == _IPC_FIELDS
+    args = (torch.Tensor, torch.Size([10]), (1,), 0, torch.storage.TypedStorage, torch.uint8, 0, b"\x01" * 64,
+            512, 128, False, b"/torch_123_ref", 3, b"\x02" * 64, True)
+    fields = _encode_ipc((rebuild_cuda_tensor, args))
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(fields))  # plain msgpack, no pickle
+    assert _decode_ipc(wire) == args
+    with pytest.raises(ValueError, match="unknown classes"):
+        _decode_ipc({**wire, "storage_cls": "os.system"})
+    with pytest.raises(ValueError, match="dtype"):
+        _decode_ipc({**wire, "dtype": "load"})
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU backends (skipped without CUDA)
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_round_trips_between_processes():
+    n = torch.cuda.device_count()
+    run_cluster("cuda_ipc", scenario_round_trips, devices=["cuda:0", f"cuda:{min(1, n - 1)}"])
+
+
+@pytest.mark.gpu
+def test_nccl_round_trips_between_processes():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("nccl needs two GPUs")
+    run_cluster("nccl", scenario_round_trips, devices=["cuda:0", "cuda:1"], deadline_s=120.0)

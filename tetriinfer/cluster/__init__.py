@@ -1,0 +1,1 @@
+"""The running cluster: processes, messages, KV transfer, launchers (DESIGN.md)."""
