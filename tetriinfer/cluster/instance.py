@@ -557,8 +557,10 @@ class Instance:
                 parked = self.dispatch_wait.popleft()
                 self.parked.pop(parked.request_id, None)
                 req = self.engine.requests[parked.request_id]
-                req.status = RequestStatus.RUNNING
+                req.status, req.prefill_only = RequestStatus.RUNNING, False
                 self.engine.scheduler.add_running(req)
+                self.assigned[req.request_id] = Assigned(parked.need_blocks, parked.heavy, parked.reserve_blocks,
+                                                         req.num_tokens + parked.predicted_decode_tokens)
         self.role = self.flip.to_role
         switched_at = time.monotonic()
         self.out.send(self.config.controller_address, msg.FlipDone(

@@ -1,0 +1,1 @@
+"""Discrete-event cluster simulator over the `sched` policies, with cost models (DESIGN.md)."""
