@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ import httpx
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PROFILE = HERE / "profile-cpu-tiny.json"
-SERVER_FLAGS = ["--chunk-size", "256", "--max-model-len", "2048", "--num-blocks", "4096", "--torch-threads", "1",
+LOGS = Path(tempfile.gettempdir())  # server logs
+SERVER_FLAGS = ["--chunk-size", "256", "--max-model-len", "2048", "--num-blocks", "8192", "--torch-threads", "1",
                 "--predictor", "none"]
 # (name, serve flags, simulator system, simulated instance counts)
 SYSTEMS = [
@@ -52,7 +54,7 @@ def profile() -> None:
     cmd = [sys.executable, "-m", "tetriinfer.cli", "profile", "--model", "tiny", "--device", "cpu",
            "--chunk-tokens", "32,64,128,256,512", "--context-tokens", "0,512,1536",
            "--batch-sizes", "1,4,16,32,64", "--context-per-seq", "64,512,1536", "--repeats", "5",
-           "--num-blocks", "4096", "--out", str(PROFILE), "--plot", str(HERE / "profile-cpu-tiny.png")]
+           "--num-blocks", "8192", "--out", str(PROFILE), "--plot", str(HERE / "profile-cpu-tiny.png")]
     print("$ OMP_NUM_THREADS=1", " ".join(cmd[2:]))
     subprocess.run(cmd, check=True, env=env(), cwd=ROOT)
 
@@ -102,7 +104,7 @@ def total(metrics: dict[str, float], name: str) -> float:
 
 # ---- real vs simulated -------------------------------------------------------------------------------
 def compare() -> None:
-    from tetriinfer.bench.metrics import summarize
+    from tetriinfer.bench.metrics import plot_distributions, summarize
     from tetriinfer.bench.serve_client import run_load_sync
     from tetriinfer.bench.workload import build_specs
     from tetriinfer.config import ClusterConfig, PolicyConfig, SimConfig
@@ -113,8 +115,9 @@ def compare() -> None:
                         max_total_tokens=WORKLOAD["max_total_tokens"])
     results = {"commit": commit(), "workload": WORKLOAD, "server_flags": SERVER_FLAGS, "systems": {}}
     link = None
+    curves = {}
     for name, flags, system, shape in SYSTEMS:
-        server = Server([*flags, *SERVER_FLAGS], HERE / "server.log")
+        server = Server([*flags, *SERVER_FLAGS], LOGS / "tetriinfer-serve-compare.log")
         try:
             load = run_load_sync(server.url, specs, model="tiny", progress=True)
             time.sleep(1.0)  # the last stats reach /metrics
@@ -135,7 +138,9 @@ def compare() -> None:
         sim = simulate(specs, SimConfig(cluster, PolicyConfig(chunk_size=256)), cost)
         results["systems"][name] = {"real": dataclasses.asdict(real), "sim": dataclasses.asdict(sim.summary()),
                                     "kv_transfer": transfer}
+        curves[f"{name} real"], curves[f"{name} sim"] = load.records, sim.records()
     (HERE / "compare.json").write_text(json.dumps(results, indent=1))
+    plot_distributions(curves, HERE / "compare.png")
     print(f"\n{WORKLOAD['num_requests']} `{WORKLOAD['workload']}` requests, Poisson {WORKLOAD['rate']} req/s, "
           f"tiny model, CPU (commit {results['commit']})\n")
     print("| system | metric | real mean | sim mean | error | real p50 | sim p50 | real p99 | sim p99 |")
@@ -161,7 +166,7 @@ def flip() -> None:
 
     flags = ["--prefill-instances", "1", "--decode-instances", "2", "--flip", "--flip-idle", "0.2",
              "--chunk-size", "64", "--max-model-len", "512", "--num-blocks", "512", "--torch-threads", "1"]
-    server = Server(flags, HERE / "server-flip.log")
+    server = Server(flags, LOGS / "tetriinfer-serve-flip.log")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
 
@@ -176,7 +181,7 @@ def flip() -> None:
         server.stop()
     flips = [dict(instance=int(m[0]), role=m[1], drain_s=float(m[2]), switch_s=float(m[3]))
              for m in re.findall(r"instance (\d+) is now (\w+): drained in ([\d.]+) s, switched in ([\d.]+) s",
-                                 (HERE / "server-flip.log").read_text())]
+                                 (LOGS / "tetriinfer-serve-flip.log").read_text())]
     (HERE / "flip.json").write_text(json.dumps({"commit": commit(), "flags": flags, "flips": flips}, indent=1))
     print("\n| instance | to role | drain (s) | switch (ms) |\n|---|---|---|---|")
     for f in flips:

@@ -94,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=os.environ.get("TETRIINFER_LOG", "WARNING"),
                         format="%(asctime)s api %(levelname)s %(message)s")
     cfg = serve_config(args)
-    return asyncio.run(serve(cfg, ray_address=args.ray_address))
+    try:
+        return asyncio.run(serve(cfg, ray_address=args.ray_address))
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: `serve` has already shut the cluster down
+        return 0
 
 
 async def serve(cfg, ray_address: str | None = None) -> int:
