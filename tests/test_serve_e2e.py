@@ -205,3 +205,20 @@ def test_idle_decode_instance_flips_to_prefill_under_prompt_pressure(tmp_path):
         assert_no_kv_held(server)
     finally:
         server.stop()
+
+
+def test_gloo_kv_transport_gives_the_same_tokens(tmp_path, offline):
+    """The torch.distributed backend behind the same hand-off as the default shared memory."""
+    server = start_server(["--kv-transport", "gloo", "--decode-instances", "1", *SERVER_ARGS], tmp_path)
+    try:
+        c = client(server)
+        with cf.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: c.completions.create(
+                model="tiny", prompt=PROMPTS[i], max_tokens=12 + i % 5, extra_body={"ignore_eos": True},
+                **sampling_for(i)), range(8)))
+        assert [r.choices[0].text for r in results] == [offline[p].text for p in PROMPTS[:8]]
+        server.wait_until(lambda: server.metric_sum("tetriinfer_kv_transfers_total") >= 16, 10, "transfer stats")
+        assert server.metric_sum("tetriinfer_kv_transfer_failures_total") == 0
+        assert_no_kv_held(server)
+    finally:
+        server.stop()
