@@ -60,3 +60,21 @@ def test_prefill_graphs_of_other_chunk_sizes_match_eager():
     eager = runner.execute(plan)
     runner.graphs = graphs
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mixed_step_graphs_match_eager(dtype):
+    """Sarathi-style steps (decodes plus prompt pieces, any token count up to the budget) replay a
+    graph padded up to the next token rung and give the eager forward's tokens."""
+    batch = prompts([1, 5, 64, 70, 130, 3, 200, 31, 90])
+    kwargs = dict(device="cuda", dtype=dtype, chunk_size=64, max_num_seqs=16, num_blocks=512, step_policy="mixed")
+    graphed, eager = LLM("tiny", **kwargs), LLM("tiny", enforce_eager=True, **kwargs)
+    runner = graphed.engine.runner
+    assert (64, 16 + 64) in runner.graphs and (8, 16 + 64) in runner.graphs  # rungs of 8 tokens
+    replays = []
+    original = runner._replay
+    runner._replay = lambda g, inputs: replays.append((g.num_seqs, g.num_tokens, inputs.num_tokens)) or original(g, inputs)
+    a = [o.outputs[0].token_ids for o in graphed.generate(prompt_token_ids=batch, sampling_params=GREEDY)]
+    b = [o.outputs[0].token_ids for o in eager.generate(prompt_token_ids=batch, sampling_params=GREEDY)]
+    assert a == b
+    assert any(seqs == 16 + 64 and graph_tokens > real for seqs, graph_tokens, real in replays)  # padded mixed steps

@@ -76,7 +76,8 @@ class LLMEngine:
         use_graphs = self.device.type == "cuda" and backend == "triton" and not config.enforce_eager
         self.runner = ModelRunner(loaded.model, loaded.arch, num_blocks, config.cache.block_size, backend,
                                   self.device, TORCH_DTYPES[config.dtype], self.max_model_len,
-                                  config.scheduler.max_num_seqs, config.scheduler.chunk_size, use_graphs)
+                                  config.scheduler.max_num_seqs, config.scheduler.chunk_size, use_graphs,
+                                  mixed_steps=config.scheduler.step_policy == "mixed")
         self.scheduler = EngineScheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
         self.requests: dict[str, Request] = {}

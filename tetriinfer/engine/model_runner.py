@@ -3,11 +3,15 @@
 It owns the KV cache tensors (one K and one V tensor per layer, [num_blocks, block_size, kv_heads,
 head_dim]) and the per-request KV export/import; it never decides what to run.
 
-On a GPU the forward pass of two kinds of step is replayed from CUDA graphs, so Python launches no
-kernels for them: decode batches (captured at a ladder of batch sizes; a batch is padded up to the
-next rung) and prefill chunks of exactly `chunk_size` tokens (TetriInfer's chunks all have that
-shape; up to `MAX_GRAPH_PIECES` prompt pieces per chunk). Padding sequences have no tokens and
-padding tokens write no KV, so the padded graph computes exactly what the eager forward would.
+On a GPU every step is replayed from a CUDA graph, so Python launches no kernels for it:
+- decode batches: captured at a ladder of batch sizes; a batch is padded up to the next rung;
+- prefill chunks of exactly `chunk_size` tokens (TetriInfer's chunks all have that shape; up to
+  `MAX_GRAPH_PIECES` prompt pieces per chunk);
+- with `mixed_steps` (the Sarathi-style step policy), steps holding decodes and prompt pieces up to
+  `chunk_size` tokens: captured at a ladder of token counts (`mixed_graph_tokens`), each with room
+  for every running request plus `MAX_GRAPH_PIECES` prompt pieces; a step is padded up to its rung.
+Padding sequences have no tokens and padding tokens write no KV, so a padded graph computes exactly
+what the eager forward would.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ from tetriinfer.model.layers import ForwardContext
 
 DECODE_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 MAX_GRAPH_PIECES = 64
+MIXED_GRAPH_RUNGS = 8  # token-count graphs per chunk for mixed steps: padding wastes < chunk / 8
+
+
+def mixed_graph_tokens(chunk_size: int) -> tuple[int, ...]:
+    """Token counts captured for mixed steps: `chunk_size / MIXED_GRAPH_RUNGS` apart, up to the chunk."""
+    step = max(1, -(-chunk_size // MIXED_GRAPH_RUNGS))
+    return tuple(sorted({min(step * i, chunk_size) for i in range(1, MIXED_GRAPH_RUNGS + 1)}))
 
 
 @dataclass
@@ -61,7 +72,8 @@ class _Graph:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch: ModelArch, num_blocks: int, block_size: int,
                  attention_backend: str, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int, max_num_seqs: int, chunk_size: int, use_cuda_graphs: bool):
+                 max_model_len: int, max_num_seqs: int, chunk_size: int, use_cuda_graphs: bool,
+                 mixed_steps: bool = False):
         self.model = model
         self.arch = arch
         self.block_size = block_size
@@ -75,6 +87,10 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.chunk_size = chunk_size
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        # Graphs of steps that hold prompt tokens: their token counts and how many sequences they fit.
+        self._chunk_tokens = mixed_graph_tokens(chunk_size) if mixed_steps else (chunk_size,)
+        self._chunk_seqs = max_num_seqs + MAX_GRAPH_PIECES if mixed_steps else MAX_GRAPH_PIECES
+        self._pad_to_rung = mixed_steps  # other steps replay a graph only at its exact size
         if use_cuda_graphs:
             if device.type != "cuda":
                 raise ValueError("CUDA graphs need a CUDA device")
@@ -173,29 +189,34 @@ class ModelRunner:
         if inputs.num_tokens == inputs.num_seqs:  # decode only
             rung = next((b for b in DECODE_GRAPH_BATCHES if b >= inputs.num_seqs), None)
             return self.graphs.get((rung, rung))
-        if inputs.num_seqs <= MAX_GRAPH_PIECES:  # a prefill chunk of a captured size
-            return self.graphs.get((inputs.num_tokens, MAX_GRAPH_PIECES))
-        return None
+        if inputs.num_seqs > self._chunk_seqs:
+            return None
+        if inputs.num_tokens in self._chunk_tokens:  # a chunk of a captured size (the profiler adds some)
+            return self.graphs.get((inputs.num_tokens, self._chunk_seqs))
+        if not self._pad_to_rung:
+            return None
+        rung = next((t for t in self._chunk_tokens if t >= inputs.num_tokens), None)
+        return self.graphs.get((rung, self._chunk_seqs))
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
         self._max_graph_tokens = max(self.chunk_size, max_num_seqs)
-        max_seqs = max(MAX_GRAPH_PIECES, max_num_seqs)
-        self._static = self._static_buffers(self._max_graph_tokens, max_seqs)
+        self._static = self._static_buffers(self._max_graph_tokens, max(self._chunk_seqs, max_num_seqs))
         self._graph_pool = None
         shapes = [(b, b) for b in DECODE_GRAPH_BATCHES if b <= max_num_seqs]
-        shapes.append((self.chunk_size, MAX_GRAPH_PIECES))
+        shapes.extend((t, self._chunk_seqs) for t in self._chunk_tokens)
         for num_tokens, num_seqs in sorted(shapes, reverse=True):  # largest first: the pool fits all
             self._capture(num_tokens, num_seqs)
 
     def capture_prefill_graph(self, num_tokens: int) -> None:
         """Also replay prefill chunks of `num_tokens` tokens from a graph (the profiler measures
         every chunk size as an engine configured with it would run)."""
-        if not self.graphs or (num_tokens, MAX_GRAPH_PIECES) in self.graphs:
+        if not self.graphs or (num_tokens, self._chunk_seqs) in self.graphs:
             return
         if num_tokens > self._max_graph_tokens:  # grow the static inputs; captured graphs keep theirs
             self._max_graph_tokens = num_tokens
             self._static = self._static_buffers(num_tokens, self._static["seq_lens"].shape[0])
-        self._capture(num_tokens, MAX_GRAPH_PIECES)
+        self._capture(num_tokens, self._chunk_seqs)
+        self._chunk_tokens = tuple(sorted({*self._chunk_tokens, num_tokens}))
 
     def _static_buffers(self, max_tokens: int, max_seqs: int) -> dict[str, torch.Tensor]:
         dev = self.device
