@@ -66,7 +66,7 @@ def test_prefill_graphs_of_other_chunk_sizes_match_eager():
 def test_mixed_step_graphs_match_eager(dtype):
     """Sarathi-style steps (decodes plus prompt pieces, any token count up to the budget) replay a
     graph padded up to the next token rung and give the eager forward's tokens."""
-    batch = prompts([1, 5, 64, 70, 130, 3, 200, 31, 90])
+    batch = prompts([1, 5, 64, 70, 130, 3, 200, 31, 97])  # one step: 6 prompt tokens + 9 decodes
     kwargs = dict(device="cuda", dtype=dtype, chunk_size=64, max_num_seqs=16, num_blocks=512, step_policy="mixed")
     graphed, eager = LLM("tiny", **kwargs), LLM("tiny", enforce_eager=True, **kwargs)
     runner = graphed.engine.runner
