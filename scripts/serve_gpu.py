@@ -47,7 +47,7 @@ def run_system(name: str, flags: list[str], specs, args, out: Path) -> dict:
     url = f"http://127.0.0.1:{port}"
     log = out / f"server-{name.replace('/', '_')}.log"
     cmd = [sys.executable, "-m", "tetriinfer.cli", "serve", "--port", str(port), "--model", args.model,
-           "--dtype", args.dtype, "--predictor", "none", *flags]
+           "--dtype", args.dtype, "--predictor", "none", "--chunk-size", str(args.chunk_size), *flags]
     print("$", " ".join(cmd[2:]), flush=True)
     started = time.monotonic()
     with open(log, "w") as f:
@@ -81,6 +81,7 @@ def run_system(name: str, flags: list[str], specs, args, out: Path) -> dict:
     transfer["count"] = total(m, "tetriinfer_kv_transfers_total") / 2
     transfer["failures"] = total(m, "tetriinfer_kv_transfer_failures_total")
     return {"flags": flags, "startup_s": startup_s, "summary": dataclasses.asdict(summary) if summary else None,
+            "records": [dataclasses.asdict(r) for r in sorted(load.records, key=lambda r: r.request_id)],
             "failures": load.failures_by_reason(), "kv_transfer": transfer, "wall_s": load.wall_s,
             "log_tail": log.read_text()[-2000:]}
 
@@ -94,6 +95,7 @@ def main() -> None:
     p.add_argument("--workload", default="mixed")
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--rate", type=float, default=8.0)
+    p.add_argument("--chunk-size", type=int, default=512, help="passed to every system")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--vocab-size", type=int, default=128000)
     p.add_argument("--startup-timeout", type=float, default=300)

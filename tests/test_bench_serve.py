@@ -30,6 +30,7 @@ class FakeServer:
     def __init__(self) -> None:
         self.prefill_s = 0.05
         self.token_s = 0.01
+        self.empty_text = False  # chunks without text until the last (a byte-level tokenizer's partial characters)
         self.fail_with_500: set[int] = set()
         self.error_midway: set[int] = set()
         self.cut_midway: set[int] = set()
@@ -88,7 +89,7 @@ class FakeServer:
                     return response
                 if i == 1 and n in self.cut_midway:
                     return response
-                choice = {"index": 0, "text": "a", "logprobs": None, "finish_reason": "length" if i == n - 1 else None}
+                choice = {"index": 0, "text": "" if self.empty_text and i < n - 1 else "a", "logprobs": None, "finish_reason": "length" if i == n - 1 else None}
                 await self._send(response, {"id": "cmpl-1", "object": "text_completion", "model": MODEL,
                                             "choices": [choice]})
             usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n,
@@ -155,6 +156,16 @@ def test_records_reflect_the_servers_delays_and_usage(fake):
     assert body["temperature"] == 0 and body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
     assert all(isinstance(t, int) and 0 <= t < 256 for t in body["prompt"])
+
+
+def test_chunks_without_text_still_time_the_tokens(fake):
+    """A chunk is a step of output even when its text is empty: TTFT and JCT must not wait for text."""
+    fake.prefill_s, fake.token_s, fake.empty_text = 0.05, 0.02, True
+    result = run_load_sync(fake.url, closed_batch([(10, 6)]), model=None, progress=False)
+    (record,) = result.records
+    assert 0.05 <= record.ttft_s < 0.05 + 0.04
+    assert 0.05 + 0.02 * 5 <= record.jct_s < 0.05 + 0.02 * 5 + 0.06
+    assert record.output_tokens == 6
 
 
 def test_poisson_arrivals_are_sent_at_their_offsets(fake):

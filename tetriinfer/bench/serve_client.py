@@ -117,10 +117,14 @@ async def fetch_model_name(session, url: str, api_key: str | None = None) -> str
 
 @dataclass
 class _Stream:
-    """What one request's stream has shown so far."""
+    """What one request's stream has shown so far.
+
+    Every chunk with a choice is a step of output: the completions API streams a chunk per new
+    token(s), with empty text when a token's characters are not complete yet (half of a UTF-8
+    character, or an id a byte-level tokenizer has no text for). So the first such chunk is the
+    first token, and the last one (the finish chunk) ends the request, whatever their text."""
 
     first_token_s: float | None = None
-    first_chunk_s: float | None = None  # first chunk with a choice, even with empty text
     last_token_s: float | None = None
     token_chunks: int = 0
     usage: dict | None = None
@@ -136,17 +140,11 @@ class _Stream:
             error = message["error"]
             self.error = error.get("message", str(error)) if isinstance(error, dict) else str(error)
             return
-        for choice in message.get("choices") or []:
-            if self.first_chunk_s is None:
-                self.first_chunk_s = now
-            # A byte-level model can emit a token whose text is still empty (half of a UTF-8
-            # character); servers that return token ids or logprobs show it anyway.
-            logprobs = choice.get("logprobs") or {}
-            if choice.get("text") or choice.get("token_ids") or logprobs.get("tokens"):
-                if self.first_token_s is None:
-                    self.first_token_s = now
-                self.last_token_s = now
-                self.token_chunks += 1
+        if message.get("choices"):
+            if self.first_token_s is None:
+                self.first_token_s = now
+            self.last_token_s = now
+            self.token_chunks += 1
         if message.get("usage"):
             self.usage = message["usage"]
 
@@ -178,11 +176,10 @@ async def _send_one(session, url: str, spec: RequestSpec, payload: dict, headers
     output_tokens = usage.get("completion_tokens", stream.token_chunks)
     if output_tokens < 1:
         return RequestFailure(spec.request_id, sent, 200, "no output token streamed")
-    first = next(t for t in (stream.first_token_s, stream.first_chunk_s, end) if t is not None)
     return RequestRecord(
         request_id=spec.request_id,
         arrival_s=sent,
-        first_token_s=first,
+        first_token_s=end if stream.first_token_s is None else stream.first_token_s,
         finish_s=end if stream.last_token_s is None else stream.last_token_s,
         prompt_tokens=usage.get("prompt_tokens", spec.prompt_tokens),
         output_tokens=output_tokens,
