@@ -52,7 +52,7 @@ def env() -> dict:
 # ---- profile --------------------------------------------------------------------------------------
 def profile() -> None:
     cmd = [sys.executable, "-m", "tetriinfer.cli", "profile", "--model", "tiny", "--device", "cpu",
-           "--chunk-tokens", "32,64,128,256,512", "--context-tokens", "0,512,1536",
+           "--chunk-tokens", "32,64,128,256,512,1024,2048", "--context-tokens", "0,512,1536",
            "--batch-sizes", "1,4,16,32,64", "--context-per-seq", "64,512,1536", "--repeats", "5",
            "--num-blocks", "8192", "--out", str(PROFILE), "--plot", str(HERE / "profile-cpu-tiny.png")]
     print("$ OMP_NUM_THREADS=1", " ".join(cmd[2:]))
