@@ -17,69 +17,34 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from tetriinfer.bench.metrics import format_table, summarize
 from tetriinfer.bench.serve_client import run_load_sync
+from tetriinfer.bench.server_process import ServerProcess
 from tetriinfer.bench.workload import build_specs
-from tetriinfer.cluster.launcher import free_port
-
-
-def metrics(url: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
-
-
-def total(m: dict[str, float], name: str) -> float:
-    return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
 
 
 def run_system(name: str, flags: list[str], specs, args, out: Path) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = out / f"server-{name.replace('/', '_')}.log"
-    cmd = [sys.executable, "-m", "tetriinfer.cli", "serve", "--port", str(port), "--model", args.model,
-           "--dtype", args.dtype, "--predictor", "none", "--chunk-size", str(args.chunk_size), *flags]
-    print("$", " ".join(cmd[2:]), flush=True)
+    flags = ["--model", args.model, "--dtype", args.dtype, "--predictor", "none", "--chunk-size", str(args.chunk_size),
+             *flags]
+    print("$ tetriinfer serve", " ".join(flags), flush=True)
     started = time.monotonic()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, TETRIINFER_LOG="WARNING"))
+    server = ServerProcess.start(flags, log, env={"TETRIINFER_LOG": "WARNING"}, timeout_s=args.startup_timeout)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name}: server exited\n{log.read_text()[-3000:]}")
-            if time.monotonic() - started > args.startup_timeout:
-                raise RuntimeError(f"{name}: server not healthy after {args.startup_timeout} s")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
         startup_s = time.monotonic() - started
         print(f"{name}: healthy after {startup_s:.0f} s", flush=True)
-        load = run_load_sync(url, specs, model=args.model, vocab_size=args.vocab_size, progress=False)
+        load = run_load_sync(server.url, specs, model=args.model, vocab_size=args.vocab_size, progress=False)
         time.sleep(1.0)
-        m = metrics(url)
+        transfer = {k: server.metric_sum(f"tetriinfer_kv_transfer_{k}_total") / 2 for k in ("bytes", "seconds")}
+        transfer["count"] = server.metric_sum("tetriinfer_kv_transfers_total") / 2
+        transfer["failures"] = server.metric_sum("tetriinfer_kv_transfer_failures_total")
     finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop(60)
     finish = max((r.finish_s for r in load.records), default=0.0)
     summary = summarize(load.records, {"server": finish}, start_s=0.0) if load.records else None
-    transfer = {k: total(m, f"tetriinfer_kv_transfer_{k}_total") / 2 for k in ("bytes", "seconds")}
-    transfer["count"] = total(m, "tetriinfer_kv_transfers_total") / 2
-    transfer["failures"] = total(m, "tetriinfer_kv_transfer_failures_total")
     return {"flags": flags, "startup_s": startup_s, "summary": dataclasses.asdict(summary) if summary else None,
             "records": [dataclasses.asdict(r) for r in sorted(load.records, key=lambda r: r.request_id)],
             "failures": load.failures_by_reason(), "kv_transfer": transfer, "wall_s": load.wall_s,

@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PROFILE = HERE / "profile-cpu-tiny.json"
@@ -60,46 +58,10 @@ def profile() -> None:
 
 
 # ---- a server in a subprocess ----------------------------------------------------------------------
-class Server:
-    def __init__(self, flags: list[str], log: Path) -> None:
-        from tetriinfer.cluster.launcher import free_port
+def start(flags: list[str], log: Path):
+    from tetriinfer.bench.server_process import ServerProcess
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with open(log, "w") as f:
-            self.process = subprocess.Popen([sys.executable, "-m", "tetriinfer.cli", "serve", "--port", str(self.port),
-                                             *flags], stdout=f, stderr=subprocess.STDOUT, env=env(), cwd=ROOT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("server did not start")
-
-    def metrics(self) -> dict[str, float]:
-        out = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            if line and not line.startswith("#"):
-                key, value = line.rsplit(" ", 1)
-                out[key] = float(value)
-        return out
-
-    def stop(self) -> None:
-        self.process.send_signal(2)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-def total(metrics: dict[str, float], name: str) -> float:
-    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+    return ServerProcess.start(flags, log, env=env())
 
 
 # ---- real vs simulated -------------------------------------------------------------------------------
@@ -117,20 +79,19 @@ def compare() -> None:
     link = None
     curves = {}
     for name, flags, system, shape in SYSTEMS:
-        server = Server([*flags, *SERVER_FLAGS], LOGS / "tetriinfer-serve-compare.log")
+        server = start([*flags, *SERVER_FLAGS], LOGS / "tetriinfer-serve-compare.log")
         try:
             load = run_load_sync(server.url, specs, model="tiny", progress=True)
             time.sleep(1.0)  # the last stats reach /metrics
-            metrics = server.metrics()
+            transfer = {"bytes": server.metric_sum("tetriinfer_kv_transfer_bytes_total") / 2,  # both ends count
+                        "seconds": server.metric_sum("tetriinfer_kv_transfer_seconds_total") / 2,
+                        "transfers": server.metric_sum("tetriinfer_kv_transfers_total") / 2}
         finally:
             server.stop()
         if load.failures:
             raise RuntimeError(f"{name}: {len(load.failures)} requests failed: {load.failures_by_reason()}")
         instances = shape.get("num_instances") or shape["num_prefill"] + shape["num_decode"]
         real = summarize(load.records, {i: max(r.finish_s for r in load.records) for i in range(instances)}, start_s=0.0)
-        transfer = {"bytes": total(metrics, "tetriinfer_kv_transfer_bytes_total") / 2,  # counted by both ends
-                    "seconds": total(metrics, "tetriinfer_kv_transfer_seconds_total") / 2,
-                    "transfers": total(metrics, "tetriinfer_kv_transfers_total") / 2}
         if transfer["seconds"] > 0:
             link = transfer["bytes"] * 8 / transfer["seconds"] / 1e9
         cost = TableCostModel.from_file(PROFILE, **({"link_gbps": link} if link else {}))
@@ -166,7 +127,7 @@ def flip() -> None:
 
     flags = ["--prefill-instances", "1", "--decode-instances", "2", "--flip", "--flip-idle", "0.2",
              "--chunk-size", "64", "--max-model-len", "512", "--num-blocks", "512", "--torch-threads", "1"]
-    server = Server(flags, LOGS / "tetriinfer-serve-flip.log")
+    server = start(flags, LOGS / "tetriinfer-serve-flip.log")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
 

@@ -138,6 +138,15 @@ class KVTransport(ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _received(self, peer: int, transfer_id: int, k_bytes: torch.Tensor, v_bytes: torch.Tensor, layout,
+                  device, start: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V from their received bytes, on `device` (default: the transport's); logs the transfer."""
+        target = torch.device(device) if device is not None else self.device
+        k, v = _from_bytes(k_bytes, layout).to(target), _from_bytes(v_bytes, layout).to(target)
+        stats = TransferStats(k_bytes.numel() + v_bytes.numel(), time.perf_counter() - start)
+        _log_transfer(self.name, "received from", peer, transfer_id, stats)
+        return k, v
+
 
 def default_transport(device: str | torch.device) -> str:
     return "cuda_ipc" if torch.device(device).type == "cuda" else "shm"
@@ -597,11 +606,7 @@ class GlooTransport(KVTransport):
         except RuntimeError as e:
             self._fail(link, gen)
             raise KVTransferError(f"gloo transfer {transfer_id} from rank {peer} failed: {e}") from e
-        target = torch.device(device) if device is not None else self.device
-        k, v = _from_bytes(kb, layout).to(target), _from_bytes(vb, layout).to(target)
-        stats = TransferStats(2 * n, time.perf_counter() - start)
-        _log_transfer(self.name, "received from", peer, transfer_id, stats)
-        return k, v
+        return self._received(peer, transfer_id, kb, vb, layout, device, start)
 
     def cancel_send(self, transfer_id: int) -> None:
         """Drops a send whose thread has not started; one under way cannot be taken back (gloo has no
@@ -763,11 +768,7 @@ class NcclTransport(KVTransport):
         except RuntimeError as e:
             self._fail(peer, f"transfer {transfer_id} failed: {e}")
             raise KVTransferError(f"nccl transfer {transfer_id} from rank {peer} failed: {e}") from e
-        target = torch.device(device) if device is not None else self.device
-        k, v = _from_bytes(kb, layout).to(target), _from_bytes(vb, layout).to(target)
-        stats = TransferStats(2 * n, time.perf_counter() - start)
-        _log_transfer(self.name, "received from", peer, transfer_id, stats)
-        return k, v
+        return self._received(peer, transfer_id, kb, vb, layout, device, start)
 
     def cancel_send(self, transfer_id: int) -> None:
         """Forgets the send; a posted NCCL send cannot be taken back, so the receiver must still recv

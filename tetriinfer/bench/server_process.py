@@ -1,0 +1,77 @@
+"""`tetriinfer serve` in a child process, for load tests and benchmarks: start it, wait until it is
+healthy, read its Prometheus metrics, stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    url: str  # http://127.0.0.1:PORT
+    log_path: Path
+
+    @classmethod
+    def start(cls, flags: list[str], log_path: str | Path, *, env: dict | None = None,
+              timeout_s: float = 180.0) -> "ServerProcess":
+        """Run `tetriinfer serve FLAGS --port <free port>`, its output to `log_path`; return once
+        /health answers 200. Raises RuntimeError (with the log's tail) if it exits or stays unhealthy."""
+        from tetriinfer.cluster.launcher import free_port
+
+        port = free_port()
+        log_path = Path(log_path)
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "-m", "tetriinfer.cli", "serve", "--port", str(port), *flags],
+                                       stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        server = cls(process, f"http://127.0.0.1:{port}", log_path)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"tetriinfer serve exited with {process.returncode}:\n{server.log()[-4000:]}")
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        server.stop()
+        raise RuntimeError(f"tetriinfer serve was not healthy after {timeout_s:.0f} s:\n{server.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as {'name{labels}': value}."""
+        out = {}
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line and not line.startswith("#"):
+                key, value = line.rsplit(" ", 1)
+                out[key] = float(value)
+        return out
+
+    def metric_sum(self, name: str, **labels) -> float:
+        """The sum of `name`'s samples whose labels include `labels`."""
+        total = 0.0
+        for key, value in self.metrics().items():
+            if (key == name or key.startswith(name + "{")) and all(f'{k}="{v}"' in key for k, v in labels.items()):
+                total += value
+        return total
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGINT (uvicorn shuts down, the cluster gets Shutdown), then kill if it lingers."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
