@@ -109,6 +109,7 @@ async def serve(cfg, ray_address: str | None = None) -> int:
     from tetriinfer.server.app import create_app
 
     arch, tokenizer = load_arch_and_tokenizer(cfg.engine.model)  # bad model names fail here, before any process
+    _check_port_free(cfg.host, cfg.port)
     if tokenizer is None:
         raise ValueError(f"model {cfg.engine.model!r} has no tokenizer.json; the server needs one")
     internal_host = "0.0.0.0" if cfg.launcher == "ray" else "127.0.0.1"
@@ -137,6 +138,17 @@ async def serve(cfg, ray_address: str | None = None) -> int:
         await client.close()
         cluster.stop()
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 async def _wait_ready(client, cluster, timeout_s: float) -> None:

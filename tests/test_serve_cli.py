@@ -1,0 +1,33 @@
+"""`tetriinfer serve` refuses bad arguments with a clear message before starting any process."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tetriinfer.cli import main
+
+
+def run_cli(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *args])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_port_in_use(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert f"cannot listen on 127.0.0.1:{port}" in run_cli(capsys, "--port", str(port))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model"], "neither a preset"),
+    (["--prefill-instances", "0"], "num_prefill must be >= 1"),
+    (["--kv-timeout", "0"], "must be > 0"),
+])
+def test_bad_arguments(capsys, args, message):
+    assert message in run_cli(capsys, *args)
