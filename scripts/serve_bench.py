@@ -1,0 +1,181 @@
+"""Serve each system with `tetriinfer serve`, load it with the paper's workloads, and (optionally)
+simulate the same runs: the harness behind docs/serving.md's GPU runs and issue 7's table.
+
+    PYTHONPATH=. python scripts/serve_bench.py --out results/ --common "--model llama3-8b --dtype bfloat16" \\
+        --system "tetriinfer=--prefill-instances 1 --decode-instances 1 --device cuda" \\
+        --system "vllm=--mode colocated --instances 2 --baseline vllm --device cuda" \\
+        --system "sarathi=--mode colocated --instances 2 --baseline sarathi --device cuda" \\
+        --workloads lpld,lphd,hpld,hphd,mixed --num-requests 128 --arrivals closed,4,8 \\
+        --profile docs/benchmarks/profile-h100-llama3-8b.json
+
+Each --system is NAME=FLAGS for `tetriinfer serve` (after --common). A system's server starts once
+and serves every workload and arrival pattern in turn (`closed`: the paper's closed batch, all at
+t=0; a number: Poisson at that many requests/s). With --profile, each run is also simulated with
+the same requests, the same `sched` policies and the system's own settings, priced by that profile.
+
+Resource time of a real run is instances x makespan (the client cannot see when each instance last
+worked); perf/$ is relative to the system named `vllm` if there is one, else the first. Writes
+serve-bench.json (summaries, per-request records, KV transfer totals) and serve-bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from tetriinfer.bench.metrics import LatencyStats, Summary, perf_per_dollar, summarize
+from tetriinfer.bench.serve_client import run_load_sync
+from tetriinfer.bench.server_process import ServerProcess
+from tetriinfer.bench.workload import build_specs
+
+
+def serve_config(flags: list[str]):
+    """The ServeConfig `tetriinfer serve FLAGS` would run (the simulator mirrors it)."""
+    from tetriinfer.cli import build_parser
+    from tetriinfer.entrypoints.serve import serve_config as to_config
+
+    return to_config(build_parser().parse_args(["serve", *flags]))
+
+
+def sim_config(cfg, seed: int = 0):
+    from tetriinfer.config import ClusterConfig, SimConfig
+
+    colocated = cfg.mode == "colocated"
+    cluster = ClusterConfig(system=cfg.baseline if colocated else "tetriinfer", num_prefill=cfg.num_prefill,
+                            num_decode=cfg.num_decode, num_instances=cfg.num_instances, model=cfg.engine.model,
+                            block_size=cfg.engine.cache.block_size)
+    policy = dataclasses.replace(cfg.policy, chunk_size=cfg.engine.scheduler.chunk_size)
+    return SimConfig(cluster, policy, cfg.flip, seed=seed)
+
+
+def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], args, out: Path) -> dict:
+    cfg = serve_config(flags)
+    instances = cfg.total_instances
+    print(f"$ tetriinfer serve {' '.join(flags)}", flush=True)
+    started = time.monotonic()
+    server = ServerProcess.start(flags, out / f"server-{name}.log", env={"TETRIINFER_LOG": "WARNING"},
+                                 timeout_s=args.startup_timeout)
+    result = {"flags": flags, "instances": instances, "startup_s": time.monotonic() - started, "runs": {}}
+    try:
+        for workload, arrival, specs in runs:
+            before = _transfer_totals(server)
+            load = run_load_sync(server.url, specs, model=None, vocab_size=args.vocab_size, progress=False)
+            time.sleep(1.0)  # the last stats reach /metrics
+            after = _transfer_totals(server)
+            run = {"failures": load.failures_by_reason(), "wall_s": load.wall_s,
+                   "kv_transfer": {k: after[k] - before[k] for k in after},
+                   "records": [dataclasses.asdict(r) for r in sorted(load.records, key=lambda r: r.request_id)]}
+            if load.records:
+                finish = max(r.finish_s for r in load.records)
+                run["summary"] = dataclasses.asdict(
+                    summarize(load.records, {i: finish for i in range(instances)}, start_s=0.0))
+            if args.profile:
+                run["sim"] = dataclasses.asdict(_simulate(cfg, specs, args.profile))
+            result["runs"][f"{workload}/{arrival}"] = run
+            print(f"{name} {workload}/{arrival}: {len(load.records)} done, {len(load.failures)} failed", flush=True)
+    finally:
+        server.stop(60)
+    return result
+
+
+def _transfer_totals(server: ServerProcess) -> dict[str, float]:
+    # Both ends of a transfer count it; halve the sums.
+    return {k: server.metric_sum(f"tetriinfer_kv_transfer{s}_total") / 2
+            for k, s in (("bytes", "_bytes"), ("seconds", "_seconds"), ("count", "s"), ("failures", "_failures"))}
+
+
+def _simulate(cfg, specs, profile: str) -> Summary:
+    from tetriinfer.sim.cluster import simulate
+    from tetriinfer.sim.cost import TableCostModel
+
+    config = sim_config(cfg)
+    return simulate(specs, config, TableCostModel.from_file(profile)).summary()
+
+
+def _summary(d: dict) -> Summary:
+    d = dict(d)
+    for key in ("ttft", "tpot", "jct"):
+        d[key] = LatencyStats(**d[key])
+    return Summary(**d)
+
+
+def report(results: dict) -> str:
+    systems = results["systems"]
+    base = "vllm" if "vllm" in systems else next(iter(systems))
+    lines = [f"Commit {results['commit']}, {results['device']}.", ""]
+    keys = sorted({k for s in systems.values() for k in s.get("runs", {})})
+    for key in keys:
+        lines += [f"### {key}", "",
+                  "| system | TTFT mean / p50 / p99 (ms) | TPOT mean / p50 / p99 (ms) | JCT mean / p50 / p99 (ms) "
+                  "| resource time (s) | perf/$ | sim JCT mean (error) |", "|---|---|---|---|---|---|---|"]
+        base_run = systems.get(base, {}).get("runs", {}).get(key, {})
+        base_summary = _summary(base_run["summary"]) if "summary" in base_run else None
+        for name, system in systems.items():
+            run = system.get("runs", {}).get(key)
+            if run is None or "summary" not in run:
+                lines.append(f"| {name} | failed: {system.get('error') or (run or {}).get('failures')} | | | | | |")
+                continue
+            s = _summary(run["summary"])
+            ms = lambda st, f=1e3: f"{st.mean * f:.0f} / {st.p50 * f:.0f} / {st.p99 * f:.0f}"  # noqa: E731
+            tpot = f"{s.tpot.mean * 1e3:.1f} / {s.tpot.p50 * 1e3:.1f} / {s.tpot.p99 * 1e3:.1f}"
+            perf = f"{perf_per_dollar(s, base_summary):.2f}x" if base_summary else "-"
+            sim = "-"
+            if "sim" in run:
+                sim_jct = run["sim"]["jct"]["mean"]
+                sim = f"{sim_jct * 1e3:.0f} ({(sim_jct / s.jct.mean - 1) * 100:+.0f}%)"
+            lines.append(f"| {name} | {ms(s.ttft)} | {tpot} | {ms(s.jct)} | {s.resource_time_s:.1f} | {perf} | {sim} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--system", action="append", required=True, help="NAME=FLAGS of tetriinfer serve")
+    p.add_argument("--common", default="--model llama3-8b --dtype bfloat16", help="flags every system gets first")
+    p.add_argument("--workloads", default="mixed", help="comma-separated: lpld,lphd,hpld,hphd,mixed,azure-conv,...")
+    p.add_argument("--arrivals", default="closed", help="comma-separated: closed and/or Poisson rates")
+    p.add_argument("--num-requests", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=8192, help="drop requests longer than this")
+    p.add_argument("--vocab-size", type=int, default=128000, help="prompt token ids are drawn below this")
+    p.add_argument("--profile", default=None, help="also simulate every run, priced by this profile")
+    p.add_argument("--startup-timeout", type=float, default=600)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for workload in args.workloads.split(","):
+        for arrival in args.arrivals.split(","):
+            rate = None if arrival == "closed" else float(arrival)
+            runs.append((workload, arrival, build_specs(workload, args.num_requests, rate=rate, seed=0,
+                                                        max_total_tokens=args.max_model_len)))
+    results = {"commit": os.environ.get("TETRIINFER_COMMIT", "unknown"), "device": _device(), "args": vars(args),
+               "systems": {}}
+    for item in args.system:
+        name, _, flags = item.partition("=")
+        try:
+            results["systems"][name] = run_system(name, shlex.split(args.common) + shlex.split(flags), runs, args, out)
+        except Exception as e:  # noqa: BLE001 - keep the other systems' results
+            results["systems"][name] = {"error": str(e)}
+            print(f"{name}: FAILED {e}", flush=True)
+        (out / "serve-bench.json").write_text(json.dumps(results, indent=1))
+    text = report(results)
+    (out / "serve-bench.md").write_text(text)
+    print(text)
+
+
+def _device() -> str:
+    try:
+        return subprocess.check_output(["nvidia-smi", "-L"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "CPU"
+
+
+if __name__ == "__main__":
+    main()
