@@ -8,8 +8,8 @@ simulate the same runs: the harness behind docs/serving.md's GPU runs and issue 
         --workloads lpld,lphd,hpld,hphd,mixed --num-requests 128 --arrivals closed,4,8 \\
         --profile docs/benchmarks/profile-h100-llama3-8b.json
 
-Each --system is NAME=FLAGS for `tetriinfer serve` (after --common). A system's server starts once
-and serves every workload and arrival pattern in turn (`closed`: the paper's closed batch, all at
+Each --system is NAME=FLAGS for `tetriinfer serve` (after --common). A system's server starts once,
+takes `--warmup-requests` unrecorded requests, and serves every workload and arrival pattern in turn (`closed`: the paper's closed batch, all at
 t=0; a number: Poisson at that many requests/s). With --profile, each run is also simulated with
 the same requests, the same `sched` policies and the system's own settings, priced by that profile.
 
@@ -63,6 +63,9 @@ def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], a
                                  timeout_s=args.startup_timeout)
     result = {"flags": flags, "instances": instances, "startup_s": time.monotonic() - started, "runs": {}}
     try:
+        if args.warmup_requests:  # first requests pay one-time costs (Triton JIT of eager shapes)
+            warm = build_specs("mixed", args.warmup_requests, seed=1, max_total_tokens=args.max_model_len)
+            run_load_sync(server.url, warm, model=None, vocab_size=args.vocab_size, progress=False)
         for workload, arrival, specs in runs:
             before = _transfer_totals(server)
             load = run_load_sync(server.url, specs, model=None, vocab_size=args.vocab_size, progress=False)
@@ -145,6 +148,8 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=8192, help="drop requests longer than this")
     p.add_argument("--vocab-size", type=int, default=128000, help="prompt token ids are drawn below this")
     p.add_argument("--profile", default=None, help="also simulate every run, priced by this profile")
+    p.add_argument("--warmup-requests", type=int, default=64,
+                   help="unrecorded `mixed` requests sent to each server before its measured runs")
     p.add_argument("--startup-timeout", type=float, default=600)
     args = p.parse_args()
     out = Path(args.out)
