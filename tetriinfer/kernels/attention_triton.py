@@ -47,7 +47,9 @@ MIN_SPLIT_TOKENS = 256  # shorter ranges cost more in launch, workspace and merg
 MERGE_NUM_WARPS = 4  # the merge reads at most MAX_KV_SPLITS x head_dim floats per (token, head)
 
 
-@triton.jit
+# Batch sizes change every step: compiling one kernel per divisibility class of them (Triton's default
+# integer specialisation) would stall the first steps of every new class for a second or more.
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -170,7 +172,7 @@ def _paged_attention_kernel(
         tl.store(lse_ptr + lse_offsets, lse, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kv_splits_kernel(
     partial_ptr,  # float32 [tokens, heads, num_splits, HEAD_DIM], each split's normalised output
     lse_ptr,  # float32 [tokens, heads, num_splits], log2-sum-exp2 of each split's scores
