@@ -47,9 +47,10 @@ MIN_SPLIT_TOKENS = 256  # shorter ranges cost more in launch, workspace and merg
 MERGE_NUM_WARPS = 4  # the merge reads at most MAX_KV_SPLITS x head_dim floats per (token, head)
 
 
-# Batch sizes change every step: compiling one kernel per divisibility class of them (Triton's default
-# integer specialisation) would stall the first steps of every new class for a second or more.
-@triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
+# Batch sizes and the block table's width change every eager step: compiling one kernel per
+# divisibility class of them (Triton's default integer specialisation) would stall the first step of
+# every new class for half a second or more.
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "stride_block_table", "stride_out_split"])
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
