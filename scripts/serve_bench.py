@@ -32,7 +32,7 @@ from pathlib import Path
 from tetriinfer.bench.metrics import LatencyStats, Summary, perf_per_dollar, summarize
 from tetriinfer.bench.serve_client import run_load_sync
 from tetriinfer.bench.server_process import ServerProcess
-from tetriinfer.bench.workload import build_specs
+from tetriinfer.bench.workload import back_to_back, build_specs
 
 
 def serve_config(flags: list[str]):
@@ -142,7 +142,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--system", action="append", required=True, help="NAME=FLAGS of tetriinfer serve")
     p.add_argument("--common", default="--model llama3-8b --dtype bfloat16", help="flags every system gets first")
-    p.add_argument("--workloads", default="mixed", help="comma-separated: lpld,lphd,hpld,hphd,mixed,azure-conv,...")
+    p.add_argument("--workloads", default="mixed",
+                   help="comma-separated: lpld,lphd,hpld,hphd,mixed,azure-conv,...; A>B runs mix A then mix B "
+                        "(a shifting mix, for the flip)")
     p.add_argument("--arrivals", default="closed", help="comma-separated: closed and/or Poisson rates")
     p.add_argument("--num-requests", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=8192, help="drop requests longer than this")
@@ -158,8 +160,9 @@ def main() -> None:
     for workload in args.workloads.split(","):
         for arrival in args.arrivals.split(","):
             rate = None if arrival == "closed" else float(arrival)
-            runs.append((workload, arrival, build_specs(workload, args.num_requests, rate=rate, seed=0,
-                                                        max_total_tokens=args.max_model_len)))
+            phases = [build_specs(mix, args.num_requests, rate=rate, seed=0, max_total_tokens=args.max_model_len)
+                      for mix in workload.split(">")]
+            runs.append((workload, arrival, back_to_back(*phases)))
     results = {"commit": os.environ.get("TETRIINFER_COMMIT", "unknown"), "device": _device(), "args": vars(args),
                "systems": {}}
     for item in args.system:

@@ -150,3 +150,14 @@ def test_real_data_gives_every_workload(monkeypatch):
     conv = make_workload("azure-conv", 1000, arrival="trace")
     rate = len(conv) / conv[-1].arrival_s
     assert 3 < rate < 8  # the README: 5.53 requests/s on average
+
+
+def test_back_to_back_phases_follow_each_other():
+    from tetriinfer.bench.workload import RequestSpec, back_to_back
+
+    first = [RequestSpec(0, 1.0, 10, 5), RequestSpec(1, 2.5, 20, 6)]
+    second = [RequestSpec(0, 0.5, 30, 7), RequestSpec(1, 1.5, 40, 8)]
+    joined = back_to_back(first, second)
+    assert [s.request_id for s in joined] == [0, 1, 2, 3]
+    assert [s.arrival_s for s in joined] == [0.0, 1.5, 1.5, 2.5]
+    assert [s.prompt_tokens for s in joined] == [10, 20, 30, 40]

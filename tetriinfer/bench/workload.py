@@ -272,3 +272,16 @@ def build_specs(
     arrival = "poisson" if rate else ("trace" if azure else "closed")
     return make_workload(workload, num_requests, seed=seed, arrival=arrival, rate=rate,
                          max_total_tokens=max_total_tokens)
+
+
+def back_to_back(*phases: list[RequestSpec]) -> list[RequestSpec]:
+    """One workload whose phases follow each other (e.g. LPHD, then HPLD: the mix shifts, which is
+    when a flip pays): each phase's arrivals start where the previous phase's ended; ids run on."""
+    out: list[RequestSpec] = []
+    offset = 0.0
+    for phase in phases:
+        start = min((s.arrival_s for s in phase), default=0.0)
+        for spec in phase:
+            out.append(dataclasses.replace(spec, request_id=len(out), arrival_s=offset + spec.arrival_s - start))
+        offset = out[-1].arrival_s if out else offset
+    return out
