@@ -88,9 +88,11 @@ def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], a
 
 
 def _transfer_totals(server: ServerProcess) -> dict[str, float]:
-    # Both ends of a transfer count it; halve the sums.
-    return {k: server.metric_sum(f"tetriinfer_kv_transfer{s}_total") / 2
-            for k, s in (("bytes", "_bytes"), ("seconds", "_seconds"), ("count", "s"), ("failures", "_failures"))}
+    """KV transfer totals (both ends of a transfer count it: halved) and flips so far."""
+    totals = {k: server.metric_sum(f"tetriinfer_kv_transfer{s}_total") / 2
+              for k, s in (("bytes", "_bytes"), ("seconds", "_seconds"), ("count", "s"), ("failures", "_failures"))}
+    totals["flips"] = server.metric_sum("tetriinfer_flips_total")
+    return totals
 
 
 def _simulate(cfg, specs, profile: str) -> Summary:
