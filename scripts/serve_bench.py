@@ -15,7 +15,7 @@ the same requests, the same `sched` policies and the system's own settings, pric
 
 Resource time of a real run is instances x makespan (the client cannot see when each instance last
 worked); perf/$ is relative to the system named `vllm` if there is one, else the first. Writes
-serve-bench.json (summaries, per-request records, KV transfer totals) and serve-bench.md.
+serve-bench.json (summaries, per-request records, KV transfers and flips per run) and serve-bench.md.
 """
 
 from __future__ import annotations
@@ -67,12 +67,12 @@ def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], a
             warm = build_specs("mixed", args.warmup_requests, seed=1, max_total_tokens=args.max_model_len)
             run_load_sync(server.url, warm, model=None, vocab_size=args.vocab_size, progress=False)
         for workload, arrival, specs in runs:
-            before = _transfer_totals(server)
+            before = _counters(server)
             load = run_load_sync(server.url, specs, model=None, vocab_size=args.vocab_size, progress=False)
             time.sleep(1.0)  # the last stats reach /metrics
-            after = _transfer_totals(server)
+            after = _counters(server)
             run = {"failures": load.failures_by_reason(), "wall_s": load.wall_s,
-                   "kv_transfer": {k: after[k] - before[k] for k in after},
+                   "counters": {k: after[k] - before[k] for k in after},  # KV transfers and flips during this run
                    "records": [dataclasses.asdict(r) for r in sorted(load.records, key=lambda r: r.request_id)]}
             if load.records:
                 finish = max(r.finish_s for r in load.records)
@@ -87,7 +87,7 @@ def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], a
     return result
 
 
-def _transfer_totals(server: ServerProcess) -> dict[str, float]:
+def _counters(server: ServerProcess) -> dict[str, float]:
     """KV transfer totals (both ends of a transfer count it: halved) and flips so far."""
     totals = {k: server.metric_sum(f"tetriinfer_kv_transfer{s}_total") / 2
               for k, s in (("bytes", "_bytes"), ("seconds", "_seconds"), ("count", "s"), ("failures", "_failures"))}
