@@ -164,6 +164,24 @@ def test_kv_export_import_continues_as_one_engine(sampling):
     assert decode.block_manager.num_free_blocks == 64
 
 
+def test_a_parked_prefilled_request_can_decode_in_place():
+    """What a prefill instance does with its waiting requests when it flips to decode."""
+    prompt, sampling = list(range(5, 80)), SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    alone = make_engine()
+    alone.add_request("r", prompt_token_ids=prompt, sampling=sampling)
+    expected = run_all(alone)["r"].outputs[0].token_ids
+    engine = make_engine()
+    engine.add_request("r", prompt_token_ids=prompt, sampling=sampling, prefill_only=True)
+    while engine.requests["r"].status.value != "prefilled":
+        engine.step()
+    assert not engine.has_unfinished_requests()
+    engine.decode_here("r")
+    assert run_all(engine)["r"].outputs[0].token_ids == expected
+    assert engine.block_manager.num_free_blocks == NUM_BLOCKS
+    with pytest.raises(KeyError):
+        engine.decode_here("r")
+
+
 def test_import_rejects_mismatched_kv():
     prefill = make_engine()
     prefill.add_request("r", prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=4, ignore_eos=True),

@@ -23,7 +23,7 @@ import random
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 
@@ -134,7 +134,7 @@ class Instance:
         self.role = config.role
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        self.engine = LLMEngine(config.engine)
+        self.engine = LLMEngine(config.engine, stream_text=True)
         self.block_size = config.engine.cache.block_size
         self.capacity_blocks = self.engine.block_manager.num_blocks
         self.chunk_size = config.engine.scheduler.chunk_size
@@ -244,7 +244,7 @@ class Instance:
         chunker stays FCFS over what it has, so the queue's order (SJF, LJF) is the order served."""
         if not self.queue:
             return
-        queued = sum(r.num_tokens - r.num_computed_tokens for r in self.engine.scheduler.waiting)
+        queued = self.engine.scheduler.waiting_tokens
         if queued >= self.chunk_size:
             return
         for pending in self.queue.take(self.chunk_size - queued):
@@ -539,8 +539,6 @@ class Instance:
             self._send_to(offer.src_instance, msg.KVCancel(offer.request_id, -1, "instance is flipping"))
 
     def _maybe_finish_flip(self) -> None:
-        from tetriinfer.engine.request import RequestStatus
-
         if self.flip is None:
             return
         if self.role == PREFILL:
@@ -556,9 +554,7 @@ class Instance:
             while self.dispatch_wait:
                 parked = self.dispatch_wait.popleft()
                 self.parked.pop(parked.request_id, None)
-                req = self.engine.requests[parked.request_id]
-                req.status, req.prefill_only = RequestStatus.RUNNING, False
-                self.engine.scheduler.add_running(req)
+                req = self.engine.decode_here(parked.request_id)
                 self.assigned[req.request_id] = Assigned(parked.need_blocks, parked.heavy, parked.reserve_blocks,
                                                          req.num_tokens + parked.predicted_decode_tokens)
         self.role = self.flip.to_role
@@ -581,8 +577,7 @@ class Instance:
     def _stats(self) -> msg.InstanceStats:
         bm = self.engine.block_manager
         used = self.capacity_blocks - bm.num_free_blocks
-        queued = self.queue.pending_tokens + sum(r.num_tokens - r.num_computed_tokens
-                                                 for r in self.engine.scheduler.waiting)
+        queued = self.queue.pending_tokens + self.engine.scheduler.waiting_tokens
         running = len(self.engine.scheduler.running)
         if self.role == DECODE:
             fraction = max(used / self.capacity_blocks, len(self.assigned) / self.max_num_seqs)

@@ -59,8 +59,11 @@ class RequestKV:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, stream_text: bool = False):
+        """`stream_text`: keep every request's text up to date token by token (a server streams it);
+        otherwise text is decoded once when a request finishes, unless it has stop strings."""
         self.config = config
+        self.stream_text = stream_text
         self.device = torch.device(config.device)
         loaded = load_model(config.model, config.dtype, config.device, config.load_format, config.seed)
         self.arch = loaded.arch
@@ -207,13 +210,16 @@ class LLMEngine:
             if req.detokenizer is not None:
                 req.detokenizer.settle()  # the last delta stays for a streaming caller to take
                 req.output_text = req.detokenizer.text
+            elif self.tokenizer is not None:
+                req.output_text = self.tokenizer.decode(req.output_token_ids)
             self.requests.pop(req.request_id, None)
             self.scheduler.remove(req)
 
     def new_detokenizer(self, req: Request, already_streamed: bool = False) -> IncrementalDetokenizer | None:
-        """Turns the request's tokens into text as they come. `already_streamed`: a request moving
-        in from another engine, whose output so far was streamed there."""
-        if self.tokenizer is None:
+        """Turns the request's tokens into text as they come, where someone needs it before the end
+        (streaming, stop strings); else None. `already_streamed`: a request moving in from another
+        engine, whose output so far was streamed there."""
+        if self.tokenizer is None or not (self.stream_text or req.sampling.stop):
             return None
         if already_streamed:
             return IncrementalDetokenizer.replay(self.tokenizer, req.prompt_token_ids, req.sampling.stop,
@@ -252,6 +258,15 @@ class LLMEngine:
             finished=finished,
             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time),
         )
+
+    def decode_here(self, request_id: str) -> Request:
+        """A prefilled request parked for export decodes in this engine instead (its KV is here)."""
+        req = self.requests[request_id]
+        if req.status != RequestStatus.PREFILLED:
+            raise ValueError(f"request {request_id!r} is {req.status.value}, not prefilled")
+        req.status, req.prefill_only = RequestStatus.RUNNING, False
+        self.scheduler.add_running(req)
+        return req
 
     # ---- KV export / import ----------------------------------------------------------------------
     def export_request(self, request_id: str) -> RequestKV:

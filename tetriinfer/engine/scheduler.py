@@ -69,6 +69,11 @@ class EngineScheduler:
             self.waiting.remove(request)
         self.blocks.free(request.block_ids)
 
+    @property
+    def waiting_tokens(self) -> int:
+        """Tokens still to prefill over the waiting queue (a serving instance's load)."""
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
