@@ -29,14 +29,13 @@ class _Live:
 
 class ClusterClient:
     def __init__(self, inbox: AsyncInbox, controller_address: str, *, model_name: str, max_model_len: int,
-                 vocab_size: int, tokenizer: Tokenizer, num_instances: int) -> None:
+                 vocab_size: int, tokenizer: Tokenizer) -> None:
         self.inbox = inbox
         self.controller_address = controller_address
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
-        self.num_instances = num_instances
         self.out = Outboxes()
         self._live: dict[str, _Live] = {}
         self._stats: msg.ClusterStats | None = None

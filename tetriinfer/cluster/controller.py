@@ -57,10 +57,6 @@ class Controller:
         self._running = True
         self._start = time.monotonic()
 
-    @property
-    def address(self) -> str:
-        return self.inbox.address
-
     def live(self) -> list[int]:
         return [i for i in self.ready if i not in self.dead]
 

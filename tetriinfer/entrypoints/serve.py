@@ -124,7 +124,7 @@ async def serve(cfg, ray_address: str | None = None) -> int:
         cluster = start_local(cfg, inbox.address)
     client = ClusterClient(inbox, cluster.controller_address, model_name=cfg.served_model_name or cfg.engine.model,
                            max_model_len=cfg.engine.max_model_len or arch.max_position_embeddings,
-                           vocab_size=arch.vocab_size, tokenizer=tokenizer, num_instances=cfg.total_instances)
+                           vocab_size=arch.vocab_size, tokenizer=tokenizer)
     try:
         await _wait_ready(client, cluster, cfg.startup_timeout_s)
         app = create_app(client, api_key=cfg.api_key)
