@@ -55,19 +55,44 @@ def ceiling(model: str, batches: list[int], context: int, chunk: int) -> dict:
 def engine_steps(llm: LLM, batches: list[int], context: int, chunk: int, steps: int) -> dict:
     vocab = llm.engine.arch.vocab_size
     g = torch.Generator().manual_seed(0)
-    out = {"decode_ms": {}, "prefill": {}}
+    out = {"decode_ms": {}, "prefill": {}, "decode_ms_async": {}}
 
-    def run_decode(b: int) -> float:
+    def add_decodes(b: int, max_tokens: int) -> None:
         for i in range(b):
             llm.engine.add_request(f"d{b}-{i}-{time.monotonic_ns()}",
                                    prompt_token_ids=torch.randint(0, vocab, (context,), generator=g).tolist(),
-                                   sampling=SamplingParams(max_tokens=steps + 1, ignore_eos=True))
+                                   sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+    def run_decode(b: int) -> float:
+        add_decodes(b, steps + 1)
         _, _, _, median = timed_steps(llm, "cuda", want_prefill=False)
         return 1e3 * median  # median step, as the ceiling takes the median replay
+
+    def run_decode_async(b: int) -> float:
+        """Mean step of `steps` decode steps back to back with async scheduling: each step's CPU work
+        overlaps the step before it, so only a synchronisation at both ends."""
+        engine = llm.engine
+        engine.config.scheduler.async_scheduling = True  # the engine is idle: safe to switch
+        add_decodes(b, steps + 16)
+        while engine.scheduler.waiting:
+            engine.step(final_only=True)
+        for _ in range(2):  # into the steady state: a decode in flight while the next is planned
+            engine.step(final_only=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step(final_only=True)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        while engine.has_unfinished_requests():
+            engine.step(final_only=True)
+        engine.config.scheduler.async_scheduling = False
+        return 1e3 * elapsed / steps
 
     for b in batches:
         run_decode(b)  # warm-up at this shape
         out["decode_ms"][b] = run_decode(b)
+        out["decode_ms_async"][b] = run_decode_async(b)
 
     def run_prefill() -> tuple[float, int]:
         for i in range(4):
@@ -154,10 +179,14 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--step-policy", default="mixed", help="engine step policy for the offline run")
-    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--max-num-seqs", type=int, nargs="+", default=[1024],
+                    help="offline runs: one engine per value (vLLM's default on an H100 is 1024)")
+    ap.add_argument("--async-scheduling", nargs="+", default=["on"], choices=["on", "off"],
+                    help="offline runs: each engine runs once per value")
     ap.add_argument("--skip", nargs="*", default=[], choices=["ceiling", "steps", "throughput", "hf"])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    args.async_scheduling = [v == "on" for v in args.async_scheduling]
     pairs = [tuple(p) for p in json.loads(Path(args.lengths).read_text())["pairs"]][: args.num_requests]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
            "commit": os.environ.get("TETRIINFER_COMMIT", "unknown"), "context": args.context}
@@ -185,34 +214,45 @@ def main() -> None:
         del llm
         gc.collect(); torch.cuda.empty_cache()  # noqa: E702
     if "throughput" not in args.skip:
-        llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk,
-                  max_num_seqs=args.max_num_seqs, step_policy=args.step_policy)
-        res["engine_config"] = {"chunk_size": args.chunk, "max_num_seqs": args.max_num_seqs,
-                                "step_policy": args.step_policy, "num_blocks": llm.engine.block_manager.num_blocks,
-                                "block_size": llm.engine.block_manager.block_size}
-        res["engine_throughput"] = engine_throughput(llm, pairs)
-        if "hf" not in args.skip:
-            res["engine_throughput_hf_subset"] = engine_throughput(llm, pairs[: args.hf_requests])
-        save()
+        # One engine per max_num_seqs (its CUDA graphs depend on it); each runs with and without
+        # async scheduling, switched while the engine is idle.
+        res["offline"] = []
+        for max_num_seqs in args.max_num_seqs:
+            llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk,
+                      max_num_seqs=max_num_seqs, step_policy=args.step_policy)
+            for async_scheduling in args.async_scheduling:
+                llm.engine.config.scheduler.async_scheduling = async_scheduling
+                run = {"chunk_size": args.chunk, "max_num_seqs": max_num_seqs, "step_policy": args.step_policy,
+                       "async_scheduling": async_scheduling, "num_blocks": llm.engine.block_manager.num_blocks,
+                       "block_size": llm.engine.block_manager.block_size,
+                       "throughput": engine_throughput(llm, pairs)}
+                if "hf" not in args.skip:
+                    run["throughput_hf_subset"] = engine_throughput(llm, pairs[: args.hf_requests])
+                res["offline"].append(run)
+                save()
+            del llm
+            gc.collect(); torch.cuda.empty_cache()  # noqa: E702
 
     print(f"\n{args.model} bf16 on {res['device']}, commit {res['commit']}")
     if "engine" in res and "ceiling" in res:
-        print(f"decode step @ {args.context} ctx   ceiling ms   engine ms   ratio")
+        print(f"decode step @ {args.context} ctx   ceiling ms   engine ms   ratio   async ms   ratio")
         for b in args.batches:
-            c, e = res["ceiling"]["decode_ms"][b], res["engine"]["decode_ms"][b]
-            print(f"  batch {b:>4}            {c:9.2f}  {e:10.2f}  {e / c:6.2f}x")
+            c, e, a = res["ceiling"]["decode_ms"][b], res["engine"]["decode_ms"][b], res["engine"]["decode_ms_async"][b]
+            print(f"  batch {b:>4}            {c:9.2f}  {e:10.2f}  {e / c:6.2f}x  {a:8.2f}  {a / c:6.2f}x")
         c, e = res["ceiling"]["prefill"], res["engine"]["prefill"]
         print(f"prefill {args.chunk}-token chunk: ceiling {c['tokens_per_s']:.0f} tok/s, engine "
               f"{e['tokens_per_s']:.0f} tok/s ({e['tokens_per_s'] / c['tokens_per_s']:.2f}x)")
-    if "engine_throughput" in res:
-        t = res["engine_throughput"]
-        print(f"offline, {t['requests']} ShareGPT-length requests: {t['output_tokens_per_s']:.0f} output tok/s")
-    if "hf" in res and "output_tokens_per_s" in res.get("hf", {}):
-        h, e = res["hf"], res["engine_throughput_hf_subset"]
-        print(f"same {h['requests']} requests: transformers {h['output_tokens_per_s']:.0f} tok/s, engine "
-              f"{e['output_tokens_per_s']:.0f} tok/s ({e['output_tokens_per_s'] / h['output_tokens_per_s']:.1f}x)")
-    elif "hf" in res:
-        print(f"transformers: {res['hf']}")
+    hf = res.get("hf", {})
+    for run in res.get("offline", []):
+        t = run["throughput"]
+        line = (f"offline, {t['requests']} requests, max_num_seqs {run['max_num_seqs']}, async "
+                f"{'on ' if run['async_scheduling'] else 'off'}: {t['output_tokens_per_s']:.0f} output tok/s")
+        if "output_tokens_per_s" in hf:
+            sub = run["throughput_hf_subset"]["output_tokens_per_s"]
+            line += f"; first {hf['requests']}: {sub:.0f} tok/s = {sub / hf['output_tokens_per_s']:.1f}x transformers"
+        print(line)
+    if "error" in hf:
+        print(f"transformers: {hf['error']}")
     save()
 
 

@@ -4,8 +4,10 @@ plus a torch-profiler trace of a few steps.
     PYTHONPATH=. python scripts/trace_step.py --model llama3-8b --batch 256 --context 1024 --out DIR
 
 Phases: scheduling (`scheduler.schedule`), input preparation (`runner.prepare`), forward launch
-(graph replay or eager launches, LM head), sampling (includes waiting for the GPU to finish the
-step), bookkeeping (the rest of `engine.step`: token append, stop checks, outputs).
+(graph replay or eager launches, LM head), sampling launch, waiting for the sampled tokens (the GPU
+finishing a step), bookkeeping (the rest of `engine.step`: token append, stop checks, outputs).
+With `--async-scheduling` a step waits for the tokens of the step before, queued while this one
+was planned, so the wait shrinks by the CPU work that now overlaps the GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tetriinfer import LLM, SamplingParams
+from tetriinfer.engine.sampler import SampledTokens
 
 
 def timed(fn, bucket: list[float]):
@@ -39,13 +42,14 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--async-scheduling", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
     sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
     out.mkdir(parents=True, exist_ok=True)
 
-    llm = LLM(args.model, device=args.device, dtype="bfloat16" if args.device != "cpu" else "float32", chunk_size=2048, max_num_seqs=args.batch)
+    llm = LLM(args.model, device=args.device, dtype="bfloat16" if args.device != "cpu" else "float32", chunk_size=2048, max_num_seqs=args.batch, async_scheduling=args.async_scheduling)
     engine = llm.engine
     g = torch.Generator().manual_seed(0)
     vocab = min(1000, engine.arch.vocab_size)
@@ -62,7 +66,8 @@ def main() -> None:
     engine.scheduler.schedule = timed(engine.scheduler.schedule, phases["schedule"])
     runner.prepare = timed(runner.prepare, phases["prepare"])
     runner.execute = timed(runner.execute, phases["execute"])
-    engine.sampler = timed(engine.sampler, phases["sample (waits for the GPU)"])
+    engine.sampler = timed(engine.sampler, phases["sample"])
+    SampledTokens.result = timed(SampledTokens.result, phases["wait"])
     totals = []
     for _ in range(args.steps):
         sync()
@@ -76,13 +81,14 @@ def main() -> None:
         "schedule": m["schedule"],
         "prepare inputs": m["prepare"],
         "forward launch + LM head (graph replay on GPU)": m["execute"] - m["prepare"],
-        "sample (waits for the GPU to finish)": m["sample (waits for the GPU)"],
-        "bookkeeping (append, stop checks)": total - m["schedule"] - m["execute"] - m["sample (waits for the GPU)"],
+        "sampling launch": m["sample"],
+        "waiting for the sampled tokens (the GPU)": m["wait"],
+        "bookkeeping (append, stop checks)": total - m["schedule"] - m["execute"] - m["sample"] - m["wait"],
         "step total": total,
     }
     device_name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
     result = {"model": args.model, "batch": args.batch, "context": args.context, "device": device_name,
-              "median_ms": median}
+              "async_scheduling": args.async_scheduling, "median_ms": median}
     (out / "step_phases.json").write_text(json.dumps(result, indent=1))
 
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -31,3 +31,19 @@ def test_port_in_use(capsys):
 ])
 def test_bad_arguments(capsys, args, message):
     assert message in run_cli(capsys, *args)
+
+
+@pytest.mark.parametrize("mode", [["--mode", "disagg"], ["--mode", "colocated", "--baseline", "vllm"],
+                                  ["--mode", "colocated", "--baseline", "sarathi"]])
+def test_engine_flags_reach_every_instance(mode):
+    import argparse
+
+    from tetriinfer.cluster.launcher import instance_engine, instance_roles
+    from tetriinfer.entrypoints.serve import add_parser, serve_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    cfg = serve_config(parser.parse_args(["serve", *mode, "--async-scheduling", "--max-num-seqs", "48"]))
+    for role in instance_roles(cfg):
+        sched = instance_engine(cfg, role, "cpu").scheduler
+        assert sched.async_scheduling and sched.max_num_seqs == 48

@@ -42,9 +42,10 @@ def instance_engine(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
     sched = cfg.engine.scheduler
     if role == COLOCATED and cfg.baseline == "vllm":
         # Prefill first, whole prompts up to the token budget per step, never padded.
-        sched = EngineSchedulerConfig(cfg.policy.max_num_batched_tokens, sched.max_num_seqs, "chunked", False)
+        sched = dataclasses.replace(sched, chunk_size=cfg.policy.max_num_batched_tokens, step_policy="chunked",
+                                    pad_chunks=False)
     elif role == COLOCATED:  # sarathi: decodes plus prompt chunks filling the token budget
-        sched = EngineSchedulerConfig(sched.chunk_size, sched.max_num_seqs, "mixed", False)
+        sched = dataclasses.replace(sched, step_policy="mixed", pad_chunks=False)
     return dataclasses.replace(cfg.engine, device=device, scheduler=sched)
 
 

@@ -12,7 +12,7 @@ import torch
 from tetriinfer.config import EngineConfig
 from tetriinfer.engine.block_manager import BlockManager
 from tetriinfer.engine.detokenizer import IncrementalDetokenizer
-from tetriinfer.engine.model_runner import ModelRunner
+from tetriinfer.engine.model_runner import ModelRunner, TokensOnDevice
 from tetriinfer.engine.request import (
     CompletionOutput,
     Request,
@@ -20,8 +20,8 @@ from tetriinfer.engine.request import (
     RequestOutput,
     RequestStatus,
 )
-from tetriinfer.engine.sampler import Sampler
-from tetriinfer.engine.scheduler import EngineScheduler
+from tetriinfer.engine.sampler import SampledTokens, Sampler
+from tetriinfer.engine.scheduler import EngineScheduler, StepPlan
 from tetriinfer.model.loader import TORCH_DTYPES, load_model
 from tetriinfer.sampling_params import SamplingParams
 
@@ -58,6 +58,17 @@ class RequestKV:
         return self.k.nbytes + self.v.nbytes
 
 
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: the requests it samples a token for, and those tokens."""
+
+    sampled: list[Request]
+    tokens: SampledTokens | None  # None: the step completes no prompt and holds no decode
+
+    def __post_init__(self) -> None:
+        self.rows = {id(r): i for i, r in enumerate(self.sampled)}  # request -> its row in `tokens`
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, stream_text: bool = False):
         """`stream_text`: keep every request's text up to date token by token (a server streams it);
@@ -84,6 +95,7 @@ class LLMEngine:
         self.scheduler = EngineScheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self._in_flight: LaunchedStep | None = None  # async scheduling: the step queued, not read back
 
     # ---- setup ---------------------------------------------------------------------------------
     def _max_model_len(self) -> int:
@@ -168,7 +180,7 @@ class LLMEngine:
         req.finish_time = time.monotonic()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     # ---- stepping ------------------------------------------------------------------------------
     def step(self, final_only: bool = False) -> list[RequestOutput]:
@@ -178,25 +190,66 @@ class LLMEngine:
 
     def step_requests(self) -> list[Request]:
         """Run one forward pass; return the requests that got a token, their state updated (a
-        server reads the new tokens from them without copying whole outputs)."""
+        server reads the new tokens from them without copying whole outputs). With async
+        scheduling, the tokens returned are those of the step before the one just queued."""
+        launched = self._launch_step()
+        if self.config.scheduler.async_scheduling:
+            # Step t+1 is queued on the device before step t's tokens are read back, so the CPU
+            # plans and prepares it while the GPU still runs step t.
+            launched, self._in_flight = self._in_flight, launched
+        return self._complete_step(launched) if launched is not None else []
+
+    def _launch_step(self) -> LaunchedStep | None:
+        """Plan a step and queue its forward pass and sampling on the device, without waiting."""
         plan = self.scheduler.schedule()
         if plan.empty:
-            if self.scheduler.has_work():
+            if self.scheduler.has_work() and self._in_flight is None:
                 raise NoProgress("scheduler made no progress: the KV cache is held by requests awaiting export")
-            return []
-        logits = self.runner.execute(plan)
+            return None
+        logits = self.runner.execute(plan, self._tokens_on_device(plan))
         sampled = [p.request for p in plan.prefill if p.completes_prompt] + plan.decode
-        result = self.sampler(logits, sampled) if sampled else None
-        now = time.monotonic()
+        tokens = self.sampler(logits, sampled) if sampled else None
         for piece in plan.prefill:
             piece.request.num_computed_tokens = piece.start + piece.length
         for req in plan.decode:
             req.num_computed_tokens += 1
-        for i, req in enumerate(sampled):
-            if req.status == RequestStatus.WAITING:
-                self.scheduler.on_prefill_done(req)
+        for req in sampled:
+            last = self._takes_last_token(req)
+            req.num_pending += 1
+            self.scheduler.on_sampled(req, last)
+        return LaunchedStep(sampled, tokens)
+
+    def _tokens_on_device(self, plan: StepPlan) -> TokensOnDevice | None:
+        """Where decodes' input tokens were sampled by the step in flight and are not read back yet."""
+        if self._in_flight is None or self._in_flight.tokens is None:
+            return None
+        rows = self._in_flight.rows
+        decodes = [j for j, r in enumerate(plan.decode) if r.num_pending]
+        return TokensOnDevice(self._in_flight.tokens.token_ids, decodes, [rows[id(plan.decode[j])] for j in decodes])
+
+    def _takes_last_token(self, req: Request) -> bool:
+        """Whether the token being sampled for `req` ends it whatever its value (the checks of
+        `_check_stop` that do not look at the token)."""
+        num_outputs = len(req.output_token_ids) + req.num_pending + 1
+        return (req.prefill_only or num_outputs >= req.sampling.max_tokens
+                or req.num_tokens + req.num_pending + 1 >= self.max_model_len)
+
+    def _complete_step(self, step: LaunchedStep) -> list[Request]:
+        """Read back a launched step's tokens (waiting for the device) and update its requests."""
+        if step.tokens is None:
+            return []
+        result = step.tokens.result()
+        now = time.monotonic()
+        stepped = []
+        for i, req in enumerate(step.sampled):
+            req.num_pending -= 1
+            if self.requests.get(req.request_id) is not req:
+                continue  # aborted, or stopped by the step before (its row here was spent for nothing)
+            if req.prefill_only and req.status == RequestStatus.WAITING:
+                req.status = RequestStatus.PREFILLED
             self._append_token(req, result.token_ids[i], None if result.logprobs is None else result.logprobs[i], now)
-        return sampled
+            stepped.append(req)
+        return stepped
 
     def _append_token(self, req: Request, token: int, logprob: float | None, now: float) -> None:
         req.output_token_ids.append(token)
@@ -276,6 +329,8 @@ class LLMEngine:
             raise KeyError(f"no live request {request_id!r} to export")
         if req.status not in (RequestStatus.PREFILLED, RequestStatus.RUNNING):
             raise ValueError(f"request {request_id!r} is {req.status.value}; only prefilled or running requests can be exported")
+        if req.num_pending:
+            raise ValueError(f"request {request_id!r} has a token still on the device; export it after the next step")
         k, v = self.runner.read_kv(req.block_ids, req.num_computed_tokens)
         exported = RequestKV(req.request_id, req.prompt, list(req.prompt_token_ids), list(req.output_token_ids),
                              list(req.output_logprobs), req.sampling, req.arrival_time, req.first_token_time, k, v)

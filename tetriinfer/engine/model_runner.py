@@ -27,7 +27,8 @@ from tetriinfer.kernels import get_kernels
 from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.layers import ForwardContext
 
-DECODE_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+DECODE_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512,
+                        640, 768, 896, 1024)
 MAX_GRAPH_PIECES = 64
 MIXED_GRAPH_RUNGS = 8  # token-count graphs per chunk for mixed steps: padding wastes < chunk / 8
 
@@ -36,6 +37,16 @@ def mixed_graph_tokens(chunk_size: int) -> tuple[int, ...]:
     """Token counts captured for mixed steps: `chunk_size / MIXED_GRAPH_RUNGS` apart, up to the chunk."""
     step = max(1, -(-chunk_size // MIXED_GRAPH_RUNGS))
     return tuple(sorted({min(step * i, chunk_size) for i in range(1, MIXED_GRAPH_RUNGS + 1)}))
+
+
+@dataclass
+class TokensOnDevice:
+    """Decode inputs not yet on the host (async scheduling): decode `decodes[i]` of the plan takes
+    `tokens[rows[i]]`, sampled by the step before this one and still being read back."""
+
+    tokens: torch.Tensor  # [num_sampled] int64, on the device
+    decodes: list[int]
+    rows: list[int]
 
 
 @dataclass
@@ -116,7 +127,9 @@ class ModelRunner:
                 sample_idx.append(offset - 1)
         if plan.decode:
             n = len(plan.decode)
-            positions = np.fromiter((r.num_tokens - 1 for r in plan.decode), dtype=np.int64, count=n)
+            # A decode computes the token at position num_computed_tokens: the newest one, whose value
+            # may still be on the device (then the host's is a stale stand-in, replaced on the device).
+            positions = np.fromiter((r.num_computed_tokens for r in plan.decode), dtype=np.int64, count=n)
             ids.append(np.fromiter((r.output_token_ids[-1] if r.output_token_ids else r.prompt_token_ids[-1]
                                     for r in plan.decode), dtype=np.int64, count=n))
             pos.append(positions)
@@ -159,15 +172,24 @@ class ModelRunner:
 
     # ---- execution -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, all_logits: bool = False) -> torch.Tensor:
+    def execute(self, plan: StepPlan, on_device: TokensOnDevice | None = None,
+                all_logits: bool = False) -> torch.Tensor:
         """Logits [num_sampled, vocab] of the tokens that end a prompt or are decodes, in plan order
         (prefill pieces, then decodes). With `all_logits`, logits of every real token instead."""
         inputs = self.prepare(plan)
+        feed = None
+        if on_device is not None and on_device.decodes:
+            first_decode = sum(p.length for p in plan.prefill)
+            feed = (torch.tensor([first_decode + j for j in on_device.decodes]).to(self.device, non_blocking=True),
+                    on_device.tokens[torch.tensor(on_device.rows).to(self.device, non_blocking=True)])
         graph = self._graph_for(inputs)
         if graph is not None:
-            hidden = self._replay(graph, inputs)
+            hidden = self._replay(graph, inputs, feed)
         else:
             dev = self.device
+            input_ids = inputs.input_ids.to(dev, non_blocking=True)
+            if feed is not None:
+                input_ids[feed[0]] = feed[1]
             ctx = ForwardContext(
                 slot_mapping=inputs.slot_mapping.to(dev, non_blocking=True),
                 block_tables=inputs.block_tables.to(dev, non_blocking=True),
@@ -176,8 +198,7 @@ class ModelRunner:
                 kv_caches=self.kv_caches,
                 kernels=self.kernels,
             )
-            hidden = self.model(inputs.input_ids.to(dev, non_blocking=True),
-                                inputs.positions.to(dev, non_blocking=True), ctx)
+            hidden = self.model(input_ids, inputs.positions.to(dev, non_blocking=True), ctx)
         if all_logits:
             return self.model.compute_logits(hidden[: inputs.num_real_tokens])
         return self.model.compute_logits(hidden[inputs.sample_idx.to(self.device, non_blocking=True)])
@@ -199,10 +220,12 @@ class ModelRunner:
         return self.graphs.get((rung, self._chunk_seqs))
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
-        self._max_graph_tokens = max(self.chunk_size, max_num_seqs)
-        self._static = self._static_buffers(self._max_graph_tokens, max(self._chunk_seqs, max_num_seqs))
+        # Decode rungs up to the first that holds max_num_seqs (beyond the last rung: eager).
+        top = next((b for b in DECODE_GRAPH_BATCHES if b >= max_num_seqs), DECODE_GRAPH_BATCHES[-1])
+        self._max_graph_tokens = max(self.chunk_size, top)
+        self._static = self._static_buffers(self._max_graph_tokens, max(self._chunk_seqs, top))
         self._graph_pool = None
-        shapes = [(b, b) for b in DECODE_GRAPH_BATCHES if b <= max_num_seqs]
+        shapes = [(b, b) for b in DECODE_GRAPH_BATCHES if b <= top]
         shapes.extend((t, self._chunk_seqs) for t in self._chunk_tokens)
         for num_tokens, num_seqs in sorted(shapes, reverse=True):  # largest first: the pool fits all
             self._capture(num_tokens, num_seqs)
@@ -253,11 +276,15 @@ class ModelRunner:
             kernels=self.kernels,
         )
 
-    def _replay(self, graph: _Graph, inputs: StepInputs) -> torch.Tensor:
-        """Copy the step into the static buffers, padding sequences and tokens, and replay."""
+    def _replay(self, graph: _Graph, inputs: StepInputs,
+                feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Copy the step into the static buffers, padding sequences and tokens, and replay. `feed`:
+        (rows, tokens) of input tokens already on the device."""
         s = graph.inputs
         n, seqs, t = inputs.num_tokens, inputs.num_seqs, graph.num_tokens
         s["input_ids"][:n].copy_(inputs.input_ids, non_blocking=True)
+        if feed is not None:
+            s["input_ids"][feed[0]] = feed[1]
         s["positions"][:n].copy_(inputs.positions, non_blocking=True)
         s["slot_mapping"][:n].copy_(inputs.slot_mapping, non_blocking=True)
         if t > n:

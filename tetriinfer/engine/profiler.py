@@ -83,7 +83,7 @@ def _median_step(engine: LLMEngine, plan: StepPlan, repeats: int) -> float:
             start = time.perf_counter()
             logits = engine.runner.execute(plan)
             if sampled:
-                engine.sampler(logits, sampled)
+                engine.sampler(logits, sampled).result()
             _sync(engine)
             if i:  # the first run compiles, allocates and fills caches
                 times.append(time.perf_counter() - start)

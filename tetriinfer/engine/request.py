@@ -35,7 +35,8 @@ class Request:
     prefill_only: bool = False  # stop after the first token and keep the KV for export
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    num_computed_tokens: int = 0  # tokens whose K/V sit in the cache (or are queued to be written there)
+    num_pending: int = 0  # sampled tokens still on the device (async scheduling): not yet in output_token_ids
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: str | int | None = None

@@ -3,6 +3,10 @@
 Sampling draws Gumbel-style exponential noise (argmax of p / q with q ~ Exp(1) samples from p). A
 request with a seed draws its noise from a generator seeded by (seed, output position), so its tokens
 do not depend on what else shares the batch, nor on which engine runs it (KV export/import).
+
+The sampled tokens stay on the device; their copy to the host is queued behind the step, and
+`SampledTokens.result()` waits for it. Nothing here synchronises with the GPU, so the engine can
+prepare its next step while this one runs (async scheduling).
 """
 
 from __future__ import annotations
@@ -20,6 +24,32 @@ class SampleResult:
     logprobs: list[float] | None  # of the chosen tokens, under the unscaled distribution
 
 
+class SampledTokens:
+    """One step's sampled tokens: on the device at once (`token_ids`, which the next step may read
+    as its input), on the host once `result()` returns."""
+
+    def __init__(self, token_ids: torch.Tensor, logprobs: torch.Tensor | None):
+        self.token_ids = token_ids  # [num_sampled] int64, on the device
+        self._event = None
+        if token_ids.is_cuda:  # queue the copy to pinned memory behind the step; do not wait
+            self._host_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._host_ids.copy_(token_ids, non_blocking=True)
+            self._host_logprobs = None
+            if logprobs is not None:
+                self._host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+                self._host_logprobs.copy_(logprobs, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host_ids, self._host_logprobs = token_ids, logprobs
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        logprobs = None if self._host_logprobs is None else self._host_logprobs.tolist()
+        return SampleResult(self._host_ids.tolist(), logprobs)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int, eos_token_ids: tuple[int, ...]):
         self.device = device
@@ -27,7 +57,7 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
         logits = logits.float()
         self._ban_early_stops(logits, requests)
         want_logprobs = any(r.sampling.logprobs for r in requests)
@@ -37,16 +67,13 @@ class Sampler:
         if not all(r.sampling.greedy for r in requests):  # decided on the host: no device sync
             greedy = torch.tensor([r.sampling.greedy for r in requests], device=logits.device)
             chosen = torch.where(greedy, chosen, self._sample(logits, requests))
-        token_ids = chosen.tolist()
-        chosen_logprobs = None
-        if logprobs is not None:
-            chosen_logprobs = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-        return SampleResult(token_ids, chosen_logprobs)
+        chosen_logprobs = None if logprobs is None else logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        return SampledTokens(chosen, chosen_logprobs)
 
     def _ban_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """min_tokens: no EOS or stop token before the request has that many tokens."""
         for row, r in enumerate(requests):
-            if len(r.output_token_ids) < r.sampling.min_tokens:
+            if _num_outputs(r) < r.sampling.min_tokens:
                 banned = list(r.sampling.stop_token_ids) + ([] if r.sampling.ignore_eos else list(self.eos_token_ids))
                 if banned:
                     logits[row, banned] = float("-inf")
@@ -65,12 +92,17 @@ class Sampler:
                 noise[row].fill_(1.0)
             elif r.sampling.seed is not None:
                 gen = torch.Generator(device=logits.device).manual_seed(
-                    hash((r.sampling.seed, len(r.output_token_ids))) & 0x7FFF_FFFF_FFFF_FFFF
+                    hash((r.sampling.seed, _num_outputs(r))) & 0x7FFF_FFFF_FFFF_FFFF
                 )
                 noise[row].exponential_(generator=gen)
             else:
                 noise[row].exponential_(generator=self.generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def _num_outputs(r: Request) -> int:
+    """Output tokens before the one being sampled, those still on the device included."""
+    return len(r.output_token_ids) + r.num_pending
 
 
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:

@@ -7,6 +7,10 @@ FCFS over the waiting queue, with the paper's fixed-size chunker (`sched.chunker
   filling the rest of a `chunk_size`-token budget (no padding).
 KV blocks are reserved here, before the step runs; a decode that finds no free block preempts the
 most recently admitted request, which will be recomputed from scratch.
+
+With async scheduling the next step is planned before the last one's tokens are read back: a
+decode's input token may still be on the device (`Request.num_pending`), so a decode is sized by
+`num_computed_tokens` (the position it computes now), not by the tokens known on the host.
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ class EngineScheduler:
         admissible = []
         slots = self.config.max_num_seqs - len(self.running)
         for req in self.waiting:
+            if req.num_pending:
+                continue  # preempted with a token still on the device: its prompt is not known yet
             if req.num_computed_tokens == 0:
                 if slots <= 0:
                     break
@@ -132,11 +138,12 @@ class EngineScheduler:
         block_size, blocks = self.blocks.block_size, self.blocks
         while running:
             req = running.popleft()
+            end = req.num_computed_tokens + 1  # the cache holds this step's token too
             # Fast path: the next token's slot is in a block the request already holds.
-            if len(req.block_ids) * block_size >= req.num_tokens:
+            if len(req.block_ids) * block_size >= end:
                 batch.append(req)
                 continue
-            need = blocks.blocks_to_grow(req.block_ids, req.num_tokens)
+            need = blocks.blocks_to_grow(req.block_ids, end)
             while not blocks.can_allocate(need) and self._evict_partial_prefill():
                 pass
             while not blocks.can_allocate(need) and (running or batch):
@@ -146,7 +153,7 @@ class EngineScheduler:
             if not blocks.can_allocate(need):
                 self._preempt(req)  # nothing left to free: it waits for another turn
                 break
-            blocks.grow(req.block_ids, req.num_tokens)
+            blocks.grow(req.block_ids, end)
             batch.append(req)
         return batch
 
@@ -168,11 +175,14 @@ class EngineScheduler:
         req.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def on_prefill_done(self, req: Request) -> None:
-        """The request's prompt is fully in the cache and its first token sampled."""
-        self.waiting.remove(req)
-        if req.prefill_only:
-            req.status = RequestStatus.PREFILLED
-        else:
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+    def on_sampled(self, req: Request, last: bool) -> None:
+        """The step just queued samples a token of `req`. A request whose prompt this completes starts
+        decoding with the next step; `last`: that token ends the request whatever its value (length
+        limits, prefill-only), so it is not scheduled again (it keeps its blocks until it ends)."""
+        if req.status == RequestStatus.WAITING:  # its last prompt piece is in this step
+            self.waiting.remove(req)
+            if not last:
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+        elif last:
+            self.running.remove(req)

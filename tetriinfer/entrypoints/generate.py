@@ -37,6 +37,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--step-policy", default="chunked", choices=ENGINE_STEP_POLICIES)
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="queue step t+1 before reading back step t's tokens (CPU work overlaps the GPU)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
     p.add_argument("--memory-fraction", type=float, default=None)
@@ -47,6 +49,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         dtype=args.dtype, device=args.device, load_format=args.load_format,
         attention_backend=args.attention_backend, seed=args.seed, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
         chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, step_policy=args.step_policy,
+        async_scheduling=args.async_scheduling,
         block_size=args.block_size, num_blocks=args.num_blocks, memory_fraction=args.memory_fraction,
     )
 

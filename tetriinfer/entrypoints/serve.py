@@ -73,7 +73,8 @@ def serve_config(args: argparse.Namespace):
         attention_backend=args.attention_backend, seed=args.seed, max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
         cache=CacheConfig(args.block_size, args.num_blocks, args.memory_fraction),
-        scheduler=EngineSchedulerConfig(args.chunk_size, args.max_num_seqs, args.step_policy),
+        scheduler=EngineSchedulerConfig(args.chunk_size, args.max_num_seqs, args.step_policy,
+                                        async_scheduling=args.async_scheduling),
     )
     policy = PolicyConfig(
         prefill_policy=args.prefill_policy, sort_window=args.sort_window, chunk_size=args.chunk_size,
