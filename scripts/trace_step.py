@@ -99,10 +99,19 @@ def main() -> None:
             engine.step(final_only=True)
         sync()
     prof.export_chrome_trace(str(out / "trace_3_steps.json"))
+    # GPU time per step by kernel (kernels inside graph replays included): what the device itself spends.
+    kernels = sorted(((e.key, e.self_device_time_total / 3e3, e.count / 3) for e in prof.key_averages()
+                      if e.self_device_time_total > 0), key=lambda k: -k[1])
+    result["gpu_ms_per_step"] = {"total": sum(ms for _, ms, _ in kernels),
+                                 "kernels": [{"name": n, "ms": ms, "calls": c} for n, ms, c in kernels[:25]]}
+    (out / "step_phases.json").write_text(json.dumps(result, indent=1))
 
     print(f"{args.model} decode, batch {args.batch}, context {args.context}, median of {args.steps} steps")
     for name, ms in median.items():
         print(f"  {name:<48} {ms:7.2f} ms")
+    print(f"GPU kernels per step: {result['gpu_ms_per_step']['total']:.2f} ms")
+    for k in result["gpu_ms_per_step"]["kernels"][:8]:
+        print(f"  {k['ms']:7.3f} ms  x{k['calls']:<5.0f} {k['name'][:70]}")
 
 
 if __name__ == "__main__":

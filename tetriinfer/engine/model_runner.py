@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tetriinfer.engine.host_copy import pinned, to_device
 from tetriinfer.engine.scheduler import StepPlan
 from tetriinfer.kernels import get_kernels
 from tetriinfer.model.arch import ModelArch
@@ -180,28 +181,28 @@ class ModelRunner:
         feed = None
         if on_device is not None and on_device.decodes:
             first_decode = sum(p.length for p in plan.prefill)
-            feed = (torch.tensor([first_decode + j for j in on_device.decodes]).to(self.device, non_blocking=True),
-                    on_device.tokens[torch.tensor(on_device.rows).to(self.device, non_blocking=True)])
+            feed = (to_device(torch.tensor([first_decode + j for j in on_device.decodes]), self.device),
+                    on_device.tokens[to_device(torch.tensor(on_device.rows), self.device)])
         graph = self._graph_for(inputs)
         if graph is not None:
             hidden = self._replay(graph, inputs, feed)
         else:
             dev = self.device
-            input_ids = inputs.input_ids.to(dev, non_blocking=True)
+            input_ids = to_device(inputs.input_ids, dev)
             if feed is not None:
                 input_ids[feed[0]] = feed[1]
             ctx = ForwardContext(
-                slot_mapping=inputs.slot_mapping.to(dev, non_blocking=True),
-                block_tables=inputs.block_tables.to(dev, non_blocking=True),
-                query_start_loc=inputs.query_start_loc.to(dev, non_blocking=True),
-                seq_lens=inputs.seq_lens.to(dev, non_blocking=True),
+                slot_mapping=to_device(inputs.slot_mapping, dev),
+                block_tables=to_device(inputs.block_tables, dev),
+                query_start_loc=to_device(inputs.query_start_loc, dev),
+                seq_lens=to_device(inputs.seq_lens, dev),
                 kv_caches=self.kv_caches,
                 kernels=self.kernels,
             )
-            hidden = self.model(input_ids, inputs.positions.to(dev, non_blocking=True), ctx)
+            hidden = self.model(input_ids, to_device(inputs.positions, dev), ctx)
         if all_logits:
             return self.model.compute_logits(hidden[: inputs.num_real_tokens])
-        return self.model.compute_logits(hidden[inputs.sample_idx.to(self.device, non_blocking=True)])
+        return self.model.compute_logits(hidden[to_device(inputs.sample_idx, self.device)])
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     def _graph_for(self, inputs: StepInputs) -> _Graph | None:
@@ -282,22 +283,23 @@ class ModelRunner:
         (rows, tokens) of input tokens already on the device."""
         s = graph.inputs
         n, seqs, t = inputs.num_tokens, inputs.num_seqs, graph.num_tokens
-        s["input_ids"][:n].copy_(inputs.input_ids, non_blocking=True)
+        dev = self.device
+        s["input_ids"][:n].copy_(pinned(inputs.input_ids, dev), non_blocking=True)
         if feed is not None:
             s["input_ids"][feed[0]] = feed[1]
-        s["positions"][:n].copy_(inputs.positions, non_blocking=True)
-        s["slot_mapping"][:n].copy_(inputs.slot_mapping, non_blocking=True)
+        s["positions"][:n].copy_(pinned(inputs.positions, dev), non_blocking=True)
+        s["slot_mapping"][:n].copy_(pinned(inputs.slot_mapping, dev), non_blocking=True)
         if t > n:
             s["input_ids"][n:t].zero_()
             s["positions"][n:t].zero_()
             s["slot_mapping"][n:t].fill_(-1)
         width = inputs.block_tables.shape[1]
-        s["block_tables"][:seqs, :width].copy_(inputs.block_tables, non_blocking=True)
+        s["block_tables"][:seqs, :width].copy_(pinned(inputs.block_tables, dev), non_blocking=True)
         # Padding sequences: no query tokens (their start repeats the last real end), no context.
         qsl = s["query_start_loc"][: graph.num_seqs + 1]
-        qsl[: seqs + 1].copy_(inputs.query_start_loc, non_blocking=True)
+        qsl[: seqs + 1].copy_(pinned(inputs.query_start_loc, dev), non_blocking=True)
         qsl[seqs + 1:].fill_(int(inputs.query_start_loc[-1]))
-        s["seq_lens"][:seqs].copy_(inputs.seq_lens, non_blocking=True)
+        s["seq_lens"][:seqs].copy_(pinned(inputs.seq_lens, dev), non_blocking=True)
         s["seq_lens"][seqs: graph.num_seqs].zero_()
         graph.graph.replay()
         return graph.hidden

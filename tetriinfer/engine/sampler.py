@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tetriinfer.engine.host_copy import to_device
 from tetriinfer.engine.request import Request
 
 
@@ -65,26 +66,29 @@ class Sampler:
 
         chosen = logits.argmax(dim=-1)
         if not all(r.sampling.greedy for r in requests):  # decided on the host: no device sync
-            greedy = torch.tensor([r.sampling.greedy for r in requests], device=logits.device)
+            greedy = to_device(torch.tensor([r.sampling.greedy for r in requests]), logits.device)
             chosen = torch.where(greedy, chosen, self._sample(logits, requests))
         chosen_logprobs = None if logprobs is None else logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
         return SampledTokens(chosen, chosen_logprobs)
 
     def _ban_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """min_tokens: no EOS or stop token before the request has that many tokens."""
+        rows, banned = [], []
         for row, r in enumerate(requests):
             if _num_outputs(r) < r.sampling.min_tokens:
-                banned = list(r.sampling.stop_token_ids) + ([] if r.sampling.ignore_eos else list(self.eos_token_ids))
-                if banned:
-                    logits[row, banned] = float("-inf")
+                ids = list(r.sampling.stop_token_ids) + ([] if r.sampling.ignore_eos else list(self.eos_token_ids))
+                rows += [row] * len(ids)
+                banned += ids
+        if rows:
+            logits[to_device(torch.tensor(rows), logits.device), to_device(torch.tensor(banned), logits.device)] = float("-inf")
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        temperature = torch.tensor([max(r.sampling.temperature, 1e-5) for r in requests], device=logits.device)
+        temperature = to_device(torch.tensor([max(r.sampling.temperature, 1e-5) for r in requests]), logits.device)
         logits = logits / temperature.unsqueeze(1)
         if any(r.sampling.top_k > 0 for r in requests):
             logits = _apply_top_k(logits, [r.sampling.top_k for r in requests])
         if any(r.sampling.top_p < 1.0 for r in requests):
-            logits = _apply_top_p(logits, torch.tensor([r.sampling.top_p for r in requests], device=logits.device))
+            logits = _apply_top_p(logits, to_device(torch.tensor([r.sampling.top_p for r in requests]), logits.device))
         probs = torch.softmax(logits, dim=-1)
         noise = torch.empty_like(probs)
         for row, r in enumerate(requests):
@@ -107,7 +111,7 @@ def _num_outputs(r: Request) -> int:
 
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     vocab = logits.shape[-1]
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
+    ks = to_device(torch.tensor([k if 0 < k < vocab else vocab for k in top_k]), logits.device)
     sorted_logits = logits.sort(dim=-1, descending=True).values
     kth = sorted_logits.gather(1, (ks - 1).unsqueeze(1))
     return logits.masked_fill(logits < kth, float("-inf"))
