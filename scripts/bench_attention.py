@@ -1,8 +1,12 @@
-"""Decode attention kernel on a CUDA GPU: time per layer against batch and context, for the split
-count paged_attention picks and for a sweep of forced ones (not a test; for tuning PROGRAMS_PER_SM
-and MIN_SPLIT_TOKENS in tetriinfer/kernels/attention_triton.py).
+"""Attention kernel on a CUDA GPU (not a test; for tuning tetriinfer/kernels/attention_triton.py).
+
+Decode (default): time per layer against batch and context, for the split count paged_attention
+picks and for a sweep of forced ones (tunes PROGRAMS_PER_SM and MIN_SPLIT_TOKENS).
+`--prefill`: one prompt chunk over its cached context, for a sweep of tile shapes (tunes
+choose_tiles), against PyTorch's SDPA (flash attention) where there is no cached context.
 
     PYTHONPATH=. python scripts/bench_attention.py --out attention.json --plot attention.png
+    PYTHONPATH=. python scripts/bench_attention.py --prefill --out prefill-tiles.json
 
 Llama-3-8B shapes by default (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token pages), one
 token per sequence, pages scattered over the cache. Each layer has its own cache and enough layers
@@ -62,8 +66,56 @@ def time_layer(inputs: dict, head_dim: int, max_seq_len: int, num_kv_splits: int
     return time_graph(forward) / len(inputs["caches"])
 
 
+def prefill_tiles(chunk: int, contexts: list[int], heads: int, kv_heads: int, head_dim: int, page: int) -> list[dict]:
+    """Microseconds per layer of one `chunk`-token prompt piece over `context` cached tokens, per tile shape."""
+    device, gen = torch.device("cuda"), torch.Generator().manual_seed(0)
+    group = heads // kv_heads
+    default = attention_triton.choose_tiles(False, head_dim, group, torch.bfloat16)
+    candidates = {default} | {attention_triton.TileConfig(m, n, w, st) for m in (64, 128) for n in (32, 64, 128)
+                              for w in (4, 8) for st in (2, 3, 4)}
+    rows = []
+    for context in contexts:
+        total = context + chunk
+        pages = -(-total // page)
+        layers = max(1, min(MAX_LAYERS, -(-STREAMED_BYTES // (2 * total * kv_heads * head_dim * 2))))
+        shape = (pages, page, kv_heads, head_dim)
+        caches = [(torch.randn(shape, device=device, dtype=torch.bfloat16),
+                   torch.randn(shape, device=device, dtype=torch.bfloat16)) for _ in range(layers)]
+        q = torch.randn(chunk, heads, head_dim, device=device, dtype=torch.bfloat16)
+        block_tables = torch.randperm(pages, generator=gen).to(torch.int32).view(1, pages).to(device)
+        qsl = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+        seq_lens = torch.tensor([total], dtype=torch.int32, device=device)
+        out = torch.empty_like(q)
+        run = lambda tiles: [attention_triton.paged_attention(  # noqa: E731
+            q, k, v, block_tables, qsl, seq_lens, head_dim**-0.5, out, tiles=tiles) for k, v in caches]
+        run(default)
+        expected = out.clone()
+        for tiles in tqdm(sorted(candidates, key=str), desc=f"prefill tiles, context {context}"):
+            try:
+                seconds = time_graph(lambda t=tiles: run(t)) / layers
+                error = (out.float() - expected.float()).abs().max().item()
+            except Exception as e:  # a shape that does not fit the SM's shared memory or registers
+                rows.append(dict(context=context, tiles=vars(tiles), error=f"{type(e).__name__}: {e}"[:200]))
+                continue
+            rows.append(dict(context=context, tiles=vars(tiles), default=tiles == default, us_per_layer=1e6 * seconds,
+                             max_abs_diff_vs_default=error))
+        if context == 0:  # the dense reference: flash attention over contiguous K/V
+            k = torch.randn(1, kv_heads, chunk, head_dim, device=device, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            qd = q.transpose(0, 1).unsqueeze(0)
+            seconds = time_graph(lambda: [torch.nn.functional.scaled_dot_product_attention(
+                qd, k, v, is_causal=True, enable_gqa=True) for _ in range(layers)]) / layers
+            rows.append(dict(context=context, tiles="sdpa", us_per_layer=1e6 * seconds))
+        del caches
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prefill", action="store_true", help="sweep prefill tile shapes instead of decode splits")
+    ap.add_argument("--chunk", type=int, default=2048, help="--prefill: prompt tokens in the chunk")
+    ap.add_argument("--prefill-contexts", type=int, nargs="+", default=[0, 2048], help="--prefill: cached tokens")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32, 64, 128, 256])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192])
     ap.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="forced split counts")
@@ -77,6 +129,17 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_attention needs a CUDA GPU", file=sys.stderr)
         return 1
+
+    if args.prefill:
+        contexts = args.prefill_contexts
+        rows = prefill_tiles(args.chunk, contexts, args.heads, args.kv_heads, args.head_dim, args.page)
+        args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), chunk=args.chunk, rows=rows), indent=1))
+        for context in contexts:
+            ok = sorted((r for r in rows if r["context"] == context and "us_per_layer" in r), key=lambda r: r["us_per_layer"])
+            print(f"chunk {args.chunk}, context {context}: fastest first")
+            for r in ok[:8] + [r for r in ok[8:] if r.get("default") or r["tiles"] == "sdpa"]:
+                print(f"  {str(r['tiles']):<70} {r['us_per_layer']:8.1f} us{'  (default)' if r.get('default') else ''}")
+        return 0
 
     gen = torch.Generator().manual_seed(0)
     device = torch.device("cuda")

@@ -102,9 +102,31 @@ def engine_steps(llm: LLM, batches: list[int], context: int, chunk: int, steps: 
         _, toks, n, median = timed_steps(llm, "cuda", want_prefill=True)
         return median, toks // n
 
+    def run_prefill_async(num_chunks: int = 8) -> float:
+        """Seconds per chunk of `num_chunks` prompt chunks back to back with async scheduling."""
+        engine = llm.engine
+        engine.config.scheduler.async_scheduling = True
+        for i in range(num_chunks + 1):
+            engine.add_request(f"pa-{i}-{time.monotonic_ns()}",
+                               prompt_token_ids=torch.randint(0, vocab, (chunk,), generator=g).tolist(),
+                               sampling=SamplingParams(max_tokens=1, ignore_eos=True))
+        engine.step(final_only=True)  # the first chunk
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(num_chunks):  # queues chunks 2.. while reading back the one before
+            engine.step(final_only=True)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        while engine.has_unfinished_requests():
+            engine.step(final_only=True)
+        engine.config.scheduler.async_scheduling = False
+        return elapsed / num_chunks
+
     run_prefill()
     seconds, tokens = run_prefill()
     out["prefill"] = {"chunk": chunk, "ms": 1e3 * seconds, "tokens_per_s": tokens / seconds}
+    seconds = run_prefill_async()
+    out["prefill_async"] = {"chunk": chunk, "ms": 1e3 * seconds, "tokens_per_s": chunk / seconds}
     return out
 
 
@@ -240,8 +262,10 @@ def main() -> None:
             c, e, a = res["ceiling"]["decode_ms"][b], res["engine"]["decode_ms"][b], res["engine"]["decode_ms_async"][b]
             print(f"  batch {b:>4}            {c:9.2f}  {e:10.2f}  {e / c:6.2f}x  {a:8.2f}  {a / c:6.2f}x")
         c, e = res["ceiling"]["prefill"], res["engine"]["prefill"]
+        a = res["engine"]["prefill_async"]
         print(f"prefill {args.chunk}-token chunk: ceiling {c['tokens_per_s']:.0f} tok/s, engine "
-              f"{e['tokens_per_s']:.0f} tok/s ({e['tokens_per_s'] / c['tokens_per_s']:.2f}x)")
+              f"{e['tokens_per_s']:.0f} tok/s ({e['tokens_per_s'] / c['tokens_per_s']:.3f}x), async "
+              f"{a['tokens_per_s']:.0f} tok/s ({a['tokens_per_s'] / c['tokens_per_s']:.3f}x)")
     hf = res.get("hf", {})
     for run in res.get("offline", []):
         t = run["throughput"]

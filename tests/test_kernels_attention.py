@@ -332,7 +332,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tetriinfer.kernels import attention_triton as at
 
-def compile_sm90(kernel, constexprs, pointer_types, num_warps):
+def compile_sm90(kernel, constexprs, pointer_types, num_warps, num_stages=3):
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -349,7 +349,7 @@ def compile_sm90(kernel, constexprs, pointer_types, num_warps):
         if name in pointer_types or (name.startswith("stride_") and name != "stride_block_table")
     }
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     assert compiled.asm["cubin"], "no cubin"
 
 for dtype_name, head_dim, group, decode_heavy, splits in json.loads(sys.argv[1]):
@@ -359,7 +359,7 @@ for dtype_name, head_dim, group, decode_heavy, splits in json.loads(sys.argv[1])
     pointers = dict(q_ptr=elem, k_cache_ptr=elem, v_cache_ptr=elem, out_ptr=elem if splits == 1 else "*fp32",
                     lse_ptr="*fp32", block_tables_ptr="*i32", query_start_loc_ptr="*i32", seq_lens_ptr="*i32")
     constexprs = at.kernel_constexprs(group, head_dim, 16, tiles, dtype, splits)
-    compile_sm90(at._paged_attention_kernel, constexprs, pointers, tiles.num_warps)
+    compile_sm90(at._paged_attention_kernel, constexprs, pointers, tiles.num_warps, tiles.num_stages)
     print("CONFIG attention", dtype_name, head_dim, group, decode_heavy, splits, tiles, flush=True)
     if splits > 1:
         pointers = dict(partial_ptr="*fp32", lse_ptr="*fp32", out_ptr=elem)

@@ -213,6 +213,7 @@ class TileConfig:
     block_m: int  # rows per program (query tokens x padded GQA group); >= 16 for tl.dot
     block_n: int  # keys per step of the KV walk; >= 16 for tl.dot
     num_warps: int
+    num_stages: int = 3  # software-pipelined K/V loads in flight (Triton's default on NVIDIA)
 
 
 def choose_tiles(decode_heavy: bool, head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
@@ -234,7 +235,7 @@ def choose_tiles(decode_heavy: bool, head_dim: int, group: int, dtype: torch.dty
     else:
         tiles = TileConfig(block_m=32, block_n=16 if fp32 else 32, num_warps=8)
     # A tile holds at least one token's whole GQA group.
-    return TileConfig(max(tiles.block_m, triton.next_power_of_2(group)), tiles.block_n, tiles.num_warps)
+    return TileConfig(max(tiles.block_m, triton.next_power_of_2(group)), tiles.block_n, tiles.num_warps, tiles.num_stages)
 
 
 def kernel_constexprs(
@@ -301,6 +302,7 @@ def paged_attention(
     *,
     max_seq_len: int | None = None,
     num_kv_splits: int | None = None,
+    tiles: TileConfig | None = None,
 ) -> Tensor:
     """Same contract as tetriinfer.kernels.attention_ref.paged_attention, plus two tuning knobs that
     never change the result.
@@ -308,7 +310,7 @@ def paged_attention(
     max_seq_len: a host-known upper bound of seq_lens (default: what the block table can address,
     block_tables.shape[1] * block_size); decode-heavy batches split each sequence's keys over
     choose_num_kv_splits(...) programs. num_kv_splits: force the split count (tests, tuning), for
-    any batch.
+    any batch. tiles: force the tile shape (tuning; it must hold a whole GQA group).
     """
     num_tokens, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -336,7 +338,7 @@ def paged_attention(
 
     group = num_heads // num_kv_heads
     decode_heavy = num_tokens <= 2 * num_seqs
-    tiles = choose_tiles(decode_heavy, head_dim, group, q.dtype)
+    tiles = tiles or choose_tiles(decode_heavy, head_dim, group, q.dtype)
     if num_kv_splits is None:
         if max_seq_len is None:
             max_seq_len = block_tables.shape[1] * page_size
@@ -378,6 +380,7 @@ def paged_attention(
         block_tables.stride(0),
         **kernel_constexprs(group, head_dim, page_size, tiles, q.dtype, num_kv_splits),
         num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     if num_kv_splits > 1:
         _merge_kv_splits_kernel[(num_tokens, num_heads)](
