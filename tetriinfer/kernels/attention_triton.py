@@ -230,6 +230,10 @@ def choose_tiles(decode_heavy: bool, head_dim: int, group: int, dtype: torch.dty
     fp32 = dtype == torch.float32
     if decode_heavy:
         tiles = TileConfig(block_m=16, block_n=16 if wide or fp32 else 32, num_warps=8 if wide and fp32 else 4)
+    elif not wide and not fp32:
+        # Measured on the H100 (scripts/bench_attention.py --prefill, docs/benchmarks/gpu.md): 4 warps
+        # and 2 stages take 0.57x the time of 8 warps and 3 stages for a 2,048-token chunk.
+        tiles = TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
     elif not wide:
         tiles = TileConfig(block_m=64, block_n=32, num_warps=8)
     else:
