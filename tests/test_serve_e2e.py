@@ -222,3 +222,23 @@ def test_gloo_kv_transport_gives_the_same_tokens(tmp_path, offline):
         assert_no_kv_held(server)
     finally:
         server.stop()
+
+
+def test_async_scheduling_cluster_gives_the_same_tokens(tmp_path, offline):
+    """Instances whose engines queue step t+1 before reading back step t: prefill-only requests park
+    and hand off as before, and the tokens stay those of the offline engine."""
+    server = start_server(["--async-scheduling", "--decode-instances", "1", *SERVER_ARGS], tmp_path)
+    try:
+        c = client(server)
+        with cf.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: c.completions.create(
+                model="tiny", prompt=PROMPTS[i], max_tokens=12 + i % 5, extra_body={"ignore_eos": True},
+                **sampling_for(i)), range(16)))
+        assert [r.choices[0].text for r in results] == [offline[p].text for p in PROMPTS[:16]]
+        chunks = list(c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True}))
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == offline[PROMPTS[0]].text
+        assert server.metric_sum("tetriinfer_kv_transfer_bytes_total") > 0
+        assert_no_kv_held(server)
+    finally:
+        server.stop()
