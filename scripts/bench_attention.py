@@ -4,6 +4,7 @@ Decode (default): time per layer against batch and context, for the split count 
 picks and for a sweep of forced ones (tunes PROGRAMS_PER_SM and MIN_SPLIT_TOKENS).
 `--prefill`: one prompt chunk over its cached context, for a sweep of tile shapes (tunes
 choose_tiles), against PyTorch's SDPA (flash attention) where there is no cached context.
+`--decode-tiles`: decode attention for a sweep of tile shapes, each with its chosen split count.
 
     PYTHONPATH=. python scripts/bench_attention.py --out attention.json --plot attention.png
     PYTHONPATH=. python scripts/bench_attention.py --prefill --out prefill-tiles.json
@@ -52,7 +53,8 @@ def decode_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim:
     )
 
 
-def time_layer(inputs: dict, head_dim: int, max_seq_len: int, num_kv_splits: int | None) -> float:
+def time_layer(inputs: dict, head_dim: int, max_seq_len: int, num_kv_splits: int | None,
+               tiles: attention_triton.TileConfig | None = None) -> float:
     """Median seconds of one layer's decode attention, over a graph of all layers."""
     out = torch.empty_like(inputs["q"])
 
@@ -61,6 +63,7 @@ def time_layer(inputs: dict, head_dim: int, max_seq_len: int, num_kv_splits: int
             attention_triton.paged_attention(
                 inputs["q"], k_cache, v_cache, inputs["block_tables"], inputs["query_start_loc"],
                 inputs["seq_lens"], head_dim**-0.5, out, max_seq_len=max_seq_len, num_kv_splits=num_kv_splits,
+                tiles=tiles,
             )
 
     return time_graph(forward) / len(inputs["caches"])
@@ -111,9 +114,36 @@ def prefill_tiles(chunk: int, contexts: list[int], heads: int, kv_heads: int, he
     return rows
 
 
+def decode_tiles(batches: list[int], contexts: list[int], heads: int, kv_heads: int, head_dim: int,
+                 page: int) -> list[dict]:
+    """Microseconds per layer of decode attention per tile shape, each with the split count chosen for it."""
+    device, gen = torch.device("cuda"), torch.Generator().manual_seed(0)
+    default = attention_triton.choose_tiles(True, head_dim, heads // kv_heads, torch.bfloat16)
+    candidates = {default} | {attention_triton.TileConfig(16, n, w, st) for n in (16, 32, 64, 128)
+                              for w in (2, 4, 8) for st in (2, 3, 4, 5)}
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            layer_bytes = 2 * batch * context * kv_heads * head_dim * 2
+            layers = max(1, min(MAX_LAYERS, -(-STREAMED_BYTES // layer_bytes)))
+            inputs = decode_inputs(batch, context, heads, kv_heads, head_dim, page, layers, "cuda", gen)
+            for tiles in tqdm(sorted(candidates, key=str), desc=f"decode tiles, batch {batch}, context {context}"):
+                try:
+                    seconds = time_layer(inputs, head_dim, context, None, tiles)
+                except Exception as e:  # a shape that does not fit the SM's shared memory or registers
+                    rows.append(dict(batch=batch, context=context, tiles=vars(tiles), error=f"{type(e).__name__}: {e}"[:200]))
+                    continue
+                rows.append(dict(batch=batch, context=context, tiles=vars(tiles), default=tiles == default,
+                                 us_per_layer=1e6 * seconds, kv_gb_per_s=layer_bytes / seconds / 1e9))
+            del inputs
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prefill", action="store_true", help="sweep prefill tile shapes instead of decode splits")
+    ap.add_argument("--decode-tiles", action="store_true", help="sweep decode tile shapes instead of decode splits")
     ap.add_argument("--chunk", type=int, default=2048, help="--prefill: prompt tokens in the chunk")
     ap.add_argument("--prefill-contexts", type=int, nargs="+", default=[0, 2048], help="--prefill: cached tokens")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32, 64, 128, 256])
@@ -139,6 +169,19 @@ def main() -> int:
             print(f"chunk {args.chunk}, context {context}: fastest first")
             for r in ok[:8] + [r for r in ok[8:] if r.get("default") or r["tiles"] == "sdpa"]:
                 print(f"  {str(r['tiles']):<70} {r['us_per_layer']:8.1f} us{'  (default)' if r.get('default') else ''}")
+        return 0
+
+    if args.decode_tiles:
+        rows = decode_tiles(args.batches, args.contexts, args.heads, args.kv_heads, args.head_dim, args.page)
+        args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
+        for context in args.contexts:
+            for batch in args.batches:
+                ok = sorted((r for r in rows if (r["batch"], r["context"]) == (batch, context) and "us_per_layer" in r),
+                            key=lambda r: r["us_per_layer"])
+                print(f"decode batch {batch}, context {context}: fastest first")
+                for r in ok[:5] + [r for r in ok[5:] if r["default"]]:
+                    print(f"  {str(r['tiles']):<70} {r['us_per_layer']:8.1f} us {r['kv_gb_per_s']:6.0f} GB/s"
+                          f"{'  (default)' if r['default'] else ''}")
         return 0
 
     gen = torch.Generator().manual_seed(0)
