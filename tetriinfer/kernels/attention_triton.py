@@ -222,14 +222,19 @@ def choose_tiles(decode_heavy: bool, head_dim: int, group: int, dtype: torch.dty
     Decode-heavy batches (about one token per sequence) take the smallest tile tl.dot allows (16
     rows; a decode token fills only GROUP of them, which costs idle tensor-core rows, not memory
     traffic; a CUDA-core tile of GROUP rows compiles to ~2.5x the registers and 4x the instructions)
-    and, in 16-bit, 32 keys a step: two pages per load, few registers (87-96 on sm_90 for Llama-3-8B
-    shapes), so several programs per SM keep loads in flight. Batches with prefill take more rows per
-    K/V load, fewer when head_dim is large.
+    and, in 16-bit, 128 keys a step (eight pages per load). Batches with prefill take more rows per
+    K/V load, fewer when head_dim is large. The 16-bit shapes for head_dim <= 128 were chosen by
+    timing on an H100; the others only compile without spills.
     """
     wide = triton.next_power_of_2(head_dim) > 128
     fp32 = dtype == torch.float32
-    if decode_heavy:
-        tiles = TileConfig(block_m=16, block_n=16 if wide or fp32 else 32, num_warps=8 if wide and fp32 else 4)
+    if decode_heavy and not wide and not fp32:
+        # Measured on the H100 (scripts/bench_attention.py --decode-tiles, docs/benchmarks/gpu.md):
+        # within 3% of the best of 48 shapes at batch 1-256 and 1k-4k contexts; 32 keys a step
+        # with 3 stages was 7-49% slower.
+        tiles = TileConfig(block_m=16, block_n=128, num_warps=4, num_stages=2)
+    elif decode_heavy:
+        tiles = TileConfig(block_m=16, block_n=16, num_warps=8 if wide and fp32 else 4)
     elif not wide and not fp32:
         # Measured on the H100 (scripts/bench_attention.py --prefill, docs/benchmarks/gpu.md): 4 warps
         # and 2 stages take 0.57x the time of 8 warps and 3 stages for a 2,048-token chunk.
