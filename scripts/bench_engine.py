@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size)
+    # Synchronised steps, one at a time (timed_steps): the plain loop, not async scheduling.
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, async_scheduling=False)
     g = torch.Generator().manual_seed(0)
     vocab = min(llm.engine.arch.vocab_size, 256)
 

@@ -72,7 +72,7 @@ def engine_steps(llm: LLM, batches: list[int], context: int, chunk: int, steps: 
         """Mean step of `steps` decode steps back to back with async scheduling: each step's CPU work
         overlaps the step before it, so only a synchronisation at both ends."""
         engine = llm.engine
-        engine.config.scheduler.async_scheduling = True  # the engine is idle: safe to switch
+        engine.async_scheduling = True  # the engine is idle: safe to switch
         add_decodes(b, steps + 16)
         while engine.scheduler.waiting:
             engine.step(final_only=True)
@@ -86,7 +86,7 @@ def engine_steps(llm: LLM, batches: list[int], context: int, chunk: int, steps: 
         elapsed = time.perf_counter() - start
         while engine.has_unfinished_requests():
             engine.step(final_only=True)
-        engine.config.scheduler.async_scheduling = False
+        engine.async_scheduling = False
         return 1e3 * elapsed / steps
 
     for b in batches:
@@ -105,7 +105,7 @@ def engine_steps(llm: LLM, batches: list[int], context: int, chunk: int, steps: 
     def run_prefill_async(num_chunks: int = 8) -> float:
         """Seconds per chunk of `num_chunks` prompt chunks back to back with async scheduling."""
         engine = llm.engine
-        engine.config.scheduler.async_scheduling = True
+        engine.async_scheduling = True
         for i in range(num_chunks + 1):
             engine.add_request(f"pa-{i}-{time.monotonic_ns()}",
                                prompt_token_ids=torch.randint(0, vocab, (chunk,), generator=g).tolist(),
@@ -119,7 +119,7 @@ def engine_steps(llm: LLM, batches: list[int], context: int, chunk: int, steps: 
         elapsed = time.perf_counter() - start
         while engine.has_unfinished_requests():
             engine.step(final_only=True)
-        engine.config.scheduler.async_scheduling = False
+        engine.async_scheduling = False
         return elapsed / num_chunks
 
     run_prefill()
@@ -230,7 +230,8 @@ def main() -> None:
         gc.collect(); torch.cuda.empty_cache()  # noqa: E702
     if "steps" not in args.skip:
         # Step times in the paper's prefill-first policy: a decode step holds exactly the batch.
-        llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk, max_num_seqs=max(args.batches))
+        llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk, max_num_seqs=max(args.batches),
+                  async_scheduling=False)
         res["engine"] = engine_steps(llm, args.batches, args.context, args.chunk, steps=32)
         save()
         del llm
@@ -243,7 +244,7 @@ def main() -> None:
             llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk,
                       max_num_seqs=max_num_seqs, step_policy=args.step_policy)
             for async_scheduling in args.async_scheduling:
-                llm.engine.config.scheduler.async_scheduling = async_scheduling
+                llm.engine.async_scheduling = async_scheduling  # switched while the engine is idle
                 run = {"chunk_size": args.chunk, "max_num_seqs": max_num_seqs, "step_policy": args.step_policy,
                        "async_scheduling": async_scheduling, "num_blocks": llm.engine.block_manager.num_blocks,
                        "block_size": llm.engine.block_manager.block_size,

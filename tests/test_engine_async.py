@@ -175,6 +175,15 @@ def test_export_waits_for_the_token_in_flight_then_continues_elsewhere():
     assert decode.block_manager.num_free_blocks == 64
 
 
+def test_default_is_on_for_cuda_only():
+    """None (the default) means: on for CUDA devices, off on the CPU, where nothing would overlap."""
+    assert EngineSchedulerConfig().async_scheduling is None
+    assert make_engine(False).async_scheduling is False
+    cpu_default = LLMEngine(EngineConfig(model="tiny", cache=CacheConfig(num_blocks=16)))
+    assert cpu_default.async_scheduling is False
+    assert make_engine(True).async_scheduling is True
+
+
 def test_llm_takes_the_flag():
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     plain = LLM("tiny", chunk_size=32, num_blocks=64).generate(["Hello", "world"], sp)

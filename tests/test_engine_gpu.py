@@ -87,14 +87,14 @@ def test_async_scheduling_matches_the_plain_loop(step_policy, enforce_eager):
     """Decode inputs fed on the device from the step in flight (graph replay and eager) give the
     plain loop's tokens and logprobs, with seeded sampling and a stop that comes by value."""
     batch = prompts([1, 5, 64, 70, 130, 3, 200, 31, 97])
-    greedy = LLM("tiny", device="cuda", chunk_size=64, max_num_seqs=16, num_blocks=512).generate(
+    greedy = LLM("tiny", device="cuda", chunk_size=64, max_num_seqs=16, num_blocks=512, async_scheduling=False).generate(
         prompt_token_ids=batch[:1], sampling_params=GREEDY)[0].outputs[0].token_ids
     params = [SamplingParams(max_tokens=12 + i, temperature=0.7 if i % 2 else 0, seed=i, ignore_eos=True,
                              logprobs=True) for i in range(len(batch))]
     params[0] = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[greedy[6]])
     kwargs = dict(device="cuda", chunk_size=64, max_num_seqs=16, num_blocks=512, step_policy=step_policy,
                   enforce_eager=enforce_eager)
-    plain = LLM("tiny", **kwargs).generate(prompt_token_ids=batch, sampling_params=params)
+    plain = LLM("tiny", async_scheduling=False, **kwargs).generate(prompt_token_ids=batch, sampling_params=params)
     overlapped_llm = LLM("tiny", async_scheduling=True, **kwargs)
     overlapped = overlapped_llm.generate(prompt_token_ids=batch, sampling_params=params)
     assert [o.outputs[0].token_ids for o in overlapped] == [o.outputs[0].token_ids for o in plain]
@@ -103,3 +103,4 @@ def test_async_scheduling_matches_the_plain_loop(step_policy, enforce_eager):
         assert a.outputs[0].logprobs == pytest.approx(b.outputs[0].logprobs, abs=1e-4)
     engine = overlapped_llm.engine
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert LLM("tiny", device="cuda", num_blocks=64).engine.async_scheduling  # on by default on GPUs

@@ -44,16 +44,17 @@ class EngineSchedulerConfig:
     baseline (Sarathi-Serve / vLLM V1): one step holds the running decodes plus prompt tokens up to
     `chunk_size` in total.
 
-    `async_scheduling` (as vLLM's flag): plan and queue step t+1 before reading back step t's
-    tokens, so the CPU's work of a step overlaps the GPU's. Outputs then come one step later, and a
-    request stopped by EOS or a stop string spends one wasted row in the step after.
+    `async_scheduling`: plan and queue step t+1 before reading back step t's tokens, so the CPU's
+    work of a step overlaps the GPU's. Outputs then come one step later, and a request stopped by
+    EOS or a stop string spends one wasted row in the step after. None (the default): on for CUDA
+    devices, as in vLLM; off on the CPU, where the host runs the model and nothing would overlap.
     """
 
     chunk_size: int = 512
     max_num_seqs: int = 256
     step_policy: str = "chunked"
     pad_chunks: bool = True
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:

@@ -95,6 +95,9 @@ class LLMEngine:
         self.scheduler = EngineScheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self.async_scheduling = config.scheduler.async_scheduling
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.type == "cuda"
         self._in_flight: LaunchedStep | None = None  # async scheduling: the step queued, not read back
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -193,7 +196,7 @@ class LLMEngine:
         server reads the new tokens from them without copying whole outputs). With async
         scheduling, the tokens returned are those of the step before the one just queued."""
         launched = self._launch_step()
-        if self.config.scheduler.async_scheduling:
+        if self.async_scheduling:
             # Step t+1 is queued on the device before step t's tokens are read back, so the CPU
             # plans and prepares it while the GPU still runs step t.
             launched, self._in_flight = self._in_flight, launched

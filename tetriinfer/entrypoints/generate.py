@@ -37,8 +37,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--step-policy", default="chunked", choices=ENGINE_STEP_POLICIES)
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="queue step t+1 before reading back step t's tokens (CPU work overlaps the GPU)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="queue step t+1 before reading back step t's tokens, so CPU work overlaps the GPU "
+                        "(default: on for CUDA devices, off on the CPU)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
     p.add_argument("--memory-fraction", type=float, default=None)
