@@ -57,75 +57,57 @@ def engine_steps(llm: LLM, batches: list[int], context: int, chunk: int, steps: 
     g = torch.Generator().manual_seed(0)
     out = {"decode_ms": {}, "prefill": {}, "decode_ms_async": {}}
 
-    def add_decodes(b: int, max_tokens: int) -> None:
-        for i in range(b):
-            llm.engine.add_request(f"d{b}-{i}-{time.monotonic_ns()}",
-                                   prompt_token_ids=torch.randint(0, vocab, (context,), generator=g).tolist(),
+    def add_requests(n: int, prompt_len: int, max_tokens: int) -> None:
+        for i in range(n):
+            llm.engine.add_request(f"r{prompt_len}-{i}-{time.monotonic_ns()}",
+                                   prompt_token_ids=torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
                                    sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
-    def run_decode(b: int) -> float:
-        add_decodes(b, steps + 1)
-        _, _, _, median = timed_steps(llm, "cuda", want_prefill=False)
-        return 1e3 * median  # median step, as the ceiling takes the median replay
-
-    def run_decode_async(b: int) -> float:
-        """Mean step of `steps` decode steps back to back with async scheduling: each step's CPU work
-        overlaps the step before it, so only a synchronisation at both ends."""
+    def async_seconds_per_step(lead_in: int | None, num_steps: int) -> float:
+        """Seconds per step of `num_steps` steps back to back with async scheduling: each step's CPU
+        work overlaps the step before it, so the GPU is synchronised only at both ends. `lead_in`
+        steps come first (None: until no prompt waits, then 2, so a decode is in flight)."""
         engine = llm.engine
         engine.async_scheduling = True  # the engine is idle: safe to switch
-        add_decodes(b, steps + 16)
-        while engine.scheduler.waiting:
-            engine.step(final_only=True)
-        for _ in range(2):  # into the steady state: a decode in flight while the next is planned
+        if lead_in is None:
+            while engine.scheduler.waiting:
+                engine.step(final_only=True)
+            lead_in = 2
+        for _ in range(lead_in):
             engine.step(final_only=True)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(num_steps):
             engine.step(final_only=True)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         while engine.has_unfinished_requests():
             engine.step(final_only=True)
         engine.async_scheduling = False
-        return 1e3 * elapsed / steps
+        return elapsed / num_steps
+
+    def run_decode(b: int) -> float:
+        add_requests(b, context, steps + 1)
+        _, _, _, median = timed_steps(llm, "cuda", want_prefill=False)
+        return 1e3 * median  # median step, as the ceiling takes the median replay
 
     for b in batches:
         run_decode(b)  # warm-up at this shape
         out["decode_ms"][b] = run_decode(b)
-        out["decode_ms_async"][b] = run_decode_async(b)
+        add_requests(b, context, steps + 16)
+        out["decode_ms_async"][b] = 1e3 * async_seconds_per_step(None, steps)
 
     def run_prefill() -> tuple[float, int]:
-        for i in range(4):
-            llm.engine.add_request(f"p-{i}-{time.monotonic_ns()}",
-                                   prompt_token_ids=torch.randint(0, vocab, (chunk,), generator=g).tolist(),
-                                   sampling=SamplingParams(max_tokens=1, ignore_eos=True))
+        add_requests(4, chunk, 1)
         _, toks, n, median = timed_steps(llm, "cuda", want_prefill=True)
         return median, toks // n
-
-    def run_prefill_async(num_chunks: int = 8) -> float:
-        """Seconds per chunk of `num_chunks` prompt chunks back to back with async scheduling."""
-        engine = llm.engine
-        engine.async_scheduling = True
-        for i in range(num_chunks + 1):
-            engine.add_request(f"pa-{i}-{time.monotonic_ns()}",
-                               prompt_token_ids=torch.randint(0, vocab, (chunk,), generator=g).tolist(),
-                               sampling=SamplingParams(max_tokens=1, ignore_eos=True))
-        engine.step(final_only=True)  # the first chunk
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(num_chunks):  # queues chunks 2.. while reading back the one before
-            engine.step(final_only=True)
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        while engine.has_unfinished_requests():
-            engine.step(final_only=True)
-        engine.async_scheduling = False
-        return elapsed / num_chunks
 
     run_prefill()
     seconds, tokens = run_prefill()
     out["prefill"] = {"chunk": chunk, "ms": 1e3 * seconds, "tokens_per_s": tokens / seconds}
-    seconds = run_prefill_async()
+    num_chunks = 8
+    add_requests(num_chunks + 1, chunk, 1)  # each prompt is one chunk; the first leads in
+    seconds = async_seconds_per_step(1, num_chunks)
     out["prefill_async"] = {"chunk": chunk, "ms": 1e3 * seconds, "tokens_per_s": chunk / seconds}
     return out
 
