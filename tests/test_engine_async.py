@@ -153,7 +153,7 @@ def test_abort_while_in_flight_frees_blocks_and_others_finish():
     assert engine.block_manager.num_free_blocks == NUM_BLOCKS
 
 
-def test_export_waits_for_the_token_in_flight_then_continues_elsewhere():
+def test_export_is_refused_while_a_token_is_in_flight_and_the_import_continues():
     prompt, sp = list(range(5, 80)), SamplingParams(max_tokens=20, temperature=0.8, seed=2, ignore_eos=True)
     expected = run_all(make_engine(False), [("r", prompt, sp)])["r"]
     prefill, decode = make_engine(True), make_engine(True, num_blocks=64)
@@ -175,13 +175,33 @@ def test_export_waits_for_the_token_in_flight_then_continues_elsewhere():
     assert decode.block_manager.num_free_blocks == 64
 
 
-def test_default_is_on_for_cuda_only():
-    """None (the default) means: on for CUDA devices, off on the CPU, where nothing would overlap."""
+def test_default_is_off_on_the_cpu():
+    """None (the default) means off on the CPU, where nothing would overlap (on for CUDA devices:
+    tests/test_engine_gpu.py)."""
     assert EngineSchedulerConfig().async_scheduling is None
-    assert make_engine(False).async_scheduling is False
-    cpu_default = LLMEngine(EngineConfig(model="tiny", cache=CacheConfig(num_blocks=16)))
-    assert cpu_default.async_scheduling is False
-    assert make_engine(True).async_scheduling is True
+    assert LLMEngine(EngineConfig(model="tiny", cache=CacheConfig(num_blocks=16))).async_scheduling is False
+
+
+def test_switching_off_with_a_step_in_flight_reads_it_back_first():
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    reqs = [(str(i), list(range(2 + i, 20 + i)), sp) for i in range(3)]
+    expected = run_all(make_engine(False), reqs)
+    engine = make_engine(True)
+    for rid, ids, s in reqs:
+        engine.add_request(rid, prompt_token_ids=ids, sampling=s)
+    done = {}
+    for _ in range(3):
+        engine.step()
+    assert any(r.num_pending for r in engine.requests.values())
+    engine.async_scheduling = False
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    for rid in expected:
+        same(done[rid], expected[rid])
+    assert not any(r.num_pending for r in engine.requests.values())
+    assert engine.block_manager.num_free_blocks == NUM_BLOCKS
 
 
 def test_llm_takes_the_flag():

@@ -103,4 +103,8 @@ def test_async_scheduling_matches_the_plain_loop(step_policy, enforce_eager):
         assert a.outputs[0].logprobs == pytest.approx(b.outputs[0].logprobs, abs=1e-4)
     engine = overlapped_llm.engine
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert LLM("tiny", device="cuda", num_blocks=64).engine.async_scheduling  # on by default on GPUs
+
+
+def test_async_scheduling_is_on_by_default_on_gpus():
+    assert LLM("tiny", device="cuda", num_blocks=64).engine.async_scheduling is True
+    assert LLM("tiny", device="cuda", num_blocks=64, async_scheduling=False).engine.async_scheduling is False

@@ -3,6 +3,7 @@ samples, and updates request state. Also the per-request KV export/import (the d
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -26,12 +27,11 @@ from tetriinfer.model.loader import TORCH_DTYPES, load_model
 from tetriinfer.sampling_params import SamplingParams
 
 CPU_DEFAULT_MEMORY_FRACTION = 0.05
+GPU_DEFAULT_MEMORY_FRACTION = 0.9
 
 
 class NoProgress(RuntimeError):
     """Nothing can run: every free KV block is held by prefilled requests waiting to be exported."""
-
-GPU_DEFAULT_MEMORY_FRACTION = 0.9
 
 
 @dataclass
@@ -65,8 +65,10 @@ class LaunchedStep:
     sampled: list[Request]
     tokens: SampledTokens | None  # None: the step completes no prompt and holds no decode
 
-    def __post_init__(self) -> None:
-        self.rows = {id(r): i for i, r in enumerate(self.sampled)}  # request -> its row in `tokens`
+    @functools.cached_property
+    def rows(self) -> dict[int, int]:
+        """id(request) -> its row in `tokens` (only the next step's inputs need it)."""
+        return {id(r): i for i, r in enumerate(self.sampled)}
 
 
 class LLMEngine:
@@ -195,6 +197,10 @@ class LLMEngine:
         """Run one forward pass; return the requests that got a token, their state updated (a
         server reads the new tokens from them without copying whole outputs). With async
         scheduling, the tokens returned are those of the step before the one just queued."""
+        if not self.async_scheduling and self._in_flight is not None:
+            # Switched off with a step in flight: read that one back before running another.
+            launched, self._in_flight = self._in_flight, None
+            return self._complete_step(launched)
         launched = self._launch_step()
         if self.async_scheduling:
             # Step t+1 is queued on the device before step t's tokens are read back, so the CPU
@@ -231,11 +237,8 @@ class LLMEngine:
         return TokensOnDevice(self._in_flight.tokens.token_ids, decodes, [rows[id(plan.decode[j])] for j in decodes])
 
     def _takes_last_token(self, req: Request) -> bool:
-        """Whether the token being sampled for `req` ends it whatever its value (the checks of
-        `_check_stop` that do not look at the token)."""
-        num_outputs = len(req.output_token_ids) + req.num_pending + 1
-        return (req.prefill_only or num_outputs >= req.sampling.max_tokens
-                or req.num_tokens + req.num_pending + 1 >= self.max_model_len)
+        """Whether the token being sampled for `req` ends it whatever its value."""
+        return req.prefill_only or self._reaches_length_limit(req, req.num_sampled + 1)
 
     def _complete_step(self, step: LaunchedStep) -> list[Request]:
         """Read back a launched step's tokens (waiting for the device) and update its requests."""
@@ -269,6 +272,8 @@ class LLMEngine:
             elif self.tokenizer is not None:
                 req.output_text = self.tokenizer.decode(req.output_token_ids)
             self.requests.pop(req.request_id, None)
+            # Its blocks are free at once even if a step in flight still writes this request's
+            # KV: every later write into them is queued on the same stream, after that step.
             self.scheduler.remove(req)
 
     def new_detokenizer(self, req: Request, already_streamed: bool = False) -> IncrementalDetokenizer | None:
@@ -294,9 +299,14 @@ class LLMEngine:
                 return RequestStatus.FINISHED_STOPPED, None
             if token in sp.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED, token
-        if n_out >= sp.max_tokens or req.num_tokens >= self.max_model_len:
+        if self._reaches_length_limit(req, n_out):
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
+
+    def _reaches_length_limit(self, req: Request, num_outputs: int) -> bool:
+        """Whether `num_outputs` output tokens end the request by length (max_tokens or the context)."""
+        return (num_outputs >= req.sampling.max_tokens
+                or len(req.prompt_token_ids) + num_outputs >= self.max_model_len)
 
     def _output(self, req: Request) -> RequestOutput:
         finished = req.status.finished

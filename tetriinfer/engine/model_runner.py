@@ -27,6 +27,7 @@ from tetriinfer.engine.scheduler import StepPlan
 from tetriinfer.kernels import get_kernels
 from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.layers import ForwardContext
+from tetriinfer.sched.lengths import blocks_for
 
 DECODE_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512,
                         640, 768, 896, 1024)
@@ -96,7 +97,7 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(arch.num_layers)
         ]
-        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.max_blocks_per_seq = blocks_for(max_model_len, block_size)
         self.chunk_size = chunk_size
         self.graphs: dict[tuple[int, int], _Graph] = {}
         # Graphs of steps that hold prompt tokens: their token counts and how many sequences they fit.
@@ -200,7 +201,7 @@ class ModelRunner:
                 kernels=self.kernels,
             )
             hidden = self.model(input_ids, to_device(inputs.positions, dev), ctx)
-        if all_logits:
+        if all_logits or not plan.prefill:  # a decode-only step samples every real row, in order
             return self.model.compute_logits(hidden[: inputs.num_real_tokens])
         return self.model.compute_logits(hidden[to_device(inputs.sample_idx, self.device)])
 

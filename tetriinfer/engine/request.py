@@ -51,12 +51,13 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_sampled(self) -> int:
+        """Output tokens sampled so far, those still on the device (async scheduling) included."""
+        return len(self.output_token_ids) + self.num_pending
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    def token_at(self, position: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
 
     # The chunker's view (sched.chunker.PendingPrefill): after a recompute preemption the tokens to
     # prefill are the prompt plus what was already generated.

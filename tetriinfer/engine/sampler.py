@@ -75,7 +75,7 @@ class Sampler:
         """min_tokens: no EOS or stop token before the request has that many tokens."""
         rows, banned = [], []
         for row, r in enumerate(requests):
-            if _num_outputs(r) < r.sampling.min_tokens:
+            if r.num_sampled < r.sampling.min_tokens:
                 ids = list(r.sampling.stop_token_ids) + ([] if r.sampling.ignore_eos else list(self.eos_token_ids))
                 rows += [row] * len(ids)
                 banned += ids
@@ -96,17 +96,12 @@ class Sampler:
                 noise[row].fill_(1.0)
             elif r.sampling.seed is not None:
                 gen = torch.Generator(device=logits.device).manual_seed(
-                    hash((r.sampling.seed, _num_outputs(r))) & 0x7FFF_FFFF_FFFF_FFFF
+                    hash((r.sampling.seed, r.num_sampled)) & 0x7FFF_FFFF_FFFF_FFFF
                 )
                 noise[row].exponential_(generator=gen)
             else:
                 noise[row].exponential_(generator=self.generator)
         return (probs / noise).argmax(dim=-1)
-
-
-def _num_outputs(r: Request) -> int:
-    """Output tokens before the one being sampled, those still on the device included."""
-    return len(r.output_token_ids) + r.num_pending
 
 
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:

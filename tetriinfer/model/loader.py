@@ -44,8 +44,11 @@ def load_arch_and_tokenizer(name_or_path: str) -> tuple[ModelArch, Tokenizer | N
     """What a front end needs of a model (shapes, context, tokenizer) without building its weights."""
     hf_config, model_dir = resolve_model(name_or_path)
     arch = ModelArch.from_hf_config(hf_config)
-    tokenizer = load_tokenizer(model_dir, arch.bos_token_id, arch.eos_token_ids[0] if arch.eos_token_ids else None)
-    return arch, tokenizer
+    return arch, _tokenizer(arch, model_dir)
+
+
+def _tokenizer(arch: ModelArch, model_dir: Path | None) -> Tokenizer | None:
+    return load_tokenizer(model_dir, arch.bos_token_id, arch.eos_token_ids[0] if arch.eos_token_ids else None)
 
 
 def model_class(arch: ModelArch) -> type[nn.Module]:
@@ -78,8 +81,7 @@ def load_model(name_or_path: str, dtype: str, device: str, load_format: str, see
     else:
         load_safetensors(model, weight_files)
     model.eval().requires_grad_(False)
-    _, tokenizer = load_arch_and_tokenizer(name_or_path)
-    return LoadedModel(model, arch, tokenizer, name_or_path)
+    return LoadedModel(model, arch, _tokenizer(arch, model_dir), name_or_path)
 
 
 def init_random_weights(model: nn.Module, seed: int) -> None:
