@@ -20,7 +20,6 @@ from tetriinfer.config import FlipConfig
 from tetriinfer.sched.flip import FlipPolicy
 from tetriinfer.sched.global_scheduler import GlobalScheduler
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL, ClusterSnapshot, InstanceStatus
-from tetriinfer.sched.dispatcher import DecodeLoad
 
 log = logging.getLogger("tetriinfer.controller")
 
@@ -144,8 +143,7 @@ class Controller:
         snapshot = ClusterSnapshot(
             now - self._start, statuses,
             {s.instance_id: s.queued_prompt_tokens for s in live if s.role == PREFILL},
-            tuple(DecodeLoad(d.instance_id, d.room_blocks, d.num_heavy, d.num_light, 0, d.free_slots)
-                  for d in decode_loads),
+            tuple(d.to_load() for d in decode_loads),
             sum(s.num_dispatch_waiting for s in live),
         )
         for order in self.flip_policy.decide(snapshot):

@@ -31,9 +31,11 @@ from tetriinfer.cluster import messages as msg
 from tetriinfer.cluster.zmq_io import Inbox, Outboxes
 from tetriinfer.config import EngineConfig, FlipConfig, PolicyConfig
 from tetriinfer.sched.admission import AdmissionView, admits
-from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
+from tetriinfer.sched.dispatcher import Dispatcher
 from tetriinfer.sched.lengths import blocks_for, is_heavy_decode, placement_blocks
-from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
+from tetriinfer.sched.monitor import (
+    COLOCATED, DECODE, PREFILL, decode_load_fraction, decode_room_blocks, prefill_load_fraction,
+)
 from tetriinfer.sched.prefill_queue import PrefillQueue
 
 log = logging.getLogger("tetriinfer.instance")
@@ -250,12 +252,11 @@ class Instance:
         for pending in self.queue.take(self.chunk_size - queued):
             s = pending.submit
             try:
-                self.engine.add_request(s.request_id, prompt_token_ids=s.prompt_token_ids, sampling=s.sampling,
-                                        prefill_only=self.role == PREFILL)
+                self.engine.add_request(s.request_id, prompt=s.prompt, prompt_token_ids=s.prompt_token_ids,
+                                        sampling=s.sampling, prefill_only=self.role == PREFILL)
             except ValueError as e:  # the API validates first; this is the last line of defence
                 self._fail(s.request_id, str(e))
                 continue
-            self.engine.requests[s.request_id].prompt = s.prompt
             self.sent_tokens[s.request_id] = 0
             if pending.prediction is not None:
                 self.parked[s.request_id] = Parked(s.request_id, pending.prediction)
@@ -397,6 +398,8 @@ class Instance:
         while self.offers and self.role == DECODE:
             offer = self.offers[0]
             now_blocks = blocks_for(offer.num_cached_tokens + 1, self.block_size)
+            if now_blocks > blocks.num_free_blocks:  # no policy admits it (spares building the view)
+                break
             if not admits(self.config.policy.admission_policy, self._admission_view(), now_blocks, offer.reserve_blocks):
                 break
             self.offers.popleft()
@@ -484,13 +487,17 @@ class Instance:
                 return
             self._transfer_failed(parked, f"decode instance gave up the transfer: {cancel.reason}")
             return
-        incoming = self.incoming.get(rid)
+        self._give_up_incoming(rid, cancel.reason)
+
+    def _give_up_incoming(self, request_id: str, reason: str) -> None:
+        """Decode side: forget a request's offer and free the blocks reserved for its KV."""
+        incoming = self.incoming.get(request_id)
         if incoming is not None:
             if incoming.receiving:
                 incoming.cancelled = True  # the receive finishes, then its blocks are freed
             else:
-                self._drop_incoming(rid, cancel.reason)
-        self._drop_offer(rid)
+                self._drop_incoming(request_id, reason)
+        self._drop_offer(request_id)
 
     def _drop_offer(self, request_id: str) -> None:
         for offer in self.offers:
@@ -514,19 +521,12 @@ class Instance:
         if request_id in self.engine.requests:
             self.engine.abort_request(request_id)
         self.sent_tokens.pop(request_id, None)
-        incoming = self.incoming.get(request_id)
-        if incoming is not None:
-            if incoming.receiving:
-                incoming.cancelled = True
-            else:
-                self._drop_incoming(request_id, "aborted")
-        self._drop_offer(request_id)
+        self._give_up_incoming(request_id, "aborted")
         self.assigned.pop(request_id, None)
 
     def _on_snapshot(self, snapshot: msg.Snapshot) -> None:
         self.addresses = dict(snapshot.addresses)
-        self.dispatcher.update([DecodeLoad(d.instance_id, d.room_blocks, d.num_heavy, d.num_light, 0, d.free_slots)
-                                for d in snapshot.decode_loads])
+        self.dispatcher.update([d.to_load() for d in snapshot.decode_loads])
 
     def _on_flip(self, flip: msg.Flip) -> None:
         if flip.to_role == self.role or self.role == COLOCATED:
@@ -567,11 +567,10 @@ class Instance:
 
     # ---- reporting -------------------------------------------------------------------------------
     def _decode_load(self) -> msg.DecodeLoadMsg:
-        bm = self.engine.block_manager
-        held = self.capacity_blocks - bm.num_free_blocks
+        held = self.capacity_blocks - self.engine.block_manager.num_free_blocks
         need = sum(a.need_blocks for a in self.assigned.values())
         heavy = sum(1 for a in self.assigned.values() if a.heavy)
-        return msg.DecodeLoadMsg(self.instance_id, self.capacity_blocks - max(held, need), heavy,
+        return msg.DecodeLoadMsg(self.instance_id, decode_room_blocks(self.capacity_blocks, held, need), heavy,
                                  len(self.assigned) - heavy, self.max_num_seqs - len(self.assigned))
 
     def _stats(self) -> msg.InstanceStats:
@@ -580,10 +579,10 @@ class Instance:
         queued = self.queue.pending_tokens + self.engine.scheduler.waiting_tokens
         running = len(self.engine.scheduler.running)
         if self.role == DECODE:
-            fraction = max(used / self.capacity_blocks, len(self.assigned) / self.max_num_seqs)
+            fraction = decode_load_fraction(used, self.capacity_blocks, len(self.assigned), self.max_num_seqs)
             waiting = len(self.offers)
         else:
-            fraction = queued / (self.config.flip.prefill_pressure_chunks * self.chunk_size)
+            fraction = prefill_load_fraction(queued, self.chunk_size, self.config.flip.prefill_pressure_chunks)
             waiting = len(self.queue) + len(self.engine.scheduler.waiting)
         out, into = self.transfers_out, self.transfers_in
         return msg.InstanceStats(

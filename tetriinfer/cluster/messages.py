@@ -16,6 +16,7 @@ from __future__ import annotations
 import msgspec
 
 from tetriinfer.sampling_params import SamplingParams
+from tetriinfer.sched.dispatcher import DecodeLoad
 
 
 class Submit(msgspec.Struct, tag=True):
@@ -68,6 +69,9 @@ class DecodeLoadMsg(msgspec.Struct, array_like=True):
     num_heavy: int
     num_light: int
     free_slots: int
+
+    def to_load(self) -> DecodeLoad:
+        return DecodeLoad(self.instance_id, self.room_blocks, self.num_heavy, self.num_light, 0, self.free_slots)
 
 
 class InstanceStats(msgspec.Struct, tag=True):

@@ -16,6 +16,22 @@ DECODE = "decode"
 COLOCATED = "colocated"  # the baselines' instances, prefill and decode in one
 
 
+def decode_room_blocks(capacity_blocks: int, held_blocks: int, assigned_need_blocks: int) -> int:
+    """KV blocks a decode instance can still promise: its capacity less the larger of what it holds
+    and what its assigned requests need now."""
+    return capacity_blocks - max(held_blocks, assigned_need_blocks)
+
+
+def decode_load_fraction(held_blocks: int, capacity_blocks: int, num_assigned: int, max_num_seqs: int) -> float:
+    """The tighter of a decode instance's two limits: KV blocks held, sequence slots assigned."""
+    return max(held_blocks / capacity_blocks, num_assigned / max_num_seqs)
+
+
+def prefill_load_fraction(queued_tokens: int, chunk_size: int, pressure_chunks: float) -> float:
+    """Queued prompt tokens over the pressure level of `pressure_chunks` chunks."""
+    return queued_tokens / (pressure_chunks * chunk_size)
+
+
 @dataclass(frozen=True)
 class InstanceStatus:
     """`load_fraction`: prefill: queued prompt tokens over the pressure level; decode: the larger of

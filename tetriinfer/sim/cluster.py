@@ -22,7 +22,9 @@ from tetriinfer.sched.dispatcher import Dispatcher
 from tetriinfer.sched.flip import FlipPolicy
 from tetriinfer.sched.global_scheduler import GlobalScheduler
 from tetriinfer.sched.lengths import blocks_for, is_heavy_decode, placement_blocks
-from tetriinfer.sched.monitor import DECODE, PREFILL, ClusterMonitor, ClusterSnapshot, InstanceStatus
+from tetriinfer.sched.monitor import (
+    DECODE, PREFILL, ClusterMonitor, ClusterSnapshot, InstanceStatus, prefill_load_fraction,
+)
 from tetriinfer.sched.prefill_queue import PrefillQueue
 from tetriinfer.sim.instances import ColocatedInstance, DecodeInstance, PrefillInstance
 from tetriinfer.sim.length_oracle import OracleLengthPredictor
@@ -305,13 +307,12 @@ class ClusterSim:
     def _collect(self, now: float) -> None:
         """Monitor collection: publish loads, retry waiting dispatches, decide flips."""
         cfg = self.config
-        pressure_tokens = cfg.flip.prefill_pressure_chunks * cfg.policy.chunk_size
         statuses = []
         for inst in self.instances.values():
             if inst.role == DECODE:
                 fraction = inst.load_fraction()
             else:
-                fraction = inst.load_tokens / pressure_tokens
+                fraction = prefill_load_fraction(inst.load_tokens, cfg.policy.chunk_size, cfg.flip.prefill_pressure_chunks)
             statuses.append(InstanceStatus(inst.instance_id, inst.role, fraction, inst.draining))
         active = [i for i in self.instances.values() if not i.draining]
         prefill_loads = {i.instance_id: i.load_tokens for i in active if i.role != DECODE}

@@ -15,7 +15,7 @@ from tetriinfer.sched.baselines import ColocatedScheduler, StepPlan
 from tetriinfer.sched.chunker import Chunk
 from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
 from tetriinfer.sched.lengths import blocks_for
-from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
+from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL, decode_load_fraction, decode_room_blocks
 from tetriinfer.sched.prefill_queue import PrefillQueue
 from tetriinfer.sim.request import SimRequest
 from tetriinfer.sim.running_batch import RunningBatch
@@ -103,16 +103,15 @@ class DecodeInstance:
 
     def decode_load(self) -> DecodeLoad:
         held = self.batch.used_blocks + self.incoming_blocks
-        room = self.batch.capacity_blocks - max(held, self.assigned_need_blocks)
+        room = decode_room_blocks(self.batch.capacity_blocks, held, self.assigned_need_blocks)
         free_slots = self.max_num_seqs - self.num_heavy - self.num_light
         return DecodeLoad(
             self.instance_id, room, self.num_heavy, self.num_light, self.remaining_decode_tokens, free_slots
         )
 
     def load_fraction(self) -> float:
-        """The tighter of its two limits: KV blocks held and sequence slots assigned."""
-        memory = (self.batch.used_blocks + self.incoming_blocks) / self.batch.capacity_blocks
-        return max(memory, (self.num_heavy + self.num_light) / self.max_num_seqs)
+        return decode_load_fraction(self.batch.used_blocks + self.incoming_blocks, self.batch.capacity_blocks,
+                                    self.num_heavy + self.num_light, self.max_num_seqs)
 
     def is_empty(self) -> bool:
         return not self.busy and not self.waiting and not self.arriving and self.batch.num_running == 0
