@@ -29,7 +29,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tetriinfer.bench.metrics import LatencyStats, Summary, perf_per_dollar, summarize
+from tetriinfer.bench.metrics import LatencyStats, Summary, perf_per_dollar
 from tetriinfer.bench.serve_client import run_load_sync
 from tetriinfer.bench.server_process import ServerProcess
 from tetriinfer.bench.workload import back_to_back, build_specs
@@ -50,8 +50,8 @@ def sim_config(cfg, seed: int = 0):
     cluster = ClusterConfig(system=cfg.baseline if colocated else "tetriinfer", num_prefill=cfg.num_prefill,
                             num_decode=cfg.num_decode, num_instances=cfg.num_instances, model=cfg.engine.model,
                             block_size=cfg.engine.cache.block_size)
-    policy = dataclasses.replace(cfg.policy, chunk_size=cfg.engine.scheduler.chunk_size)
-    return SimConfig(cluster, policy, cfg.flip, seed=seed)
+    # serve_config sets policy.chunk_size and engine.scheduler.chunk_size both from --chunk-size
+    return SimConfig(cluster, cfg.policy, cfg.flip, seed=seed)
 
 
 def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], args, out: Path) -> dict:
@@ -67,17 +67,15 @@ def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], a
             warm = build_specs("mixed", args.warmup_requests, seed=1, max_total_tokens=args.max_model_len)
             run_load_sync(server.url, warm, model=None, vocab_size=args.vocab_size, progress=False)
         for workload, arrival, specs in runs:
-            before = _counters(server)
+            before = server.kv_counters()
             load = run_load_sync(server.url, specs, model=None, vocab_size=args.vocab_size, progress=False)
             time.sleep(1.0)  # the last stats reach /metrics
-            after = _counters(server)
+            after = server.kv_counters()
             run = {"failures": load.failures_by_reason(), "wall_s": load.wall_s,
                    "counters": {k: after[k] - before[k] for k in after},  # KV transfers and flips during this run
                    "records": [dataclasses.asdict(r) for r in sorted(load.records, key=lambda r: r.request_id)]}
             if load.records:
-                finish = max(r.finish_s for r in load.records)
-                run["summary"] = dataclasses.asdict(
-                    summarize(load.records, {i: finish for i in range(instances)}, start_s=0.0))
+                run["summary"] = dataclasses.asdict(load.summary(instances))
             if args.profile:
                 run["sim"] = dataclasses.asdict(_simulate(cfg, specs, args.profile))
             result["runs"][f"{workload}/{arrival}"] = run
@@ -85,14 +83,6 @@ def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], a
     finally:
         server.stop(60)
     return result
-
-
-def _counters(server: ServerProcess) -> dict[str, float]:
-    """KV transfer totals (both ends of a transfer count it: halved) and flips so far."""
-    totals = {k: server.metric_sum(f"tetriinfer_kv_transfer{s}_total") / 2
-              for k, s in (("bytes", "_bytes"), ("seconds", "_seconds"), ("count", "s"), ("failures", "_failures"))}
-    totals["flips"] = server.metric_sum("tetriinfer_flips_total")
-    return totals
 
 
 def _simulate(cfg, specs, profile: str) -> Summary:

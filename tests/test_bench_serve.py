@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import threading
 import time
 
@@ -13,10 +12,10 @@ import pytest
 from aiohttp import web
 
 from tetriinfer.bench.cli import cap_prompts
-from tetriinfer.bench.workload import build_specs
 from tetriinfer.bench.serve_client import SSEParser, prompt_token_ids, run_load_sync
-from tetriinfer.bench.workload import RequestSpec, poisson_arrivals
+from tetriinfer.bench.workload import RequestSpec, build_specs, poisson_arrivals
 from tetriinfer.cli import main
+from tetriinfer.cluster.launcher import free_port
 
 MODEL = "fake-model"
 
@@ -212,13 +211,15 @@ def test_failures_are_counted_and_reported_not_raised(fake):
 
 
 def test_unreachable_server_fails_every_request_and_the_cli_says_so(capsys):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{free_port()}"  # a port nobody listens on
     result = run_load_sync(url, closed_batch([(3, 2)] * 3), model=MODEL, progress=False)
     assert not result.records and len(result.failures) == 3
     assert all(f.status is None and "Connect" in f.error for f in result.failures)
+    code = main(["bench", "serve", "--url", url, "--workload", "lpld", "--num-requests", "3", "--model", MODEL,
+                 "--no-progress"])
+    assert code == 1
+    printed = capsys.readouterr().out
+    assert "0 ok, 3 failed" in printed and "no request succeeded" in printed
 
 
 def test_cli_trace_run_writes_json_and_plot(fake, tmp_path, capsys):

@@ -47,3 +47,18 @@ def test_engine_flags_reach_every_instance(mode):
     for role in instance_roles(cfg):
         sched = instance_engine(cfg, role, "cpu").scheduler
         assert sched.async_scheduling and sched.max_num_seqs == 48
+
+
+def test_api_key_comes_from_the_environment_and_help_never_prints_it(monkeypatch, capsys):
+    import argparse
+
+    from tetriinfer.entrypoints.serve import add_parser, serve_config
+
+    monkeypatch.setenv("TETRIINFER_API_KEY", "sekrit-from-env")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert serve_config(parser.parse_args(["serve"])).api_key == "sekrit-from-env"
+    assert serve_config(parser.parse_args(["serve", "--api-key", "given"])).api_key == "given"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    assert "sekrit-from-env" not in capsys.readouterr().out

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from fake_backend import FakeBackend, serve_in_thread
+from tetriinfer.bench.server_process import parse_metrics
 from tetriinfer.cluster.messages import ClusterStats, DecodeLoadMsg, InstanceStats
 from tetriinfer.server.app import create_app
 
@@ -50,10 +51,10 @@ def sse_events(text: str) -> list:
 
 
 def metric_value(text: str, sample: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{sample} not in /metrics")
+    samples = parse_metrics(text)
+    if sample not in samples:
+        raise AssertionError(f"{sample} not in /metrics")
+    return samples[sample]
 
 
 def expected_text(backend: FakeBackend, prompt: str, max_tokens: int) -> str:

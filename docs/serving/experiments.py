@@ -66,7 +66,7 @@ def start(flags: list[str], log: Path):
 
 # ---- real vs simulated -------------------------------------------------------------------------------
 def compare() -> None:
-    from tetriinfer.bench.metrics import plot_distributions, summarize
+    from tetriinfer.bench.metrics import plot_distributions
     from tetriinfer.bench.serve_client import run_load_sync
     from tetriinfer.bench.workload import build_specs
     from tetriinfer.config import ClusterConfig, PolicyConfig, SimConfig
@@ -83,15 +83,14 @@ def compare() -> None:
         try:
             load = run_load_sync(server.url, specs, model="tiny", progress=True)
             time.sleep(1.0)  # the last stats reach /metrics
-            transfer = {"bytes": server.metric_sum("tetriinfer_kv_transfer_bytes_total") / 2,  # both ends count
-                        "seconds": server.metric_sum("tetriinfer_kv_transfer_seconds_total") / 2,
-                        "transfers": server.metric_sum("tetriinfer_kv_transfers_total") / 2}
+            counters = server.kv_counters()
+            transfer = {"bytes": counters["bytes"], "seconds": counters["seconds"], "transfers": counters["count"]}
         finally:
             server.stop()
         if load.failures:
             raise RuntimeError(f"{name}: {len(load.failures)} requests failed: {load.failures_by_reason()}")
         instances = shape.get("num_instances") or shape["num_prefill"] + shape["num_decode"]
-        real = summarize(load.records, {i: max(r.finish_s for r in load.records) for i in range(instances)}, start_s=0.0)
+        real = load.summary(instances)
         if transfer["seconds"] > 0:
             link = transfer["bytes"] * 8 / transfer["seconds"] / 1e9
         cost = TableCostModel.from_file(PROFILE, **({"link_gbps": link} if link else {}))

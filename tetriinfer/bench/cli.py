@@ -27,19 +27,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--trace", default=None, help="CSV with columns arrival_s,prompt_tokens,output_tokens")
     p.add_argument("--num-requests", type=int, default=128, help="ignored with --trace (every row is sent)")
     p.add_argument("--rate", type=float, default=None,
-                   help="Poisson arrivals at this many requests/s "
-                        "(default: closed batch; traces keep their timestamps)")
+                   help="Poisson arrivals at this many requests/s; None: closed batch (traces keep their timestamps)")
     p.add_argument("--seed", type=int, default=0, help="workload draw, arrivals and prompt token ids")
-    p.add_argument("--concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
-    p.add_argument("--model", default=None, help="model name to request (default: the first of GET /v1/models)")
+    p.add_argument("--concurrency", type=int, default=None, help="most requests in flight; None: no cap")
+    p.add_argument("--model", default=None, help="model name to request; None: the first of GET /v1/models")
     p.add_argument("--api-key", default=None)
     p.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn from [0, this)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="drop requests whose prompt + output exceed it, as simulate does with the "
-                        "model's context (default: no cap)")
+                        "model's context; None: no cap")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="cut longer prompts to this many tokens (output lengths unchanged)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per request (default: none)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per request; None: no limit")
     p.add_argument("--instances", type=int, default=1,
                    help="GPUs/instances behind the server: resource time = this x makespan")
     p.add_argument("--label", default="server", help="system name in the table and the JSON")
@@ -47,7 +46,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tpot-slo", type=float, default=None, help="seconds")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT",
                    help="write the report as JSON here (the layout of simulate --json)")
-    p.add_argument("--plot", default=None, help="TTFT/JCT CDF image (default with --json: beside it)")
+    p.add_argument("--plot", default=None, help="TTFT/JCT CDF image; None: beside --json if given")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from tetriinfer.bench.metrics import format_table, plot_distributions, summarize
+    from tetriinfer.bench.metrics import format_table, plot_distributions
     from tetriinfer.bench.serve_client import run_load_sync
     from tetriinfer.bench.workload import build_specs
 
@@ -90,10 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print("no request succeeded: nothing to summarize")
         return 1
 
-    last_finish = max(r.finish_s for r in result.records)
-    # Every instance is counted from the start to the last finish: resource time = K x makespan.
-    instances = {f"instance{i}": last_finish for i in range(args.instances)}
-    summary = summarize(result.records, instances, ttft_slo_s=args.ttft_slo, tpot_slo_s=args.tpot_slo, start_s=0.0)
+    summary = result.summary(args.instances, ttft_slo_s=args.ttft_slo, tpot_slo_s=args.tpot_slo)
     print(format_table({args.label: summary}))
 
     config = {k: getattr(args, k) for k in (

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tetriinfer.bench.metrics import RequestRecord
+from tetriinfer.bench.metrics import RequestRecord, Summary, summarize
 from tetriinfer.bench.workload import RequestSpec
 
 ERROR_BODY_CHARS = 300  # enough of an error response to say what went wrong
@@ -50,6 +50,17 @@ class LoadResult:
         for failure in self.failures:
             counts[failure.reason] = counts.get(failure.reason, 0) + 1
         return counts
+
+    def summary(self, num_instances: int, *, ttft_slo_s: float | None = None,
+                tpot_slo_s: float | None = None) -> Summary:
+        """`summarize` of the successful requests from the run's start (t=0). The client cannot see
+        instances, so each of `num_instances` counts from the start to the last finish: resource
+        time = num_instances x makespan. Raises ValueError when no request succeeded."""
+        if not self.records:
+            raise ValueError("no request succeeded: nothing to summarize")
+        last_finish = max(r.finish_s for r in self.records)
+        return summarize(self.records, {i: last_finish for i in range(num_instances)},
+                         ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, start_s=0.0)
 
 
 def prompt_token_ids(request_id: int, length: int, vocab_size: int = 256, seed: int = 0) -> list[int]:

@@ -12,6 +12,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+# kv_counters() key -> what follows `tetriinfer_kv_transfer` in the counter's name
+KV_TRANSFER_COUNTERS = {"bytes": "_bytes", "seconds": "_seconds", "count": "s", "failures": "_failures"}
+
+
+def _escape(label_value: str) -> str:
+    return label_value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus text exposition as {'name{labels}': value}, the key spelled as in
+    the text (labels in their order there, values escaped)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
 
 
 @dataclass
@@ -51,20 +70,25 @@ class ServerProcess:
 
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics as {'name{labels}': value}."""
-        out = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            if line and not line.startswith("#"):
-                key, value = line.rsplit(" ", 1)
-                out[key] = float(value)
-        return out
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
 
-    def metric_sum(self, name: str, **labels) -> float:
-        """The sum of `name`'s samples whose labels include `labels`."""
+    def metric_sum(self, name: str, samples: dict[str, float] | None = None, **labels) -> float:
+        """The sum of `name`'s samples whose labels include `labels`, from `samples` (what `metrics()`
+        returned) or, without them, from a fresh GET /metrics."""
         total = 0.0
-        for key, value in self.metrics().items():
+        for key, value in (self.metrics() if samples is None else samples).items():
             if (key == name or key.startswith(name + "{")) and all(f'{k}="{v}"' in key for k, v in labels.items()):
                 total += value
         return total
+
+    def kv_counters(self) -> dict[str, float]:
+        """KV transfer totals so far (both ends of a transfer count it: halved) and instance flips,
+        from one GET /metrics: {'bytes', 'seconds', 'count', 'failures', 'flips'}."""
+        samples = self.metrics()
+        totals = {key: self.metric_sum(f"tetriinfer_kv_transfer{suffix}_total", samples) / 2
+                  for key, suffix in KV_TRANSFER_COUNTERS.items()}
+        totals["flips"] = self.metric_sum("tetriinfer_flips_total", samples)
+        return totals
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGINT (uvicorn shuts down, the cluster gets Shutdown), then kill if it lingers."""

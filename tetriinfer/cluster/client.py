@@ -114,10 +114,13 @@ class ClusterClient:
                 self.out.send(self.controller_address, msg.Abort(request_id, "client gone"))
 
     async def abort(self, request_id: str) -> None:
+        """Abort a live request. A request no longer live was never submitted, finished, or was
+        already aborted by `generate`'s cleanup (the caller closed its stream): nothing to send."""
         live = self._live.pop(request_id, None)
+        if live is None:
+            return
         self.out.send(self.controller_address, msg.Abort(request_id))
-        if live is not None:
-            live.queue.put_nowait(msg.TokenDelta(request_id, [], "", None, "abort", None, "request aborted"))
+        live.queue.put_nowait(msg.TokenDelta(request_id, [], "", None, "abort", None, "request aborted"))
 
     def cluster_stats(self) -> msg.ClusterStats | None:
         return self._stats

@@ -11,7 +11,7 @@ def add_parser(subparsers) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_engine_arguments(p)
     p.add_argument("--prompt", action="append", default=None,
-                   help="prompt text (repeat for a batch); default: one built-in example")
+                   help="prompt text (repeat for a batch); None: one built-in example")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -38,10 +38,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--step-policy", default="chunked", choices=ENGINE_STEP_POLICIES)
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="queue step t+1 before reading back step t's tokens, so CPU work overlaps the GPU "
-                        "(default: on for CUDA devices, off on the CPU)")
+                   help="queue step t+1 before reading back step t's tokens, so CPU work overlaps the GPU; "
+                        "None: on for CUDA devices, off on the CPU")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks; None: from memory")
     p.add_argument("--memory-fraction", type=float, default=None)
 
 

@@ -39,9 +39,9 @@ def add_parser(subparsers) -> None:
                    help="auto: shared memory on CPU, CUDA IPC between GPUs of one host")
     g.add_argument("--kv-timeout", type=float, default=serve.kv_timeout_s, help="seconds before a KV transfer fails")
     g.add_argument("--predictor", default=serve.predictor,
-                   help="trained length predictor directory; default: the shipped one; 'none': constant fallback")
+                   help="trained length predictor directory; None: the shipped one; 'none': constant fallback")
     g.add_argument("--launcher", default=serve.launcher, choices=LAUNCHERS, help="ray needs the [ray] extra")
-    g.add_argument("--ray-address", default=None, help="with --launcher ray: the cluster to join (default: auto)")
+    g.add_argument("--ray-address", default=None, help="with --launcher ray: the cluster to join; None: auto")
     g.add_argument("--monitor-interval", type=float, default=serve.monitor_interval_s, help="seconds")
     g.add_argument("--dead-after", type=float, default=serve.dead_after_s,
                    help="seconds without a heartbeat before an instance counts as dead")
@@ -59,9 +59,9 @@ def add_parser(subparsers) -> None:
     h = p.add_argument_group("http")
     h.add_argument("--host", default=serve.host)
     h.add_argument("--port", type=int, default=serve.port)
-    h.add_argument("--api-key", default=os.environ.get("TETRIINFER_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $TETRIINFER_API_KEY)")
-    h.add_argument("--served-model-name", default=None, help="the name clients use (default: --model)")
+    h.add_argument("--api-key", default=None,  # not the environment's value: --help would print the key
+                   help="require 'Authorization: Bearer KEY' on /v1 (taken from $TETRIINFER_API_KEY when not given)")
+    h.add_argument("--served-model-name", default=None, help="the name clients use; None: --model")
     p.set_defaults(func=run)
 
 
@@ -84,7 +84,8 @@ def serve_config(args: argparse.Namespace):
     flip = FlipConfig(enabled=args.flip, idle_s=args.flip_idle, cooldown_s=args.flip_cooldown)
     return ServeConfig(
         mode=args.mode, num_prefill=args.prefill_instances, num_decode=args.decode_instances,
-        num_instances=args.instances, baseline=args.baseline, host=args.host, port=args.port, api_key=args.api_key,
+        num_instances=args.instances, baseline=args.baseline, host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("TETRIINFER_API_KEY"),
         served_model_name=args.served_model_name, kv_transport=args.kv_transport, kv_timeout_s=args.kv_timeout,
         predictor=args.predictor, launcher=args.launcher, monitor_interval_s=args.monitor_interval,
         dead_after_s=args.dead_after, torch_threads=args.torch_threads, engine=engine, policy=policy, flip=flip,
@@ -157,7 +158,8 @@ async def _wait_ready(client, cluster, timeout_s: float) -> None:
     start = asyncio.get_running_loop().create_task(client.start(timeout_s))
     while not start.done():
         await asyncio.sleep(0.2)
-        dead = [i for i in range(len(cluster.instances)) if i not in cluster.alive()]
+        alive = set(cluster.alive())
+        dead = [i for i in range(len(cluster.instances)) if i not in alive]
         if dead or not cluster.controller_alive():
             start.cancel()
             which = f"instance(s) {dead}" if dead else "the controller"

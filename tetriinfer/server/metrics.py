@@ -109,10 +109,10 @@ class ClusterCollector:
         ("draining", "1 while the instance drains before a role flip"),
     )
     _INSTANCE_COUNTERS = (
-        ("kv_transfer_bytes", "kv_transfer_bytes", "KV bytes moved"),
-        ("kv_transfer_seconds", "kv_transfer_seconds", "Seconds spent moving KV"),
-        ("kv_transfers", "kv_transfers", "KV transfers done"),
-        ("kv_transfer_failures", "kv_transfer_failures", "KV transfers failed"),
+        ("kv_transfer_bytes", "KV bytes moved"),
+        ("kv_transfer_seconds", "Seconds spent moving KV"),
+        ("kv_transfers", "KV transfers done"),
+        ("kv_transfer_failures", "KV transfers failed"),
     )
 
     def __init__(self, cluster_stats: Callable[[], ClusterStats | None], requests_running: Callable[[], int]):
@@ -137,13 +137,13 @@ class ClusterCollector:
         labels = ["instance", "role"]
         gauges = {name: GaugeMetricFamily(f"tetriinfer_{name}", doc, labels=labels)
                   for name, doc in self._INSTANCE_GAUGES}
-        counters = {name: CounterMetricFamily(f"tetriinfer_{metric}", doc, labels=labels)
-                    for name, metric, doc in self._INSTANCE_COUNTERS}
+        counters = {name: CounterMetricFamily(f"tetriinfer_{name}", doc, labels=labels)
+                    for name, doc in self._INSTANCE_COUNTERS}
         for inst in stats.instances:
             values = [str(inst.instance_id), inst.role]
             for name, _ in self._INSTANCE_GAUGES:
                 gauges[name].add_metric(values, float(_instance_value(inst, name)))
-            for name, _, _ in self._INSTANCE_COUNTERS:
+            for name, _ in self._INSTANCE_COUNTERS:
                 counters[name].add_metric(values, float(getattr(inst, name)))
         info = GaugeMetricFamily("tetriinfer_instance_info", "1 per live instance; its pid and inbox as labels",
                                  labels=["instance", "role", "pid", "address"])
