@@ -10,7 +10,6 @@ import glob
 import multiprocessing as mp
 import os
 import queue
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from tetriinfer.cluster.kv_transfer import (
     default_transport,
     make_transport,
 )
+from tetriinfer.cluster.launcher import free_port
+from tetriinfer.config import KV_TRANSPORTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ODD = (3, 37, 2, 5)  # layers, tokens, kv heads, head dim
@@ -90,12 +91,6 @@ def _worker(rank, world_size, port, kind, scenario_name, timeout_s, device, conn
         results.put((rank, "ok", payload))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cluster(kind, scenario, world_size=2, timeout_s=30.0, deadline_s=60.0, dying=(), devices=None):
@@ -165,6 +160,27 @@ def recv_one(t, peer: Peer, src, timeout=10.0):
     return got
 
 
+def failed_send_s(t, peer: Peer, dst, tid, *, post: bool, wait_s: float = 20.0) -> float:
+    """Start transfer `tid` to `dst` (posting its descriptor to `dst` if `post`): seconds from
+    start_send (where the transport's deadline starts) until finish_send(tid, wait_s) raises."""
+    start = time.monotonic()
+    desc = t.start_send(dst, tid, *make_kv(tid))
+    if post:
+        peer.send(dst, {"desc": desc})
+    with pytest.raises(KVTransferError):
+        t.finish_send(tid, wait_s)
+    return time.monotonic() - start
+
+
+def failed_recv_s(t, peer: Peer, src, tid, timeout: float) -> float:
+    """Take the next descriptor `src` posts: seconds until recv(src, tid, ..., timeout) raises."""
+    desc = peer.get(src)["desc"]
+    start = time.monotonic()
+    with pytest.raises(KVTransferError):
+        t.recv(src, tid, desc, timeout)
+    return time.monotonic() - start
+
+
 def scenario_round_trips(rank, t, peer: Peer):
     """Several transfers each way between one pair, odd shapes, 3 dtypes, strided input, and two
     transfers in flight at once received in reverse order (not for nccl: it matches by order)."""
@@ -227,26 +243,13 @@ def scenario_gloo_timeouts(rank, t, peer: Peer):
         peer.send(1, {"desc": desc})
         assert peer.get(1) == "recv timed out"
         # 2. the next transfer, on the connection rank 1 dropped, fails fast on both sides
-        desc = t.start_send(1, 3, *make_kv(3))
-        peer.send(1, {"desc": desc})
-        start = time.monotonic()
-        with pytest.raises(KVTransferError):
-            t.finish_send(3, 10.0)
-        out["stale_send_s"] = time.monotonic() - start
+        out["stale_send_s"] = failed_send_s(t, peer, 1, 3, post=True, wait_s=10.0)
         assert peer.get(1) == "stale rejected"
         # 3. a receiver that never receives: the send times out building the new connection
-        start = time.monotonic()
-        t.start_send(1, 4, *make_kv(4))
-        with pytest.raises(KVTransferError):
-            t.finish_send(4, 10.0)
-        out["send_timeout_s"] = time.monotonic() - start
+        out["send_timeout_s"] = failed_send_s(t, peer, 1, 4, post=False, wait_s=10.0)
         # 4. then a connected receiver that does not receive: the send times out on a live connection
         send_one(t, peer, 1, 5, seed=5, dtype=torch.bfloat16, shape=ODD)
-        start = time.monotonic()
-        t.start_send(1, 6, *make_kv(6))
-        with pytest.raises(KVTransferError):
-            t.finish_send(6, 10.0)
-        out["live_send_timeout_s"] = time.monotonic() - start
+        out["live_send_timeout_s"] = failed_send_s(t, peer, 1, 6, post=False, wait_s=10.0)
         t.cancel_send(6)  # idempotent after the end
         with pytest.raises(KVTransferError):
             t.finish_send(6, 1.0)  # gone
@@ -258,17 +261,9 @@ def scenario_gloo_timeouts(rank, t, peer: Peer):
         recv_one(t, peer, 1)
     else:
         recv_one(t, peer, 0)
-        msg = peer.get(0)
-        start = time.monotonic()
-        with pytest.raises(KVTransferError):
-            t.recv(0, 2, msg["desc"], timeout)
-        out["recv_timeout_s"] = time.monotonic() - start
+        out["recv_timeout_s"] = failed_recv_s(t, peer, 0, 2, timeout)
         peer.send(0, "recv timed out")
-        msg = peer.get(0)
-        start = time.monotonic()
-        with pytest.raises(KVTransferError):
-            t.recv(0, 3, msg["desc"], timeout)
-        out["stale_recv_s"] = time.monotonic() - start
+        out["stale_recv_s"] = failed_recv_s(t, peer, 0, 3, timeout)
         peer.send(0, "stale rejected")
         recv_one(t, peer, 0)  # transfer 5, on a fresh connection
         assert peer.get(0) == "send timed out"
@@ -286,23 +281,10 @@ def scenario_gloo_dead_peers(rank, t, peer: Peer):
     out = {}
     if rank == 0:
         recv_one(t, peer, 1)
-        msg = peer.get(1)
-        start = time.monotonic()
-        with pytest.raises(KVTransferError):
-            t.recv(1, msg["tid"], msg["desc"], 20.0)
-        out["sender_died_s"] = time.monotonic() - start
+        out["sender_died_s"] = failed_recv_s(t, peer, 1, 2, 20.0)
         send_one(t, peer, 2, 1, seed=1, dtype=torch.float32, shape=ODD)
-        desc = t.start_send(2, 2, *make_kv(2))
-        peer.send(2, {"desc": desc})
-        start = time.monotonic()
-        with pytest.raises(KVTransferError):
-            t.finish_send(2, 20.0)
-        out["receiver_died_s"] = time.monotonic() - start
-        start = time.monotonic()
-        t.start_send(1, 3, *make_kv(3))
-        with pytest.raises(KVTransferError):
-            t.finish_send(3, 20.0)
-        out["send_to_dead_s"] = time.monotonic() - start
+        out["receiver_died_s"] = failed_send_s(t, peer, 2, 2, post=True)
+        out["send_to_dead_s"] = failed_send_s(t, peer, 1, 3, post=False)
     elif rank == 1:
         desc = t.start_send(0, 1, *make_kv(1))
         peer.send(0, {"tid": 1, "seed": 1, "dtype": "float32", "shape": list(ODD), "desc": desc})
@@ -502,7 +484,7 @@ def test_bandwidth_64mib_shm_and_gloo():
 def test_default_transport_and_names():
     assert default_transport("cpu") == "shm"
     assert default_transport("cuda:1") == "cuda_ipc"
-    assert TRANSPORTS == ("shm", "gloo", "nccl", "cuda_ipc")
+    assert TRANSPORTS == tuple(name for name in KV_TRANSPORTS if name != "auto")  # what --kv-transport offers
 
 
 def test_cuda_ipc_descriptor_fields_are_plain_data_and_round_trip():
