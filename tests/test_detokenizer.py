@@ -94,7 +94,7 @@ def engine_reference(tokenizer, ids: list[int], stop: list[str]) -> tuple[int, s
 
 def stream(tokenizer, ids: list[int], stop: list[str], holdback: bool = True):
     """Feed tokens one by one as the engine will, taking a delta after each; stop on a match."""
-    detok = IncrementalDetokenizer(tokenizer, [1, 2, 3], stop, stream_holdback=holdback)
+    detok = IncrementalDetokenizer(tokenizer, stop, stream_holdback=holdback)
     deltas, consumed = [], 0
     for token_id in ids:
         consumed += 1
@@ -207,7 +207,7 @@ def feed(detok: IncrementalDetokenizer, text: str) -> list[str]:
 
 
 def test_holdback_releases_only_what_cannot_start_a_stop_string():
-    detok = IncrementalDetokenizer(BYTE, [256], ["abc"])
+    detok = IncrementalDetokenizer(BYTE, ["abc"])
     assert feed(detok, "xa") == ["x", ""]  # "a" may start "abc"
     assert feed(detok, "b") == [""]
     assert feed(detok, "d") == ["abd"]  # "abd" is not "abc": all released
@@ -217,7 +217,7 @@ def test_holdback_releases_only_what_cannot_start_a_stop_string():
 
 
 def test_stop_cut_releases_text_held_for_another_stop():
-    detok = IncrementalDetokenizer(BYTE, [256], ["xyz", "b"])
+    detok = IncrementalDetokenizer(BYTE, ["xyz", "b"])
     assert feed(detok, "axy") == ["a", "", ""]
     assert detok.append(ord("b")) == "b"
     assert detok.take_delta() == "xy"  # not part of the matched stop: released now
@@ -244,14 +244,14 @@ def test_stop_strings_checked_in_the_given_order_like_the_engine():
 
 
 def test_without_holdback_text_streams_at_once_and_is_still_cut():
-    detok = IncrementalDetokenizer(BYTE, [256], ["abc"], stream_holdback=False)
+    detok = IncrementalDetokenizer(BYTE, ["abc"], stream_holdback=False)
     assert feed(detok, "xab") == ["x", "a", "b"]
     assert detok.append(ord("c")) == "abc"
     assert detok.text == "x" and detok.finish() == ""
 
 
 def test_no_stop_strings_hold_back_nothing_but_unfinished_characters():
-    detok = IncrementalDetokenizer(BYTE, [256], [])
+    detok = IncrementalDetokenizer(BYTE, [])
     assert feed(detok, "ab ") == ["a", "b", " "]
     detok.append(0xE4)  # first byte of 世, then the request ends: the whole decode shows U+FFFD
     assert detok.take_delta() == ""
@@ -260,22 +260,22 @@ def test_no_stop_strings_hold_back_nothing_but_unfinished_characters():
 
 def test_bad_stop_strings_are_rejected():
     with pytest.raises(ValueError, match="non-empty"):
-        IncrementalDetokenizer(BYTE, [256], ["ok", ""])
+        IncrementalDetokenizer(BYTE, ["ok", ""])
     with pytest.raises(ValueError, match="non-empty"):
-        IncrementalDetokenizer(BYTE, [256], [3])
+        IncrementalDetokenizer(BYTE, [3])
 
 
 def test_replay_continues_where_the_exporting_instance_stopped_sending():
     text = "héllo 世界 🙂 done"
     ids = list(text.encode())
     stop = ["🙂 dX"]
-    whole = IncrementalDetokenizer(BYTE, [256], stop)
+    whole = IncrementalDetokenizer(BYTE, stop)
     sent = []
     for i, token_id in enumerate(ids):
         whole.append(token_id)
         sent.append(whole.take_delta())
         if i == 14:  # mid-way through 🙂 and inside a possible stop string: move the request
-            moved = IncrementalDetokenizer.replay(BYTE, [256], stop, ids[:15])
+            moved = IncrementalDetokenizer.replay(BYTE, stop, ids[:15])
             rest = []
             for t in ids[15:]:
                 moved.append(t)
@@ -283,7 +283,7 @@ def test_replay_continues_where_the_exporting_instance_stopped_sending():
             rest.append(moved.finish())
             assert "".join(sent) + "".join(rest) == text
     with pytest.raises(ValueError, match="stop string"):
-        IncrementalDetokenizer.replay(BYTE, [256], ["llo"], ids)
+        IncrementalDetokenizer.replay(BYTE, ["llo"], ids)
 
 
 # ---- cost ----------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ class CountingTokenizer:
 def _decode_work(tokenizer, ids, stop) -> CountingTokenizer:
     """Stream `ids` (append, take_delta each token, finish); check the text; return the counts."""
     counting = CountingTokenizer(tokenizer)
-    detok = IncrementalDetokenizer(counting, [1], stop)
+    detok = IncrementalDetokenizer(counting, stop)
     out = []
     for token_id in ids:
         detok.append(token_id)
@@ -350,7 +350,7 @@ def test_settle_keeps_the_last_delta_for_the_streamer():
     """The engine settles a finished request's text; the server still takes the last delta."""
     tok = ByteTokenizer()
     ids = [218] + [92] * 11  # a lone lead byte, settled into U+FFFD only at the end
-    detok = IncrementalDetokenizer(tok, [tok.bos_token_id], [])
+    detok = IncrementalDetokenizer(tok, [])
     streamed = ""
     for i, t in enumerate(ids):
         detok.append(t)

@@ -26,7 +26,6 @@ from tetriinfer.cluster.kv_transfer import (
     ShmTransport,
     _decode_ipc,
     _encode_ipc,
-    default_transport,
     make_transport,
 )
 from tetriinfer.cluster.launcher import free_port
@@ -481,10 +480,16 @@ def test_bandwidth_64mib_shm_and_gloo():
 # Plumbing that needs no peer
 
 
-def test_default_transport_and_names():
-    assert default_transport("cpu") == "shm"
-    assert default_transport("cuda:1") == "cuda_ipc"
-    assert TRANSPORTS == tuple(name for name in KV_TRANSPORTS if name != "auto")  # what --kv-transport offers
+def test_auto_transport_and_names():
+    from tetriinfer.cluster.launcher import resolve_transport
+    from tetriinfer.config import ServeConfig
+
+    auto = ServeConfig()
+    assert resolve_transport(auto, ["cpu"]) == "shm"
+    assert resolve_transport(auto, ["cuda:0", "cuda:1"]) == "cuda_ipc"
+    assert resolve_transport(auto, ["cuda:0"], multi_node=True) == "nccl"
+    assert resolve_transport(auto, ["cpu"], multi_node=True) == "gloo"
+    assert set(TRANSPORTS) == set(KV_TRANSPORTS) - {"auto"}  # what --kv-transport offers
 
 
 def test_cuda_ipc_descriptor_fields_are_plain_data_and_round_trip():

@@ -76,9 +76,11 @@ from typing import Any
 
 import torch
 
+from tetriinfer.config import KV_TRANSPORTS
+
 logger = logging.getLogger("tetriinfer.kv")
 
-TRANSPORTS = ("shm", "gloo", "nccl", "cuda_ipc")
+TRANSPORTS = tuple(name for name in KV_TRANSPORTS if name != "auto")  # "auto" is resolved by the launcher
 
 # The process group waits at least this long for all ranks at init: instances load their models
 # at different speeds.
@@ -146,10 +148,6 @@ class KVTransport(ABC):
         stats = TransferStats(k_bytes.numel() + v_bytes.numel(), time.perf_counter() - start)
         _log_transfer(self.name, "received from", peer, transfer_id, stats)
         return k, v
-
-
-def default_transport(device: str | torch.device) -> str:
-    return "cuda_ipc" if torch.device(device).type == "cuda" else "shm"
 
 
 def make_transport(kind: str, *, rank: int, world_size: int, init_method: str | None,

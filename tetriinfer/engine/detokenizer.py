@@ -33,15 +33,13 @@ class IncrementalDetokenizer:
     `finish` at the end. `stream_holdback=False` releases text at once (a delta may then hold the
     start of the stop string that ends the request; `text` is still cut)."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str],
-                 stream_holdback: bool = True):
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], stream_holdback: bool = True):
         if isinstance(stop, str):
             stop = [stop]
         bad = next((s for s in stop if not isinstance(s, str) or not s), None)
         if bad is not None:
             raise ValueError(f"stop strings must be non-empty strings, got {bad!r}")
         self.tokenizer = tokenizer
-        self.prompt_token_ids = prompt_token_ids  # kept for callers; not decoding context (see module doc)
         self.stop = list(stop)
         self.stream_holdback = stream_holdback
         self._stop_overlap = max((len(s) for s in self.stop), default=1) - 1
@@ -60,11 +58,11 @@ class IncrementalDetokenizer:
         self.finished = False
 
     @classmethod
-    def replay(cls, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str],
-               output_token_ids: list[int], stream_holdback: bool = True) -> IncrementalDetokenizer:
+    def replay(cls, tokenizer: Tokenizer, stop: list[str], output_token_ids: list[int],
+               stream_holdback: bool = True) -> IncrementalDetokenizer:
         """Rebuild the state of a request that arrives mid-stream (KV import on a decode instance)
         whose producer took a delta after its last token: what that producer sent counts as taken."""
-        detok = cls(tokenizer, prompt_token_ids, stop, stream_holdback)
+        detok = cls(tokenizer, stop, stream_holdback)
         for token_id in output_token_ids:
             if detok.append(token_id) is not None:
                 raise ValueError(f"output tokens already end the request at stop string {detok.stop_reason!r}")

@@ -283,9 +283,8 @@ class LLMEngine:
         if self.tokenizer is None or not (self.stream_text or req.sampling.stop):
             return None
         if already_streamed:
-            return IncrementalDetokenizer.replay(self.tokenizer, req.prompt_token_ids, req.sampling.stop,
-                                                 req.output_token_ids)
-        return IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.sampling.stop)
+            return IncrementalDetokenizer.replay(self.tokenizer, req.sampling.stop, req.output_token_ids)
+        return IncrementalDetokenizer(self.tokenizer, req.sampling.stop)
 
     def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus | None, str | int | None]:
         sp = req.sampling
