@@ -56,7 +56,7 @@ class ClusterClient:
         if self._reader is not None:
             self._reader.cancel()
         for live in self._live.values():
-            live.queue.put_nowait(msg.TokenDelta("", [], "", None, "error", None, "server shutting down"))
+            live.queue.put_nowait(msg.TokenDelta.ended("", "error", "server shutting down"))
         self.out.close()
         self.inbox.close()
 
@@ -85,8 +85,8 @@ class ClusterClient:
         elif isinstance(message, msg.InstanceDied):
             for request_id, live in list(self._live.items()):
                 if live.owner == message.instance_id:
-                    live.queue.put_nowait(msg.TokenDelta(request_id, [], "", None, "error", None,
-                                                         f"instance {message.instance_id} died: {message.reason}"))
+                    live.queue.put_nowait(msg.TokenDelta.ended(
+                        request_id, "error", f"instance {message.instance_id} died: {message.reason}"))
         elif isinstance(message, msg.ClusterStats):
             self._stats = message
         elif isinstance(message, msg.ClusterReady):
@@ -120,7 +120,7 @@ class ClusterClient:
         if live is None:
             return
         self.out.send(self.controller_address, msg.Abort(request_id))
-        live.queue.put_nowait(msg.TokenDelta(request_id, [], "", None, "abort", None, "request aborted"))
+        live.queue.put_nowait(msg.TokenDelta.ended(request_id, "abort", "request aborted"))
 
     def cluster_stats(self) -> msg.ClusterStats | None:
         return self._stats

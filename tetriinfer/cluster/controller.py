@@ -111,7 +111,7 @@ class Controller:
         except RuntimeError:
             error = "no prefill instance is available" if self.cluster_ready else "the cluster is still starting"
             self.out.send(self.config.api_address, msg.TokenBatch(-1, [
-                msg.TokenDelta(submit.request_id, [], "", None, "error", None, error)]))
+                msg.TokenDelta.ended(submit.request_id, "error", error)]))
             return
         self.out.send(self.ready[instance_id].address, submit)
         self.out.send(self.config.api_address, msg.Routed(submit.request_id, instance_id))

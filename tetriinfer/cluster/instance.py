@@ -294,7 +294,7 @@ class Instance:
 
     def _fail(self, request_id: str, error: str) -> None:
         log.warning("instance %d: request %s failed: %s", self.instance_id, request_id, error)
-        self._deltas.append(msg.TokenDelta(request_id, [], "", None, "error", None, error))
+        self._deltas.append(msg.TokenDelta.ended(request_id, "error", error))
 
     def _flush_deltas(self) -> None:
         if self._deltas:

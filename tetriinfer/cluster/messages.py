@@ -55,6 +55,11 @@ class TokenDelta(msgspec.Struct, array_like=True):
     stop_reason: str | int | None = None
     error: str | None = None
 
+    @classmethod
+    def ended(cls, request_id: str, reason: str, error: str) -> "TokenDelta":
+        """The last delta of a request that ends without output: `reason` is "error" or "abort"."""
+        return cls(request_id, [], "", None, reason, None, error)
+
 
 class TokenBatch(msgspec.Struct, tag=True):
     instance_id: int
