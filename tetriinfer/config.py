@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
-ENGINE_STEP_POLICIES = ("chunked", "mixed")
+ENGINE_STEP_POLICIES = ("chunked", "whole", "mixed")  # sched.step_planner.STEP_POLICIES
 
 
 @dataclass
@@ -40,9 +40,10 @@ class EngineSchedulerConfig:
     """What one engine instance runs per step.
 
     `chunked` is the paper's prefill instance: a step is either one prefill chunk of exactly
-    `chunk_size` tokens or one decode batch (prefill first). `mixed` is the chunked-colocated
-    baseline (Sarathi-Serve / vLLM V1): one step holds the running decodes plus prompt tokens up to
-    `chunk_size` in total.
+    `chunk_size` tokens or one decode batch (prefill first). `whole` is vanilla vLLM: whole prompts
+    up to `chunk_size` tokens per step, prefill first. `mixed` is the chunked-colocated baseline
+    (Sarathi-Serve / vLLM V1): one step holds the running decodes plus prompt tokens up to
+    `chunk_size` in total. `sched.step_planner` decides, in the engine and the simulator alike.
 
     `async_scheduling`: plan and queue step t+1 before reading back step t's tokens, so the CPU's
     work of a step overlaps the GPU's. Outputs then come one step later, and a request stopped by
@@ -97,6 +98,10 @@ SYSTEMS = ("tetriinfer", "vllm", "sarathi", "disagg")
 PREFILL_POLICIES = ("fcfs", "sjf", "ljf")
 DISPATCH_POLICIES = ("power2", "random", "round_robin", "least_loaded", "oracle")
 ADMISSION_POLICIES = ("greedy", "reserve_static", "reserve_dynamic")
+# How TetriInfer splits work between prefill and decode instances: `adaptive` (the default) lets a
+# decode instance prefill a request itself and a prefill instance decode one when that is cheaper;
+# `paper` is the paper's fixed split (every prompt on a prefill instance, every decode moved).
+DISAGG_POLICIES = ("adaptive", "paper")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -113,6 +118,7 @@ class PolicyConfig:
     whole-prompt prefill step of the `vllm` baseline.
     """
 
+    disagg_policy: str = "adaptive"
     prefill_policy: str = "sjf"
     sort_window: int = 16
     chunk_size: int = 512
@@ -124,8 +130,14 @@ class PolicyConfig:
     heavy_decode_tokens: int = 128
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    # Adaptive disaggregation (sched.router): how much the slowdown a local prefill imposes on a
+    # decode instance's running requests (seconds, summed over them) counts against prefilling there.
+    interference_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.interference_weight >= 0:
+            raise ValueError(f"interference_weight must be >= 0, got {self.interference_weight}")
+        _check_choice("disagg_policy", self.disagg_policy, DISAGG_POLICIES)
         _check_choice("prefill_policy", self.prefill_policy, PREFILL_POLICIES)
         _check_choice("dispatch_policy", self.dispatch_policy, DISPATCH_POLICIES)
         _check_choice("admission_policy", self.admission_policy, ADMISSION_POLICIES)

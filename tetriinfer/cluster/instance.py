@@ -154,7 +154,9 @@ class Instance:
         self.out = Outboxes()
         self.addresses: dict[int, str] = {}
         self.dispatcher = Dispatcher(config.policy.dispatch_policy, random.Random(config.instance_id))
-        self.queue = PrefillQueue(config.policy.prefill_policy, config.policy.sort_window)
+        # The baselines serve FCFS, as vLLM and Sarathi-Serve do (and as the simulator's do).
+        prefill_policy = "fcfs" if config.role == COLOCATED else config.policy.prefill_policy
+        self.queue = PrefillQueue(prefill_policy, config.policy.sort_window)
         self.sent_tokens: dict[str, int] = {}  # output tokens already streamed, per engine request
         # prefill role
         self.parked: dict[str, Parked] = {}

@@ -42,7 +42,7 @@ def instance_engine(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
     sched = cfg.engine.scheduler
     if role == COLOCATED and cfg.baseline == "vllm":
         # Prefill first, whole prompts up to the token budget per step, never padded.
-        sched = dataclasses.replace(sched, chunk_size=cfg.policy.max_num_batched_tokens, step_policy="chunked",
+        sched = dataclasses.replace(sched, chunk_size=cfg.policy.max_num_batched_tokens, step_policy="whole",
                                     pad_chunks=False)
     elif role == COLOCATED:  # sarathi: decodes plus prompt chunks filling the token budget
         sched = dataclasses.replace(sched, step_policy="mixed", pad_chunks=False)

@@ -1,10 +1,9 @@
 """The engine's own step scheduler: decides what the next forward pass computes, never runs it.
 
-FCFS over the waiting queue, with the paper's fixed-size chunker (`sched.chunker`). Step policies:
-- `chunked`: prefill first. A step is one chunk of exactly `chunk_size` prompt tokens (padded when
-  the queue runs dry), or else one decode batch of the running requests.
-- `mixed`: the chunked-colocated baseline. A step holds every running decode plus prompt tokens
-  filling the rest of a `chunk_size`-token budget (no padding).
+FCFS over the waiting queue. Which prompt tokens a step holds is `sched.step_planner`'s decision
+(the simulator runs the same planner), with `chunk_size` as the token budget: `chunked` (the
+paper's fixed-size chunks, prefill first), `whole` (vanilla vLLM: whole prompts, prefill first) or
+`mixed` (the running decodes plus prompt tokens up to the budget). This class owns the memory:
 KV blocks are reserved here, before the step runs; a decode that finds no free block preempts the
 most recently admitted request, which will be recomputed from scratch.
 
@@ -21,7 +20,8 @@ from dataclasses import dataclass, field
 from tetriinfer.config import EngineSchedulerConfig
 from tetriinfer.engine.block_manager import BlockManager
 from tetriinfer.engine.request import Request, RequestStatus
-from tetriinfer.sched.chunker import ChunkPiece, next_chunk
+from tetriinfer.sched.chunker import Chunk
+from tetriinfer.sched.step_planner import StepShape, plan_prompts
 
 
 @dataclass
@@ -55,8 +55,11 @@ class EngineScheduler:
     def __init__(self, config: EngineSchedulerConfig, block_manager: BlockManager):
         self.config = config
         self.blocks = block_manager
+        self.shape = StepShape(config.step_policy, config.chunk_size, config.max_num_seqs, block_manager.block_size,
+                               pad=config.pad_chunks)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -90,47 +93,31 @@ class EngineScheduler:
                 return plan
 
     def _plan_step(self) -> StepPlan:
-        if self.config.step_policy == "mixed":
-            plan = StepPlan(decode=self._schedule_decodes())
-            plan.prefill = self._schedule_prefill(self.config.chunk_size - len(plan.decode), pad=False)
-            return plan
-        prefill = self._schedule_prefill(self.config.chunk_size, pad=self.config.pad_chunks)
-        if prefill:
-            used = sum(p.length for p in prefill)
-            padding = self.config.chunk_size - used if self.config.pad_chunks else 0
-            return StepPlan(prefill=prefill, num_padding=padding)
-        return StepPlan(decode=self._schedule_decodes())
+        if self.shape.policy == "mixed":
+            preemptions = self.num_preemptions
+            decode = self._schedule_decodes()
+            plan = plan_prompts(self.shape, self._prompts(), num_running=len(self.running),
+                                free_blocks=self.blocks.num_free_blocks, admit_new=self.num_preemptions == preemptions)
+            return StepPlan(prefill=self._take(plan.chunk), decode=decode)
+        plan = plan_prompts(self.shape, self._prompts(), num_running=len(self.running),
+                            free_blocks=self.blocks.num_free_blocks)
+        if plan.chunk.pieces:
+            return StepPlan(prefill=self._take(plan.chunk), num_padding=plan.chunk.padding)
+        return StepPlan(decode=self._schedule_decodes() if plan.decode else [])
 
-    def _schedule_prefill(self, budget: int, pad: bool) -> list[PrefillPiece]:
-        if budget <= 0:
-            return []
-        # Admit new requests only while the running batch has room for them.
-        admissible = []
-        slots = self.config.max_num_seqs - len(self.running)
-        for req in self.waiting:
-            if req.num_pending:
-                continue  # preempted with a token still on the device: its prompt is not known yet
-            if req.num_computed_tokens == 0:
-                if slots <= 0:
-                    break
-                slots -= 1
-            admissible.append(req)
-        chunk = next_chunk(admissible, budget, pad=pad)
-        by_id = {r.request_id: r for r in admissible}
+    def _prompts(self) -> list[Request]:
+        # A request preempted with a token still on the device: its prompt is not known yet.
+        return [r for r in self.waiting if not r.num_pending]
+
+    def _take(self, chunk: Chunk) -> list[PrefillPiece]:
+        """Allocate the KV of the planned pieces (the planner checked that it fits)."""
+        by_id = {r.request_id: r for r in self.waiting}
         pieces = []
         for piece in chunk.pieces:
             req = by_id[piece.request_id]
-            if not self._reserve(req, piece):
-                break  # FCFS: later prompts wait behind the one that does not fit
+            self.blocks.grow(req.block_ids, piece.end)
             pieces.append(PrefillPiece(req, piece.start, piece.length))
         return pieces
-
-    def _reserve(self, req: Request, piece: ChunkPiece) -> bool:
-        need = self.blocks.blocks_to_grow(req.block_ids, piece.end)
-        if not self.blocks.can_allocate(need):
-            return False
-        self.blocks.grow(req.block_ids, piece.end)
-        return True
 
     def _schedule_decodes(self) -> list[Request]:
         batch: list[Request] = []
@@ -146,12 +133,10 @@ class EngineScheduler:
             need = blocks.blocks_to_grow(req.block_ids, end)
             while not blocks.can_allocate(need) and self._evict_partial_prefill():
                 pass
-            while not blocks.can_allocate(need) and (running or batch):
-                # Preempt the newest request by recompute to make room.
-                victim = running.pop() if running else batch.pop()
-                self._preempt(victim)
+            while not blocks.can_allocate(need) and running:
+                self._preempt(running.pop())  # the newest request gives its KV up (recompute later)
             if not blocks.can_allocate(need):
-                self._preempt(req)  # nothing left to free: it waits for another turn
+                self._preempt(req)  # it is the newest left: it waits for another turn, as in vLLM
                 break
             blocks.grow(req.block_ids, end)
             batch.append(req)
@@ -168,6 +153,7 @@ class EngineScheduler:
         return False
 
     def _preempt(self, req: Request) -> None:
+        self.num_preemptions += 1
         self.running.remove(req)
         self.blocks.free(req.block_ids)
         req.num_computed_tokens = 0

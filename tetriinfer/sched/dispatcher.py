@@ -26,7 +26,10 @@ class DecodeLoad:
     `remaining_decode_tokens`: output tokens still to generate there, by true lengths (only the
     simulator knows them; only the `oracle` policy reads them). `free_slots`: sequences it may
     still take before its assigned requests reach its batch limit (`max_num_seqs`); an instance
-    without a free slot has no room either, however much memory it has.
+    without a free slot has no room either, however much memory it has. `queued_prompt_tokens`,
+    `num_running`, `context_tokens`: prompt tokens routed there to prefill in place and not yet
+    computed, requests decoding, and their KV tokens (what the adaptive router prices a local
+    prefill by).
     """
 
     instance_id: Hashable
@@ -35,6 +38,9 @@ class DecodeLoad:
     num_light: int = 0
     remaining_decode_tokens: int = 0
     free_slots: int = 1 << 30
+    queued_prompt_tokens: int = 0
+    num_running: int = 0
+    context_tokens: int = 0
 
     @property
     def heavy_ratio(self) -> float:

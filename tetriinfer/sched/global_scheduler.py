@@ -17,10 +17,17 @@ class GlobalScheduler:
         """Replace the view with a monitor snapshot; instances absent from it are no longer eligible."""
         self._load = dict(loads)
 
-    def pick(self, prompt_tokens: int) -> Hashable:
+    def least_loaded(self) -> tuple[Hashable, int] | None:
+        """(instance, queued prompt tokens) of the least-loaded instance; None when there is none.
+        Ties go to the first instance in snapshot order, which keeps runs deterministic."""
         if not self._load:
-            raise RuntimeError("no prefill instance is available")
-        # Ties go to the first instance in snapshot order, which keeps runs deterministic.
+            return None
         instance = min(self._load, key=self._load.__getitem__)
-        self._load[instance] += prompt_tokens
-        return instance
+        return instance, self._load[instance]
+
+    def pick(self, prompt_tokens: int) -> Hashable:
+        least = self.least_loaded()
+        if least is None:
+            raise RuntimeError("no prefill instance is available")
+        self._load[least[0]] += prompt_tokens
+        return least[0]

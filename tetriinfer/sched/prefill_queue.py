@@ -40,9 +40,27 @@ class PrefillQueue:
     def __len__(self) -> int:
         return len(self._arrived) + len(self._ordered)
 
-    def add(self, request: QueuedPrompt) -> None:
-        self._arrived.append(request)
-        self.pending_tokens += request.prompt_len - request.num_prefilled
+    def add(self, request: QueuedPrompt, *, front: bool = False) -> None:
+        """Queue a request; `front=True` puts it first, past any sorting (one preempted by
+        recompute goes first, as in vLLM)."""
+        remaining = request.prompt_len - request.num_prefilled
+        if front:
+            self._ordered.appendleft(request)
+            self._ordered_tokens += remaining
+        else:
+            self._arrived.append(request)
+        self.pending_tokens += remaining
+
+    def restart_newest_started(self) -> tuple[QueuedPrompt, int] | None:
+        """Send the newest partly prefilled request back to its first token (its KV is given up to
+        make room): return it with the tokens it had, or None when no request has started."""
+        for request in reversed(self._ordered):
+            if request.num_prefilled > 0:
+                done, request.num_prefilled = request.num_prefilled, 0
+                self._ordered_tokens += done
+                self.pending_tokens += done
+                return request, done
+        return None
 
     def remove(self, request_id: Hashable) -> bool:
         """Drop a queued request (aborted); False if it is not here."""

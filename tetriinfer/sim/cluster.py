@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from tetriinfer.bench.metrics import RequestRecord, Summary, summarize
 from tetriinfer.config import SimConfig
-from tetriinfer.sched.baselines import ColocatedScheduler
 from tetriinfer.sched.dispatcher import Dispatcher
 from tetriinfer.sched.flip import FlipPolicy
 from tetriinfer.sched.global_scheduler import GlobalScheduler
@@ -26,6 +25,8 @@ from tetriinfer.sched.monitor import (
     DECODE, PREFILL, ClusterMonitor, ClusterSnapshot, InstanceStatus, prefill_load_fraction,
 )
 from tetriinfer.sched.prefill_queue import PrefillQueue
+from tetriinfer.sched.router import AdaptiveRouter, keep_on_prefill
+from tetriinfer.sched.step_planner import StepShape
 from tetriinfer.sim.instances import ColocatedInstance, DecodeInstance, PrefillInstance
 from tetriinfer.sim.length_oracle import OracleLengthPredictor
 from tetriinfer.sim.request import SimRequest
@@ -102,6 +103,11 @@ class ClusterSim:
                 self.instances[i] = self._new_decode(i)
         self.monitor = ClusterMonitor(cluster.monitor_interval_s)
         self.global_scheduler = GlobalScheduler(self._prefill_ids())
+        self.router = None  # adaptive disaggregation: the router places each new request
+        if self.adaptive:
+            kv_seconds_per_token = self._transfer_time(1 << 16) / (1 << 16)
+            self.router = AdaptiveRouter(cost, chunk_size=policy.chunk_size, kv_seconds_per_token=kv_seconds_per_token,
+                                         interference_weight=policy.interference_weight)
         self.flip_policy = FlipPolicy(config.flip) if config.flip.enabled and not cluster.colocated else None
         if self.system == "tetriinfer" and policy.dispatch_policy != "oracle" and predictor is None:
             raise ValueError("tetriinfer needs a length predictor unless the dispatcher is the oracle")
@@ -111,27 +117,37 @@ class ClusterSim:
     def _rng(self, instance_id: int, generation: int = 0) -> random.Random:
         return random.Random(hash((self.config.seed, instance_id, generation)))
 
+    @property
+    def adaptive(self) -> bool:
+        return self.system == "tetriinfer" and self.config.policy.disagg_policy == "adaptive"
+
+    def _shape(self, policy: str, token_budget: int, pad: bool = False) -> StepShape:
+        return StepShape(policy, token_budget, self.config.policy.max_num_seqs, self.block_size, pad)
+
     def _new_prefill(self, i: int, generation: int = 0) -> PrefillInstance:
         p = self.config.policy
         if self.system == "disagg":  # no prediction: FCFS, unpadded chunks, least-loaded placement
-            queue, dispatcher, pad = PrefillQueue("fcfs"), Dispatcher("least_loaded"), False
+            queue, dispatcher = PrefillQueue("fcfs"), Dispatcher("least_loaded")
+            shape = self._shape("chunked", p.chunk_size)
         else:
             queue = PrefillQueue(p.prefill_policy, p.sort_window)
-            dispatcher, pad = Dispatcher(p.dispatch_policy, self._rng(i, generation)), True
-        return PrefillInstance(i, queue, dispatcher, p.chunk_size, pad, self.cost)
+            dispatcher = Dispatcher(p.dispatch_policy, self._rng(i, generation))
+            # Adaptive: mixed steps, as it may decode requests it keeps; the paper: padded chunks.
+            shape = self._shape("mixed", p.chunk_size) if self.adaptive else self._shape("chunked", p.chunk_size, True)
+        return PrefillInstance(i, shape, queue, dispatcher, self.capacity_blocks, self.cost)
 
     def _new_decode(self, i: int) -> DecodeInstance:
         p = self.config.policy
         admission = "greedy" if self.system == "disagg" else p.admission_policy
-        return DecodeInstance(i, self.capacity_blocks, self.block_size, admission, p.max_num_seqs, self.cost)
+        return DecodeInstance(i, self._shape("mixed", p.chunk_size), self.capacity_blocks, admission, self.cost)
 
     def _new_colocated(self, i: int) -> ColocatedInstance:
         p = self.config.policy
-        budget = p.max_num_batched_tokens if self.system == "vllm" else p.chunk_size
-        scheduler = ColocatedScheduler(
-            self.system, token_budget=budget, max_num_seqs=p.max_num_seqs, block_size=self.block_size
-        )
-        return ColocatedInstance(i, scheduler, self.capacity_blocks, self.block_size, self.cost)
+        if self.system == "vllm":
+            shape = self._shape("whole", p.max_num_batched_tokens)
+        else:
+            shape = self._shape("mixed", p.chunk_size)
+        return ColocatedInstance(i, shape, PrefillQueue("fcfs"), self.capacity_blocks, self.cost)
 
     def _prefill_ids(self) -> list[int]:
         return [i for i, inst in self.instances.items() if inst.role != DECODE and not inst.draining]
@@ -214,41 +230,41 @@ class ClusterSim:
         req = requests[index]
         if index + 1 < len(requests):
             self._push(requests[index + 1].arrival_s, _ARRIVAL, index + 1)
-        inst = self.instances[self.global_scheduler.pick(req.prompt_tokens)]
-        if inst.role == PREFILL:
-            inst.queue.add(req)
+        if self.router is not None:
+            self._predict(req)
+            route = self.router.route(req.prompt_tokens, req.need_blocks)
+            inst = self.instances[route.instance_id]
+            if route.local:
+                inst.prefill_here(req)
+            else:
+                inst.queue.add(req)
         else:
-            inst.scheduler.add(req)
+            inst = self.instances[self.global_scheduler.pick(req.prompt_tokens)]
+            inst.queue.add(req)
         self._kick(inst, now)
 
     def _on_step(self, now: float, instance_id: int) -> None:
         inst = self.instances[instance_id]
         inst.busy = False
         self._last_work[instance_id] = now
-        if inst.role == PREFILL:
-            for req in inst.finish_step(now):
-                if req.first_token_s is None:
-                    req.first_token_s = now
-                if req.decode_left <= 0:
-                    self._finish(req, now)
-                else:
+        prefilled, finished = inst.finish_step(now)
+        for req in finished:
+            self._finish(req, now)
+        for req in prefilled:
+            if req.first_token_s is None:
+                req.first_token_s = now
+            if req.decode_left <= 0:
+                if inst.role == DECODE:
+                    inst.unassign(req)
+                self._finish(req, now)
+            elif inst.role == PREFILL:
+                if req.bucket is None:  # the adaptive router predicted it on arrival
                     self._predict(req)
-                    inst.dispatch_wait.append(req)
+                inst.dispatch_wait.append(req)
+            else:  # colocated, or prefilled in place on a decode instance
+                inst.start_decoding(req)
+        if inst.role == PREFILL:
             self._dispatch(inst, now)
-        elif inst.role == DECODE:
-            for req in inst.finish_step(now):
-                self._finish(req, now)
-        else:
-            prefilled, finished = inst.finish_step(now)
-            for req in finished:
-                self._finish(req, now)
-            for req in prefilled:
-                if req.first_token_s is None:
-                    req.first_token_s = now
-                if req.decode_left <= 0:
-                    self._finish(req, now)
-                else:
-                    inst.batch.admit(req, 0, 0)
         self._kick(inst, now)
 
     def _on_kv_arrival(self, now: float, instance_id: int) -> None:
@@ -303,6 +319,20 @@ class ClusterSim:
             decode = self.instances[target]
             decode.receive(req)
             self._kick(decode, now)
+        if self.adaptive and not inst.draining:
+            self._keep_on_prefill(inst)
+
+    def _keep_on_prefill(self, inst: PrefillInstance) -> None:
+        """Adaptive: prefilled requests that found no decode room decode where they are, while
+        this prefill instance has room for them (the decode side is the bottleneck)."""
+        p, bs = self.config.policy, self.block_size
+        while inst.dispatch_wait:
+            req = inst.dispatch_wait[0]
+            grow = req.need_blocks - blocks_for(req.kv_len, bs)
+            if not keep_on_prefill(inst.free_blocks, grow, inst.batch.num_running, p.max_num_seqs):
+                return
+            inst.dispatch_wait.popleft()
+            inst.start_decoding(req)
 
     def _collect(self, now: float) -> None:
         """Monitor collection: publish loads, retry waiting dispatches, decide flips."""
@@ -321,6 +351,8 @@ class ClusterSim:
         snapshot = self.monitor.publish(ClusterSnapshot(now, tuple(statuses), prefill_loads, decode_loads, waiting))
         self.result.peak_dispatch_waiting = max(self.result.peak_dispatch_waiting, waiting)
         self.global_scheduler.update(snapshot.prefill_loads)
+        if self.router is not None:
+            self.router.update(snapshot.prefill_loads, snapshot.decode_loads)
         self._broadcast_decode_loads(snapshot.decode_loads)
         for inst in list(self.instances.values()):
             if inst.role == PREFILL:
@@ -330,8 +362,12 @@ class ClusterSim:
                 inst = self.instances[order.instance_id]
                 inst.draining = True
                 gone = inst.instance_id
-                self.global_scheduler.update({i: load for i, load in snapshot.prefill_loads.items() if i != gone})
-                self._broadcast_decode_loads(tuple(load for load in snapshot.decode_loads if load.instance_id != gone))
+                prefill_loads = {i: load for i, load in snapshot.prefill_loads.items() if i != gone}
+                decode_loads = tuple(load for load in snapshot.decode_loads if load.instance_id != gone)
+                self.global_scheduler.update(prefill_loads)
+                if self.router is not None:
+                    self.router.update(prefill_loads, decode_loads)
+                self._broadcast_decode_loads(decode_loads)
                 self._kick(inst, now)
         if self._unfinished:
             self._push(self.monitor.next_collection_s(now), _MONITOR, None)

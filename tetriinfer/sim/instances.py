@@ -1,95 +1,184 @@
 """Simulated instances: each one turns its queues into one forward pass at a time.
 
 `start_step(now)` plans the next forward pass and returns its duration from the cost model (None
-when there is nothing to run); `finish_step(now)` applies it. The cluster loop (`cluster.py`)
-moves requests between instances; the decisions themselves come from `tetriinfer.sched`.
+when there is nothing to run); `finish_step(now)` applies it and returns (requests whose prompt
+just completed, requests that finished decoding). Which prompt tokens a step holds is
+`sched.step_planner`'s decision, the planner the real engine runs, and the memory bookkeeping
+mirrors `engine.scheduler`: prompt KV grows piece by piece, and a decode that finds no room first
+gives up the newest partly prefilled prompt, then preempts the newest running request. The cluster
+loop (`cluster.py`) moves requests between instances; the other decisions come from `sched` too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+import itertools
 from collections import deque
 
 from tetriinfer.sched.admission import AdmissionView, admits
-from tetriinfer.sched.baselines import ColocatedScheduler, StepPlan
-from tetriinfer.sched.chunker import Chunk
 from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
 from tetriinfer.sched.lengths import blocks_for
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL, decode_load_fraction, decode_room_blocks
 from tetriinfer.sched.prefill_queue import PrefillQueue
+from tetriinfer.sched.step_planner import PromptPlan, StepShape, blocks_to_grow, plan_prompts
 from tetriinfer.sim.request import SimRequest
 from tetriinfer.sim.running_batch import RunningBatch
 
 
-class PrefillInstance:
-    """Disaggregated prefill: one fixed-size chunk per forward pass, then dispatch."""
+class BatchInstance:
+    """Prompts in a queue and a continuous-batching decode set on one KV cache: a colocated
+    baseline instance as it is, and the machinery the prefill and decode roles build on."""
 
-    role = PREFILL
+    role = COLOCATED
 
-    def __init__(
-        self, instance_id: int, queue: PrefillQueue, dispatcher: Dispatcher, chunk_size: int, pad: bool, cost
-    ) -> None:
+    def __init__(self, instance_id: int, shape: StepShape, queue: PrefillQueue, capacity_blocks: int, cost) -> None:
         self.instance_id = instance_id
+        self.shape = shape
+        self.block_size = shape.block_size
         self.queue = queue
-        self.dispatcher = dispatcher
-        self.chunk_size = chunk_size
-        self.pad = pad
         self.cost = cost
-        self.dispatch_wait: deque[SimRequest] = deque()  # prefilled, no decode instance with room yet
+        self.batch = RunningBatch(capacity_blocks, shape.block_size)
+        self.prefill_blocks = 0  # KV of prompts being computed
         self.busy = False
         self.draining = False
-        self._chunk: Chunk | None = None
+        self.num_preemptions = 0
+        self._plan: PromptPlan | None = None
 
     @property
     def load_tokens(self) -> int:
         return self.queue.pending_tokens
 
+    @property
+    def free_blocks(self) -> int:
+        return self.batch.capacity_blocks - self.batch.used_blocks - self.prefill_blocks - self._held_elsewhere()
+
     def is_empty(self) -> bool:
-        return not self.busy and not self.queue and not self.dispatch_wait
+        return not self.busy and not self.queue and self.batch.num_running == 0
+
+    is_drained = is_empty
+
+    def start_decoding(self, req: SimRequest) -> None:
+        """A request whose prompt completed here decodes here."""
+        self.batch.admit(req, req.reserve_blocks, req.predicted_decode_left())
+
+    def start_step(self, now: float) -> float | None:
+        while True:
+            plan = self._plan_prompts()
+            if plan.chunk.pieces or plan.decode:
+                break
+            if not self._restart_partial_prompt():
+                return None
+        self._plan = plan
+        chunk = plan.chunk
+        for req, piece in zip(itertools.islice(self.queue.ordered(0), len(chunk.pieces)), chunk.pieces):
+            self.prefill_blocks += blocks_to_grow(piece, self.block_size)
+            if req.prefill_start_s is None:
+                req.prefill_start_s = now
+        batch = self.batch
+        decode_seqs, decode_context = (batch.num_running, batch.total_context) if plan.decode else (0, 0)
+        prefill_tokens = chunk.size + self._take_recompute_tokens()
+        return self.cost.step_time(prefill_tokens, sum(p.start for p in chunk.pieces), decode_seqs, decode_context)
+
+    def finish_step(self, now: float) -> tuple[list[SimRequest], list[SimRequest]]:
+        plan, self._plan = self._plan, None
+        finished = self.batch.advance() if plan.decode else []
+        prefilled = self.queue.commit(plan.chunk)
+        for req in prefilled:
+            self.prefill_blocks -= blocks_for(req.prompt_len, self.block_size)
+            req.kv_len = req.prompt_len
+        return prefilled, finished
+
+    # --- planning, as engine.scheduler does it ---------------------------------------------------
+
+    def _plan_prompts(self) -> PromptPlan:
+        shape, batch = self.shape, self.batch
+        if shape.policy == "mixed":  # decodes first, prompts in the room they leave
+            preempted = self._make_room_for_decodes()
+            free = self.free_blocks - (batch.blocks_needed_next_step() if batch.num_running else 0)
+            return plan_prompts(shape, self.queue.ordered(shape.token_budget), num_running=batch.num_running,
+                                free_blocks=free, admit_new=not preempted)
+        plan = plan_prompts(shape, self.queue.ordered(shape.token_budget), num_running=batch.num_running,
+                            free_blocks=self.free_blocks)
+        if plan.decode:  # prefill first: the batch decodes only when no prompt token can run
+            self._make_room_for_decodes()
+            plan = dataclasses.replace(plan, decode=batch.num_running > 0)
+        return plan
+
+    def _make_room_for_decodes(self) -> bool:
+        """Free KV until every running request's next token fits; True if a running request was
+        preempted (that step starts no new prompt, as in vLLM)."""
+        batch, preempted = self.batch, False
+        while batch.num_running and batch.blocks_needed_next_step() > self.free_blocks:
+            if self._restart_partial_prompt():
+                continue
+            self._requeue(batch.preempt_latest())
+            self.num_preemptions += 1
+            preempted = True
+        return preempted
+
+    def _restart_partial_prompt(self) -> bool:
+        restarted = self.queue.restart_newest_started()
+        if restarted is None:
+            return False
+        self.prefill_blocks -= blocks_for(restarted[1], self.block_size)
+        return True
+
+    def _requeue(self, req: SimRequest) -> None:
+        """A preempted request recomputes its whole context as a prompt, first in line: its KV and
+        the last token it sampled (whose KV was not written yet). As in the engine, that prefill
+        samples its next token."""
+        req.prompt_len, req.num_prefilled = req.kv_len + 1, 0
+        req.decode_left -= 1
+        self.queue.add(req, front=True)
+
+    def _held_elsewhere(self) -> int:
+        return 0
+
+    def _take_recompute_tokens(self) -> int:
+        return 0
+
+
+class ColocatedInstance(BatchInstance):
+    """A baseline instance running prefill and decode (the `vllm` or `sarathi` step policy)."""
+
+
+class PrefillInstance(BatchInstance):
+    """A prefill instance: prompts in policy order (the paper's fixed-size chunks, or mixed steps
+    when it decodes requests it kept), then dispatch to a decode instance."""
+
+    role = PREFILL
+
+    def __init__(self, instance_id: int, shape: StepShape, queue: PrefillQueue, dispatcher: Dispatcher,
+                 capacity_blocks: int, cost) -> None:
+        super().__init__(instance_id, shape, queue, capacity_blocks, cost)
+        self.dispatcher = dispatcher
+        self.dispatch_wait: deque[SimRequest] = deque()  # prefilled, no decode instance with room yet
+
+    def is_empty(self) -> bool:
+        return super().is_empty() and not self.dispatch_wait
 
     def is_drained(self) -> bool:
         """Ready to become a decode instance: requests still waiting for decode room stay and
         decode here, their KV already in place."""
-        return not self.busy and not self.queue
-
-    def start_step(self, now: float) -> float | None:
-        chunk = self.queue.next_chunk(self.chunk_size, self.pad)
-        if not chunk.pieces:
-            return None
-        self._chunk = chunk
-        # The chunk's pieces are the head of the ordered queue, in order.
-        for req, piece in zip(self.queue.ordered(0), chunk.pieces):
-            if req.prefill_start_s is None:
-                req.prefill_start_s = now
-        return self.cost.step_time(chunk.size, sum(p.start for p in chunk.pieces), 0, 0)
-
-    def finish_step(self, now: float) -> list[SimRequest]:
-        chunk, self._chunk = self._chunk, None
-        return self.queue.commit(chunk)
+        return BatchInstance.is_empty(self)
 
 
-class DecodeInstance:
-    """Disaggregated decode: admission, KV transfer in, continuous batching, preemption by recompute."""
+class DecodeInstance(BatchInstance):
+    """A decode instance: admission, KV transfer in, continuous batching, preemption by recompute;
+    under the adaptive policy also prompts routed here to prefill in place (mixed steps)."""
 
     role = DECODE
 
-    def __init__(
-        self, instance_id: int, capacity_blocks: int, block_size: int, admission: str, max_num_seqs: int, cost
-    ) -> None:
-        self.instance_id = instance_id
-        self.block_size = block_size
+    def __init__(self, instance_id: int, shape: StepShape, capacity_blocks: int, admission: str, cost) -> None:
+        super().__init__(instance_id, shape, PrefillQueue("fcfs"), capacity_blocks, cost)
         self.admission = admission
-        self.max_num_seqs = max_num_seqs
-        self.cost = cost
-        self.batch = RunningBatch(capacity_blocks, block_size)
+        self.max_num_seqs = shape.max_num_seqs
         self.waiting: deque[SimRequest] = deque()  # dispatched here, KV not pulled yet
         self.arriving: list[tuple[float, int, SimRequest]] = []  # KV in flight, blocks held
         self.incoming_blocks = 0
         self.link_free_s = 0.0
-        self.busy = False
-        self.draining = False
-        self.num_preemptions = 0
-        # Monitor-facing counters over requests dispatched here and not finished.
+        # Monitor-facing counters over requests assigned here (dispatched or routed) and not finished.
         self.assigned_need_blocks = 0
         self.num_heavy = 0
         self.num_light = 0
@@ -97,30 +186,34 @@ class DecodeInstance:
         self._recompute_tokens = 0
         self._seq = 0
 
-    @property
-    def free_blocks(self) -> int:
-        return self.batch.capacity_blocks - self.batch.used_blocks - self.incoming_blocks
-
     def decode_load(self) -> DecodeLoad:
-        held = self.batch.used_blocks + self.incoming_blocks
+        held = self.batch.used_blocks + self.incoming_blocks + self.prefill_blocks
         room = decode_room_blocks(self.batch.capacity_blocks, held, self.assigned_need_blocks)
         free_slots = self.max_num_seqs - self.num_heavy - self.num_light
-        return DecodeLoad(
-            self.instance_id, room, self.num_heavy, self.num_light, self.remaining_decode_tokens, free_slots
-        )
+        return DecodeLoad(self.instance_id, room, self.num_heavy, self.num_light, self.remaining_decode_tokens,
+                          free_slots, self.queue.pending_tokens, self.batch.num_running, self.batch.total_context)
 
     def load_fraction(self) -> float:
-        return decode_load_fraction(self.batch.used_blocks + self.incoming_blocks, self.batch.capacity_blocks,
-                                    self.num_heavy + self.num_light, self.max_num_seqs)
+        return decode_load_fraction(self.batch.used_blocks + self.incoming_blocks + self.prefill_blocks,
+                                    self.batch.capacity_blocks, self.num_heavy + self.num_light, self.max_num_seqs)
 
     def is_empty(self) -> bool:
-        return not self.busy and not self.waiting and not self.arriving and self.batch.num_running == 0
+        return super().is_empty() and not self.waiting and not self.arriving
 
     is_drained = is_empty
 
     def receive(self, req: SimRequest) -> None:
-        req.decode_instance = self.instance_id
+        """A prefilled request dispatched here: it waits for admission, then its KV moves."""
+        self._assign(req)
         self.waiting.append(req)
+
+    def prefill_here(self, req: SimRequest) -> None:
+        """A new request routed here to prefill in place, then decode (no KV moves)."""
+        self._assign(req)
+        self.queue.add(req)
+
+    def _assign(self, req: SimRequest) -> None:
+        req.decode_instance = self.instance_id
         self.assigned_need_blocks += req.need_blocks
         if req.heavy:
             self.num_heavy += 1
@@ -136,7 +229,7 @@ class DecodeInstance:
             view = AdmissionView(
                 self.batch.capacity_blocks,
                 self.free_blocks,
-                self.batch.reserved_blocks,
+                self.batch.reserved_blocks + sum(r.reserve_blocks for _, _, r in self.arriving),
                 self.batch.shortest_remaining_reserve(),
                 self.batch.num_running + len(self.arriving),
                 self.max_num_seqs,
@@ -152,8 +245,7 @@ class DecodeInstance:
                 self._join(req)
                 continue
             # Pull the KV over this instance's inbound link (transfers queue on the link).
-            blocks = blocks_for(req.kv_len, self.block_size)
-            self.incoming_blocks += blocks
+            self.incoming_blocks += blocks_for(req.kv_len, self.block_size)
             start = max(now, self.link_free_s)
             self.link_free_s = start + transfer_time(req.kv_len)
             self._seq += 1
@@ -169,100 +261,30 @@ class DecodeInstance:
 
     def _join(self, req: SimRequest) -> None:
         req.recomputing = req.kv_local = False
-        self.batch.admit(req, req.reserve_blocks, req.predicted_decode_left())
-
-    def start_step(self, now: float) -> float | None:
-        batch = self.batch
-        if batch.num_running == 0:
-            return None
-        # Preempt (recompute) the newest requests until next step's KV growth fits.
-        room = batch.capacity_blocks - self.incoming_blocks
-        while batch.num_running and batch.used_blocks + batch.blocks_needed_next_step() > room:
-            req = batch.preempt_latest()
-            req.recomputing = True
-            self.num_preemptions += 1
-            self.waiting.appendleft(req)
-        if batch.num_running == 0:
-            return None
-        recompute, self._recompute_tokens = self._recompute_tokens, 0
-        return self.cost.step_time(recompute, 0, batch.num_running, batch.total_context)
-
-    def finish_step(self, now: float) -> list[SimRequest]:
-        n = self.batch.num_running
-        self.remaining_decode_tokens -= n
-        finished = self.batch.advance()
-        for req in finished:
-            self.assigned_need_blocks -= req.need_blocks
-            if req.heavy:
-                self.num_heavy -= 1
-            else:
-                self.num_light -= 1
-        return finished
-
-
-class ColocatedInstance:
-    """A baseline instance running prefill and decode (the `vllm` or `sarathi` step policy)."""
-
-    role = COLOCATED
-
-    def __init__(
-        self, instance_id: int, scheduler: ColocatedScheduler, capacity_blocks: int, block_size: int, cost
-    ) -> None:
-        self.instance_id = instance_id
-        self.scheduler = scheduler
-        self.block_size = block_size
-        self.cost = cost
-        self.batch = RunningBatch(capacity_blocks, block_size)
-        self.prefill_blocks = 0  # KV of prompts being computed
-        self.busy = False
-        self.draining = False
-        self.num_preemptions = 0
-        self._plan: StepPlan | None = None
-
-    @property
-    def load_tokens(self) -> int:
-        return self.scheduler.pending_tokens
-
-    @property
-    def free_blocks(self) -> int:
-        return self.batch.capacity_blocks - self.batch.used_blocks - self.prefill_blocks
-
-    def is_empty(self) -> bool:
-        return not self.busy and not self.scheduler and self.batch.num_running == 0
-
-    def start_step(self, now: float) -> float | None:
-        batch = self.batch
-        growth = batch.blocks_needed_next_step() if batch.num_running else 0
-        plan = self.scheduler.plan(batch.num_running, self.free_blocks - growth)
-        if plan.decode and batch.used_blocks + growth > batch.capacity_blocks - self.prefill_blocks:
-            # Preempt (recompute) the newest until the decode fits; as in vLLM, a step that
-            # preempts admits no new prompt, so the preempted cannot bounce straight back in.
-            while batch.used_blocks + batch.blocks_needed_next_step() > batch.capacity_blocks - self.prefill_blocks:
-                req = batch.preempt_latest()
-                req.prompt_len, req.num_prefilled = req.kv_len, 0
-                self.num_preemptions += 1
-                self.scheduler.add(req, front=True)
-            plan = self.scheduler.plan(batch.num_running, 0, admit_new=False)
-        if plan.chunk is None and not plan.decode:
-            return None
-        self._plan = plan
-        for req in plan.started:
-            self.prefill_blocks += blocks_for(req.prompt_len, self.block_size)
-            if req.prefill_start_s is None:
-                req.prefill_start_s = now
-        prefill_tokens = plan.chunk.size if plan.chunk else 0
-        prefill_context = sum(p.start for p in plan.chunk.pieces) if plan.chunk else 0
-        if plan.decode:
-            return self.cost.step_time(prefill_tokens, prefill_context, batch.num_running, batch.total_context)
-        return self.cost.step_time(prefill_tokens, prefill_context, 0, 0)
+        self.start_decoding(req)
 
     def finish_step(self, now: float) -> tuple[list[SimRequest], list[SimRequest]]:
-        """Returns (requests whose prompt just completed, requests that finished decoding)."""
-        plan, self._plan = self._plan, None
-        finished = self.batch.advance() if plan.decode else []
-        prefilled = self.scheduler.commit(plan)
-        for req in prefilled:
-            blocks = blocks_for(req.prompt_len, self.block_size)
-            self.prefill_blocks -= blocks
-            req.kv_len = req.prompt_len
+        n = self.batch.num_running if self._plan.decode else 0
+        prefilled, finished = super().finish_step(now)
+        self.remaining_decode_tokens -= n
+        for req in finished:
+            self.unassign(req)
         return prefilled, finished
+
+    def unassign(self, req: SimRequest) -> None:
+        self.assigned_need_blocks -= req.need_blocks
+        if req.heavy:
+            self.num_heavy -= 1
+        else:
+            self.num_light -= 1
+
+    def _requeue(self, req: SimRequest) -> None:
+        req.recomputing = True
+        self.waiting.appendleft(req)
+
+    def _held_elsewhere(self) -> int:
+        return self.incoming_blocks
+
+    def _take_recompute_tokens(self) -> int:
+        tokens, self._recompute_tokens = self._recompute_tokens, 0
+        return tokens

@@ -1,9 +1,7 @@
-"""Flip policy (trigger, pressure, hysteresis, minimum counts) and the colocated baselines' steps."""
+"""Flip policy: trigger, pressure, hysteresis, minimum counts."""
 
-from dataclasses import dataclass
 
 from tetriinfer.config import FlipConfig
-from tetriinfer.sched.baselines import ColocatedScheduler
 from tetriinfer.sched.flip import FlipPolicy
 from tetriinfer.sched.monitor import DECODE, PREFILL, ClusterSnapshot, InstanceStatus
 
@@ -64,51 +62,6 @@ def test_cooldown_stops_an_instance_flipping_straight_back_and_one_flip_at_a_tim
 def test_disabled_flip_never_orders():
     policy = FlipPolicy(FlipConfig(enabled=False, idle_s=0.0))
     assert policy.decide(snapshot(0.0, [0.0, 0.0], [0.99])) == []
-
-
-@dataclass
-class Req:
-    request_id: int
-    prompt_len: int
-    num_prefilled: int = 0
-
-
-def test_vllm_prefills_whole_prompts_first_within_the_token_budget():
-    sched = ColocatedScheduler("vllm", token_budget=1000, max_num_seqs=8, block_size=16)
-    for i, n in enumerate([400, 500, 300]):
-        sched.add(Req(i, n))
-    plan = sched.plan(num_running=2, free_blocks=10**6)
-    assert not plan.decode
-    assert [(p.request_id, p.start, p.length) for p in plan.chunk.pieces] == [(0, 0, 400), (1, 0, 500)]
-    assert [r.request_id for r in sched.commit(plan)] == [0, 1]
-    # Out of KV memory for the next prompt: decode the running batch instead.
-    assert sched.plan(num_running=4, free_blocks=5).decode
-
-
-def test_vllm_runs_an_over_budget_prompt_alone():
-    sched = ColocatedScheduler("vllm", token_budget=100, max_num_seqs=8, block_size=16)
-    sched.add(Req(0, 300))
-    sched.add(Req(1, 10))
-    plan = sched.plan(0, 10**6)
-    assert [p.request_id for p in plan.chunk.pieces] == [0]
-
-
-def test_sarathi_mixes_all_decodes_with_prompt_chunks_up_to_the_budget():
-    sched = ColocatedScheduler("sarathi", token_budget=512, max_num_seqs=64, block_size=16)
-    sched.add(Req(0, 1000))
-    plan = sched.plan(num_running=12, free_blocks=10**6)
-    assert plan.decode and plan.chunk.size == 500 and plan.chunk.padding == 0
-    sched.commit(plan)
-    plan = sched.plan(num_running=12, free_blocks=10**6)
-    assert (plan.chunk.pieces[0].start, plan.chunk.pieces[0].length) == (500, 500)
-
-
-def test_a_step_that_preempted_admits_no_new_prompt():
-    for system in ("vllm", "sarathi"):
-        sched = ColocatedScheduler(system, token_budget=512, max_num_seqs=64, block_size=16)
-        sched.add(Req(0, 100))
-        plan = sched.plan(num_running=3, free_blocks=10**6, admit_new=False)
-        assert plan.chunk is None and plan.decode
 
 
 def test_no_flip_that_would_push_the_rest_of_its_role_into_pressure():

@@ -1,0 +1,124 @@
+"""Adaptive disaggregation: where each new request is prefilled, and who decodes what is left over.
+
+The paper prefills every prompt on a prefill instance and moves its KV to a decode instance. That
+pays only while the prefill side has capacity to spare and the split matches the load; otherwise
+the GPUs of one role idle while the other queues. So, for each new request, the router prices both
+ways from the monitor's snapshot and the step cost model, and takes the cheaper (conditional
+disaggregation, as NVIDIA Dynamo does):
+
+- **remote**: wait for the prompt tokens queued on the least-loaded prefill instance, prefill in
+  full chunks, move the KV (`kv_seconds_per_token`);
+- **local**, on a decode instance with room and a free slot: prefill in the token budget its mixed
+  steps leave beside the running decodes. Each such step slows every running decode there, and
+  that interference (seconds, summed over the running requests) counts `interference_weight`
+  times against the local choice.
+
+Ties go remote (the paper's way). A prefilled request that finds no decode instance with room is
+decoded where it is when that instance has room (`keep_on_prefill`): the decode side is then the
+bottleneck and the prefill instance takes decode work instead of holding the KV idle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Hashable, Mapping, Protocol, Sequence
+
+from tetriinfer.sched.dispatcher import DecodeLoad
+from tetriinfer.sched.global_scheduler import GlobalScheduler
+
+
+class StepCost(Protocol):
+    """Seconds of one forward pass (`sim.cost.CostModel` and `sched.step_cost.LinearStepCost` fit)."""
+
+    def step_time(self, prefill_tokens: int, prefill_context: int, decode_seqs: int, decode_context: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    instance_id: Hashable
+    local: bool  # prefilled on the decode instance that then decodes it (no KV moves)
+
+
+@dataclass(frozen=True)
+class RouteCosts:
+    """What `price` found, in seconds: the remote TTFT, and the best local TTFT and interference."""
+
+    remote_s: float
+    local_s: float = math.inf
+    interference_s: float = 0.0
+
+
+class AdaptiveRouter:
+    def __init__(self, cost: StepCost, *, chunk_size: int, kv_seconds_per_token: float = 0.0,
+                 interference_weight: float = 1.0) -> None:
+        if chunk_size < 1 or kv_seconds_per_token < 0 or interference_weight < 0:
+            raise ValueError("need chunk_size >= 1, kv_seconds_per_token >= 0 and interference_weight >= 0")
+        self.cost = cost
+        self.chunk_size = chunk_size
+        self.kv_seconds_per_token = kv_seconds_per_token
+        self.interference_weight = interference_weight
+        self.prefill = GlobalScheduler([])
+        self._decode: list[DecodeLoad] = []
+
+    def update(self, prefill_loads: Mapping[Hashable, int], decode_loads: Sequence[DecodeLoad]) -> None:
+        """Take a monitor snapshot (queued prompt tokens per prefill instance; decode loads)."""
+        self.prefill.update(prefill_loads)
+        self._decode = list(decode_loads)
+
+    def route(self, prompt_tokens: int, need_blocks: int) -> Route:
+        """Where to prefill a request of `prompt_tokens` needing `need_blocks` to decode. The view
+        counts the choice until the next snapshot."""
+        local, costs = self._best_local(prompt_tokens, need_blocks)
+        has_prefill = self.prefill.least_loaded() is not None
+        if local is not None and (not has_prefill or costs.local_s + self.interference_weight * costs.interference_s
+                                  < self._remote_s(prompt_tokens)):
+            load = self._decode[local]
+            self._decode[local] = replace(load, room_blocks=load.room_blocks - need_blocks,
+                                          free_slots=load.free_slots - 1,
+                                          queued_prompt_tokens=load.queued_prompt_tokens + prompt_tokens)
+            return Route(load.instance_id, local=True)
+        return Route(self.prefill.pick(prompt_tokens), local=False)
+
+    def price(self, prompt_tokens: int, need_blocks: int) -> RouteCosts:
+        """Both ways' costs, for reports and tests; changes nothing."""
+        _, costs = self._best_local(prompt_tokens, need_blocks)
+        return costs
+
+    def _remote_s(self, prompt_tokens: int) -> float:
+        least = self.prefill.least_loaded()
+        if least is None:
+            return math.inf
+        tokens = least[1] + prompt_tokens
+        chunk = self.cost.step_time(self.chunk_size, 0, 0, 0)
+        return tokens / self.chunk_size * chunk + self.kv_seconds_per_token * prompt_tokens
+
+    def _best_local(self, prompt_tokens: int, need_blocks: int) -> tuple[int | None, RouteCosts]:
+        best, best_score, costs = None, math.inf, RouteCosts(self._remote_s(prompt_tokens))
+        for i, load in enumerate(self._decode):
+            if load.room_blocks < need_blocks or load.free_slots <= 0:
+                continue
+            local_s, interference_s = self._local_s(load, prompt_tokens)
+            score = local_s + self.interference_weight * interference_s
+            if score < best_score:
+                best, best_score = i, score
+                costs = replace(costs, local_s=local_s, interference_s=interference_s)
+        return best, costs
+
+    def _local_s(self, load: DecodeLoad, prompt_tokens: int) -> tuple[float, float]:
+        """(TTFT, interference) of prefilling here behind the prompts already routed here."""
+        budget = self.chunk_size - load.num_running
+        if budget <= 0:
+            return math.inf, 0.0
+        n, context = load.num_running, load.context_tokens
+        step = self.cost.step_time(budget, 0, n, context)
+        ttft = math.ceil((load.queued_prompt_tokens + prompt_tokens) / budget) * step
+        slowdown = step - self.cost.step_time(0, 0, n, context) if n else 0.0
+        return ttft, n * math.ceil(prompt_tokens / budget) * slowdown
+
+
+def keep_on_prefill(free_blocks: int, grow_blocks: int, num_running: int, max_num_seqs: int) -> bool:
+    """Whether a prefilled request that found no decode instance with room decodes on its prefill
+    instance (whose KV it already holds): yes when a slot is free and the `grow_blocks` it needs
+    beyond its KV to reach its predicted length fit in the `free_blocks` left."""
+    return num_running < max_num_seqs and free_blocks >= grow_blocks
