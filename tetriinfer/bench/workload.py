@@ -3,9 +3,13 @@
 Workloads (docs/workloads.md):
 - `lpld`, `lphd`, `hpld`, `hphd`: the paper's four classes of ShareGPT human->gpt pairs (light/heavy
   prompt: <= / > 512 tokens; light/heavy decode: <= / > 128 tokens); `mixed`: a quarter of each.
-- `azure-code`, `azure-conv`: the Azure LLM inference traces of 2023, in recorded order.
-Arrivals: `closed` (all at t=0: the paper's batch), `poisson` (at `rate` requests/s) or `trace` (the
-Azure timestamps, rebased to 0). `load_trace_csv` reads any `arrival_s,prompt_tokens,output_tokens` CSV.
+- `azure-code`, `azure-conv`: the Azure LLM inference traces of 2023, in recorded order;
+  `splitwise-code`, `splitwise-conv`: the same traces as Vidur ships them (traces.py).
+- `vidur-arxiv`, `vidur-sharegpt`, `vidur-bwb`: Vidur's lengths-only traces, rows drawn at random.
+- `conversation`: multi-turn ShareGPT sessions, each turn resending the history (conversation.py).
+Arrivals: `closed` (all at t=0: the paper's batch), `poisson` or `bursty` (at `rate` requests/s;
+arrivals.py) or `trace` (the timed traces' timestamps, rebased to 0). `load_trace_csv` reads any
+`arrival_s,prompt_tokens,output_tokens` CSV.
 """
 
 from __future__ import annotations
@@ -21,12 +25,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from tetriinfer.bench.arrivals import OPEN_ARRIVALS, check_rate, open_arrivals, poisson_arrivals  # noqa: F401 (re-exported)
+from tetriinfer.bench.conversation import plan_conversations
+from tetriinfer.bench.traces import LENGTH_TRACES, SPLITWISE_TRACES, VIDUR_DIR, read_vidur_csv
 from tetriinfer.config import PolicyConfig
 
 SHAREGPT_MIXES = ("lpld", "lphd", "hpld", "hphd", "mixed")
 AZURE_TRACES = {"azure-code": "AzureLLMInferenceTrace_code.csv", "azure-conv": "AzureLLMInferenceTrace_conv.csv"}
-WORKLOADS = SHAREGPT_MIXES + tuple(AZURE_TRACES)
-ARRIVALS = ("closed", "poisson", "trace")
+TIMED_TRACES = tuple(AZURE_TRACES) + tuple(SPLITWISE_TRACES)
+# Request-level workloads: every one also works as a closed batch.
+WORKLOADS = SHAREGPT_MIXES + TIMED_TRACES + tuple(LENGTH_TRACES)
+# Session workloads: turns follow each other in time, so they need an open-loop arrival.
+SESSION_WORKLOADS = ("conversation",)
+ALL_WORKLOADS = WORKLOADS + SESSION_WORKLOADS
+ARRIVALS = ("closed", "poisson", "trace", "bursty")
 
 # ShareGPT ships characters, not tokens (no tokenizer can be fetched here): ~4 characters per token
 # is the usual estimate for English text with a Llama/GPT BPE vocabulary.
@@ -69,58 +81,59 @@ def make_workload(
 ) -> list[RequestSpec]:
     """`num_requests` requests of workload `name`, ids 0..n-1 in arrival order.
 
-    ShareGPT mixes draw pairs at random (`seed`), without replacement while the class has enough
-    pairs. `with_history` makes a pair's prompt its whole conversation so far, as a chat API resends
-    it, instead of the human turn alone. Azure traces take their first `num_requests` rows.
-    `max_total_tokens` drops pairs or rows whose prompt + output exceed it (a model's context).
+    ShareGPT mixes and lengths-only traces draw pairs/rows at random (`seed`), without replacement
+    while there are enough. `with_history` makes a mix pair's prompt its whole conversation so far,
+    as a chat API resends it, instead of the human turn alone. Timed traces take their first
+    `num_requests` rows. `conversation` takes whole sessions (conversation.py). `max_total_tokens`
+    drops pairs or rows whose prompt + output exceed it (a model's context), or ends a session there.
     """
+    if name not in ALL_WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; known workloads: {', '.join(ALL_WORKLOADS)}")
     if num_requests < 1:
         raise ValueError(f"num_requests must be >= 1, got {num_requests}")
     if arrival not in ARRIVALS:
         raise ValueError(f"arrival must be one of {ARRIVALS}, got {arrival!r}")
-    if arrival == "poisson" and (rate is None or rate <= 0):
-        raise ValueError(f"poisson arrival needs rate > 0 requests/s, got {rate}")
+    if name in SESSION_WORKLOADS and arrival not in OPEN_ARRIVALS:
+        raise ValueError(
+            f"{name} replays multi-turn sessions whose turns follow each other in time, so {arrival} "
+            f"arrival is meaningless for it; use poisson or bursty arrival (with rate)"
+        )
+    if arrival == "trace" and name not in TIMED_TRACES:
+        raise ValueError(f"{name} has no timestamps; use closed, poisson or bursty arrival")
+    check_rate(arrival, rate)
     rng = random.Random(seed)
+    if name in SESSION_WORKLOADS:
+        sessions = plan_conversations(sharegpt_sessions(), num_requests, arrival, rate, rng, max_total_tokens)
+        turns = sorted((turn for session in sessions for turn in session), key=lambda turn: turn[0])
+        return [RequestSpec(i, t, p, o) for i, (t, p, o) in enumerate(turns)]
+
+    def fits(p: int, o: int) -> bool:
+        return max_total_tokens is None or p + o <= max_total_tokens
+
+    timestamps = None
     if name in SHAREGPT_MIXES:
-        if arrival == "trace":
-            raise ValueError(f"{name} comes from ShareGPT, which has no timestamps; use closed or poisson arrival")
-        pairs = [
-            (p, o)
-            for p, o in sharegpt_pairs(with_history)
-            if max_total_tokens is None or p + o <= max_total_tokens
-        ]
+        pairs = [(p, o) for p, o in sharegpt_pairs(with_history) if fits(p, o)]
         lengths = _draw_mix(name, pairs, num_requests, rng, heavy_prompt_tokens, heavy_decode_tokens)
-        timestamps = None
-    elif name in AZURE_TRACES:
-        rows = [
-            row
-            for row in azure_trace(name)
-            if max_total_tokens is None or row[1] + row[2] <= max_total_tokens
-        ]
+    elif name in LENGTH_TRACES:
+        pool = [(p, o) for p, o in length_trace(name) if fits(p, o)]
+        if not pool:
+            raise ValueError(f"{name}: no row has prompt + output <= {max_total_tokens} tokens")
+        lengths = _sample(pool, num_requests, rng, name)
+    else:
+        rows = [row for row in timed_trace(name) if fits(row[1], row[2])]
         if len(rows) < num_requests:
             raise ValueError(f"{name} has {len(rows)} usable rows, fewer than num_requests={num_requests}")
         rows = rows[:num_requests]
         lengths = [(p, o) for _, p, o in rows]
         timestamps = [t - rows[0][0] for t, _, _ in rows]
-    else:
-        raise ValueError(f"unknown workload {name!r}; known workloads: {', '.join(WORKLOADS)}")
 
     if arrival == "closed":
         arrivals = [0.0] * num_requests
-    elif arrival == "poisson":
-        arrivals = poisson_arrivals(num_requests, rate, rng)
-    else:
+    elif arrival == "trace":
         arrivals = timestamps
+    else:
+        arrivals = open_arrivals(num_requests, arrival, rate, rng)
     return [RequestSpec(i, t, p, o) for i, (t, (p, o)) in enumerate(zip(arrivals, lengths))]
-
-
-def poisson_arrivals(num_requests: int, rate: float, rng: random.Random) -> list[float]:
-    """Arrival times of a Poisson process at `rate` per second; the first request opens at t=0."""
-    times, now = [], 0.0
-    for _ in range(num_requests):
-        times.append(now)
-        now += rng.expovariate(rate)
-    return times
 
 
 def classify(prompt_tokens: int, output_tokens: int, heavy_prompt_tokens: int, heavy_decode_tokens: int) -> str:
@@ -159,9 +172,19 @@ def _tokens(chars: int) -> int:
     return max(1, round(chars / CHARS_PER_TOKEN))
 
 
+def _sharegpt_path() -> Path:
+    return data_dir() / "sharegpt-v3-partial" / "pair_lengths.csv.gz"
+
+
 def sharegpt_pairs(with_history: bool = False) -> tuple[tuple[int, int], ...]:
     """(prompt tokens, output tokens) of every ShareGPT human->gpt pair with text on both sides."""
-    return _read_sharegpt_pairs(data_dir() / "sharegpt-v3-partial" / "pair_lengths.csv.gz", with_history)
+    return _read_sharegpt_pairs(_sharegpt_path(), with_history)
+
+
+def sharegpt_sessions() -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Each ShareGPT record's pairs with text on both sides, in turn order, as (prompt tokens with the
+    history before it, output tokens): the turns of a chat session."""
+    return _read_sharegpt_sessions(_sharegpt_path())
 
 
 def azure_trace(name: str) -> tuple[tuple[float, int, int], ...]:
@@ -169,20 +192,45 @@ def azure_trace(name: str) -> tuple[tuple[float, int, int], ...]:
     return _read_azure_trace(data_dir() / "azure-llm-2023" / AZURE_TRACES[name])
 
 
+def timed_trace(name: str) -> tuple[tuple[float, int, int], ...]:
+    """(arrival seconds, prompt tokens, output tokens) per row of an Azure or Splitwise trace, in order."""
+    if name in AZURE_TRACES:
+        return azure_trace(name)
+    return read_vidur_csv(data_dir() / VIDUR_DIR / SPLITWISE_TRACES[name])
+
+
+def length_trace(name: str) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens) per row of a lengths-only Vidur trace."""
+    return [(p, o) for _, p, o in read_vidur_csv(data_dir() / VIDUR_DIR / LENGTH_TRACES[name])]
+
+
 # Parsed files stay in memory for the process (keyed by path, so a changed data folder is re-read).
 @functools.cache
-def _read_sharegpt_pairs(path: Path, with_history: bool) -> tuple[tuple[int, int], ...]:
-    pairs = []
+def _read_sharegpt_rows(path: Path) -> tuple[tuple[str, int, int, int, int], ...]:
+    """(record id, turn, context chars before, prompt chars, response chars) of the pairs with text
+    on both sides, in file order."""
     with gzip.open(path, "rt", newline="") as f:
-        for row in csv.DictReader(f):
-            prompt_chars = int(row["prompt_chars"])
-            response_chars = int(row["response_chars"])
-            if prompt_chars == 0 or response_chars == 0:
-                continue
-            if with_history:
-                prompt_chars += int(row["context_chars_before"])
-            pairs.append((_tokens(prompt_chars), _tokens(response_chars)))
-    return tuple(pairs)
+        rows = (
+            (r["id"], int(r["turn"]), int(r["context_chars_before"]), int(r["prompt_chars"]), int(r["response_chars"]))
+            for r in csv.DictReader(f)
+        )
+        return tuple(row for row in rows if row[3] and row[4])
+
+
+@functools.cache
+def _read_sharegpt_pairs(path: Path, with_history: bool) -> tuple[tuple[int, int], ...]:
+    return tuple(
+        (_tokens(prompt + (context if with_history else 0)), _tokens(response))
+        for _, _, context, prompt, response in _read_sharegpt_rows(path)
+    )
+
+
+@functools.cache
+def _read_sharegpt_sessions(path: Path) -> tuple[tuple[tuple[int, int], ...], ...]:
+    sessions: dict[str, list[tuple[int, int, int]]] = {}
+    for record, turn, context, prompt, response in _read_sharegpt_rows(path):
+        sessions.setdefault(record, []).append((turn, _tokens(context + prompt), _tokens(response)))
+    return tuple(tuple((p, o) for _, p, o in sorted(turns)) for turns in sessions.values())
 
 
 @functools.cache
@@ -256,11 +304,15 @@ def build_specs(
     rate: float | None = None,
     seed: int = 0,
     max_total_tokens: int | None = None,
+    arrival: str | None = None,
 ) -> list:
     """The requests of `tetriinfer simulate`'s flags: a trace CSV as written, else the named workload
-    (Poisson at `rate`; without it a closed batch, or the Azure timestamps). `max_total_tokens` drops
-    requests whose prompt + output exceed it (trace CSV rows too; the rest are renumbered 0..n-1)."""
+    (`arrival` if given, else Poisson at `rate`; without it a closed batch, or a timed trace's
+    timestamps). `max_total_tokens` drops requests whose prompt + output exceed it (trace CSV rows
+    too; the rest are renumbered 0..n-1)."""
     if trace:
+        if arrival not in (None, "trace"):
+            raise ValueError(f"a trace CSV keeps its own arrival_s; {arrival} arrival does not apply to {trace}")
         specs = load_trace_csv(trace)
         if max_total_tokens is not None:
             kept = [s for s in specs if s.prompt_tokens + s.output_tokens <= max_total_tokens]
@@ -268,8 +320,8 @@ def build_specs(
                 raise ValueError(f"{trace}: no row has prompt + output <= {max_total_tokens} tokens")
             specs = [dataclasses.replace(s, request_id=i) for i, s in enumerate(kept)]
         return specs
-    azure = workload.startswith("azure")
-    arrival = "poisson" if rate else ("trace" if azure else "closed")
+    if arrival is None:
+        arrival = "poisson" if rate else ("trace" if workload in TIMED_TRACES else "closed")
     return make_workload(workload, num_requests, seed=seed, arrival=arrival, rate=rate,
                          max_total_tokens=max_total_tokens)
 

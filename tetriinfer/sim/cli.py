@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from tetriinfer.bench.workload import ALL_WORKLOADS
 from tetriinfer.config import (
     ADMISSION_POLICIES,
     DISPATCH_POLICIES,
@@ -28,7 +29,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--system", default=_CLUSTER.system, choices=SYSTEMS)
     p.add_argument("--compare", default=None, help="comma-separated systems run on the same requests")
-    p.add_argument("--workload", default="mixed", help="lpld|lphd|hpld|hphd|mixed|azure-code|azure-conv")
+    p.add_argument("--workload", default="mixed", help="|".join(ALL_WORKLOADS))
     p.add_argument("--trace", default=None, help="CSV with columns arrival_s,prompt_tokens,output_tokens")
     p.add_argument("--num-requests", type=int, default=128)
     p.add_argument("--rate", type=float, default=None,
