@@ -132,7 +132,7 @@ class PolicyConfig:
     max_num_batched_tokens: int = 2048
     # Adaptive disaggregation (sched.router): how much the slowdown a local prefill imposes on a
     # decode instance's running requests (seconds, summed over them) counts against prefilling there.
-    interference_weight: float = 1.0
+    interference_weight: float = 0.2
 
     def __post_init__(self) -> None:
         if not self.interference_weight >= 0:

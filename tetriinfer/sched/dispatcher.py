@@ -64,6 +64,11 @@ class Dispatcher:
         self._next_round_robin = 0
         self._loads: list[DecodeLoad] = []
 
+    @property
+    def loads(self) -> tuple[DecodeLoad, ...]:
+        """The current view: the last snapshot plus what this dispatcher sent since."""
+        return tuple(self._loads)
+
     def update(self, loads: Sequence[DecodeLoad]) -> None:
         """Take a new monitor snapshot; instances absent from it are no longer eligible."""
         self._loads = list(loads)

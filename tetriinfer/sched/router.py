@@ -13,9 +13,10 @@ disaggregation, as NVIDIA Dynamo does):
   that interference (seconds, summed over the running requests) counts `interference_weight`
   times against the local choice.
 
-Ties go remote (the paper's way). A prefilled request that finds no decode instance with room is
-decoded where it is when that instance has room (`keep_on_prefill`): the decode side is then the
-bottleneck and the prefill instance takes decode work instead of holding the KV idle.
+Ties go remote (the paper's way). The other way round, a request prefilled on a prefill instance
+decodes right there when no decode instance has room for it, or when that instance's steps are
+faster than the decode side's (`keep_on_prefill`): the decode side is then the bottleneck, and the
+prefill instance's memory bandwidth, idle under compute-bound prefill, takes decode work.
 """
 
 from __future__ import annotations
@@ -89,9 +90,14 @@ class AdaptiveRouter:
         least = self.prefill.least_loaded()
         if least is None:
             return math.inf
-        tokens = least[1] + prompt_tokens
-        chunk = self.cost.step_time(self.chunk_size, 0, 0, 0)
-        return tokens / self.chunk_size * chunk + self.kv_seconds_per_token * prompt_tokens
+        prefill_s = self._prefill_s(least[1] + prompt_tokens, self.chunk_size, 0, 0)
+        return prefill_s + self.kv_seconds_per_token * prompt_tokens
+
+    def _prefill_s(self, tokens: int, budget: int, decode_seqs: int, decode_context: int) -> float:
+        """Seconds to prefill `tokens` in steps of `budget` prompt tokens beside `decode_seqs` decodes."""
+        full, rest = divmod(tokens, budget)
+        seconds = full * self.cost.step_time(budget, 0, decode_seqs, decode_context)
+        return seconds + (self.cost.step_time(rest, 0, decode_seqs, decode_context) if rest else 0.0)
 
     def _best_local(self, prompt_tokens: int, need_blocks: int) -> tuple[int | None, RouteCosts]:
         best, best_score, costs = None, math.inf, RouteCosts(self._remote_s(prompt_tokens))
@@ -111,14 +117,30 @@ class AdaptiveRouter:
         if budget <= 0:
             return math.inf, 0.0
         n, context = load.num_running, load.context_tokens
-        step = self.cost.step_time(budget, 0, n, context)
-        ttft = math.ceil((load.queued_prompt_tokens + prompt_tokens) / budget) * step
-        slowdown = step - self.cost.step_time(0, 0, n, context) if n else 0.0
-        return ttft, n * math.ceil(prompt_tokens / budget) * slowdown
+        ttft = self._prefill_s(load.queued_prompt_tokens + prompt_tokens, budget, n, context)
+        if not n:
+            return ttft, 0.0
+        # The decodes' own steps for as long as this prompt's tokens ride with them.
+        decode_only = math.ceil(prompt_tokens / budget) * self.cost.step_time(0, 0, n, context)
+        return ttft, n * max(self._prefill_s(prompt_tokens, budget, n, context) - decode_only, 0.0)
 
 
-def keep_on_prefill(free_blocks: int, grow_blocks: int, num_running: int, max_num_seqs: int) -> bool:
-    """Whether a prefilled request that found no decode instance with room decodes on its prefill
-    instance (whose KV it already holds): yes when a slot is free and the `grow_blocks` it needs
-    beyond its KV to reach its predicted length fit in the `free_blocks` left."""
-    return num_running < max_num_seqs and free_blocks >= grow_blocks
+def keep_on_prefill(cost: StepCost, here: DecodeLoad, there: Sequence[DecodeLoad], need_blocks: int,
+                    kv_tokens: int, chunk_size: int) -> bool:
+    """Whether a request just prefilled on a prefill instance (`here`, its own load as a decode
+    site, the request not counted) decodes there instead of moving to a decode instance (`there`,
+    the dispatcher's view). Yes when no decode instance has room for it, or when a decode step
+    here, beside the prompts it still has queued, is faster than one on the fastest decode instance
+    with room: the decode side is then the bottleneck and this instance's idle memory bandwidth
+    takes decode work. Never when it has no room or slot itself."""
+    if here.free_slots <= 0 or here.room_blocks < need_blocks:
+        return False
+    with_room = [d for d in there if d.room_blocks >= need_blocks and d.free_slots > 0]
+    if not with_room:
+        return True
+
+    def step_s(load: DecodeLoad) -> float:
+        prompt = min(load.queued_prompt_tokens, max(chunk_size - load.num_running - 1, 0))
+        return cost.step_time(prompt, 0, load.num_running + 1, load.context_tokens + kv_tokens)
+
+    return step_s(here) < min(step_s(d) for d in with_room)

@@ -11,6 +11,7 @@ import argparse
 from tetriinfer.bench.workload import ALL_WORKLOADS
 from tetriinfer.config import (
     ADMISSION_POLICIES,
+    DISAGG_POLICIES,
     DISPATCH_POLICIES,
     PREFILL_POLICIES,
     SYSTEMS,
@@ -46,6 +47,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--instances", type=int, default=None,
                    help="colocated baseline instances (default: prefill + decode instances, equal GPUs)")
     p.add_argument("--chunk-size", type=int, default=_POLICY.chunk_size)
+    p.add_argument("--policy", dest="disagg_policy", default=_POLICY.disagg_policy, choices=DISAGG_POLICIES,
+                   help="tetriinfer: adaptive (a decode instance prefills a request itself, a prefill instance "
+                        "decodes one, when cheaper) or paper (the fixed split)")
+    p.add_argument("--interference-weight", type=float, default=_POLICY.interference_weight,
+                   help="adaptive: weight of the slowdown a local prefill imposes on running decodes")
     p.add_argument("--prefill-policy", default=_POLICY.prefill_policy, choices=PREFILL_POLICIES)
     p.add_argument("--sort-window", type=int, default=_POLICY.sort_window)
     p.add_argument("--dispatch", default=_POLICY.dispatch_policy, choices=DISPATCH_POLICIES)
@@ -91,6 +97,7 @@ def build_config(args: argparse.Namespace, system: str):
         gpu=args.gpu, model=args.model, tp=args.tp,
     )
     policy = PolicyConfig(
+        disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,
         prefill_policy=args.prefill_policy, sort_window=args.sort_window, chunk_size=args.chunk_size,
         dispatch_policy=args.dispatch, admission_policy=args.admission, predictor_accuracy=args.accuracy,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from tetriinfer.bench.metrics import RequestRecord, Summary, summarize
 from tetriinfer.config import SimConfig
-from tetriinfer.sched.dispatcher import Dispatcher
+from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
 from tetriinfer.sched.flip import FlipPolicy
 from tetriinfer.sched.global_scheduler import GlobalScheduler
 from tetriinfer.sched.lengths import blocks_for, is_heavy_decode, placement_blocks
@@ -314,25 +314,27 @@ class ClusterSim:
 
     def _dispatch(self, inst: PrefillInstance, now: float) -> None:
         """Send waiting prefilled requests to decode instances chosen from the snapshot; those
-        without room retry on the next one."""
+        without room retry on the next one. Adaptive: some decode where they are instead."""
+        if self.adaptive and not inst.draining:
+            self._keep_on_prefill(inst)
         for req, target in inst.dispatcher.place_waiting(inst.dispatch_wait, self.config.policy.sort_window):
             decode = self.instances[target]
             decode.receive(req)
             self._kick(decode, now)
-        if self.adaptive and not inst.draining:
-            self._keep_on_prefill(inst)
 
     def _keep_on_prefill(self, inst: PrefillInstance) -> None:
-        """Adaptive: prefilled requests that found no decode room decode where they are, while
-        this prefill instance has room for them (the decode side is the bottleneck)."""
-        p, bs = self.config.policy, self.block_size
-        while inst.dispatch_wait:
-            req = inst.dispatch_wait[0]
-            grow = req.need_blocks - blocks_for(req.kv_len, bs)
-            if not keep_on_prefill(inst.free_blocks, grow, inst.batch.num_running, p.max_num_seqs):
-                return
-            inst.dispatch_wait.popleft()
-            inst.start_decoding(req)
+        """Adaptive: prefilled requests that `sched.router.keep_on_prefill` keeps decode here."""
+        p = self.config.policy
+        kept = []
+        for req in inst.dispatch_wait:
+            here = DecodeLoad(inst.instance_id, inst.free_blocks, free_slots=p.max_num_seqs - inst.batch.num_running,
+                              queued_prompt_tokens=inst.queue.pending_tokens, num_running=inst.batch.num_running,
+                              context_tokens=inst.batch.total_context)
+            if keep_on_prefill(self.cost, here, inst.dispatcher.loads, req.need_blocks, req.kv_len, p.chunk_size):
+                kept.append(req)
+                inst.start_decoding(req)
+        for req in kept:
+            inst.dispatch_wait.remove(req)
 
     def _collect(self, now: float) -> None:
         """Monitor collection: publish loads, retry waiting dispatches, decide flips."""
