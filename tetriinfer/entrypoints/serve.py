@@ -59,8 +59,9 @@ def add_parser(subparsers) -> None:
     h = p.add_argument_group("http")
     h.add_argument("--host", default=serve.host)
     h.add_argument("--port", type=int, default=serve.port)
-    h.add_argument("--api-key", default=None,  # not the environment's value: --help would print the key
-                   help="require 'Authorization: Bearer KEY' on /v1 (taken from $TETRIINFER_API_KEY when not given)")
+    h.add_argument("--api-key", default=None, metavar="KEY",  # not the environment's value: --help would print the key
+                   help="require 'Authorization: Bearer KEY' on /v1. A key given here is visible to other local "
+                        "users in `ps`: prefer $TETRIINFER_API_KEY, which is used when this is not given")
     h.add_argument("--served-model-name", default=None, help="the name clients use; None: --model")
     p.set_defaults(func=run)
 

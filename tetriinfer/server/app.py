@@ -1,180 +1,61 @@
 """The OpenAI-compatible HTTP API over any `Backend` (the cluster client, or a fake in tests).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
-The server tokenizes and validates (bad input: 4xx with an OpenAI error body, before anything
-reaches the backend), then streams the backend's TokenDeltas out as one JSON body or as
-server-sent events. A request whose client goes away is aborted on the backend.
+The server reads the body (limits.py: JSON only, bounded), then parses, validates and tokenizes it
+in a worker thread (bad input: 4xx with an OpenAI error body, before anything reaches the backend),
+then streams the backend's TokenDeltas out as one JSON body or as server-sent events. A request
+whose client goes away is aborted on the backend. A request the cluster cannot take now (no prefill
+instance, still starting) is a 503 with Retry-After; other backend failures are a 500.
 
 Choices worth knowing (they differ from OpenAI in small ways):
 - One prompt per request: batched prompts and n > 1 are refused with a 400.
 - A stream always ends with a usage chunk (`choices: []`) before `data: [DONE]`, whether or not
   `stream_options.include_usage` asks for it.
 - A chat stream's first chunk (delta role "assistant") is sent with the first output, not before,
-  so a client timing its first chunk measures the real TTFT.
+  so a client timing its first chunk measures the real TTFT. A stream's status line waits for that
+  first chunk too, so a request that fails before any output gets a plain error response (a 503 a
+  client can retry) rather than a 200 and an error event.
 - Chat without max_tokens / max_completion_tokens may fill the context (as vLLM does); completions
   default to 16 tokens (as OpenAI does).
-- logprobs: only the chosen token's (completions: any logprobs >= 0; chat: logprobs=true with
+- logprobs: only the chosen token's (completions: logprobs in [0, 20]; chat: logprobs=true with
   top_logprobs 0 or absent). Token texts come from decoding each token id alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hmac
-import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tetriinfer.cluster.messages import TokenDelta
-from tetriinfer.sampling_params import SamplingParams
 from tetriinfer.server import protocol
 from tetriinfer.server.backend import Backend
+from tetriinfer.server.limits import ServerLimits, check_prompt, parse_request, read_body
 from tetriinfer.server.metrics import RequestTiming, ServerMetrics
 from tetriinfer.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from tetriinfer.server.streaming import (
+    BackendRun, EventStream, Job, Output, check_final, error_response, failure, sse, wait_for_disconnect,
+)
 
 logger = logging.getLogger(__name__)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-@dataclass
-class Job:
-    """A validated request, ready for the backend."""
-
-    request_id: str
-    chat: bool
-    prompt_token_ids: list[int]
-    prompt: str | None
-    sampling: SamplingParams
-    stream: bool
-    model: str
-    created: int = field(default_factory=lambda: int(time.time()))
-    timing: RequestTiming = field(default_factory=RequestTiming)
-
-
-@dataclass
-class Output:
-    """What a request produced so far, summed over its deltas."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float | None] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-
-    def add(self, delta: TokenDelta) -> None:
-        self.text += delta.text
-        self.token_ids.extend(delta.token_ids)
-        self.logprobs.extend(delta.logprobs if delta.logprobs is not None else [None] * len(delta.token_ids))
-        self.finish_reason = delta.finish_reason
-        self.stop_reason = delta.stop_reason
-
-
-class BackendFailure(Exception):
-    """The backend ended a request with an error (or an abort we did not ask for)."""
-
-
-def _check_final(delta: TokenDelta) -> None:
-    if delta.finish_reason == "error":
-        raise BackendFailure(delta.error or "the backend failed the request")
-    if delta.finish_reason == "abort":
-        raise BackendFailure("request aborted")
-
-
-class BackendRun:
-    """One request on the backend, as an async context manager. Leaving it before the final delta
-    (client gone, cancellation, a failure) closes the backend's iterator and aborts the request."""
-
-    def __init__(self, server: "OpenAIServer", job: Job):
-        self.server = server
-        self.job = job
-        self.finished = False
-        self._iter = None
-
-    async def __aenter__(self) -> "BackendRun":
-        job = self.job
-        self._iter = self.server.backend.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prompt)
-        self.server.requests_running += 1
-        return self
-
-    async def next(self) -> TokenDelta:
-        try:
-            delta = await anext(self._iter)
-        except StopAsyncIteration:
-            raise BackendFailure("the backend ended the request without a finish_reason") from None
-        self.job.timing.on_delta(len(delta.token_ids))
-        if delta.finish_reason is not None:
-            self.finished = True
-        return delta
-
-    async def __aexit__(self, *exc) -> None:
-        self.server.requests_running -= 1
-        # Shielded: under a cancelled scope (client gone) every await would be cancelled again.
-        with anyio.CancelScope(shield=True):
-            aclose = getattr(self._iter, "aclose", None)
-            if aclose is not None:
-                try:
-                    await aclose()
-                except Exception:
-                    logger.exception("closing the backend stream of %s failed", self.job.request_id)
-            if not self.finished:
-                try:
-                    await self.server.backend.abort(self.job.request_id)
-                except Exception:
-                    logger.exception("aborting %s on the backend failed", self.job.request_id)
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events whose body generator is cancelled as soon as the client disconnects,
-    whatever ASGI spec version the server speaks (Starlette listens for disconnects only below
-    2.4), and is always closed, so the request's cleanup (the abort) runs."""
-
-    def __init__(self, content):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def stream() -> None:
-                    with contextlib.suppress(OSError):  # the client left while we wrote
-                        await self.stream_response(send)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
-
-
-def _sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 class OpenAIServer:
     """Validation, the backend runs and the response shapes; create_app wires it to routes."""
 
-    def __init__(self, backend: Backend, api_key: str | None):
+    def __init__(self, backend: Backend, api_key: str | None, limits: ServerLimits):
         self.backend = backend
         self.api_key = api_key
+        self.limits = limits
         self.requests_running = 0
         self.started = int(time.time())
         self.metrics = ServerMetrics(backend.cluster_stats, lambda: self.requests_running)
@@ -191,18 +72,8 @@ class OpenAIServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
-    async def parse(self, request: Request, model: type[CompletionRequest] | type[ChatCompletionRequest]):
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"malformed JSON body: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-        try:
-            parsed = model.model_validate(body)
-        except ValidationError as e:
-            raise protocol.validation_error(e) from None
+    def parse(self, raw: bytes, model: type[CompletionRequest] | type[ChatCompletionRequest]):
+        parsed = parse_request(raw, model, self.limits)
         if parsed.model is not None and parsed.model != self.backend.model_name:
             raise APIError(404, f"the model '{parsed.model}' does not exist; this server serves "
                                 f"'{self.backend.model_name}'", param="model", code="model_not_found")
@@ -216,31 +87,16 @@ class OpenAIServer:
                            param="prompt")
         return tokenizer
 
-    def _check_prompt(self, token_ids: list[int], sampling: SamplingParams, param: str) -> None:
-        limit = self.backend.max_model_len
-        if not token_ids:
-            raise APIError(400, "prompt is empty", param=param)
-        vocab = self.backend.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
-        if len(token_ids) > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt "
-                                f"has {len(token_ids)} tokens. Please shorten the prompt.", param=param)
-        total = len(token_ids) + sampling.max_tokens
-        if total > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                                f"{total} tokens ({len(token_ids)} in the prompt, {sampling.max_tokens} for the "
-                                f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
-        bad = next((t for t in sampling.stop_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"stop token id {bad} is outside the vocabulary [0, {vocab})",
-                           param="stop_token_ids")
-
     # ---- requests --------------------------------------------------------------------------------
-    async def completion_job(self, request: Request) -> Job:
+    async def job(self, request: Request, chat: bool) -> Job:
+        """Read the body here; parse, check and tokenize it in a worker thread, so a big body does
+        not hold up the event loop (and the other requests' streams)."""
         timing = RequestTiming()  # arrival: before the body is read and checked
-        req: CompletionRequest = await self.parse(request, CompletionRequest)
+        raw = await read_body(request, self.limits)
+        return await anyio.to_thread.run_sync(self.chat_job if chat else self.completion_job, raw, timing)
+
+    def completion_job(self, raw: bytes, timing: RequestTiming) -> Job:
+        req: CompletionRequest = self.parse(raw, CompletionRequest)
         max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
         sampling = req.sampling_params(max_tokens, logprobs=req.logprobs is not None)
         if isinstance(req.prompt, str):
@@ -249,13 +105,12 @@ class OpenAIServer:
             prompt, token_ids = req.prompt, self._tokenizer().encode(req.prompt)
         else:
             prompt, token_ids = None, list(req.prompt)
-        self._check_prompt(token_ids, sampling, "prompt")
+        check_prompt(token_ids, sampling, "prompt", self.backend)
         return Job(f"cmpl-{uuid.uuid4().hex}", False, token_ids, prompt, sampling, req.stream,
                    self.backend.model_name, timing=timing)
 
-    async def chat_job(self, request: Request) -> Job:
-        timing = RequestTiming()
-        req: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
+    def chat_job(self, raw: bytes, timing: RequestTiming) -> Job:
+        req: ChatCompletionRequest = self.parse(raw, ChatCompletionRequest)
         tokenizer = self._tokenizer()
         try:
             prompt = tokenizer.apply_chat_template(req.message_dicts(), add_generation_prompt=req.add_generation_prompt)
@@ -266,7 +121,7 @@ class OpenAIServer:
         if max_tokens is None:  # as vLLM: the rest of the context (too little room is reported below)
             max_tokens = max(self.backend.max_model_len - len(token_ids), 1)
         sampling = req.sampling_params(max_tokens, logprobs=req.logprobs)
-        self._check_prompt(token_ids, sampling, "messages")
+        check_prompt(token_ids, sampling, "messages", self.backend)
         return Job(f"chatcmpl-{uuid.uuid4().hex}", True, token_ids, prompt, sampling, req.stream,
                    self.backend.model_name, timing=timing)
 
@@ -282,17 +137,15 @@ class OpenAIServer:
                     while out.finish_reason is None:
                         delta = await run.next()
                         out.add(delta)
-                    _check_final(delta)
+                    check_final(delta)
                 outcome["output"] = out
-            except Exception as e:  # a failed request, not a failed server: answer 500
-                if not isinstance(e, BackendFailure):
-                    logger.exception("request %s failed", job.request_id)
-                outcome["error"] = str(e) or type(e).__name__
+            except Exception as e:  # a failed request, not a failed server: answer 5xx
+                outcome["error"] = failure(job, e)
             tg.cancel_scope.cancel()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(work)
-            await _wait_for_disconnect(request)
+            await wait_for_disconnect(request)
             tg.cancel_scope.cancel()  # client gone: cancelling `work` aborts the request
 
         if "output" in outcome:
@@ -300,7 +153,7 @@ class OpenAIServer:
             return JSONResponse(self._final_body(job, outcome["output"]))
         if "error" in outcome:
             self.metrics.count("error")
-            return JSONResponse(protocol.error_body(outcome["error"], "server_error"), status_code=500)
+            return error_response(outcome["error"])
         self.metrics.count("aborted")
         return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
 
@@ -325,12 +178,13 @@ class OpenAIServer:
                                  protocol.usage(len(job.prompt_token_ids), len(out.token_ids)))
 
     def _chunk(self, job: Job, choices: list[dict], usage: dict | None = None) -> str:
-        return _sse(protocol.response(job.request_id, "chat.completion.chunk" if job.chat else "text_completion",
+        return sse(protocol.response(job.request_id, "chat.completion.chunk" if job.chat else "text_completion",
                                       job.created, job.model, choices, usage))
 
     async def _events(self, job: Job):
         """The SSE body: content chunks, a finish chunk, the usage chunk, [DONE]; or an error event
-        then [DONE]. Leaving early (client gone) exits BackendRun, which aborts the request."""
+        then [DONE], or only an APIError when nothing was sent yet (EventStream answers it as such).
+        Leaving early (client gone) exits BackendRun, which aborts the request."""
         outcome = "aborted"
         try:
             out = Output()
@@ -348,13 +202,14 @@ class OpenAIServer:
                                                                          None, delta=True)])
                             role_sent = True
                         yield self._content_chunk(job, delta, text_offset)
-                    _check_final(delta)
+                    check_final(delta)
             except Exception as e:
-                if not isinstance(e, BackendFailure):
-                    logger.exception("request %s failed", job.request_id)
-                outcome = "error"
-                yield _sse(protocol.error_body(str(e) or type(e).__name__, "server_error"))
-                yield _sse("[DONE]")
+                outcome, error = "error", failure(job, e)
+                if not (out.token_ids or out.text):  # nothing sent: a plain error response
+                    yield error
+                    return
+                yield sse(error.body())
+                yield sse("[DONE]")
                 return
             if not role_sent:
                 yield self._chunk(job, [protocol.chat_choice({"role": "assistant", "content": ""}, None, delta=True)])
@@ -362,7 +217,7 @@ class OpenAIServer:
                       else protocol.completion_choice("", out.finish_reason, None, out.stop_reason))
             yield self._chunk(job, [finish])
             yield self._chunk(job, [], protocol.usage(len(job.prompt_token_ids), len(out.token_ids)))
-            yield _sse("[DONE]")
+            yield sse("[DONE]")
             outcome = "ok"
         finally:
             if outcome == "ok":
@@ -392,16 +247,16 @@ class OpenAIServer:
                 "max_model_len": self.backend.max_model_len}
 
 
-def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
+def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLimits = ServerLimits()) -> FastAPI:
     """The HTTP app over `backend`. With `api_key`, every /v1 route wants 'Authorization: Bearer <key>'
-    (/health and /metrics stay open)."""
-    server = OpenAIServer(backend, api_key)
+    (/health and /metrics stay open). `limits`: body size, nesting and list caps (limits.py)."""
+    server = OpenAIServer(backend, api_key, limits)
     app = FastAPI(title="TetriInfer", description="OpenAI-compatible API", docs_url=None, redoc_url=None)
     app.state.server = server
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -416,10 +271,10 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
                                                 else "server_error"),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    async def generation(request: Request, make_job) -> Response:
+    async def generation(request: Request, chat: bool) -> Response:
         try:
             server.check_auth(request)
-            job = await make_job(request)
+            job = await server.job(request, chat)
         except APIError:
             server.metrics.count("rejected")
             raise
@@ -427,11 +282,11 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await generation(request, server.completion_job)
+        return await generation(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await generation(request, server.chat_job)
+        return await generation(request, chat=True)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

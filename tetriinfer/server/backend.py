@@ -3,6 +3,7 @@
 The server tokenizes and validates; the backend runs requests and streams `TokenDelta`s whose
 `text` is already detokenized (incrementally, by the instance that produced the tokens). A delta
 with a `finish_reason` is the last one of its request; "error" carries the reason in `error`.
+Errors that mean "not now" rather than "failed" (see `is_unavailable`) are answered 503.
 """
 
 from __future__ import annotations
@@ -35,3 +36,13 @@ class Backend(Protocol):
     def healthy(self) -> bool:
         """At least one instance of every needed role is alive."""
         ...
+
+
+# The cluster's errors (cluster/controller.py, cluster/client.py) that mean it cannot take a request
+# now, but may soon: answered 503 with Retry-After instead of 500. Matched on the message until
+# TokenDelta carries a typed error kind.
+UNAVAILABLE_ERRORS = ("no prefill instance is available", "the cluster is still starting", "server shutting down")
+
+
+def is_unavailable(error: str) -> bool:
+    return error in UNAVAILABLE_ERRORS

@@ -9,6 +9,7 @@ are checked by hand below so their errors read as one sentence rather than one p
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -20,13 +21,14 @@ class APIError(Exception):
     """A request the server answers with an OpenAI-style error body."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers  # e.g. Retry-After on a 503
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -44,7 +46,7 @@ def validation_error(err: ValidationError) -> APIError:
     if first["type"] == "value_error":  # our own validators: their message is the whole story
         message = str(first["ctx"]["error"])
     elif path:
-        message = f"invalid value for '{path}': {first['msg']} (got {first.get('input')!r})"
+        message = f"invalid value for '{path}': {first['msg']} (got {repr(first.get('input'))[:100]})"
     else:
         message = f"request body: {first['msg']}"
     return APIError(400, message, param=path or None)
@@ -109,7 +111,14 @@ class _SamplingRequest(BaseModel):
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
 
     def sampling_params(self, max_tokens: int, logprobs: bool) -> SamplingParams:
-        """SamplingParams checks the ranges; its ValueError names the field, and becomes a 400."""
+        """SamplingParams checks the ranges; its ValueError names the field, and becomes a 400. The
+        sampler holds temperature and top_p as float32: a top_p that is 0 there is refused (ask for
+        temperature 0 to get greedy), and so is a temperature that is infinite there."""
+        if self.top_p is not None and self.top_p > 0 and _float32(self.top_p) == 0:
+            raise APIError(400, f"top_p must be > 0: {self.top_p} is 0 in float32 (use temperature 0 for greedy)",
+                           param="top_p")
+        if self.temperature is not None and _float32(self.temperature) == math.inf:
+            raise APIError(400, f"temperature {self.temperature} is too large for float32", param="temperature")
         top_k = self.top_k if self.top_k is not None else 0
         try:
             return SamplingParams(
@@ -131,6 +140,15 @@ class _SamplingRequest(BaseModel):
 
 
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) | {"stop"}
+MAX_LOGPROBS = 20  # completions' top-n (as vLLM's default cap); only the chosen token's is returned
+
+
+def _float32(value: float) -> float:
+    """`value` as the sampler's float32 tensors hold it."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 class CompletionRequest(_SamplingRequest):
@@ -167,8 +185,9 @@ class CompletionRequest(_SamplingRequest):
             raise APIError(400, f"best_of={self.best_of} is not supported", param="best_of")
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise APIError(400, f"logprobs must be >= 0, got {self.logprobs}", param="logprobs")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"logprobs must be >= 0 and at most {MAX_LOGPROBS}, got {self.logprobs}",
+                           param="logprobs")
 
 
 class ChatMessage(BaseModel):

@@ -1,0 +1,182 @@
+"""One request's run on the backend, and how its outcome goes out: the summed Output, the
+BackendRun context manager that aborts a request left early, the server-sent-event response, and
+the error a failed run answers (503 + Retry-After when the cluster cannot take it now, else 500).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tetriinfer.cluster.messages import TokenDelta
+from tetriinfer.sampling_params import SamplingParams
+from tetriinfer.server.backend import is_unavailable
+from tetriinfer.server.metrics import RequestTiming
+from tetriinfer.server.protocol import APIError
+
+if TYPE_CHECKING:
+    from tetriinfer.server.app import OpenAIServer
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # on a 503: the cluster is starting or has no prefill instance right now
+
+
+@dataclass
+class Job:
+    """A validated request, ready for the backend."""
+
+    request_id: str
+    chat: bool
+    prompt_token_ids: list[int]
+    prompt: str | None
+    sampling: SamplingParams
+    stream: bool
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    timing: RequestTiming = field(default_factory=RequestTiming)
+
+
+@dataclass
+class Output:
+    """What a request produced so far, summed over its deltas."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, delta: TokenDelta) -> None:
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs if delta.logprobs is not None else [None] * len(delta.token_ids))
+        self.finish_reason = delta.finish_reason
+        self.stop_reason = delta.stop_reason
+
+
+class BackendFailure(Exception):
+    """The backend ended a request with an error (or an abort we did not ask for)."""
+
+
+def check_final(delta: TokenDelta) -> None:
+    if delta.finish_reason == "error":
+        raise BackendFailure(delta.error or "the backend failed the request")
+    if delta.finish_reason == "abort":
+        raise BackendFailure("request aborted")
+
+
+def failure(job: Job, e: Exception) -> APIError:
+    """A failed request's answer: 503 + Retry-After when the cluster cannot take it now, else 500."""
+    if not isinstance(e, BackendFailure):
+        logger.exception("request %s failed", job.request_id)
+    message = str(e) or type(e).__name__
+    if isinstance(e, BackendFailure) and is_unavailable(message):
+        return APIError(503, message, code="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return APIError(500, message)
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class BackendRun:
+    """One request on the backend, as an async context manager. Leaving it before the final delta
+    (client gone, cancellation, a failure) closes the backend's iterator and aborts the request."""
+
+    def __init__(self, server: "OpenAIServer", job: Job):
+        self.server = server
+        self.job = job
+        self.finished = False
+        self._iter = None
+
+    async def __aenter__(self) -> "BackendRun":
+        job = self.job
+        self._iter = self.server.backend.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prompt)
+        self.server.requests_running += 1
+        return self
+
+    async def next(self) -> TokenDelta:
+        try:
+            delta = await anext(self._iter)
+        except StopAsyncIteration:
+            raise BackendFailure("the backend ended the request without a finish_reason") from None
+        self.job.timing.on_delta(len(delta.token_ids))
+        if delta.finish_reason is not None:
+            self.finished = True
+        return delta
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.requests_running -= 1
+        # Shielded: under a cancelled scope (client gone) every await would be cancelled again.
+        with anyio.CancelScope(shield=True):
+            aclose = getattr(self._iter, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:
+                    logger.exception("closing the backend stream of %s failed", self.job.request_id)
+            if not self.finished:
+                try:
+                    await self.server.backend.abort(self.job.request_id)
+                except Exception:
+                    logger.exception("aborting %s on the backend failed", self.job.request_id)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose body generator is cancelled as soon as the client disconnects,
+    whatever ASGI spec version the server speaks (Starlette listens for disconnects only below
+    2.4), and is always closed, so the request's cleanup (the abort) runs. The status line goes out
+    with the first event; a generator whose first item is an APIError gets that error's plain JSON
+    response instead of a stream."""
+
+    def __init__(self, content):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def stream_response(self, send) -> None:
+        chunk = await anext(self.body_iterator, None)
+        if isinstance(chunk, APIError):
+            error = error_response(chunk)
+            await send({"type": "http.response.start", "status": error.status_code, "headers": error.raw_headers})
+            await send({"type": "http.response.body", "body": error.body})
+            return
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        while chunk is not None:
+            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            chunk = await anext(self.body_iterator, None)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):  # the client left while we wrote
+                        await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
