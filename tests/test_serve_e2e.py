@@ -220,3 +220,29 @@ def test_async_scheduling_cluster_gives_the_same_tokens(tmp_path, offline):
         assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == offline[PROMPTS[0]].text
         assert server.metric_sum("tetriinfer_kv_transfer_bytes_total") > 0
         assert_no_kv_held(server)
+
+
+def test_adaptive_cluster_prefills_on_decode_and_decodes_on_prefill_with_the_offline_tokens(tmp_path, offline):
+    """The default policy under a prompt flood on a small cache: once the step cost is fitted, the
+    decode instance prefills requests itself and the prefill instance keeps decodes when the decode
+    side has no room; every request still gets the offline engine's tokens, and no KV is left."""
+    args = ["--decode-instances", "1", "--interference-weight", "0", *SERVER_ARGS]
+    args[args.index("--num-blocks") + 1] = "48"  # 768 tokens a side: the decode side fills up
+    with start_server(args, tmp_path) as server:
+        for _ in range(3):
+            assert_concurrent_requests_equal_offline(server, offline, 48)
+        server.wait_until(lambda: server.metric_sum("tetriinfer_num_local_prefills_total") > 0, 10,
+                          "a local prefill on the decode instance")
+        assert server.metric_sum("tetriinfer_num_kept_decodes_total") > 0
+        assert server.metric_sum("tetriinfer_kv_transfers_total") > 0  # and the paper's way too
+        assert_no_kv_held(server)
+
+
+def test_the_paper_policy_never_prefills_on_a_decode_instance(tmp_path, offline):
+    with start_server(["--policy", "paper", "--decode-instances", "1", "--interference-weight", "0",
+                       *SERVER_ARGS], tmp_path) as server:
+        assert_concurrent_requests_equal_offline(server, offline, 32)
+        server.wait_until(lambda: server.metric_sum("tetriinfer_kv_transfers_total") >= 64, 10, "transfer stats")
+        assert server.metric_sum("tetriinfer_num_local_prefills_total") == 0
+        assert server.metric_sum("tetriinfer_num_kept_decodes_total") == 0
+        assert_no_kv_held(server)

@@ -19,7 +19,10 @@ from tetriinfer.cluster.zmq_io import Inbox, Outboxes
 from tetriinfer.config import FlipConfig
 from tetriinfer.sched.flip import FlipPolicy
 from tetriinfer.sched.global_scheduler import GlobalScheduler
+from tetriinfer.sched.lengths import blocks_for
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL, ClusterSnapshot, InstanceStatus
+from tetriinfer.sched.router import AdaptiveRouter
+from tetriinfer.sched.step_cost import LinearStepCost, StepStats
 
 log = logging.getLogger("tetriinfer.controller")
 
@@ -35,6 +38,11 @@ class ControllerConfig:
     flip: FlipConfig = field(default_factory=FlipConfig)
     # Instances on other machines (Ray): their pids cannot be probed here; the heartbeat alone decides.
     remote_instances: frozenset[int] = frozenset()
+    # Adaptive disaggregation (sched.router): route each request to prefill remotely or locally.
+    adaptive: bool = False
+    chunk_size: int = 512
+    block_size: int = 16
+    interference_weight: float = 0.2
 
 
 class Controller:
@@ -49,6 +57,9 @@ class Controller:
         self.draining: set[int] = set()  # ordered to flip, FlipDone not yet back
         self.pids: dict[int, int] = {}  # instance -> pid, probed each tick (same-machine instances)
         self.global_scheduler = GlobalScheduler([])
+        self.step_cost = LinearStepCost()  # fitted from the instances' steps each tick
+        self.router = AdaptiveRouter(self.step_cost, chunk_size=config.chunk_size,
+                                     interference_weight=config.interference_weight) if config.adaptive else None
         self.flip_policy = FlipPolicy(config.flip)
         self.num_flips = 0
         self.last_flip_s: float | None = None
@@ -107,7 +118,12 @@ class Controller:
 
     def _route(self, submit: msg.Submit) -> None:
         try:
-            instance_id = self.global_scheduler.pick(len(submit.prompt_token_ids))
+            prompt = len(submit.prompt_token_ids)
+            if self.router is not None and self.step_cost.fitted:  # unfitted: the paper's way
+                route = self.router.route(prompt, blocks_for(prompt + 1, self.config.block_size))
+                instance_id, submit.local = route.instance_id, route.local
+            else:
+                instance_id = self.global_scheduler.pick(prompt)
         except RuntimeError:
             error = "no prefill instance is available" if self.cluster_ready else "the cluster is still starting"
             self.out.send(self.config.api_address, msg.TokenBatch(-1, [
@@ -126,14 +142,28 @@ class Controller:
         prefill_loads = {s.instance_id: s.queued_prompt_tokens for s in active if s.role in (PREFILL, COLOCATED)}
         decode_loads = [s.decode_load for s in active if s.role == DECODE and s.decode_load is not None]
         self.global_scheduler.update(prefill_loads)
+        self._update_router(live, prefill_loads, decode_loads)
         addresses = {i: self.ready[i].address for i in self.live()}
-        snapshot = msg.Snapshot(now - self._start, decode_loads, addresses)
+        snapshot = msg.Snapshot(now - self._start, decode_loads, addresses, list(self.step_cost.coefficients))
         for i in self.live():
             self.out.send(self.ready[i].address, snapshot)
         if self.cluster_ready:
             self._flip(now, live, decode_loads)
         self.out.send(self.config.api_address, msg.ClusterStats(
             live, self.num_flips, self.last_flip_s, sorted(self.dead)))
+
+    def _update_router(self, live: list[msg.InstanceStats], prefill_loads: dict, decode_loads: list) -> None:
+        """Refit the step cost from every live instance's steps; price the KV move from the
+        transfers measured so far; give the router the new loads."""
+        self.step_cost = LinearStepCost.fit([StepStats.from_list(s.step_stats) for s in live if s.step_stats])
+        if self.router is None:
+            return
+        self.router.cost = self.step_cost
+        moved = sum(s.kv_transfer_bytes for s in live)
+        token_bytes = max((r.kv_bytes_per_token for r in self.ready.values()), default=0)
+        if moved and token_bytes:
+            self.router.kv_seconds_per_token = sum(s.kv_transfer_seconds for s in live) / moved * token_bytes
+        self.router.update(prefill_loads, [d.to_load() for d in decode_loads])
 
     def _flip(self, now: float, live: list[msg.InstanceStats], decode_loads: list[msg.DecodeLoadMsg]) -> None:
         if not self.config.flip.enabled or not live or any(s.role == COLOCATED for s in live):

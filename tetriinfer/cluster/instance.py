@@ -31,12 +31,14 @@ from tetriinfer.cluster import messages as msg
 from tetriinfer.cluster.zmq_io import Inbox, Outboxes
 from tetriinfer.config import EngineConfig, FlipConfig, PolicyConfig
 from tetriinfer.sched.admission import AdmissionView, admits
-from tetriinfer.sched.dispatcher import Dispatcher
+from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
 from tetriinfer.sched.lengths import blocks_for, is_heavy_decode, placement_blocks
 from tetriinfer.sched.monitor import (
     COLOCATED, DECODE, PREFILL, decode_load_fraction, decode_room_blocks, prefill_load_fraction,
 )
 from tetriinfer.sched.prefill_queue import PrefillQueue
+from tetriinfer.sched.router import keep_on_prefill
+from tetriinfer.sched.step_cost import LinearStepCost, StepStats
 
 log = logging.getLogger("tetriinfer.instance")
 
@@ -172,6 +174,12 @@ class Instance:
         self._recv_pool = ThreadPoolExecutor(1, thread_name_prefix="kv-recv")  # one at a time: p2p order
         self._next_transfer = 0
         self.flip: FlipState | None = None
+        # adaptive disaggregation: steps measured for the cluster's cost fit, and what it returned
+        self.adaptive = config.policy.disagg_policy == "adaptive" and config.role != COLOCATED
+        self.step_stats = StepStats()
+        self.step_cost = LinearStepCost()
+        self.num_local_prefills = 0
+        self.num_kept_decodes = 0
         self._last_stats = 0.0
         self._running = True
         self._deltas: list[msg.TokenDelta] = []
@@ -180,7 +188,8 @@ class Instance:
     def serve(self) -> None:
         cfg = self.config
         self.out.send(cfg.controller_address, msg.Ready(
-            self.instance_id, self.inbox.address, os.getpid(), self.role, self.engine.max_model_len))
+            self.instance_id, self.inbox.address, os.getpid(), self.role, self.engine.max_model_len,
+            self.engine.kv_bytes_per_token))
         try:
             while self._running:
                 busy = self.engine.has_unfinished_requests() or bool(self.queue)
@@ -239,9 +248,14 @@ class Instance:
     # ---- prompts in ------------------------------------------------------------------------------
     def _on_submit(self, submit: msg.Submit) -> None:
         prediction = None
+        prompt = len(submit.prompt_token_ids)
         if self.role == PREFILL and self.predictor is not None:
             prediction = self.predictor.submit([submit.prompt_token_ids])  # runs beside the prefill
-        self.queue.add(Pending(submit.request_id, submit, len(submit.prompt_token_ids), prediction=prediction))
+        elif self.role == DECODE:  # routed here to prefill in place (adaptive): it decodes here too
+            self.num_local_prefills += 1
+            need = blocks_for(prompt + 1, self.block_size)
+            self.assigned[submit.request_id] = Assigned(need, False, need, prompt + submit.sampling.max_tokens)
+        self.queue.add(Pending(submit.request_id, submit, prompt, prediction=prediction))
 
     def _feed_engine(self) -> None:
         """Hand prompts from the policy-ordered queue to the engine just in time: the engine's own
@@ -268,10 +282,15 @@ class Instance:
         from tetriinfer.engine.engine import NoProgress
         from tetriinfer.engine.request import RequestStatus
 
+        started = time.monotonic()
         try:
             stepped = self.engine.step_requests()
         except NoProgress:
             return  # parked requests hold the cache; their hand-off frees it
+        load = self.engine.last_step_load
+        # With async scheduling a call spans about one device step, of the step it launched.
+        self.step_stats.observe(time.monotonic() - started, load.prefill_tokens, load.prefill_context,
+                                load.decode_seqs, load.decode_context)
         for req in stepped:
             self._emit(req)
             if req.status == RequestStatus.PREFILLED:
@@ -323,12 +342,37 @@ class Instance:
     def _dispatch(self) -> None:
         if self.role != PREFILL or not self.dispatch_wait:
             return
+        if self.adaptive and self.flip is None:
+            self._keep_decodes()
         for parked, dst in self.dispatcher.place_waiting(self.dispatch_wait, self.config.policy.sort_window):
             parked.dst = dst
             req = self.engine.requests[parked.request_id]
             self._send_to(dst, msg.KVOffer(parked.request_id, self.instance_id, req.num_computed_tokens,
                                            parked.need_blocks, parked.reserve_blocks, parked.heavy,
                                            parked.predicted_decode_tokens))
+
+    def _keep_decodes(self) -> None:
+        """Adaptive: prefilled requests that `sched.router.keep_on_prefill` keeps decode here."""
+        for parked in list(self.dispatch_wait):
+            req = self.engine.requests[parked.request_id]
+            if req.num_pending:
+                continue  # its first token is still on the device
+            here = self._own_decode_load(extra_room_blocks=len(req.block_ids))  # its KV is already here
+            if not keep_on_prefill(self.step_cost, here, self.dispatcher.loads, parked.need_blocks,
+                                   req.num_computed_tokens, self.chunk_size):
+                continue
+            self.dispatch_wait.remove(parked)
+            self.parked.pop(parked.request_id, None)
+            self.engine.decode_here(parked.request_id)
+            self.num_kept_decodes += 1
+
+    def _own_decode_load(self, extra_room_blocks: int) -> DecodeLoad:
+        """This instance as a decode site (the prefill role's side of keep_on_prefill)."""
+        running = self.engine.scheduler.running
+        return DecodeLoad(self.instance_id, self.engine.block_manager.num_free_blocks + extra_room_blocks,
+                          free_slots=self.max_num_seqs - len(running),
+                          queued_prompt_tokens=self.queue.pending_tokens + self.engine.scheduler.waiting_tokens,
+                          num_running=len(running), context_tokens=sum(r.num_computed_tokens for r in running))
 
     def _on_ready(self, ready: msg.KVReady) -> None:
         parked = self.parked.get(ready.request_id)
@@ -528,6 +572,8 @@ class Instance:
 
     def _on_snapshot(self, snapshot: msg.Snapshot) -> None:
         self.addresses = dict(snapshot.addresses)
+        if snapshot.step_cost:
+            self.step_cost = LinearStepCost(tuple(snapshot.step_cost))
         self.dispatcher.update([d.to_load() for d in snapshot.decode_loads])
 
     def _on_flip(self, flip: msg.Flip) -> None:
@@ -545,9 +591,11 @@ class Instance:
             return
         if self.role == PREFILL:
             in_flight = any(p.dst is not None for p in self.parked.values())
-            drained = not self.queue and not self.engine.scheduler.waiting and not in_flight
+            kept = self.engine.scheduler.running  # decodes it kept (adaptive) finish here first
+            drained = not self.queue and not self.engine.scheduler.waiting and not in_flight and not kept
         else:
-            drained = not self.engine.has_unfinished_requests() and not self.incoming and not self._receives
+            drained = (not self.engine.has_unfinished_requests() and not self.incoming and not self._receives
+                       and not self.queue)
         if not drained:
             return
         drained_at = time.monotonic()
@@ -572,8 +620,11 @@ class Instance:
         held = self.capacity_blocks - self.engine.block_manager.num_free_blocks
         need = sum(a.need_blocks for a in self.assigned.values())
         heavy = sum(1 for a in self.assigned.values() if a.heavy)
+        running = self.engine.scheduler.running
         return msg.DecodeLoadMsg(self.instance_id, decode_room_blocks(self.capacity_blocks, held, need), heavy,
-                                 len(self.assigned) - heavy, self.max_num_seqs - len(self.assigned))
+                                 len(self.assigned) - heavy, self.max_num_seqs - len(self.assigned),
+                                 self.queue.pending_tokens + self.engine.scheduler.waiting_tokens, len(running),
+                                 sum(r.num_computed_tokens for r in running))
 
     def _stats(self) -> msg.InstanceStats:
         bm = self.engine.block_manager
@@ -592,6 +643,7 @@ class Instance:
             running, len(self.dispatch_wait), self.capacity_blocks, used,
             self._decode_load() if self.role == DECODE else None,
             out.bytes + into.bytes, out.seconds + into.seconds, out.count + into.count, out.failures + into.failures,
+            self.num_local_prefills, self.num_kept_decodes, self.step_stats.to_list(),
         )
 
     def _send_to(self, instance_id: int, message) -> None:

@@ -37,10 +37,14 @@ def instance_roles(cfg: ServeConfig) -> list[str]:
 
 def instance_engine(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
     """The engine of one instance. Prefill and decode instances share one engine setting (the
-    paper's fixed-size chunks), so a flip changes nothing in the engine; the colocated baselines
-    get their step policy."""
+    paper's fixed-size chunks, or mixed steps under the adaptive policy), so a flip changes nothing
+    in the engine; the colocated baselines get their step policy."""
     sched = cfg.engine.scheduler
-    if role == COLOCATED and cfg.baseline == "vllm":
+    if role != COLOCATED and cfg.policy.disagg_policy == "adaptive":
+        # Adaptive: a decode instance prefills beside its decodes, a prefill instance decodes
+        # what it keeps; mixed steps do both, so a flip still changes nothing in the engine.
+        sched = dataclasses.replace(sched, step_policy="mixed", pad_chunks=False)
+    elif role == COLOCATED and cfg.baseline == "vllm":
         # Prefill first, whole prompts up to the token budget per step, never padded.
         sched = dataclasses.replace(sched, chunk_size=cfg.policy.max_num_batched_tokens, step_policy="whole",
                                     pad_chunks=False)
@@ -57,6 +61,15 @@ def instance_devices(cfg: ServeConfig, num_gpus: int) -> list[str]:
     if num_gpus < n:
         raise ValueError(f"{n} instances need {n} GPUs (one each), but {num_gpus} are visible")
     return [f"cuda:{i}" for i in range(n)]
+
+
+def controller_config(cfg: ServeConfig, api_address: str, host: str, port: int | None,
+                      remote_instances: frozenset[int] = frozenset()) -> ControllerConfig:
+    return ControllerConfig(
+        api_address, cfg.total_instances, host, port, cfg.monitor_interval_s, cfg.dead_after_s, cfg.flip,
+        remote_instances, adaptive=cfg.mode == "disagg" and cfg.policy.disagg_policy == "adaptive",
+        chunk_size=cfg.engine.scheduler.chunk_size, block_size=cfg.engine.cache.block_size,
+        interference_weight=cfg.policy.interference_weight)
 
 
 def resolve_transport(cfg: ServeConfig, devices: list[str], multi_node: bool = False) -> str:
@@ -118,8 +131,7 @@ def start_local(cfg: ServeConfig, api_address: str) -> LocalCluster:
     host = "127.0.0.1"
     num_gpus = torch.cuda.device_count() if cfg.engine.device == "cuda" else 0
     devices = instance_devices(cfg, num_gpus)
-    controller_cfg = ControllerConfig(api_address, cfg.total_instances, host, free_port(host),
-                                      cfg.monitor_interval_s, cfg.dead_after_s, cfg.flip)
+    controller_cfg = controller_config(cfg, api_address, host, free_port(host))
     controller_address = f"tcp://{host}:{controller_cfg.port}"
     controller = ctx.Process(target=run_controller, args=(controller_cfg,), name="tetriinfer-controller", daemon=True)
     controller.start()

@@ -20,10 +20,13 @@ from tetriinfer.sched.dispatcher import DecodeLoad
 
 
 class Submit(msgspec.Struct, tag=True):
+    """`local`: routed to a decode instance that prefills it itself, then decodes it (no KV moves)."""
+
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
     prompt: str | None = None
+    local: bool = False
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -74,9 +77,13 @@ class DecodeLoadMsg(msgspec.Struct, array_like=True):
     num_heavy: int
     num_light: int
     free_slots: int
+    queued_prompt_tokens: int = 0
+    num_running: int = 0
+    context_tokens: int = 0
 
     def to_load(self) -> DecodeLoad:
-        return DecodeLoad(self.instance_id, self.room_blocks, self.num_heavy, self.num_light, 0, self.free_slots)
+        return DecodeLoad(self.instance_id, self.room_blocks, self.num_heavy, self.num_light, 0, self.free_slots,
+                          self.queued_prompt_tokens, self.num_running, self.context_tokens)
 
 
 class InstanceStats(msgspec.Struct, tag=True):
@@ -99,6 +106,9 @@ class InstanceStats(msgspec.Struct, tag=True):
     kv_transfer_seconds: float
     kv_transfers: int
     kv_transfer_failures: int
+    num_local_prefills: int = 0  # decode role: requests it prefilled itself (adaptive)
+    num_kept_decodes: int = 0  # prefill role: requests it decoded itself (adaptive)
+    step_stats: list[float] = msgspec.field(default_factory=list)  # sched.step_cost.StepStats.to_list()
 
 
 class Ready(msgspec.Struct, tag=True):
@@ -107,6 +117,7 @@ class Ready(msgspec.Struct, tag=True):
     pid: int
     role: str
     max_model_len: int
+    kv_bytes_per_token: int = 0
 
 
 class ClusterReady(msgspec.Struct, tag=True):
@@ -120,6 +131,7 @@ class Snapshot(msgspec.Struct, tag=True):
     time_s: float
     decode_loads: list[DecodeLoadMsg]
     addresses: dict[int, str]
+    step_cost: list[float] = msgspec.field(default_factory=list)  # sched.step_cost.LinearStepCost coefficients
 
 
 class Flip(msgspec.Struct, tag=True):

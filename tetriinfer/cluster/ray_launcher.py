@@ -21,9 +21,9 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 
-from tetriinfer.cluster.controller import ControllerConfig, run_controller
+from tetriinfer.cluster.controller import run_controller
 from tetriinfer.cluster.instance import InstanceConfig, run_instance
-from tetriinfer.cluster.launcher import free_port, plan_instances, resolve_transport
+from tetriinfer.cluster.launcher import controller_config, free_port, plan_instances, resolve_transport
 from tetriinfer.config import ServeConfig
 
 log = logging.getLogger("tetriinfer.ray")
@@ -362,9 +362,8 @@ def start_ray(cfg: ServeConfig, api_address: str, ray_address: str | None) -> Ra
             controller.free_port.remote(plan.controller.host), instances[0].free_port.remote(plan.rendezvous_host)])
         api_address = reachable_address(api_address, driver_ip)
         controller_address = f"tcp://{plan.controller.host}:{controller_port}"
-        controller_cfg = ControllerConfig(api_address, len(instances), plan.controller.host, controller_port,
-                                          cfg.monitor_interval_s, cfg.dead_after_s, cfg.flip,
-                                          remote_instances=remote_instances(plan))
+        controller_cfg = controller_config(cfg, api_address, plan.controller.host, controller_port,
+                                           remote_instances(plan))
         controller_run = controller.run.remote(run_controller, controller_cfg)
 
         configs = instance_configs(cfg, plan, api_address=api_address, controller_address=controller_address,

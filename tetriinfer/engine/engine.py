@@ -58,6 +58,16 @@ class RequestKV:
         return self.k.nbytes + self.v.nbytes
 
 
+@dataclass(frozen=True)
+class StepLoad:
+    """What a step computed, in the terms of a step cost model (`sched.step_cost`)."""
+
+    prefill_tokens: int  # padding included
+    prefill_context: int  # cached tokens the prompt pieces continue from
+    decode_seqs: int
+    decode_context: int
+
+
 @dataclass
 class LaunchedStep:
     """A step queued on the device: the requests it samples a token for, and those tokens."""
@@ -101,6 +111,7 @@ class LLMEngine:
         if self.async_scheduling is None:
             self.async_scheduling = self.device.type == "cuda"
         self._in_flight: LaunchedStep | None = None  # async scheduling: the step queued, not read back
+        self.last_step_load = StepLoad(0, 0, 0, 0)
 
     # ---- setup ---------------------------------------------------------------------------------
     def _max_model_len(self) -> int:
@@ -111,6 +122,11 @@ class LLMEngine:
         if requested is not None and requested > limit:
             raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} tokens")
         return requested or limit
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes of one token (all layers)."""
+        return self.arch.kv_bytes_per_token * (torch.finfo(TORCH_DTYPES[self.config.dtype]).bits // 8)
 
     def _num_blocks(self, model: torch.nn.Module) -> int:
         cache = self.config.cache
@@ -215,6 +231,9 @@ class LLMEngine:
             if self.scheduler.has_work() and self._in_flight is None:
                 raise NoProgress("scheduler made no progress: the KV cache is held by requests awaiting export")
             return None
+        self.last_step_load = StepLoad(sum(p.length for p in plan.prefill) + plan.num_padding,
+                                       sum(p.start for p in plan.prefill), len(plan.decode),
+                                       sum(r.num_computed_tokens for r in plan.decode))
         logits = self.runner.execute(plan, self._tokens_on_device(plan))
         sampled = [p.request for p in plan.prefill if p.completes_prompt] + plan.decode
         tokens = self.sampler(logits, sampled) if sampled else None

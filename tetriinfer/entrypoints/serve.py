@@ -19,7 +19,8 @@ log = logging.getLogger("tetriinfer.serve")
 
 def add_parser(subparsers) -> None:
     from tetriinfer.config import (
-        ADMISSION_POLICIES, COLOCATED_BASELINES, DISPATCH_POLICIES, KV_TRANSPORTS, LAUNCHERS, PREFILL_POLICIES,
+        ADMISSION_POLICIES, COLOCATED_BASELINES, DISAGG_POLICIES, DISPATCH_POLICIES, KV_TRANSPORTS, LAUNCHERS,
+        PREFILL_POLICIES,
         SERVE_MODES, FlipConfig, PolicyConfig, ServeConfig,
     )
 
@@ -47,6 +48,12 @@ def add_parser(subparsers) -> None:
                    help="seconds without a heartbeat before an instance counts as dead")
     g.add_argument("--torch-threads", type=int, default=None, help="CPU threads per CPU instance")
     s = p.add_argument_group("scheduling")
+    s.add_argument("--policy", dest="disagg_policy", default=policy.disagg_policy, choices=DISAGG_POLICIES,
+                   help="disagg mode: adaptive (a decode instance prefills a request itself, a prefill instance "
+                        "decodes one, when that is cheaper) or paper (the fixed split: every prompt on a prefill "
+                        "instance, every decode moved)")
+    s.add_argument("--interference-weight", type=float, default=policy.interference_weight,
+                   help="adaptive: weight of the slowdown a local prefill imposes on running decodes")
     s.add_argument("--prefill-policy", default=policy.prefill_policy, choices=PREFILL_POLICIES)
     s.add_argument("--sort-window", type=int, default=policy.sort_window)
     s.add_argument("--dispatch", default=policy.dispatch_policy, choices=[d for d in DISPATCH_POLICIES if d != "oracle"])
@@ -78,6 +85,7 @@ def serve_config(args: argparse.Namespace):
                                         async_scheduling=args.async_scheduling),
     )
     policy = PolicyConfig(
+        disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,
         prefill_policy=args.prefill_policy, sort_window=args.sort_window, chunk_size=args.chunk_size,
         dispatch_policy=args.dispatch, admission_policy=args.admission, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -113,6 +113,8 @@ class ClusterCollector:
         ("kv_transfer_seconds", "Seconds spent moving KV"),
         ("kv_transfers", "KV transfers done"),
         ("kv_transfer_failures", "KV transfers failed"),
+        ("num_local_prefills", "Requests a decode instance prefilled itself (adaptive disaggregation)"),
+        ("num_kept_decodes", "Requests a prefill instance decoded itself (adaptive disaggregation)"),
     )
 
     def __init__(self, cluster_stats: Callable[[], ClusterStats | None], requests_running: Callable[[], int]):
