@@ -261,6 +261,8 @@ class ServeConfig:
     dead_after_s: float = 5.0
     startup_timeout_s: float = 600.0
     torch_threads: int | None = None  # per CPU instance (default: cores / instances, at least 1)
+    # Instances sharing a GPU under CUDA MPS: percent of the SMs for (prefill, decode) instances.
+    mps_sm_shares: tuple[int, int] | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     flip: FlipConfig = field(default_factory=FlipConfig)
@@ -277,6 +279,11 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.kv_timeout_s <= 0 or self.dead_after_s <= 0 or self.monitor_interval_s <= 0:
             raise ValueError("kv_timeout_s, dead_after_s and monitor_interval_s must be > 0")
+        if self.mps_sm_shares is not None:
+            if self.mode != "disagg":
+                raise ValueError("MPS SM shares are per role: they need the disagg mode (prefill and decode instances)")
+            if len(self.mps_sm_shares) != 2 or not all(1 <= x <= 100 for x in self.mps_sm_shares):
+                raise ValueError(f"mps_sm_shares must be two percentages in 1..100, got {self.mps_sm_shares}")
 
     @property
     def total_instances(self) -> int:

@@ -23,7 +23,7 @@ import random
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -60,6 +60,7 @@ class InstanceConfig:
     stats_interval_s: float = 0.05
     predictor: str | None = None  # a trained predictor's directory; None: the shipped one; "none": constant
     torch_threads: int | None = None  # CPU instances sharing a machine: threads per instance
+    env: dict[str, str] = field(default_factory=dict)  # set before CUDA starts (e.g. an MPS SM share)
 
 
 @dataclass
@@ -657,6 +658,7 @@ class Instance:
 
 def run_instance(config: InstanceConfig) -> None:
     """Process entry point (local launcher and Ray)."""
+    os.environ.update(config.env)
     logging.basicConfig(level=os.environ.get("TETRIINFER_LOG", "WARNING"),
                         format=f"%(asctime)s instance {config.instance_id} %(levelname)s %(message)s")
     try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from tetriinfer.cluster.controller import ControllerConfig, run_controller
 from tetriinfer.cluster.instance import InstanceConfig, run_instance
+from tetriinfer.cluster.mps import MpsDaemon
 from tetriinfer.config import EngineConfig, EngineSchedulerConfig, ServeConfig
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
 
@@ -101,11 +102,12 @@ def plan_instances(cfg: ServeConfig, *, api_address: str, controller_address: st
 
 @dataclass
 class LocalCluster:
-    """The controller and instance processes started on this machine."""
+    """The controller and instance processes started on this machine (and the MPS daemon they share)."""
 
     controller: mp.process.BaseProcess
     instances: list[mp.process.BaseProcess]
     controller_address: str
+    mps: MpsDaemon | None = None
 
     def alive(self) -> list[int]:
         return [i for i, p in enumerate(self.instances) if p.is_alive()]
@@ -122,6 +124,8 @@ class LocalCluster:
             if p.is_alive():
                 p.kill()
                 p.join(2)
+        if self.mps is not None:
+            self.mps.stop()
 
 
 def start_local(cfg: ServeConfig, api_address: str) -> LocalCluster:
@@ -131,6 +135,7 @@ def start_local(cfg: ServeConfig, api_address: str) -> LocalCluster:
     host = "127.0.0.1"
     num_gpus = torch.cuda.device_count() if cfg.engine.device == "cuda" else 0
     devices = instance_devices(cfg, num_gpus)
+    mps = MpsDaemon.start() if cfg.mps_sm_shares else None  # before any process: nothing to clean up if it fails
     controller_cfg = controller_config(cfg, api_address, host, free_port(host))
     controller_address = f"tcp://{host}:{controller_cfg.port}"
     controller = ctx.Process(target=run_controller, args=(controller_cfg,), name="tetriinfer-controller", daemon=True)
@@ -139,7 +144,9 @@ def start_local(cfg: ServeConfig, api_address: str) -> LocalCluster:
     instances = []
     for icfg in plan_instances(cfg, api_address=api_address, controller_address=controller_address,
                                kv_init_method=kv_init, devices=devices, host=host):
+        if mps is not None:
+            icfg = dataclasses.replace(icfg, env=mps.instance_env(icfg.role, cfg.mps_sm_shares))
         p = ctx.Process(target=run_instance, args=(icfg,), name=f"tetriinfer-instance-{icfg.instance_id}", daemon=True)
         p.start()
         instances.append(p)
-    return LocalCluster(controller, instances, controller_address)
+    return LocalCluster(controller, instances, controller_address, mps)

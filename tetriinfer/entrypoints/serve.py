@@ -47,6 +47,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--dead-after", type=float, default=serve.dead_after_s,
                    help="seconds without a heartbeat before an instance counts as dead")
     g.add_argument("--torch-threads", type=int, default=None, help="CPU threads per CPU instance")
+    g.add_argument("--mps-sm-shares", default=None, metavar="P,D",
+                   help="instances sharing a GPU: run them under a CUDA MPS daemon the server starts and stops, "
+                        "prefill instances capped at P%% of the SMs and decode instances at D%% (e.g. 60,60)")
     s = p.add_argument_group("scheduling")
     s.add_argument("--policy", dest="disagg_policy", default=policy.disagg_policy, choices=DISAGG_POLICIES,
                    help="disagg mode: adaptive (a decode instance prefills a request itself, a prefill instance "
@@ -74,6 +77,7 @@ def add_parser(subparsers) -> None:
 
 
 def serve_config(args: argparse.Namespace):
+    from tetriinfer.cluster.mps import parse_sm_shares
     from tetriinfer.config import CacheConfig, EngineConfig, EngineSchedulerConfig, FlipConfig, PolicyConfig, ServeConfig
 
     engine = EngineConfig(
@@ -98,6 +102,7 @@ def serve_config(args: argparse.Namespace):
         served_model_name=args.served_model_name, kv_transport=args.kv_transport, kv_timeout_s=args.kv_timeout,
         predictor=args.predictor, launcher=args.launcher, monitor_interval_s=args.monitor_interval,
         dead_after_s=args.dead_after, torch_threads=args.torch_threads, engine=engine, policy=policy, flip=flip,
+        mps_sm_shares=parse_sm_shares(args.mps_sm_shares) if args.mps_sm_shares else None,
     )
 
 
