@@ -188,9 +188,7 @@ class Instance:
     # ---- main loop -------------------------------------------------------------------------------
     def serve(self) -> None:
         cfg = self.config
-        self.out.send(cfg.controller_address, msg.Ready(
-            self.instance_id, self.inbox.address, os.getpid(), self.role, self.engine.max_model_len,
-            self.engine.kv_bytes_per_token))
+        self._send_ready()
         try:
             while self._running:
                 busy = self.engine.has_unfinished_requests() or bool(self.queue)
@@ -210,6 +208,11 @@ class Instance:
                     self.out.send(cfg.controller_address, self._stats())
         finally:
             self._close()
+
+    def _send_ready(self) -> None:
+        self.out.send(self.config.controller_address, msg.Ready(
+            self.instance_id, self.inbox.address, os.getpid(), self.role, self.engine.max_model_len,
+            self.engine.kv_bytes_per_token))
 
     def _close(self) -> None:
         self._recv_pool.shutdown(wait=False, cancel_futures=True)
@@ -243,6 +246,8 @@ class Instance:
             self._on_flip(message)
         elif isinstance(message, msg.Shutdown):
             self._running = False
+        elif isinstance(message, msg.Register):  # a restarted controller rebuilds its view
+            self._send_ready()
         else:
             log.warning("instance %d: unexpected message %r", self.instance_id, type(message).__name__)
 

@@ -4,7 +4,7 @@ Each process binds one PULL socket (its inbox) and PUSHes to the inboxes of the 
 is one `Message`, encoded with msgpack. Who sends what:
 
     API        -> controller : Submit, Abort, Shutdown
-    controller -> instance   : Submit (routed), Abort, Snapshot, Flip, Shutdown
+    controller -> instance   : Submit (routed), Abort, Snapshot, Flip, Shutdown, Register
     controller -> API        : Routed, InstanceDied, ClusterStats, ClusterReady
     instance   -> controller : Ready, InstanceStats, FlipDone
     instance   -> API        : TokenBatch (tokens stream straight from the instance that made them)
@@ -120,6 +120,10 @@ class Ready(msgspec.Struct, tag=True):
     kv_bytes_per_token: int = 0
 
 
+class Register(msgspec.Struct, tag=True):
+    """A restarted controller to an instance it hears from but does not know: send Ready again."""
+
+
 class ClusterReady(msgspec.Struct, tag=True):
     num_instances: int
     max_model_len: int
@@ -213,7 +217,7 @@ class KVDone(msgspec.Struct, tag=True):
 
 Message = (
     Submit | Abort | Shutdown | Routed | TokenBatch | InstanceStats | Ready | ClusterReady | Snapshot | Flip
-    | FlipDone | InstanceDied | ClusterStats | KVOffer | KVReady | KVCancel | KVPush | KVDone
+    | FlipDone | InstanceDied | ClusterStats | KVOffer | KVReady | KVCancel | KVPush | KVDone | Register
 )
 
 _encoder = msgspec.msgpack.Encoder()
