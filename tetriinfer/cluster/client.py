@@ -36,7 +36,7 @@ class ClusterClient:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
-        self.out = Outboxes()
+        self.out = Outboxes(inbox.wire)
         self._live: dict[str, _Live] = {}
         self._stats: msg.ClusterStats | None = None
         self._ready = asyncio.Event()

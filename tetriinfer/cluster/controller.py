@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from tetriinfer.cluster import messages as msg
-from tetriinfer.cluster.zmq_io import Inbox, Outboxes
+from tetriinfer.cluster.zmq_io import Inbox, Outboxes, Wire
 from tetriinfer.config import FlipConfig
 from tetriinfer.sched.flip import FlipPolicy
 from tetriinfer.sched.global_scheduler import GlobalScheduler
@@ -43,13 +43,14 @@ class ControllerConfig:
     chunk_size: int = 512
     block_size: int = 16
     interference_weight: float = 0.2
+    wire: Wire | None = None  # the cluster's keys and socket directory (cluster.zmq_io): the launcher's
 
 
 class Controller:
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
-        self.inbox = Inbox(config.host, config.port)
-        self.out = Outboxes()
+        self.inbox = Inbox(config.wire, config.host, config.port)
+        self.out = Outboxes(config.wire)
         self.ready: dict[int, msg.Ready] = {}
         self.stats: dict[int, msg.InstanceStats] = {}
         self.last_seen: dict[int, float] = {}

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from tetriinfer.cluster import messages as msg
-from tetriinfer.cluster.zmq_io import Inbox, Outboxes
+from tetriinfer.cluster.zmq_io import Inbox, Outboxes, Wire
 from tetriinfer.config import EngineConfig, FlipConfig, PolicyConfig
 from tetriinfer.sched.admission import AdmissionView, admits
 from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
@@ -61,6 +61,7 @@ class InstanceConfig:
     predictor: str | None = None  # a trained predictor's directory; None: the shipped one; "none": constant
     torch_threads: int | None = None  # CPU instances sharing a machine: threads per instance
     env: dict[str, str] = field(default_factory=dict)  # set before CUDA starts (e.g. an MPS SM share)
+    wire: Wire | None = None  # the cluster's keys and socket directory (cluster.zmq_io): the launcher's
 
 
 @dataclass
@@ -153,8 +154,8 @@ class Instance:
             config.kv_transport, rank=config.instance_id, world_size=config.world_size,
             init_method=config.kv_init_method, device=config.engine.device, timeout_s=config.kv_timeout_s,
         ) if config.role != COLOCATED else None
-        self.inbox = Inbox(config.host)
-        self.out = Outboxes()
+        self.inbox = Inbox(config.wire, config.host)
+        self.out = Outboxes(config.wire)
         self.addresses: dict[int, str] = {}
         self.dispatcher = Dispatcher(config.policy.dispatch_policy, random.Random(config.instance_id))
         # The baselines serve FCFS, as vLLM and Sarathi-Serve do (and as the simulator's do).

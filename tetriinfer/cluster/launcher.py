@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from tetriinfer.cluster.controller import ControllerConfig, run_controller
 from tetriinfer.cluster.instance import InstanceConfig, run_instance
 from tetriinfer.cluster.mps import MpsDaemon
+from tetriinfer.cluster.zmq_io import Wire
 from tetriinfer.config import EngineConfig, EngineSchedulerConfig, ServeConfig
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
 
@@ -65,12 +66,12 @@ def instance_devices(cfg: ServeConfig, num_gpus: int) -> list[str]:
 
 
 def controller_config(cfg: ServeConfig, api_address: str, host: str, port: int | None,
-                      remote_instances: frozenset[int] = frozenset()) -> ControllerConfig:
+                      remote_instances: frozenset[int] = frozenset(), wire: Wire | None = None) -> ControllerConfig:
     return ControllerConfig(
         api_address, cfg.total_instances, host, port, cfg.monitor_interval_s, cfg.dead_after_s, cfg.flip,
         remote_instances, adaptive=cfg.mode == "disagg" and cfg.policy.disagg_policy == "adaptive",
         chunk_size=cfg.engine.scheduler.chunk_size, block_size=cfg.engine.cache.block_size,
-        interference_weight=cfg.policy.interference_weight)
+        interference_weight=cfg.policy.interference_weight, wire=wire)
 
 
 def resolve_transport(cfg: ServeConfig, devices: list[str], multi_node: bool = False) -> str:
@@ -83,7 +84,8 @@ def resolve_transport(cfg: ServeConfig, devices: list[str], multi_node: bool = F
 
 
 def plan_instances(cfg: ServeConfig, *, api_address: str, controller_address: str, kv_init_method: str,
-                   devices: list[str], host: str = "127.0.0.1", multi_node: bool = False) -> list[InstanceConfig]:
+                   devices: list[str], host: str = "127.0.0.1", multi_node: bool = False,
+                   wire: Wire | None = None) -> list[InstanceConfig]:
     roles = instance_roles(cfg)
     transport = resolve_transport(cfg, devices, multi_node)
     threads = cfg.torch_threads
@@ -94,7 +96,7 @@ def plan_instances(cfg: ServeConfig, *, api_address: str, controller_address: st
             instance_id=i, role=role, engine=instance_engine(cfg, role, devices[i]), policy=cfg.policy,
             flip=cfg.flip, controller_address=controller_address, api_address=api_address, host=host,
             kv_transport=transport, kv_init_method=kv_init_method, world_size=len(roles),
-            kv_timeout_s=cfg.kv_timeout_s, predictor=cfg.predictor, torch_threads=threads,
+            kv_timeout_s=cfg.kv_timeout_s, predictor=cfg.predictor, torch_threads=threads, wire=wire,
         )
         for i, role in enumerate(roles)
     ]
@@ -128,7 +130,7 @@ class LocalCluster:
             self.mps.stop()
 
 
-def start_local(cfg: ServeConfig, api_address: str) -> LocalCluster:
+def start_local(cfg: ServeConfig, api_address: str, wire: Wire) -> LocalCluster:
     import torch
 
     ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or zmq state
@@ -136,14 +138,14 @@ def start_local(cfg: ServeConfig, api_address: str) -> LocalCluster:
     num_gpus = torch.cuda.device_count() if cfg.engine.device == "cuda" else 0
     devices = instance_devices(cfg, num_gpus)
     mps = MpsDaemon.start() if cfg.mps_sm_shares else None  # before any process: nothing to clean up if it fails
-    controller_cfg = controller_config(cfg, api_address, host, free_port(host))
-    controller_address = f"tcp://{host}:{controller_cfg.port}"
+    controller_cfg = controller_config(cfg, api_address, host, free_port(host), wire=wire)
+    controller_address = wire.address(host, controller_cfg.port)
     controller = ctx.Process(target=run_controller, args=(controller_cfg,), name="tetriinfer-controller", daemon=True)
     controller.start()
     kv_init = f"tcp://{host}:{free_port(host)}"
     instances = []
     for icfg in plan_instances(cfg, api_address=api_address, controller_address=controller_address,
-                               kv_init_method=kv_init, devices=devices, host=host):
+                               kv_init_method=kv_init, devices=devices, host=host, wire=wire):
         if mps is not None:
             icfg = dataclasses.replace(icfg, env=mps.instance_env(icfg.role, cfg.mps_sm_shares))
         p = ctx.Process(target=run_instance, args=(icfg,), name=f"tetriinfer-instance-{icfg.instance_id}", daemon=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from tetriinfer.cluster.controller import run_controller
 from tetriinfer.cluster.instance import InstanceConfig, run_instance
 from tetriinfer.cluster.launcher import controller_config, free_port, plan_instances, resolve_transport
+from tetriinfer.cluster.zmq_io import Wire
 from tetriinfer.config import ServeConfig
 
 log = logging.getLogger("tetriinfer.ray")
@@ -190,11 +191,11 @@ def reachable_address(address: str, host: str) -> str:
 
 
 def instance_configs(cfg: ServeConfig, plan: RayPlan, *, api_address: str, controller_address: str,
-                     kv_init_method: str) -> list[InstanceConfig]:
+                     kv_init_method: str, wire: Wire | None = None) -> list[InstanceConfig]:
     """The local launcher's plan (roles, engines, transport), with each instance's host and threads."""
     configs = plan_instances(cfg, api_address=api_address, controller_address=controller_address,
                              kv_init_method=kv_init_method, devices=[p.device for p in plan.instances],
-                             multi_node=plan.multi_node)
+                             multi_node=plan.multi_node, wire=wire)
     return [dataclasses.replace(c, host=p.host, torch_threads=p.torch_threads)
             for c, p in zip(configs, plan.instances)]
 
@@ -327,7 +328,7 @@ def cluster_nodes(ray) -> list[NodeInfo]:
             for n in ray.nodes() if n.get("Alive")]
 
 
-def start_ray(cfg: ServeConfig, api_address: str, ray_address: str | None) -> RayCluster:
+def start_ray(cfg: ServeConfig, api_address: str, ray_address: str | None, wire: Wire | None = None) -> RayCluster:
     """Join (or start) a Ray cluster and launch the controller and instances on it.
 
     `ray_address` None: the cluster in $RAY_ADDRESS or the one last started on this machine, else
@@ -363,11 +364,11 @@ def start_ray(cfg: ServeConfig, api_address: str, ray_address: str | None) -> Ra
         api_address = reachable_address(api_address, driver_ip)
         controller_address = f"tcp://{plan.controller.host}:{controller_port}"
         controller_cfg = controller_config(cfg, api_address, plan.controller.host, controller_port,
-                                           remote_instances(plan))
+                                           remote_instances(plan), wire)
         controller_run = controller.run.remote(run_controller, controller_cfg)
 
         configs = instance_configs(cfg, plan, api_address=api_address, controller_address=controller_address,
-                                   kv_init_method=f"tcp://{plan.rendezvous_host}:{kv_port}")
+                                   kv_init_method=f"tcp://{plan.rendezvous_host}:{kv_port}", wire=wire)
         visible: list[str | None] = [None] * len(instances)
         on_gpu = [i for i, p in enumerate(plan.instances) if p.num_gpus]
         if on_gpu:

@@ -133,11 +133,11 @@ async def serve(cfg, ray_address: str | None = None) -> int:
     if cfg.launcher == "ray":
         from tetriinfer.cluster.ray_launcher import start_ray
 
-        cluster = start_ray(cfg, inbox.address, ray_address)
+        cluster = start_ray(cfg, inbox.address, ray_address, inbox.wire)
     else:
         from tetriinfer.cluster.launcher import start_local
 
-        cluster = start_local(cfg, inbox.address)
+        cluster = start_local(cfg, inbox.address, inbox.wire)
     client = ClusterClient(inbox, cluster.controller_address, model_name=cfg.served_model_name or cfg.engine.model,
                            max_model_len=cfg.engine.max_model_len or arch.max_position_embeddings,
                            vocab_size=arch.vocab_size, tokenizer=tokenizer)
