@@ -10,6 +10,7 @@ import glob
 import multiprocessing as mp
 import os
 import queue
+import secrets
 import subprocess
 import sys
 import time
@@ -20,14 +21,8 @@ import msgspec
 import pytest
 import torch
 
-from tetriinfer.cluster.kv_transfer import (
-    TRANSPORTS,
-    KVTransferError,
-    ShmTransport,
-    _decode_ipc,
-    _encode_ipc,
-    make_transport,
-)
+from tetriinfer.cluster.kv import TRANSPORTS, KVTransferError, ShmTransport, make_transport
+from tetriinfer.cluster.kv.cuda_ipc import IPC_FIELDS, decode_ipc, encode_ipc
 from tetriinfer.cluster.launcher import free_port
 from tetriinfer.config import KV_TRANSPORTS
 
@@ -80,11 +75,16 @@ class Peer:
         return msgspec.msgpack.decode(self.conns[peer].recv_bytes())
 
 
-def _worker(rank, world_size, port, kind, scenario_name, timeout_s, device, conns, results):
+CLUSTER_ID = secrets.token_hex(4)  # a spawned worker gets its run's, as instances get their cluster's
+
+
+def _worker(rank, world_size, port, kind, scenario_name, timeout_s, device, conns, results, cluster_id):
+    global CLUSTER_ID
+    CLUSTER_ID = cluster_id
     torch.set_num_threads(1)
     try:
         transport = make_transport(kind, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
-                                   device=device, timeout_s=timeout_s)
+                                   device=device, timeout_s=timeout_s, cluster_id=cluster_id)
         payload = globals()[scenario_name](rank, transport, Peer(conns))
         transport.close()
         results.put((rank, "ok", payload))
@@ -102,9 +102,10 @@ def run_cluster(kind, scenario, world_size=2, timeout_s=30.0, deadline_s=60.0, d
             conns[a][b], conns[b][a] = ctx.Pipe()
     results = ctx.Queue()
     port = free_port()
+    cluster_id = secrets.token_hex(4)
     procs = [ctx.Process(target=_worker, daemon=True,
                          args=(r, world_size, port, kind, scenario.__name__, timeout_s,
-                               devices[r] if devices else "cpu", conns[r], results))
+                               devices[r] if devices else "cpu", conns[r], results, cluster_id))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -304,7 +305,7 @@ MIB64 = (16, 1024, 8, 64)  # float32: 32 MiB each for K and V, 64 MiB in all
 
 def scenario_bandwidth(rank, t, peer: Peer):
     """64 MiB (K + V) rank 0 -> rank 1 through shm and gloo, 3 times each; times on both sides."""
-    shm = ShmTransport()
+    shm = ShmTransport(rank=rank, cluster_id=CLUSTER_ID)
     out = {}
     k, v = make_kv(7, MIB64)  # once: random numbers cost more than the transfer here
     for transport in (shm, t):
@@ -390,14 +391,62 @@ def test_shm_bad_input_names_the_problem():
         make_transport("rdma", rank=0, world_size=2, init_method=None, device="cpu")
     with pytest.raises(ValueError, match="init_method"):
         make_transport("gloo", rank=0, world_size=2, init_method=None, device="cpu")
+    with pytest.raises(ValueError, match="cluster's id"):
+        make_transport("shm", rank=0, world_size=2, init_method=None, device="cpu")
+    with pytest.raises(ValueError, match="hex digits"):
+        ShmTransport(cluster_id="../../etc")
+
+
+def test_shm_receiver_refuses_any_segment_but_the_transfer_own_and_leaves_it_alone():
+    """A KVPush naming another file (outside the cluster, another cluster's, another transfer's or
+    another sender's) must not make the decode side open, let alone unlink, it."""
+    cluster = secrets.token_hex(4)
+    k, v = make_kv(0)
+    sender, receiver = ShmTransport(rank=0, cluster_id=cluster), ShmTransport(rank=1, cluster_id=cluster)
+    victims = [f"tetriinfer-victim-{cluster}", f"tikv{secrets.token_hex(4)}_0_7", f"tikv{cluster}_0_8",
+               f"tikv{cluster}_2_7"]
+    try:
+        for name in victims:
+            with open(f"/dev/shm/{name}", "wb") as f:
+                f.write(b"\0" * 4096)
+        desc = sender.start_send(1, 7, k, v)
+        for name in victims:
+            with pytest.raises(ValueError, match="refused"):
+                receiver.recv(0, 7, {**desc, "name": name}, 1.0)
+            assert os.path.exists(f"/dev/shm/{name}"), f"{name} was unlinked"
+        with pytest.raises(ValueError, match="refused"):
+            receiver.recv(2, 7, desc, 1.0)  # the right name, claimed by another sender
+        got = receiver.recv(0, 7, desc, 1.0)  # the transfer's own segment still arrives
+        assert bitwise_equal(got[0], k) and bitwise_equal(got[1], v)
+    finally:
+        for name in victims:
+            if os.path.exists(f"/dev/shm/{name}"):
+                os.unlink(f"/dev/shm/{name}")
+        sender.close()
+
+
+def test_shm_restarted_rank_removes_what_its_dead_predecessor_left_and_nothing_else():
+    cluster = secrets.token_hex(4)
+    k, v = make_kv(0)
+    dead, other = ShmTransport(rank=0, cluster_id=cluster), ShmTransport(rank=1, cluster_id=cluster)
+    dead.start_send(1, 7, k, v)  # never received: its process "died" (never closed)
+    other.start_send(0, 7, k, v)
+    assert len(shm_segments(f"tikv{cluster}_")) == 2
+    with ShmTransport(rank=0, cluster_id=cluster, remove_stale=True) as successor:
+        assert shm_segments(f"tikv{cluster}_") == [f"/dev/shm/{other.segment_name(7)}"]
+        desc = successor.start_send(1, 7, k, v)  # the same transfer id is free again
+        got = other.recv(0, 7, desc, 1.0)
+        assert bitwise_equal(got[0], k)
+    other.close()
+    assert shm_segments(f"tikv{cluster}_") == []
 
 
 _SEND_SCRIPT = """
 import sys, msgspec, torch
 sys.path.insert(0, {tests!r})
 from test_kv_transfer import make_kv
-from tetriinfer.cluster.kv_transfer import ShmTransport
-t = ShmTransport()
+from tetriinfer.cluster.kv import ShmTransport
+t = ShmTransport(rank=0, cluster_id={cluster!r})
 desc = t.start_send(1, 5, *make_kv(5, dtype=torch.bfloat16))
 t.finish_send(5, 1.0)
 print(msgspec.msgpack.encode(desc).hex())
@@ -407,9 +456,9 @@ _RECV_SCRIPT = """
 import sys, msgspec, torch
 sys.path.insert(0, {tests!r})
 from test_kv_transfer import check_kv, ODD
-from tetriinfer.cluster.kv_transfer import ShmTransport
+from tetriinfer.cluster.kv import ShmTransport
 desc = msgspec.msgpack.decode(bytes.fromhex(sys.argv[1]))
-check_kv(ShmTransport().recv(0, 5, desc, 1.0), 5, ODD, torch.bfloat16)
+check_kv(ShmTransport(rank=1, cluster_id={cluster!r}).recv(0, 5, desc, 1.0), 5, ODD, torch.bfloat16)
 print("ok")
 """
 
@@ -418,14 +467,15 @@ def test_shm_segment_outlives_its_sender_and_no_tracker_complains():
     """Each side in its own interpreter (own resource_tracker): the sender's tracker must not unlink
     the segment when the sender exits, nor warn about it; the receiver's must not either."""
     tests = os.path.join(REPO, "tests")
+    cluster = secrets.token_hex(4)
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    sender = subprocess.run([sys.executable, "-c", _SEND_SCRIPT.format(tests=tests)], capture_output=True,
+    sender = subprocess.run([sys.executable, "-c", _SEND_SCRIPT.format(tests=tests, cluster=cluster)], capture_output=True,
                             text=True, env=env, timeout=60)
     assert sender.returncode == 0, sender.stderr
     assert "resource_tracker" not in sender.stderr and "leaked" not in sender.stderr, sender.stderr
     desc = msgspec.msgpack.decode(bytes.fromhex(sender.stdout.strip()))
     assert os.path.exists(f"/dev/shm/{desc['name']}"), "the segment died with its sender"
-    receiver = subprocess.run([sys.executable, "-c", _RECV_SCRIPT.format(tests=tests), sender.stdout.strip()],
+    receiver = subprocess.run([sys.executable, "-c", _RECV_SCRIPT.format(tests=tests, cluster=cluster), sender.stdout.strip()],
                               capture_output=True, text=True, env=env, timeout=60)
     assert receiver.returncode == 0 and receiver.stdout.strip() == "ok", receiver.stderr
     assert "resource_tracker" not in receiver.stderr and "leaked" not in receiver.stderr, receiver.stderr
@@ -497,19 +547,17 @@ def test_cuda_ipc_descriptor_fields_are_plain_data_and_round_trip():
 
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    from tetriinfer.cluster.kv_transfer import _IPC_FIELDS
-
     # the descriptor's fields are this torch's rebuild_cuda_tensor arguments, in order
-    assert tuple(inspect.signature(rebuild_cuda_tensor).parameters) == _IPC_FIELDS
+    assert tuple(inspect.signature(rebuild_cuda_tensor).parameters) == IPC_FIELDS
     args = (torch.Tensor, torch.Size([10]), (1,), 0, torch.storage.TypedStorage, torch.uint8, 0, b"\x01" * 64,
             512, 128, False, b"/torch_123_ref", 3, b"\x02" * 64, True)
-    fields = _encode_ipc((rebuild_cuda_tensor, args))
+    fields = encode_ipc((rebuild_cuda_tensor, args))
     wire = msgspec.msgpack.decode(msgspec.msgpack.encode(fields))  # plain msgpack, no pickle
-    assert _decode_ipc(wire) == args
+    assert decode_ipc(wire) == args
     with pytest.raises(ValueError, match="unknown classes"):
-        _decode_ipc({**wire, "storage_cls": "os.system"})
+        decode_ipc({**wire, "storage_cls": "os.system"})
     with pytest.raises(ValueError, match="dtype"):
-        _decode_ipc({**wire, "dtype": "load"})
+        decode_ipc({**wire, "dtype": "load"})
 
 
 # ---------------------------------------------------------------------------------------------

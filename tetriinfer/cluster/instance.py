@@ -6,7 +6,7 @@ DECODE admits offered requests (admission policy), reserves their blocks, receiv
 decodes them; COLOCATED (the baselines) runs whole requests. PREFILL and DECODE flip into each
 other on the controller's order, in the same process with the same weights.
 
-Hand-off, prefill P -> decode D (messages in cluster.messages, bytes through cluster.kv_transfer):
+Hand-off, prefill P -> decode D (messages in cluster.messages, bytes through cluster.kv):
     P: prefill done -> predict -> dispatcher picks D -> KVOffer
     D: admission allows -> reserve blocks -> KVReady(transfer_id)
     P: export KV (frees P's blocks) -> start_send -> KVPush(descriptor)
@@ -131,7 +131,7 @@ class Instance:
     def __init__(self, config: InstanceConfig) -> None:
         import torch
 
-        from tetriinfer.cluster.kv_transfer import make_transport
+        from tetriinfer.cluster.kv import make_transport
         from tetriinfer.engine.engine import LLMEngine
         from tetriinfer.predictor.serving import load_predictor
 
@@ -153,6 +153,7 @@ class Instance:
         self.transport = make_transport(
             config.kv_transport, rank=config.instance_id, world_size=config.world_size,
             init_method=config.kv_init_method, device=config.engine.device, timeout_s=config.kv_timeout_s,
+            cluster_id=config.wire.cluster_id,
         ) if config.role != COLOCATED else None
         self.inbox = Inbox(config.wire, config.host)
         self.out = Outboxes(config.wire)

@@ -8,7 +8,7 @@ is one `Message`, encoded with msgpack. Who sends what:
     controller -> API        : Routed, InstanceDied, ClusterStats, ClusterReady
     instance   -> controller : Ready, InstanceStats, FlipDone
     instance   -> API        : TokenBatch (tokens stream straight from the instance that made them)
-    instance   -> instance   : KVOffer, KVReady, KVCancel, KVPush, KVDone (the KV bytes go through `kv_transfer`)
+    instance   -> instance   : KVOffer, KVReady, KVCancel, KVPush, KVDone (the KV bytes go through `cluster.kv`)
 """
 
 from __future__ import annotations

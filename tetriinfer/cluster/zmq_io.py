@@ -67,9 +67,13 @@ class Wire:
         return f"tcp://{host}:{port if port is not None else '*'}"
 
     def remove(self) -> None:
-        """Delete the ipc directory (the API process does, once the cluster has stopped)."""
+        """Delete what the cluster leaves on this host once it has stopped (the API process does):
+        its ipc directory, and the shm segments of KV a killed instance was sending."""
+        from tetriinfer.cluster.kv.shm import cluster_prefix, remove_segments
+
         if self.ipc_dir is not None:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        remove_segments(cluster_prefix(self.cluster_id))
 
 
 class _ClusterKey:
