@@ -345,7 +345,8 @@ def test_metrics_requests_latencies_and_cluster_view(app, backend):
     assert metric_value(text, 'tetriinfer_kv_transfer_seconds_total{instance="0",role="prefill"}') == 0.5
     assert metric_value(text, 'tetriinfer_kv_transfers_total{instance="0",role="prefill"}') == 7
     assert metric_value(text, 'tetriinfer_kv_transfer_failures_total{instance="0",role="prefill"}') == 1
-    assert metric_value(text, 'tetriinfer_instance_info{address="ipc://1",instance="1",pid="1001",role="decode"}') == 1
+    assert metric_value(text, 'tetriinfer_instance_info{instance="1",pid="1001",role="decode"}') == 1
+    assert "ipc://" not in text  # no inbox address is published
     assert metric_value(text, "tetriinfer_instances") == 2
     assert metric_value(text, "tetriinfer_flips_total") == 3
     assert metric_value(text, "tetriinfer_last_flip_seconds") == 0.006

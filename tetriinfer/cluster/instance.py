@@ -6,13 +6,17 @@ DECODE admits offered requests (admission policy), reserves their blocks, receiv
 decodes them; COLOCATED (the baselines) runs whole requests. PREFILL and DECODE flip into each
 other on the controller's order, in the same process with the same weights.
 
-Hand-off, prefill P -> decode D (messages in cluster.messages, bytes through cluster.kv):
-    P: prefill done -> predict -> dispatcher picks D -> KVOffer
-    D: admission allows -> reserve blocks -> KVReady(transfer_id)
+Hand-off, prefill P -> decode D (messages in cluster.messages, bytes through cluster.kv; the code
+in cluster.handoff):
+    P: prefill done -> predict -> dispatcher picks D -> KVOffer(offer_id)
+    D: queue it for admission -> KVHold (renewed every kv_timeout/3 while it waits: a lease)
+    D: admission allows -> reserve blocks -> KVReady(transfer_id, offer_id)
     P: export KV (frees P's blocks) -> start_send -> KVPush(descriptor)
     D: recv into the reserved blocks -> import -> KVDone; tokens now stream from D.
-Any failure (timeout, dead peer, abort) frees what each side holds and ends the request with an
-error delta to the API; nothing waits forever.
+    P, no KVReady yet and D gone from the address book or its lease lapsed: KVCancel(-1) to D, stop
+       offering to D for one kv_timeout, place the request again (another D; adaptive: maybe P).
+Any failure (timeout, dead peer, abort, a message that cannot be sent) frees what each side holds
+and ends the request with an error delta to the API; nothing waits forever.
 """
 
 from __future__ import annotations
@@ -28,16 +32,15 @@ from dataclasses import dataclass, field
 import zmq
 
 from tetriinfer.cluster import messages as msg
+from tetriinfer.cluster.handoff import Assigned, DecodeHandoff, Incoming, Issued, Parked, PrefillHandoff, Queued
 from tetriinfer.cluster.zmq_io import Inbox, Outboxes, Wire
 from tetriinfer.config import EngineConfig, FlipConfig, PolicyConfig
-from tetriinfer.sched.admission import AdmissionView, admits
-from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
-from tetriinfer.sched.lengths import blocks_for, is_heavy_decode, placement_blocks
+from tetriinfer.sched.dispatcher import Dispatcher
+from tetriinfer.sched.lengths import blocks_for
 from tetriinfer.sched.monitor import (
     COLOCATED, DECODE, PREFILL, decode_load_fraction, decode_room_blocks, prefill_load_fraction,
 )
 from tetriinfer.sched.prefill_queue import PrefillQueue
-from tetriinfer.sched.router import keep_on_prefill
 from tetriinfer.sched.step_cost import LinearStepCost, StepStats
 
 log = logging.getLogger("tetriinfer.instance")
@@ -76,44 +79,6 @@ class Pending:
 
 
 @dataclass
-class Parked:
-    """A prefilled request on a prefill instance, its KV held until a decode instance takes it."""
-
-    request_id: str
-    prediction: Future | None
-    need_blocks: int = 0
-    heavy: bool = False
-    reserve_blocks: int = 0
-    predicted_decode_tokens: int = 0
-    decode_left: int = 0  # read by the oracle dispatch policy only; unknown when serving
-    dst: int | None = None  # offered to this decode instance
-    transfer_id: int | None = None
-    deadline: float = 0.0  # while sending: give up after this
-
-
-@dataclass
-class Incoming:
-    """A request admitted on a decode instance: blocks reserved, KV on its way."""
-
-    offer: msg.KVOffer
-    transfer_id: int
-    block_ids: list[int]
-    deadline: float
-    receiving: bool = False
-    cancelled: bool = False
-
-
-@dataclass
-class Assigned:
-    """A request sent to this decode instance and not finished: what the dispatcher's view counts."""
-
-    need_blocks: int
-    heavy: bool
-    reserve_blocks: int
-    predicted_total_tokens: int
-
-
-@dataclass
 class TransferCounters:
     bytes: int = 0
     seconds: float = 0.0
@@ -127,7 +92,7 @@ class FlipState:
     ordered_at: float
 
 
-class Instance:
+class Instance(PrefillHandoff, DecodeHandoff):
     def __init__(self, config: InstanceConfig) -> None:
         import torch
 
@@ -163,14 +128,21 @@ class Instance:
         prefill_policy = "fcfs" if config.role == COLOCATED else config.policy.prefill_policy
         self.queue = PrefillQueue(prefill_policy, config.policy.sort_window)
         self.sent_tokens: dict[str, int] = {}  # output tokens already streamed, per engine request
-        # prefill role
+        # prefill role (cluster.handoff.PrefillHandoff)
         self.parked: dict[str, Parked] = {}
         self.dispatch_wait: deque[Parked] = deque()
         self.sending: dict[int, Parked] = {}  # transfer id -> request whose KV is on its way out
-        # decode role
-        self.offers: deque[msg.KVOffer] = deque()
+        self.decode_loads: list[msg.DecodeLoadMsg] = []  # the last snapshot's
+        self.avoided: dict[int, float] = {}  # decode instance -> offer nothing to it until then
+        self.num_redispatches = 0
+        self._next_offer = 0
+        self._no_decode_since: float | None = None
+        # decode role (cluster.handoff.DecodeHandoff)
+        self.offers: deque[Queued] = deque()
         self.incoming: dict[str, Incoming] = {}
+        self.issued: dict[int, Issued] = {}  # transfer id -> its sender, until a KVPush is due
         self.assigned: dict[str, Assigned] = {}
+        self.kv_pushes_refused = 0
         self.transfers_out = TransferCounters()
         self.transfers_in = TransferCounters()
         self._receives: dict[int, tuple[Future, msg.KVPush]] = {}
@@ -201,7 +173,9 @@ class Instance:
                     self._step()
                 self._dispatch()
                 self._admit()
-                self._poll_transfers()
+                now = time.monotonic()
+                self._poll_prefill(now)
+                self._poll_decode(now)
                 self._flush_deltas()
                 self._maybe_finish_flip()
                 now = time.monotonic()
@@ -236,6 +210,8 @@ class Instance:
             self._on_snapshot(message)
         elif isinstance(message, msg.KVOffer):
             self._on_offer(message)
+        elif isinstance(message, msg.KVHold):
+            self._on_hold(message)
         elif isinstance(message, msg.KVReady):
             self._on_ready(message)
         elif isinstance(message, msg.KVPush):
@@ -326,239 +302,14 @@ class Instance:
         self._deltas.append(msg.TokenDelta.ended(request_id, "error", error))
 
     def _flush_deltas(self) -> None:
-        if self._deltas:
-            self.out.send(self.config.api_address, msg.TokenBatch(self.instance_id, self._deltas))
-            self._deltas = []
-
-    # ---- prefill role: dispatch and send ---------------------------------------------------------
-    def _park(self, req) -> None:
-        parked = self.parked.get(req.request_id)
-        if parked is None:  # flipped from decode while this request was queued: predict now
-            parked = self.parked[req.request_id] = Parked(req.request_id, self.predictor.submit([req.prompt_token_ids]))
-        prompt, max_tokens = len(req.prompt_token_ids), req.sampling.max_tokens
-        lower, upper = 1, max_tokens
-        if parked.prediction is not None:
-            prediction = parked.prediction.result()[0]
-            lower, upper = min(prediction.lower, max_tokens), min(prediction.upper, max_tokens)
-            parked.heavy = is_heavy_decode(prediction.bucket, self.predictor.buckets.granularity,
-                                           self.config.policy.heavy_decode_tokens)
-        parked.need_blocks, parked.reserve_blocks = placement_blocks(
-            prompt, lower, upper, self.block_size, self.capacity_blocks)
-        parked.predicted_decode_tokens = upper
-        self.dispatch_wait.append(parked)
-
-    def _dispatch(self) -> None:
-        if self.role != PREFILL or not self.dispatch_wait:
+        if not self._deltas:
             return
-        if self.adaptive and self.flip is None:
-            self._keep_decodes()
-        for parked, dst in self.dispatcher.place_waiting(self.dispatch_wait, self.config.policy.sort_window):
-            parked.dst = dst
-            req = self.engine.requests[parked.request_id]
-            self._send_to(dst, msg.KVOffer(parked.request_id, self.instance_id, req.num_computed_tokens,
-                                           parked.need_blocks, parked.reserve_blocks, parked.heavy,
-                                           parked.predicted_decode_tokens))
-
-    def _keep_decodes(self) -> None:
-        """Adaptive: prefilled requests that `sched.router.keep_on_prefill` keeps decode here."""
-        for parked in list(self.dispatch_wait):
-            req = self.engine.requests[parked.request_id]
-            if req.num_pending:
-                continue  # its first token is still on the device
-            here = self._own_decode_load(extra_room_blocks=len(req.block_ids))  # its KV is already here
-            if not keep_on_prefill(self.step_cost, here, self.dispatcher.loads, parked.need_blocks,
-                                   req.num_computed_tokens, self.chunk_size):
-                continue
-            self.dispatch_wait.remove(parked)
-            self.parked.pop(parked.request_id, None)
-            self.engine.decode_here(parked.request_id)
-            self.num_kept_decodes += 1
-
-    def _own_decode_load(self, extra_room_blocks: int) -> DecodeLoad:
-        """This instance as a decode site (the prefill role's side of keep_on_prefill)."""
-        running = self.engine.scheduler.running
-        return DecodeLoad(self.instance_id, self.engine.block_manager.num_free_blocks + extra_room_blocks,
-                          free_slots=self.max_num_seqs - len(running),
-                          queued_prompt_tokens=self.queue.pending_tokens + self.engine.scheduler.waiting_tokens,
-                          num_running=len(running), context_tokens=sum(r.num_computed_tokens for r in running))
-
-    def _on_ready(self, ready: msg.KVReady) -> None:
-        parked = self.parked.get(ready.request_id)
-        if parked is None or parked.dst != ready.dst_instance or ready.request_id not in self.engine.requests:
-            self._send_to(ready.dst_instance, msg.KVCancel(ready.request_id, ready.transfer_id, "request is gone"))
-            return
-        kv = self.engine.export_request(ready.request_id)  # frees this side's blocks
-        self.sent_tokens.pop(ready.request_id, None)
-        parked.transfer_id = ready.transfer_id
-        parked.deadline = time.monotonic() + self.config.kv_timeout_s
-        try:
-            descriptor = self.transport.start_send(ready.dst_instance, ready.transfer_id, kv.k, kv.v)
-        except Exception as e:  # noqa: BLE001 - any transport failure ends this request, not the instance
-            self._transfer_failed(parked, f"KV transfer to instance {ready.dst_instance} failed: {e}")
-            return
-        self.sending[ready.transfer_id] = parked
-        self._send_to(ready.dst_instance, msg.KVPush(
-            kv.request_id, self.instance_id, ready.transfer_id, kv.prompt_token_ids, kv.output_token_ids,
-            kv.output_logprobs, kv.sampling, kv.prompt, descriptor))
-        self.transfers_out.bytes += kv.nbytes
-
-    def _on_done(self, done: msg.KVDone) -> None:
-        parked = self.sending.pop(done.transfer_id, None)
-        self.transport.release(done.transfer_id)
-        if parked is None:
-            return
-        self.parked.pop(parked.request_id, None)
-        if done.ok:
-            self.transfers_out.count += 1
-            self.transfers_out.seconds += done.seconds
-        else:  # the decode side reported the error to the API
-            self.transfers_out.failures += 1
-
-    def _transfer_failed(self, parked: Parked, error: str) -> None:
-        self.transfers_out.failures += 1
-        if parked.transfer_id is not None:
-            self.transport.cancel_send(parked.transfer_id)
-            self.sending.pop(parked.transfer_id, None)
-            if parked.dst in self.addresses:
-                self._send_to(parked.dst, msg.KVCancel(parked.request_id, parked.transfer_id, error))
-        self.parked.pop(parked.request_id, None)
-        if parked.request_id in self.engine.requests:
-            self.engine.abort_request(parked.request_id)
-        self._fail(parked.request_id, error)
-
-    # ---- decode role: admit, receive -------------------------------------------------------------
-    def _on_offer(self, offer: msg.KVOffer) -> None:
-        if self.role != DECODE or self.flip is not None:
-            # Offered from a stale view (we flipped or are draining): the prefill side re-dispatches.
-            self._send_to(offer.src_instance, msg.KVCancel(offer.request_id, -1, "not taking requests"))
-            return
-        self.assigned[offer.request_id] = Assigned(offer.need_blocks, offer.heavy, offer.reserve_blocks,
-                                                   offer.num_cached_tokens + offer.predicted_decode_tokens)
-        self.offers.append(offer)
-
-    def _admission_view(self) -> AdmissionView:
-        running = self.engine.scheduler.running
-        reserved = {rid: a.reserve_blocks for rid, a in self.assigned.items()
-                    if rid in self.incoming or rid in self.engine.requests}
-        # The running request predicted to finish first gives its reservation back first.
-        shortest = min(running, key=lambda r: self.assigned[r.request_id].predicted_total_tokens - r.num_tokens
-                       if r.request_id in self.assigned else 1 << 30, default=None)
-        shortest_blocks = reserved.get(shortest.request_id, 0) if shortest is not None else 0
-        return AdmissionView(self.capacity_blocks, self.engine.block_manager.num_free_blocks, sum(reserved.values()),
-                             shortest_blocks, len(running) + len(self.incoming), self.max_num_seqs)
-
-    def _admit(self) -> None:
-        blocks = self.engine.block_manager
-        while self.offers and self.role == DECODE:
-            offer = self.offers[0]
-            now_blocks = blocks_for(offer.num_cached_tokens + 1, self.block_size)
-            if now_blocks > blocks.num_free_blocks:  # no policy admits it (spares building the view)
-                break
-            if not admits(self.config.policy.admission_policy, self._admission_view(), now_blocks, offer.reserve_blocks):
-                break
-            self.offers.popleft()
-            self._next_transfer += 1
-            transfer_id = self.instance_id << 32 | self._next_transfer
-            reserved = blocks.allocate(blocks_for(offer.num_cached_tokens, self.block_size))
-            self.incoming[offer.request_id] = Incoming(offer, transfer_id, reserved,
-                                                       time.monotonic() + self.config.kv_timeout_s)
-            self._send_to(offer.src_instance, msg.KVReady(offer.request_id, self.instance_id, transfer_id))
-
-    def _on_push(self, push: msg.KVPush) -> None:
-        # Always receive, even for a request given up meanwhile: the transport must be drained in order.
-        incoming = self.incoming.get(push.request_id)
-        if incoming is not None:
-            incoming.receiving = True
-        device = self.config.engine.device
-        future = self._recv_pool.submit(self.transport.recv, push.src_instance, push.transfer_id, push.descriptor,
-                                        self.config.kv_timeout_s, device)
-        self._receives[push.transfer_id] = (future, push)
-
-    def _poll_transfers(self) -> None:
-        now = time.monotonic()
-        for transfer_id, (future, push) in list(self._receives.items()):
-            if future.done():
-                del self._receives[transfer_id]
-                self._land(push, future)
-        for rid, incoming in list(self.incoming.items()):
-            if not incoming.receiving and (now > incoming.deadline or incoming.offer.src_instance not in self.addresses):
-                self._drop_incoming(rid, "KV never arrived from instance %d" % incoming.offer.src_instance)
-        for parked in list(self.sending.values()):
-            if now > parked.deadline or parked.dst not in self.addresses:
-                self._transfer_failed(parked, f"KV transfer to instance {parked.dst} timed out or its peer died")
-
-    def _land(self, push: msg.KVPush, future: Future) -> None:
-        from tetriinfer.engine.engine import RequestKV
-
-        incoming = self.incoming.pop(push.request_id, None)
-        error = None
-        try:
-            k, v = future.result()
-        except Exception as e:  # noqa: BLE001
-            error = f"KV transfer from instance {push.src_instance} failed: {e}"
-        if incoming is None or incoming.cancelled or incoming.transfer_id != push.transfer_id:
-            if incoming is not None:
-                self.engine.block_manager.free(incoming.block_ids)
-            self._send_to(push.src_instance, msg.KVDone(push.request_id, push.transfer_id, False, 0.0, "request is gone"))
-            return
-        if error is None:
-            kv = RequestKV(push.request_id, push.prompt, push.prompt_token_ids, push.output_token_ids,
-                           push.output_logprobs, push.sampling, time.monotonic(), None, k, v)
-            try:
-                req = self.engine.import_request(kv, incoming.block_ids)
-            except ValueError as e:
-                error = f"KV from instance {push.src_instance} does not fit: {e}"
-        if error is not None:
-            self.engine.block_manager.free(incoming.block_ids)
-            self.assigned.pop(push.request_id, None)
-            self.transfers_in.failures += 1
-            self._fail(push.request_id, error)
-            self._send_to(push.src_instance, msg.KVDone(push.request_id, push.transfer_id, False, 0.0, error))
-            return
-        seconds = time.monotonic() - (incoming.deadline - self.config.kv_timeout_s)
-        self.transfers_in.count += 1
-        self.transfers_in.bytes += k.nbytes + v.nbytes
-        self.transfers_in.seconds += seconds
-        self.sent_tokens[req.request_id] = len(req.output_token_ids)
-        self._deltas.append(msg.TokenDelta(req.request_id, [], ""))  # ownership moves here
-        self._send_to(push.src_instance, msg.KVDone(push.request_id, push.transfer_id, True, seconds, None))
-
-    def _drop_incoming(self, request_id: str, reason: str) -> None:
-        incoming = self.incoming.pop(request_id)
-        self.engine.block_manager.free(incoming.block_ids)
-        self.assigned.pop(request_id, None)
-        log.warning("instance %d: dropped incoming %s: %s", self.instance_id, request_id, reason)
-
-    def _on_cancel(self, cancel: msg.KVCancel) -> None:
-        rid = cancel.request_id
-        if self.role == PREFILL or rid in self.parked:
-            parked = self.parked.get(rid)
-            if parked is None:
-                return
-            if cancel.transfer_id == -1 and parked.transfer_id is None:
-                parked.dst = None  # the decode instance declined: place it again
-                self.dispatch_wait.append(parked)
-                return
-            self._transfer_failed(parked, f"decode instance gave up the transfer: {cancel.reason}")
-            return
-        self._give_up_incoming(rid, cancel.reason)
-
-    def _give_up_incoming(self, request_id: str, reason: str) -> None:
-        """Decode side: forget a request's offer and free the blocks reserved for its KV."""
-        incoming = self.incoming.get(request_id)
-        if incoming is not None:
-            if incoming.receiving:
-                incoming.cancelled = True  # the receive finishes, then its blocks are freed
-            else:
-                self._drop_incoming(request_id, reason)
-        self._drop_offer(request_id)
-
-    def _drop_offer(self, request_id: str) -> None:
-        for offer in self.offers:
-            if offer.request_id == request_id:
-                self.offers.remove(offer)
-                self.assigned.pop(request_id, None)
-                return
+        deltas, self._deltas = self._deltas, []
+        if not self.out.send(self.config.api_address, msg.TokenBatch(self.instance_id, deltas)):
+            # The API cannot take them (gone or stalled): end the requests rather than run them blind.
+            for delta in deltas:
+                if delta.finish_reason is None:
+                    self._on_abort(delta.request_id)
 
     # ---- abort, snapshot, flip -------------------------------------------------------------------
     def _on_abort(self, request_id: str) -> None:
@@ -582,7 +333,22 @@ class Instance:
         self.addresses = dict(snapshot.addresses)
         if snapshot.step_cost:
             self.step_cost = LinearStepCost(tuple(snapshot.step_cost))
-        self.dispatcher.update([d.to_load() for d in snapshot.decode_loads])
+        self.decode_loads = list(snapshot.decode_loads)
+        self._update_dispatcher()
+
+    def _on_cancel(self, cancel: msg.KVCancel) -> None:
+        rid = cancel.request_id
+        if self.role == PREFILL or rid in self.parked:
+            parked = self.parked.get(rid)
+            if parked is None:
+                return
+            if cancel.transfer_id == -1 and parked.transfer_id is None:
+                if parked.dst is not None:  # the decode instance declined: place it again
+                    self._take_back(parked, cancel.reason, time.monotonic(), withdraw=False)
+                return
+            self._transfer_failed(parked, f"decode instance gave up the transfer: {cancel.reason}")
+            return
+        self._give_up_incoming(rid, cancel.reason, cancel.transfer_id)
 
     def _on_flip(self, flip: msg.Flip) -> None:
         if flip.to_role == self.role or self.role == COLOCATED:
@@ -590,7 +356,7 @@ class Instance:
         self.flip = FlipState(flip.to_role, time.monotonic())
         # Offers not yet admitted go back to their prefill instances, to be placed elsewhere.
         while self.offers:
-            offer = self.offers.popleft()
+            offer = self.offers.popleft().offer
             self.assigned.pop(offer.request_id, None)
             self._send_to(offer.src_instance, msg.KVCancel(offer.request_id, -1, "instance is flipping"))
 
@@ -651,16 +417,19 @@ class Instance:
             running, len(self.dispatch_wait), self.capacity_blocks, used,
             self._decode_load() if self.role == DECODE else None,
             out.bytes + into.bytes, out.seconds + into.seconds, out.count + into.count, out.failures + into.failures,
-            self.num_local_prefills, self.num_kept_decodes, self.step_stats.to_list(),
+            self.num_local_prefills, self.num_kept_decodes, self.step_stats.to_list(), self.num_redispatches,
+            self.kv_pushes_refused, self.out.failures,
         )
 
-    def _send_to(self, instance_id: int, message) -> None:
+    def _send_to(self, instance_id: int, message) -> bool:
+        """Send to another instance; False (logged) when it has no address or its queue stays full:
+        the caller then fails or re-places the request the message was about."""
         address = self.addresses.get(instance_id)
         if address is None:
             log.warning("instance %d: no address for instance %d; dropped %s", self.instance_id, instance_id,
                         type(message).__name__)
-            return
-        self.out.send(address, message)
+            return False
+        return self.out.send(address, message)
 
 
 def run_instance(config: InstanceConfig) -> None:

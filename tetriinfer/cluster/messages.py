@@ -8,7 +8,7 @@ is one `Message`, encoded with msgpack. Who sends what:
     controller -> API        : Routed, InstanceDied, ClusterStats, ClusterReady
     instance   -> controller : Ready, InstanceStats, FlipDone
     instance   -> API        : TokenBatch (tokens stream straight from the instance that made them)
-    instance   -> instance   : KVOffer, KVReady, KVCancel, KVPush, KVDone (the KV bytes go through `cluster.kv`)
+    instance   -> instance   : KVOffer, KVHold, KVReady, KVCancel, KVPush, KVDone (the KV bytes go through `cluster.kv`)
 """
 
 from __future__ import annotations
@@ -109,6 +109,9 @@ class InstanceStats(msgspec.Struct, tag=True):
     num_local_prefills: int = 0  # decode role: requests it prefilled itself (adaptive)
     num_kept_decodes: int = 0  # prefill role: requests it decoded itself (adaptive)
     step_stats: list[float] = msgspec.field(default_factory=list)  # sched.step_cost.StepStats.to_list()
+    kv_redispatches: int = 0  # prefill role: offers withdrawn from a decode instance that died or went silent
+    kv_pushes_refused: int = 0  # decode role: KVPush for a transfer it never issued to that sender
+    send_failures: int = 0  # messages this instance could not send (cluster.zmq_io.Outboxes.failures)
 
 
 class Ready(msgspec.Struct, tag=True):
@@ -164,7 +167,8 @@ class ClusterStats(msgspec.Struct, tag=True):
 
 
 class KVOffer(msgspec.Struct, tag=True):
-    """Prefill -> decode: a prefilled request the dispatcher picked this instance for."""
+    """Prefill -> decode: a prefilled request the dispatcher picked this instance for. `offer_id`
+    (unique per prefill instance) tells this offer's answers from those of an earlier one."""
 
     request_id: str
     src_instance: int
@@ -173,6 +177,17 @@ class KVOffer(msgspec.Struct, tag=True):
     reserve_blocks: int  # prompt + predicted output (upper bound): what admission reserves
     heavy: bool
     predicted_decode_tokens: int
+    offer_id: int = 0
+
+
+class KVHold(msgspec.Struct, tag=True):
+    """Decode -> prefill: the offer waits for admission here. Sent at once and renewed while it
+    waits: a lease. The prefill side takes back (and places again) an offer whose lease lapses, so
+    a decode instance that froze or died before answering holds no request for long."""
+
+    request_id: str
+    dst_instance: int
+    offer_id: int
 
 
 class KVReady(msgspec.Struct, tag=True):
@@ -181,10 +196,12 @@ class KVReady(msgspec.Struct, tag=True):
     request_id: str
     dst_instance: int
     transfer_id: int
+    offer_id: int = 0
 
 
 class KVCancel(msgspec.Struct, tag=True):
-    """Either side gives a transfer up (request aborted or failed): the other frees what it holds."""
+    """Either side gives a transfer up (request aborted or failed): the other frees what it holds.
+    `transfer_id` -1: the whole offer (prefill -> decode: taken back; decode -> prefill: declined)."""
 
     request_id: str
     transfer_id: int
@@ -217,7 +234,7 @@ class KVDone(msgspec.Struct, tag=True):
 
 Message = (
     Submit | Abort | Shutdown | Routed | TokenBatch | InstanceStats | Ready | ClusterReady | Snapshot | Flip
-    | FlipDone | InstanceDied | ClusterStats | KVOffer | KVReady | KVCancel | KVPush | KVDone | Register
+    | FlipDone | InstanceDied | ClusterStats | KVOffer | KVHold | KVReady | KVCancel | KVPush | KVDone | Register
 )
 
 _encoder = msgspec.msgpack.Encoder()

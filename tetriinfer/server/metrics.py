@@ -115,6 +115,9 @@ class ClusterCollector:
         ("kv_transfer_failures", "KV transfers failed"),
         ("num_local_prefills", "Requests a decode instance prefilled itself (adaptive disaggregation)"),
         ("num_kept_decodes", "Requests a prefill instance decoded itself (adaptive disaggregation)"),
+        ("kv_redispatches", "Offers a prefill instance took back from a decode instance that died or went silent"),
+        ("kv_pushes_refused", "KVPush messages refused: not a transfer the decode instance issued to that sender"),
+        ("send_failures", "Messages not sent: the destination's queue stayed full (each failed its request)"),
     )
 
     def __init__(self, cluster_stats: Callable[[], ClusterStats | None], requests_running: Callable[[], int]):
@@ -147,10 +150,11 @@ class ClusterCollector:
                 gauges[name].add_metric(values, float(_instance_value(inst, name)))
             for name, _ in self._INSTANCE_COUNTERS:
                 counters[name].add_metric(values, float(getattr(inst, name)))
-        info = GaugeMetricFamily("tetriinfer_instance_info", "1 per live instance; its pid and inbox as labels",
-                                 labels=["instance", "role", "pid", "address"])
+        # No socket address here: /metrics is unauthenticated, and the inboxes are the cluster's own.
+        info = GaugeMetricFamily("tetriinfer_instance_info", "1 per live instance; its pid as a label",
+                                 labels=["instance", "role", "pid"])
         for inst in stats.instances:
-            info.add_metric([str(inst.instance_id), inst.role, str(inst.pid), inst.address], 1.0)
+            info.add_metric([str(inst.instance_id), inst.role, str(inst.pid)], 1.0)
         yield info
         yield from gauges.values()
         yield from counters.values()
