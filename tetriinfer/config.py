@@ -263,6 +263,12 @@ class ServeConfig:
     torch_threads: int | None = None  # per CPU instance (default: cores / instances, at least 1)
     # Instances sharing a GPU under CUDA MPS: percent of the SMs for (prefill, decode) instances.
     mps_sm_shares: tuple[int, int] | None = None
+    # Reliability (cluster.supervisor, cluster.client): requests without a first token beyond this
+    # get a 429; SIGTERM/SIGINT drain in-flight requests at most this long; a request with no
+    # output for this long fails.
+    max_waiting_requests: int = 1024
+    shutdown_timeout_s: float = 30.0
+    request_idle_timeout_s: float = 600.0
     engine: EngineConfig = field(default_factory=EngineConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     flip: FlipConfig = field(default_factory=FlipConfig)
@@ -279,6 +285,9 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.kv_timeout_s <= 0 or self.dead_after_s <= 0 or self.monitor_interval_s <= 0:
             raise ValueError("kv_timeout_s, dead_after_s and monitor_interval_s must be > 0")
+        if self.max_waiting_requests < 1 or self.shutdown_timeout_s < 0 or self.request_idle_timeout_s <= 0:
+            raise ValueError("max_waiting_requests must be >= 1, shutdown_timeout_s >= 0 and "
+                             "request_idle_timeout_s > 0")
         if self.mps_sm_shares is not None:
             if self.mode != "disagg":
                 raise ValueError("MPS SM shares are per role: they need the disagg mode (prefill and decode instances)")

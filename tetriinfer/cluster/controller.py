@@ -4,7 +4,14 @@ It routes each submitted request to the least-loaded prefill (or colocated) inst
 every instance's stats (its heartbeat), broadcasts the monitor snapshot (decode loads for the
 dispatchers, and the address book) every `monitor_interval_s`, orders flips, and declares an
 instance dead when its heartbeat stops or its process is gone: the API then fails the requests it
-held and nobody routes to it again. It never touches a tensor (no torch import).
+held and nobody routes to it until a new process of that instance (the supervisor's restart, same
+id) sends Ready. It never touches a tensor (no torch import).
+
+A restarted controller (`recovering`: the supervisor in the API process brought it back on the same
+port, which the instances' sockets reconnect to by themselves) starts knowing nothing: the first
+report of each instance gets a Register, which the instance answers with Ready. It broadcasts no
+address book and takes no request until every instance is back or `dead_after_s` has passed, so no
+instance drops a peer it merely has not heard of yet; then it tells the API (ClusterReady).
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ class ControllerConfig:
     block_size: int = 16
     interference_weight: float = 0.2
     wire: Wire | None = None  # the cluster's keys and socket directory (cluster.zmq_io): the launcher's
+    recovering: bool = False  # a restart: rebuild the view from the instances' reports
+
+
+REGISTER_EVERY_S = 1.0  # how often to ask an unknown instance for its Ready again
 
 
 class Controller:
@@ -57,6 +68,7 @@ class Controller:
         self.dead: dict[int, str] = {}
         self.draining: set[int] = set()  # ordered to flip, FlipDone not yet back
         self.pids: dict[int, int] = {}  # instance -> pid, probed each tick (same-machine instances)
+        self.asked: dict[int, float] = {}  # unknown instance -> when it was last sent Register
         self.global_scheduler = GlobalScheduler([])
         self.step_cost = LinearStepCost()  # fitted from the instances' steps each tick
         self.router = AdaptiveRouter(self.step_cost, chunk_size=config.chunk_size,
@@ -93,19 +105,14 @@ class Controller:
             for i in self.live():
                 self.out.send(self.ready[i].address, message)
         elif isinstance(message, msg.InstanceStats):
-            if message.instance_id not in self.dead:
-                self.stats[message.instance_id] = message
-                self.last_seen[message.instance_id] = now
+            i = message.instance_id
+            if i not in self.ready:
+                self._ask_register(message, now)
+            elif i not in self.dead:
+                self.stats[i] = message
+                self.last_seen[i] = now
         elif isinstance(message, msg.Ready):
-            self.ready[message.instance_id] = message
-            self.last_seen[message.instance_id] = now
-            if message.instance_id not in self.config.remote_instances:
-                self.pids[message.instance_id] = message.pid
-            if not self.cluster_ready and len(self.ready) == self.config.num_instances:
-                self.cluster_ready = True
-                self._tick()  # everyone gets the address book before the first request
-                max_len = min(r.max_model_len for r in self.ready.values())
-                self.out.send(self.config.api_address, msg.ClusterReady(len(self.ready), max_len))
+            self._register(message, now)
         elif isinstance(message, msg.FlipDone):
             self.draining.discard(message.instance_id)
             self.num_flips += 1
@@ -117,8 +124,34 @@ class Controller:
                 self.out.send(self.ready[i].address, message)
             self._running = False
 
+    def _ask_register(self, stats: msg.InstanceStats, now: float) -> None:
+        """Stats from an instance this controller has no Ready of (it was restarted): ask for one."""
+        i = stats.instance_id
+        if 0 <= i < self.config.num_instances and now - self.asked.get(i, -REGISTER_EVERY_S) >= REGISTER_EVERY_S:
+            self.asked[i] = now
+            self.out.send(stats.address, msg.Register())
+
+    def _register(self, ready: msg.Ready, now: float) -> None:
+        """An instance (re)joins: at start, after a controller restart, or as a new process of a
+        dead one. A new pid under a live id means the old process is gone: its requests fail."""
+        i = ready.instance_id
+        known = self.ready.get(i)
+        if known is not None and i not in self.dead and known.pid != ready.pid:
+            self._declare_dead(i, f"it was replaced by process {ready.pid}")
+        if self.dead.pop(i, None) is not None:
+            log.warning("instance %d is back as process %d", i, ready.pid)
+        self.ready[i] = ready
+        self.asked.pop(i, None)
+        self.last_seen[i] = now
+        if i not in self.config.remote_instances:
+            self.pids[i] = ready.pid
+        if not self.cluster_ready and len(self.ready) == self.config.num_instances:
+            self._tick()  # everyone gets the address book before the first request
+
     def _route(self, submit: msg.Submit) -> None:
         try:
+            if not self.cluster_ready:
+                raise RuntimeError("not ready")
             prompt = len(submit.prompt_token_ids)
             if self.router is not None and self.step_cost.fitted:  # unfitted: the paper's way
                 route = self.router.route(prompt, blocks_for(prompt + 1, self.config.block_size))
@@ -137,6 +170,8 @@ class Controller:
     def _tick(self) -> None:
         now = time.monotonic()
         self._find_dead(now)
+        became_ready = not self.cluster_ready and self._complete(now)
+        self.cluster_ready = self.cluster_ready or became_ready
         live = [self.stats[i] for i in self.live() if i in self.stats]
         # The role each instance reports, unless it is draining for a flip the controller ordered.
         active = [s for s in live if s.instance_id not in self.draining and not s.draining]
@@ -146,12 +181,22 @@ class Controller:
         self._update_router(live, prefill_loads, decode_loads)
         addresses = {i: self.ready[i].address for i in self.live()}
         snapshot = msg.Snapshot(now - self._start, decode_loads, addresses, list(self.step_cost.coefficients))
-        for i in self.live():
-            self.out.send(self.ready[i].address, snapshot)
-        if self.cluster_ready:
+        if self.cluster_ready:  # a partial address book would make instances give up on peers
+            for i in self.live():
+                self.out.send(self.ready[i].address, snapshot)
             self._flip(now, live, decode_loads)
         self.out.send(self.config.api_address, msg.ClusterStats(
             live, self.num_flips, self.last_flip_s, sorted(self.dead)))
+        if became_ready:
+            max_len = min(r.max_model_len for r in self.ready.values())
+            self.out.send(self.config.api_address, msg.ClusterReady(len(self.ready), max_len))
+
+    def _complete(self, now: float) -> bool:
+        """Every instance has registered; a restarted controller waits for them at most
+        `dead_after_s` (one that stays silent is what a dead one would be)."""
+        if len(self.ready) == self.config.num_instances:
+            return True
+        return self.config.recovering and bool(self.live()) and now - self._start > self.config.dead_after_s
 
     def _update_router(self, live: list[msg.InstanceStats], prefill_loads: dict, decode_loads: list) -> None:
         """Refit the step cost from every live instance's steps; price the KV move from the
@@ -160,10 +205,9 @@ class Controller:
         if self.router is None:
             return
         self.router.cost = self.step_cost
-        moved = sum(s.kv_transfer_bytes for s in live)
-        token_bytes = max((r.kv_bytes_per_token for r in self.ready.values()), default=0)
-        if moved and token_bytes:
-            self.router.kv_seconds_per_token = sum(s.kv_transfer_seconds for s in live) / moved * token_bytes
+        # The KV move is priced at 0: the measured transfer seconds run from reservation to landing,
+        # mostly both instances finishing a step, not the copy (on one H200 they priced a 1k-token
+        # move at ~0.2 s, sending every prompt to the decode instance and leaving the prefill idle).
         self.router.update(prefill_loads, [d.to_load() for d in decode_loads])
 
     def _flip(self, now: float, live: list[msg.InstanceStats], decode_loads: list[msg.DecodeLoadMsg]) -> None:
@@ -192,11 +236,14 @@ class Controller:
             elif i in self.pids and not _pid_alive(self.pids[i]):
                 reason = f"its process {self.pids[i]} exited"
             if reason is not None:
-                self.dead[i] = reason
-                self.stats.pop(i, None)
-                self.draining.discard(i)
-                log.error("instance %d is dead: %s", i, reason)
-                self.out.send(self.config.api_address, msg.InstanceDied(i, reason))
+                self._declare_dead(i, reason)
+
+    def _declare_dead(self, i: int, reason: str) -> None:
+        self.dead[i] = reason
+        self.stats.pop(i, None)
+        self.draining.discard(i)
+        log.error("instance %d is dead: %s", i, reason)
+        self.out.send(self.config.api_address, msg.InstanceDied(i, reason))
 
 
 def _pid_alive(pid: int) -> bool:

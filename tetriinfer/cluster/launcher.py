@@ -3,6 +3,10 @@ the local launcher (one OS process per instance and one for the controller, on t
 
 `plan_instances` is shared with the Ray launcher (`cluster.ray_launcher`), which places the same
 processes on a Ray cluster instead.
+
+Every child runs under `supervisor.supervised_main` (it dies with this process), keeps the config it
+was started with, and can be killed and started again by the supervisor: the controller on the same
+port, an instance with the same id, role, device and engine.
 """
 
 from __future__ import annotations
@@ -13,16 +17,21 @@ import multiprocessing as mp
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tetriinfer.cluster.controller import ControllerConfig, run_controller
 from tetriinfer.cluster.instance import InstanceConfig, run_instance
 from tetriinfer.cluster.mps import MpsDaemon
 from tetriinfer.cluster.zmq_io import Wire
+from tetriinfer.cluster.supervisor import supervised_main
 from tetriinfer.config import EngineConfig, EngineSchedulerConfig, ServeConfig
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
 
 log = logging.getLogger("tetriinfer.launcher")
+
+# KV transports whose instances can be replaced one at a time (gloo and nccl form a process group
+# of fixed membership at start).
+REPLACEABLE_TRANSPORTS = ("shm", "cuda_ipc")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -83,6 +92,12 @@ def resolve_transport(cfg: ServeConfig, devices: list[str], multi_node: bool = F
     return "cuda_ipc" if on_gpu else "shm"
 
 
+def restartable(configs: list[InstanceConfig]) -> bool:
+    """Whether a dead instance can be replaced: colocated instances move no KV; the others need a
+    transport without a process group."""
+    return all(c.role == COLOCATED or c.kv_transport in REPLACEABLE_TRANSPORTS for c in configs)
+
+
 def plan_instances(cfg: ServeConfig, *, api_address: str, controller_address: str, kv_init_method: str,
                    devices: list[str], host: str = "127.0.0.1", multi_node: bool = False,
                    wire: Wire | None = None) -> list[InstanceConfig]:
@@ -104,51 +119,99 @@ def plan_instances(cfg: ServeConfig, *, api_address: str, controller_address: st
 
 @dataclass
 class LocalCluster:
-    """The controller and instance processes started on this machine (and the MPS daemon they share)."""
+    """The controller and instance processes started on this machine (and the MPS daemon they
+    share), with the configs to start each of them again."""
 
-    controller: mp.process.BaseProcess
-    instances: list[mp.process.BaseProcess]
-    controller_address: str
+    controller_config: ControllerConfig
+    instance_configs: list[InstanceConfig]
+    controller: mp.process.BaseProcess | None = None
+    instances: list[mp.process.BaseProcess | None] = field(default_factory=list)
     mps: MpsDaemon | None = None
 
+    def __post_init__(self) -> None:
+        self.restartable = restartable(self.instance_configs)
+        self.controller_address = self.controller_config.wire.address(self.controller_config.host,
+                                                                      self.controller_config.port)
+        self.instances = self.instances or [None] * len(self.instance_configs)
+
     def alive(self) -> list[int]:
-        return [i for i, p in enumerate(self.instances) if p.is_alive()]
+        return [i for i, p in enumerate(self.instances) if p is not None and p.is_alive()]
 
     def controller_alive(self) -> bool:
-        return self.controller.is_alive()
+        return self.controller is not None and self.controller.is_alive()
+
+    def instance_pid(self, i: int) -> int | None:
+        p = self.instances[i]
+        return p.pid if p is not None else None
+
+    def start_controller(self) -> None:
+        """Start the controller; a second start is a restart: same port, rebuilding its view."""
+        cfg = self.controller_config
+        if self.controller is not None:
+            _end(self.controller)
+            cfg = dataclasses.replace(cfg, recovering=True)
+        self.controller = _start_child(run_controller, cfg, "tetriinfer-controller")
+
+    def start_instance(self, i: int) -> None:
+        if self.instances[i] is not None:
+            _end(self.instances[i])
+        self.instances[i] = _start_child(run_instance, self.instance_configs[i], f"tetriinfer-instance-{i}")
+
+    def kill_controller(self) -> None:
+        _end(self.controller)
+
+    def kill_instance(self, i: int) -> None:
+        _end(self.instances[i])
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Wait for a clean exit (the client sent Shutdown), then kill what is left."""
+        """Wait for a clean exit (the client sent Shutdown), then SIGTERM (the children's cleanup
+        runs), then SIGKILL what is left."""
+        procs = [p for p in [self.controller, *self.instances] if p is not None]
         deadline = time.monotonic() + timeout_s
-        for p in [self.controller, *self.instances]:
+        for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
-        for p in [self.controller, *self.instances]:
+        for p in procs:
             if p.is_alive():
-                p.kill()
-                p.join(2)
+                p.terminate()
+        for p in procs:
+            p.join(2)
+            _end(p)
         if self.mps is not None:
             self.mps.stop()
+
+
+def _start_child(entry, config, name: str) -> mp.process.BaseProcess:
+    ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or zmq state
+    p = ctx.Process(target=supervised_main, args=(entry, config, os.getpid()), name=name, daemon=True)
+    p.start()
+    return p
+
+
+def _end(p: mp.process.BaseProcess | None) -> None:
+    """SIGKILL (a frozen process ignores anything else) and reap it: no zombie is left."""
+    if p is None:
+        return
+    if p.is_alive():
+        p.kill()
+    p.join(5)
 
 
 def start_local(cfg: ServeConfig, api_address: str, wire: Wire) -> LocalCluster:
     import torch
 
-    ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or zmq state
     host = "127.0.0.1"
     num_gpus = torch.cuda.device_count() if cfg.engine.device == "cuda" else 0
     devices = instance_devices(cfg, num_gpus)
     mps = MpsDaemon.start() if cfg.mps_sm_shares else None  # before any process: nothing to clean up if it fails
     controller_cfg = controller_config(cfg, api_address, host, free_port(host), wire=wire)
     controller_address = wire.address(host, controller_cfg.port)
-    controller = ctx.Process(target=run_controller, args=(controller_cfg,), name="tetriinfer-controller", daemon=True)
-    controller.start()
     kv_init = f"tcp://{host}:{free_port(host)}"
-    instances = []
-    for icfg in plan_instances(cfg, api_address=api_address, controller_address=controller_address,
-                               kv_init_method=kv_init, devices=devices, host=host, wire=wire):
-        if mps is not None:
-            icfg = dataclasses.replace(icfg, env=mps.instance_env(icfg.role, cfg.mps_sm_shares))
-        p = ctx.Process(target=run_instance, args=(icfg,), name=f"tetriinfer-instance-{icfg.instance_id}", daemon=True)
-        p.start()
-        instances.append(p)
-    return LocalCluster(controller, instances, controller_address, mps)
+    configs = plan_instances(cfg, api_address=api_address, controller_address=controller_address,
+                             kv_init_method=kv_init, devices=devices, host=host, wire=wire)
+    if mps is not None:
+        configs = [dataclasses.replace(c, env=mps.instance_env(c.role, cfg.mps_sm_shares)) for c in configs]
+    cluster = LocalCluster(controller_cfg, configs, mps=mps)
+    cluster.start_controller()
+    for i in range(len(configs)):
+        cluster.start_instance(i)
+    return cluster

@@ -1,15 +1,20 @@
 """`tetriinfer serve`: start a cluster (controller + instance processes) behind the OpenAI API.
 
 With no arguments: the tiny built-in model, one prefill and one decode instance, on the CPU, at
-http://127.0.0.1:8000. This process is the API process (FastAPI under uvicorn).
+http://127.0.0.1:8000. This process is the API process (FastAPI under uvicorn). It owns the
+cluster: a supervisor restarts a controller or instance that dies or freezes, and SIGTERM or SIGINT
+drain in-flight requests (at most --shutdown-timeout; a second signal skips the drain), then stop
+every child.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 
 from tetriinfer.entrypoints.generate import add_engine_arguments
@@ -47,6 +52,12 @@ def add_parser(subparsers) -> None:
     g.add_argument("--dead-after", type=float, default=serve.dead_after_s,
                    help="seconds without a heartbeat before an instance counts as dead")
     g.add_argument("--torch-threads", type=int, default=None, help="CPU threads per CPU instance")
+    g.add_argument("--max-waiting-requests", type=int, default=serve.max_waiting_requests,
+                   help="requests without a first token the cluster holds; beyond it a 429 with Retry-After")
+    g.add_argument("--shutdown-timeout", type=float, default=serve.shutdown_timeout_s,
+                   help="seconds SIGTERM/SIGINT let in-flight requests finish before the cluster stops")
+    g.add_argument("--request-idle-timeout", type=float, default=serve.request_idle_timeout_s,
+                   help="seconds a request may go without output before it fails")
     g.add_argument("--mps-sm-shares", default=None, metavar="P,D",
                    help="instances sharing a GPU: run them under a CUDA MPS daemon the server starts and stops, "
                         "prefill instances capped at P%% of the SMs and decode instances at D%% (e.g. 60,60)")
@@ -103,6 +114,8 @@ def serve_config(args: argparse.Namespace):
         predictor=args.predictor, launcher=args.launcher, monitor_interval_s=args.monitor_interval,
         dead_after_s=args.dead_after, torch_threads=args.torch_threads, engine=engine, policy=policy, flip=flip,
         mps_sm_shares=parse_sm_shares(args.mps_sm_shares) if args.mps_sm_shares else None,
+        max_waiting_requests=args.max_waiting_requests, shutdown_timeout_s=args.shutdown_timeout,
+        request_idle_timeout_s=args.request_idle_timeout,
     )
 
 
@@ -117,9 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(cfg, ray_address: str | None = None) -> int:
-    import uvicorn
-
-    from tetriinfer.cluster.client import ClusterClient
+    from tetriinfer.cluster.client import ClientConfig, ClusterClient
+    from tetriinfer.cluster.supervisor import Supervisor, SupervisorConfig
     from tetriinfer.cluster.zmq_io import AsyncInbox
     from tetriinfer.model.loader import load_arch_and_tokenizer
     from tetriinfer.server.app import create_app
@@ -128,32 +140,116 @@ async def serve(cfg, ray_address: str | None = None) -> int:
     _check_port_free(cfg.host, cfg.port)
     if tokenizer is None:
         raise ValueError(f"model {cfg.engine.model!r} has no tokenizer.json; the server needs one")
+    signals = _Signals(asyncio.get_running_loop(), cfg.shutdown_timeout_s)  # a signal now stops the cluster too
     internal_host = "0.0.0.0" if cfg.launcher == "ray" else "127.0.0.1"
     inbox = AsyncInbox(internal_host)
-    if cfg.launcher == "ray":
-        from tetriinfer.cluster.ray_launcher import start_ray
-
-        cluster = start_ray(cfg, inbox.address, ray_address, inbox.wire)
-    else:
-        from tetriinfer.cluster.launcher import start_local
-
-        cluster = start_local(cfg, inbox.address, inbox.wire)
-    client = ClusterClient(inbox, cluster.controller_address, model_name=cfg.served_model_name or cfg.engine.model,
-                           max_model_len=cfg.engine.max_model_len or arch.max_position_embeddings,
-                           vocab_size=arch.vocab_size, tokenizer=tokenizer)
+    cluster = client = supervising = None
     try:
-        await _wait_ready(client, cluster, cfg.startup_timeout_s)
+        if cfg.launcher == "ray":
+            from tetriinfer.cluster.ray_launcher import start_ray
+
+            cluster = start_ray(cfg, inbox.address, ray_address, inbox.wire)
+        else:
+            from tetriinfer.cluster.launcher import start_local
+
+            cluster = start_local(cfg, inbox.address, inbox.wire)
+        client = ClusterClient(
+            inbox, cluster.controller_address, model_name=cfg.served_model_name or cfg.engine.model,
+            max_model_len=cfg.engine.max_model_len or arch.max_position_embeddings, vocab_size=arch.vocab_size,
+            tokenizer=tokenizer, config=ClientConfig(cfg.max_waiting_requests, idle_timeout_s=cfg.request_idle_timeout_s,
+                                                     silent_after_s=cfg.dead_after_s))
+        if not await _wait_ready(client, cluster, cfg.startup_timeout_s, signals.stop):
+            return 0
+        supervisor = Supervisor(cluster, client, cfg.total_instances, SupervisorConfig(
+            silent_after_s=cfg.dead_after_s, controller_startup_s=cfg.dead_after_s + 30,
+            instance_startup_s=cfg.startup_timeout_s))
+        supervising = asyncio.get_running_loop().create_task(supervisor.run())
         app = create_app(client, api_key=cfg.api_key)
+        app.state.server.metrics.registry.register(supervisor.collector())
         shape = (f"{cfg.num_instances} colocated {cfg.baseline} instance(s)" if cfg.mode == "colocated"
                  else f"{cfg.num_prefill} prefill + {cfg.num_decode} decode instance(s)")
         print(f"TetriInfer serving {client.model_name} on http://{cfg.host}:{cfg.port} ({shape}, "
               f"{cfg.engine.device})", flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
-        await server.serve()
+        server = _uvicorn_server(app, cfg)
+        signals.server, signals.client = server, client
+        if not signals.stop.is_set():
+            await server.serve()
     finally:
-        await client.close()
-        cluster.stop()
+        if supervising is not None:
+            supervising.cancel()
+        if client is not None:
+            await client.close()
+        else:
+            inbox.close()
+        if cluster is not None:
+            cluster.stop()
+        inbox.wire.remove()  # again, now that every child is gone: what they made while stopping
+        signals.remove()
     return 0
+
+
+def _uvicorn_server(app, cfg):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn without its own signal handling: after serve() it re-raises the signal it caught,
+        which would kill this process before the cluster is stopped. `_Signals` drives it instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+        def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+            pass
+
+    # Idle keep-alive connections live longer than clients keep theirs (httpx 5 s, aiohttp 15 s): with
+    # uvicorn's 5 s a client reusing a connection as the server closes it saw "server disconnected".
+    # `_Signals` ends the requests still running at the drain's deadline; uvicorn cancels what has
+    # not answered FLUSH_S later (a stream nobody reads).
+    return Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                 timeout_graceful_shutdown=cfg.shutdown_timeout_s + FLUSH_S, timeout_keep_alive=75))
+
+
+FLUSH_S = 2.0  # after the drain: for the requests ended by it to send their error and close
+
+
+class _Signals:
+    """SIGTERM / SIGINT: the first stops taking requests (uvicorn closes its socket) and lets the
+    running ones finish for `drain_s`, then ends those left with "server shutting down"; a second
+    signal skips the rest of the drain."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, drain_s: float) -> None:
+        self.loop = loop
+        self.drain_s = drain_s
+        self.stop = asyncio.Event()
+        self.server = None
+        self.client = None
+        for sig in self.SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.stop.is_set():
+            if self.server is not None:
+                self.server.force_exit = True
+            return
+        self.stop.set()
+        log.warning("%s: draining in-flight requests (at most %g s), then stopping the cluster",
+                    signal.Signals(sig).name, self.drain_s)
+        if self.server is not None:
+            self.server.should_exit = True
+            self.loop.call_later(self.drain_s, self._drain_over)
+
+    def _drain_over(self) -> None:
+        from tetriinfer.server.backend import SHUTTING_DOWN
+
+        if self.client is not None:
+            self.client.fail_all(SHUTTING_DOWN)
+
+    def remove(self) -> None:
+        for sig in self.SIGNALS:
+            self.loop.remove_signal_handler(sig)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -167,16 +263,22 @@ def _check_port_free(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-async def _wait_ready(client, cluster, timeout_s: float) -> None:
-    """Wait for every instance's Ready; fail fast when a process dies while starting."""
+async def _wait_ready(client, cluster, timeout_s: float, stop: asyncio.Event) -> bool:
+    """Wait for every instance's Ready; fail fast when a process dies while starting. False when a
+    signal asked to stop first."""
     start = asyncio.get_running_loop().create_task(client.start(timeout_s))
-    while not start.done():
-        await asyncio.sleep(0.2)
-        alive = set(cluster.alive())
-        dead = [i for i in range(len(cluster.instances)) if i not in alive]
-        if dead or not cluster.controller_alive():
-            start.cancel()
-            which = f"instance(s) {dead}" if dead else "the controller"
-            print(f"tetriinfer serve: error: {which} exited while starting; see the log above", file=sys.stderr)
-            raise SystemExit(1)
-    start.result()
+    try:
+        while not start.done():
+            await asyncio.wait([start], timeout=0.2)
+            if stop.is_set():
+                return False
+            alive = set(cluster.alive())
+            dead = [i for i in range(len(cluster.instances)) if i not in alive]
+            if dead or not cluster.controller_alive():
+                which = f"instance(s) {dead}" if dead else "the controller"
+                print(f"tetriinfer serve: error: {which} exited while starting; see the log above", file=sys.stderr)
+                raise SystemExit(1)
+        start.result()
+        return True
+    finally:
+        start.cancel()

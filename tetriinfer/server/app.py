@@ -5,7 +5,9 @@ The server reads the body (limits.py: JSON only, bounded), then parses, validate
 in a worker thread (bad input: 4xx with an OpenAI error body, before anything reaches the backend),
 then streams the backend's TokenDeltas out as one JSON body or as server-sent events. A request
 whose client goes away is aborted on the backend. A request the cluster cannot take now (no prefill
-instance, still starting) is a 503 with Retry-After; other backend failures are a 500.
+instance, still starting, the controller restarting) is a 503 with Retry-After, one beyond the
+backend's waiting limit a 429 with Retry-After; other backend failures are a 500. /health is a 503
+while the backend is not healthy (starting, controller down or silent, a role missing).
 
 Choices worth knowing (they differ from OpenAI in small ways):
 - One prompt per request: batched prompts and n > 1 are refused with a 400.
@@ -152,7 +154,7 @@ class OpenAIServer:
             self.metrics.finished_ok(job.timing, len(job.prompt_token_ids))
             return JSONResponse(self._final_body(job, outcome["output"]))
         if "error" in outcome:
-            self.metrics.count("error")
+            self.metrics.count("rejected" if outcome["error"].status == 429 else "error")
             return error_response(outcome["error"])
         self.metrics.count("aborted")
         return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
@@ -204,7 +206,8 @@ class OpenAIServer:
                         yield self._content_chunk(job, delta, text_offset)
                     check_final(delta)
             except Exception as e:
-                outcome, error = "error", failure(job, e)
+                error = failure(job, e)
+                outcome = "rejected" if error.status == 429 else "error"
                 if not (out.token_ids or out.text):  # nothing sent: a plain error response
                     yield error
                     return

@@ -41,7 +41,15 @@ class Backend(Protocol):
 # The cluster's errors (cluster/controller.py, cluster/client.py) that mean it cannot take a request
 # now, but may soon: answered 503 with Retry-After instead of 500. Matched on the message until
 # TokenDelta carries a typed error kind.
-UNAVAILABLE_ERRORS = ("no prefill instance is available", "the cluster is still starting", "server shutting down")
+SHUTTING_DOWN = "server shutting down"
+CONTROLLER_DOWN = "the controller is restarting"
+NOT_ROUTED = "the controller did not place the request in time"
+UNAVAILABLE_ERRORS = ("no prefill instance is available", "the cluster is still starting", SHUTTING_DOWN,
+                      CONTROLLER_DOWN, NOT_ROUTED, "no decode instance is available")
+
+
+class Overloaded(Exception):
+    """Raised by `generate` before anything starts: too many requests are waiting (a 429)."""
 
 
 def is_unavailable(error: str) -> bool:

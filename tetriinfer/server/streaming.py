@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from tetriinfer.cluster.messages import TokenDelta
 from tetriinfer.sampling_params import SamplingParams
-from tetriinfer.server.backend import is_unavailable
+from tetriinfer.server.backend import Overloaded, is_unavailable
 from tetriinfer.server.metrics import RequestTiming
 from tetriinfer.server.protocol import APIError
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 1  # on a 503: the cluster is starting or has no prefill instance right now
+RETRY_AFTER_S = 1  # on a 503 (the cluster is starting or has no prefill instance right now) or a 429
 
 
 @dataclass
@@ -75,7 +75,11 @@ def check_final(delta: TokenDelta) -> None:
 
 
 def failure(job: Job, e: Exception) -> APIError:
-    """A failed request's answer: 503 + Retry-After when the cluster cannot take it now, else 500."""
+    """A failed request's answer: 429 + Retry-After when too many wait, 503 + Retry-After when the
+    cluster cannot take it now, else 500."""
+    if isinstance(e, Overloaded):
+        return APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
     if not isinstance(e, BackendFailure):
         logger.exception("request %s failed", job.request_id)
     message = str(e) or type(e).__name__
