@@ -54,7 +54,8 @@ def sim_config(cfg, seed: int = 0):
     return SimConfig(cluster, cfg.policy, cfg.flip, seed=seed)
 
 
-def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], args, out: Path) -> dict:
+def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], args, out: Path,
+               save=lambda result: None) -> dict:
     cfg = serve_config(flags)
     instances = cfg.total_instances
     print(f"$ tetriinfer serve {' '.join(flags)}", flush=True)
@@ -79,6 +80,7 @@ def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], a
             if args.profile:
                 run["sim"] = dataclasses.asdict(_simulate(cfg, specs, args.profile))
             result["runs"][f"{workload}/{arrival}"] = run
+            save(result)  # a run cut short by a time limit keeps what it measured
             print(f"{name} {workload}/{arrival}: {len(load.records)} done, {len(load.failures)} failed", flush=True)
     finally:
         server.stop(60)
@@ -138,6 +140,9 @@ def main() -> None:
                    help="comma-separated: lpld,lphd,hpld,hphd,mixed,azure-conv,...; A>B runs mix A then mix B "
                         "(a shifting mix, for the flip)")
     p.add_argument("--arrivals", default="closed", help="comma-separated: closed and/or Poisson rates")
+    p.add_argument("--runs", default=None,
+                   help="comma-separated WORKLOAD@ARRIVAL pairs (e.g. mixed@6,conversation@24), instead of "
+                        "every workload at every arrival")
     p.add_argument("--num-requests", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=8192, help="drop requests longer than this")
     p.add_argument("--vocab-size", type=int, default=128000, help="prompt token ids are drawn below this")
@@ -149,18 +154,24 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for workload in args.workloads.split(","):
-        for arrival in args.arrivals.split(","):
-            rate = None if arrival == "closed" else float(arrival)
-            phases = [build_specs(mix, args.num_requests, rate=rate, seed=0, max_total_tokens=args.max_model_len)
-                      for mix in workload.split(">")]
-            runs.append((workload, arrival, back_to_back(*phases)))
+    pairs = ([tuple(item.split("@", 1)) for item in args.runs.split(",")] if args.runs else
+             [(w, a) for w in args.workloads.split(",") for a in args.arrivals.split(",")])
+    for workload, arrival in pairs:
+        rate = None if arrival == "closed" else float(arrival)
+        phases = [build_specs(mix, args.num_requests, rate=rate, seed=0, max_total_tokens=args.max_model_len)
+                  for mix in workload.split(">")]
+        runs.append((workload, arrival, back_to_back(*phases)))
     results = {"commit": os.environ.get("TETRIINFER_COMMIT", "unknown"), "device": _device(), "args": vars(args),
                "systems": {}}
     for item in args.system:
         name, _, flags = item.partition("=")
+        def save(result, name=name):
+            results["systems"][name] = result
+            (out / "serve-bench.json").write_text(json.dumps(results, indent=1))
+
         try:
-            results["systems"][name] = run_system(name, shlex.split(args.common) + shlex.split(flags), runs, args, out)
+            results["systems"][name] = run_system(name, shlex.split(args.common) + shlex.split(flags), runs, args, out,
+                                                  save)
         except Exception as e:  # noqa: BLE001 - keep the other systems' results
             results["systems"][name] = {"error": str(e)}
             print(f"{name}: FAILED {e}", flush=True)

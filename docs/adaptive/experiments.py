@@ -13,6 +13,8 @@ Writes raw JSON and a figure; prints the markdown tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import time
@@ -151,15 +153,23 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default=str(HERE / "sweep.json"))
+    parser.add_argument("--report-only", action="store_true", help="tables and figure from an existing --out")
     args = parser.parse_args()
-    todo = cells(args.requests)
-    start = time.time()
-    with ProcessPoolExecutor(args.jobs) as pool:
-        rows = list(tqdm(pool.map(run_cell, todo), total=len(todo), desc="cells"))
-    Path(args.out).write_text(json.dumps({"requests_per_cell": args.requests, "rows": rows}, indent=1))
-    print(f"wrote {args.out} ({time.time() - start:.0f} s)")
-    print_tables(rows)
-    plot(rows, Path(args.out).with_suffix(".png"))
+    out = Path(args.out)
+    if args.report_only:
+        rows = json.loads(out.read_text())["rows"]
+    else:
+        start = time.time()
+        todo = cells(args.requests)
+        with ProcessPoolExecutor(args.jobs) as pool:
+            rows = list(tqdm(pool.map(run_cell, todo), total=len(todo), desc="cells"))
+        out.write_text(json.dumps({"requests_per_cell": args.requests, "rows": rows}, indent=1))
+        print(f"wrote {out} ({time.time() - start:.0f} s)")
+    with contextlib.redirect_stdout(io.StringIO()) as tables:
+        print_tables(rows)
+    out.with_suffix(".md").write_text(tables.getvalue())
+    print(tables.getvalue())
+    plot(rows, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ async def run_load(
     failures: list[RequestFailure] = []
     # limit=0: aiohttp's default pool of 100 connections would queue requests silently and skew
     # their send times; --concurrency is the one cap.
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)  # below any server's idle timeout
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         if model is None:
             model = await fetch_model_name(session, url, api_key)
