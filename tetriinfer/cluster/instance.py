@@ -187,8 +187,7 @@ class Instance(PrefillHandoff, DecodeHandoff):
 
     def _send_ready(self) -> None:
         self.out.send(self.config.controller_address, msg.Ready(
-            self.instance_id, self.inbox.address, os.getpid(), self.role, self.engine.max_model_len,
-            self.engine.kv_bytes_per_token))
+            self.instance_id, self.inbox.address, os.getpid(), self.role, self.engine.max_model_len))
 
     def _close(self) -> None:
         self._recv_pool.shutdown(wait=False, cancel_futures=True)

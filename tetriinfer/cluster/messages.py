@@ -120,7 +120,6 @@ class Ready(msgspec.Struct, tag=True):
     pid: int
     role: str
     max_model_len: int
-    kv_bytes_per_token: int = 0
 
 
 class Register(msgspec.Struct, tag=True):
