@@ -28,6 +28,7 @@ from tetriinfer.sched.monitor import DECODE, PREFILL
 from tetriinfer.sched.router import keep_on_prefill
 
 log = logging.getLogger("tetriinfer.instance")
+NO_DECODE_INSTANCE = "no decode instance is available"  # server.backend answers it 503 (retry later)
 
 
 @dataclass
@@ -148,7 +149,8 @@ class PrefillHandoff:
         timeout = self.config.kv_timeout_s
         for parked in [p for p in self.dispatch_wait if now - max(p.waiting_since, self._no_decode_since) > timeout]:
             self.dispatch_wait.remove(parked)
-            self._transfer_failed(parked, f"no decode instance was available for {timeout:g} s")
+            log.error("instance %d: no decode instance for %g s", self.instance_id, timeout)
+            self._transfer_failed(parked, NO_DECODE_INSTANCE)
 
     def _take_back(self, parked: Parked, why: str, now: float, withdraw: bool = True) -> None:
         """Place an offered request again (its KV is still here): `withdraw` tells D to forget it."""

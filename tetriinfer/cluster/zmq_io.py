@@ -35,6 +35,7 @@ log = logging.getLogger("tetriinfer.zmq")
 HIGH_WATER_MARK = 100_000  # messages queued per socket and direction
 MAX_MESSAGE_BYTES = 32 * 2**20  # a request body is at most 8 MiB (server.limits); its messages fit
 SEND_TIMEOUT_S = 0.1
+CLOSE_LINGER_S = 0.5  # a closed Outboxes still delivers what it queued last (a Shutdown) for this long
 WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
 _MAX_IPC_PATH = 100  # sun_path holds 108 bytes
 
@@ -232,6 +233,7 @@ class Outboxes:
             return False
 
     def close(self) -> None:
+        """Close every socket; what is still queued gets CLOSE_LINGER_S to leave (in the background)."""
         for socket in self._sockets.values():
-            socket.close(linger=0)
+            socket.close(linger=int(CLOSE_LINGER_S * 1000))
         self._sockets.clear()
