@@ -159,12 +159,17 @@ class Controller:
             else:
                 instance_id = self.global_scheduler.pick(prompt)
         except RuntimeError:
-            error = "no prefill instance is available" if self.cluster_ready else "the cluster is still starting"
-            self.out.send(self.config.api_address, msg.TokenBatch(-1, [
-                msg.TokenDelta.ended(submit.request_id, "error", error)]))
+            self._reject(submit, "no prefill instance is available" if self.cluster_ready
+                         else "the cluster is still starting")
             return
-        self.out.send(self.ready[instance_id].address, submit)
+        if not self.out.send(self.ready[instance_id].address, submit):  # its inbox stayed full: frozen or dead
+            self._reject(submit, "no prefill instance is available")
+            return
         self.out.send(self.config.api_address, msg.Routed(submit.request_id, instance_id))
+
+    def _reject(self, submit: msg.Submit, error: str) -> None:
+        self.out.send(self.config.api_address, msg.TokenBatch(-1, [
+            msg.TokenDelta.ended(submit.request_id, "error", error)]))
 
     # ---- the monitor tick --------------------------------------------------------------------------
     def _tick(self) -> None:
