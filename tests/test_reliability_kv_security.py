@@ -96,7 +96,7 @@ def test_an_offer_to_a_frozen_decode_instance_is_taken_back_when_its_lease_lapse
         server.wait_until(lambda: server.metric_sum("tetriinfer_kv_redispatches_total") >= 1, 5,
                           "the offers to the frozen instance counted as taken back")
         server.wait_until(lambda: kv_held(server) == 0, 20, "the thawed instance to free what it reserved")
-        time.sleep(2.5)  # the avoidance of the frozen instance has expired: it takes offers again
+        time.sleep(4.5)  # the prefill instance avoids the frozen one for 2 x --kv-timeout, then offers to it again
         assert [status for status, _, _ in complete_all(server, 8)] == [200] * 8
         server.wait_until(lambda: kv_held(server) == 0, 20, "every KV block freed")
 
@@ -115,7 +115,7 @@ def test_with_its_only_decode_instance_frozen_a_request_fails_within_two_kv_time
             os.kill(frozen, signal.SIGCONT)
         for status, body, seconds in results:
             assert status == 503 and "no decode instance" in body["error"]["message"], body
-            assert 2 <= seconds < 2 * 2 + 3, seconds
+            assert 2 <= seconds < 2 * 2 + 4, seconds
         print(f"\nonly decode instance frozen: 503 after {max(s for _, _, s in results):.2f} s")
         server.wait_until(lambda: complete(server, 0)[0] == 200, 20, "serving again once thawed")
         server.wait_until(lambda: kv_held(server) == 0, 20, "every KV block freed")

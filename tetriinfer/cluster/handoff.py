@@ -5,8 +5,8 @@ Every wait here has a deadline, all of `--kv-timeout` (`InstanceConfig.kv_timeou
 - an offer P made waits for D's answer under a lease: D answers KVHold at once and renews it every
   third of the timeout while the offer waits for admission; a lease that lapses (D froze, or died
   before the controller noticed) or a D that leaves the address book (the controller found it
-  dead) makes P take the offer back, stop offering to that D for one timeout, and place the request
-  again from the dispatch queue (another D, or, adaptive, decoding it on P);
+  dead) makes P take the offer back, stop offering to that D for two timeouts, and place the
+  request again from the dispatch queue (another D, or, adaptive, decoding it on P);
 - a prefilled request with no decode instance to go to fails after one timeout;
 - D drops blocks reserved for KV that never comes; P fails a send not acknowledged in time.
 D receives only the transfers it issued (id and sender as in its KVReady), and checks the size.
@@ -164,8 +164,9 @@ class PrefillHandoff:
         self.dispatch_wait.append(parked)
 
     def _avoid(self, dst: int, now: float) -> None:
-        """Offer nothing to `dst` for one KV timeout, or until it answers again."""
-        self.avoided[dst] = now + self.config.kv_timeout_s
+        """Offer nothing to `dst` for two KV timeouts, or until it answers again: longer than a
+        request taken back from it waits for another decode instance before failing."""
+        self.avoided[dst] = now + 2 * self.config.kv_timeout_s
         self._update_dispatcher()
 
     def _heard_from(self, dst: int) -> None:

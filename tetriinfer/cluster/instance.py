@@ -14,7 +14,7 @@ in cluster.handoff):
     P: export KV (frees P's blocks) -> start_send -> KVPush(descriptor)
     D: recv into the reserved blocks -> import -> KVDone; tokens now stream from D.
     P, no KVReady yet and D gone from the address book or its lease lapsed: KVCancel(-1) to D, stop
-       offering to D for one kv_timeout, place the request again (another D; adaptive: maybe P).
+       offering to D for 2 x kv_timeout, place the request again (another D; adaptive: maybe P).
 Any failure (timeout, dead peer, abort, a message that cannot be sent) frees what each side holds
 and ends the request with an error delta to the API; nothing waits forever.
 """
