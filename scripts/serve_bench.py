@@ -50,8 +50,7 @@ def sim_config(cfg, seed: int = 0):
     cluster = ClusterConfig(system=cfg.baseline if colocated else "tetriinfer", num_prefill=cfg.num_prefill,
                             num_decode=cfg.num_decode, num_instances=cfg.num_instances, model=cfg.engine.model,
                             block_size=cfg.engine.cache.block_size)
-    # serve_config sets policy.chunk_size and engine.scheduler.chunk_size both from --chunk-size
-    return SimConfig(cluster, cfg.policy, cfg.flip, seed=seed)
+    return SimConfig(cluster, cfg.policy, cfg.flip, seed=seed, scheduler=cfg.engine.scheduler)
 
 
 def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], args, out: Path,

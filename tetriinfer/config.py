@@ -113,22 +113,20 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 class PolicyConfig:
     """Every scheduling policy knob of one cluster (the `sched` objects read these).
 
-    `chunk_size` is the prefill chunk of TetriInfer and disagg and the per-step token budget
-    (decodes + prompt tokens) of the `sarathi` baseline; `max_num_batched_tokens` bounds one
-    whole-prompt prefill step of the `vllm` baseline.
+    What one instance's step may hold (`chunk_size`, `max_num_seqs`) is the engine's knob
+    (`EngineSchedulerConfig`), read by the real cluster and the simulator alike.
+    `max_num_batched_tokens` bounds one whole-prompt prefill step of the `vllm` baseline.
     """
 
     disagg_policy: str = "adaptive"
     prefill_policy: str = "sjf"
     sort_window: int = 16
-    chunk_size: int = 512
     dispatch_policy: str = "power2"
     admission_policy: str = "reserve_dynamic"
     bucket_size: int = 200
     predictor_accuracy: float = 0.749
     heavy_prompt_tokens: int = 512
     heavy_decode_tokens: int = 128
-    max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     # Adaptive disaggregation (sched.router): how much the slowdown a local prefill imposes on a
     # decode instance's running requests (seconds, summed over them) counts against prefilling there.
@@ -141,7 +139,7 @@ class PolicyConfig:
         _check_choice("prefill_policy", self.prefill_policy, PREFILL_POLICIES)
         _check_choice("dispatch_policy", self.dispatch_policy, DISPATCH_POLICIES)
         _check_choice("admission_policy", self.admission_policy, ADMISSION_POLICIES)
-        for name in ("sort_window", "chunk_size", "bucket_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("sort_window", "bucket_size", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.predictor_accuracy <= 1.0:
@@ -216,13 +214,16 @@ class SLOConfig:
 
 @dataclass
 class SimConfig:
-    """One simulated run: cluster, policies, flip, SLOs and the seed of every random choice."""
+    """One simulated run: cluster, policies, flip, SLOs, the seed of every random choice, and each
+    instance's step shape (`scheduler.chunk_size`: the prefill chunk of TetriInfer and disagg and
+    the per-step token budget of `sarathi`; `scheduler.max_num_seqs`), as a served engine has it."""
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     flip: FlipConfig = field(default_factory=FlipConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
     seed: int = 0
+    scheduler: EngineSchedulerConfig = field(default_factory=EngineSchedulerConfig)
 
 
 # --- Serving cluster (issue 4) --------------------------------------------------------------------
@@ -240,7 +241,7 @@ class ServeConfig:
     `disagg`: `num_prefill` + `num_decode` instances (the paper's system). `colocated`:
     `num_instances` instances each running whole requests with the `baseline` step policy (`vllm`:
     prefill first, whole prompts up to `policy.max_num_batched_tokens` per step; `sarathi`: decodes
-    plus prompt chunks up to `policy.chunk_size` tokens per step). `engine` is the template every
+    plus prompt chunks up to `engine.scheduler.chunk_size` tokens per step). `engine` is the template every
     instance's engine is built from (its device `cuda` becomes `cuda:i` for instance i).
     """
 

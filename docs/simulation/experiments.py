@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tetriinfer.bench.metrics import LatencyStats, Summary
 from tetriinfer.bench.workload import RequestSpec, make_workload
-from tetriinfer.config import ClusterConfig, FlipConfig, PolicyConfig, SimConfig
+from tetriinfer.config import ClusterConfig, EngineSchedulerConfig, FlipConfig, PolicyConfig, SimConfig
 from tetriinfer.sim.cluster import simulate
 from tetriinfer.sim.cost import RooflineCostModel
 
@@ -32,11 +32,12 @@ H100 = ("h100", "llama3-8b")
 
 
 def config(system: str, hardware: tuple[str, str], prefill: int = 1, decode: int = 1, instances: int = 1,
-           flip: FlipConfig | None = None, seed: int = 0, **policy) -> SimConfig:
+           flip: FlipConfig | None = None, seed: int = 0, chunk_size: int = 512, **policy) -> SimConfig:
     gpu, model = hardware
     cluster = ClusterConfig(system=system, num_prefill=prefill, num_decode=decode, num_instances=instances,
                             gpu=gpu, model=model)
-    return SimConfig(cluster, PolicyConfig(**policy), flip or FlipConfig(), seed=seed)
+    return SimConfig(cluster, PolicyConfig(**policy), flip or FlipConfig(), seed=seed,
+                     scheduler=EngineSchedulerConfig(chunk_size=chunk_size))
 
 
 def poisson(mix: str, num_requests: int, rate: float, max_total_tokens: int = 8192) -> list[RequestSpec]:

@@ -101,8 +101,8 @@ def serve_config(args: argparse.Namespace):
     )
     policy = PolicyConfig(
         disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,
-        prefill_policy=args.prefill_policy, sort_window=args.sort_window, chunk_size=args.chunk_size,
-        dispatch_policy=args.dispatch, admission_policy=args.admission, max_num_seqs=args.max_num_seqs,
+        prefill_policy=args.prefill_policy, sort_window=args.sort_window,
+        dispatch_policy=args.dispatch, admission_policy=args.admission,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )
     flip = FlipConfig(enabled=args.flip, idle_s=args.flip_idle, cooldown_s=args.flip_cooldown)

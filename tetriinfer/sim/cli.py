@@ -16,11 +16,12 @@ from tetriinfer.config import (
     PREFILL_POLICIES,
     SYSTEMS,
     ClusterConfig,
+    EngineSchedulerConfig,
     FlipConfig,
     PolicyConfig,
 )
 
-_POLICY, _CLUSTER = PolicyConfig(), ClusterConfig()
+_POLICY, _CLUSTER, _STEP = PolicyConfig(), ClusterConfig(), EngineSchedulerConfig()
 
 
 def add_parser(subparsers) -> None:
@@ -46,7 +47,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--decode-instances", type=int, default=_CLUSTER.num_decode)
     p.add_argument("--instances", type=int, default=None,
                    help="colocated baseline instances (default: prefill + decode instances, equal GPUs)")
-    p.add_argument("--chunk-size", type=int, default=_POLICY.chunk_size)
+    p.add_argument("--chunk-size", type=int, default=_STEP.chunk_size)
     p.add_argument("--policy", dest="disagg_policy", default=_POLICY.disagg_policy, choices=DISAGG_POLICIES,
                    help="tetriinfer: adaptive (a decode instance prefills a request itself, a prefill instance "
                         "decodes one, when cheaper) or paper (the fixed split)")
@@ -57,7 +58,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dispatch", default=_POLICY.dispatch_policy, choices=DISPATCH_POLICIES)
     p.add_argument("--admission", default=_POLICY.admission_policy, choices=ADMISSION_POLICIES)
     p.add_argument("--accuracy", type=float, default=_POLICY.predictor_accuracy, help="length predictor accuracy")
-    p.add_argument("--max-num-seqs", type=int, default=_POLICY.max_num_seqs)
+    p.add_argument("--max-num-seqs", type=int, default=_STEP.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=_POLICY.max_num_batched_tokens)
     p.add_argument("--flip", action="store_true", help="let idle instances flip between prefill and decode")
     p.add_argument("--ttft-slo", type=float, default=None, help="seconds")
@@ -98,11 +99,13 @@ def build_config(args: argparse.Namespace, system: str):
     )
     policy = PolicyConfig(
         disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,
-        prefill_policy=args.prefill_policy, sort_window=args.sort_window, chunk_size=args.chunk_size,
+        prefill_policy=args.prefill_policy, sort_window=args.sort_window,
         dispatch_policy=args.dispatch, admission_policy=args.admission, predictor_accuracy=args.accuracy,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
-    return SimConfig(cluster, policy, FlipConfig(enabled=args.flip), SLOConfig(args.ttft_slo, args.tpot_slo), args.seed)
+    step = EngineSchedulerConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs)
+    return SimConfig(cluster, policy, FlipConfig(enabled=args.flip), SLOConfig(args.ttft_slo, args.tpot_slo), args.seed,
+                     step)
 
 
 def run(args: argparse.Namespace) -> int:

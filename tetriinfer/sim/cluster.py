@@ -87,6 +87,7 @@ class ClusterSim:
         self.predictor = predictor
         cluster, policy = config.cluster, config.policy
         self.system = cluster.system
+        self.chunk_size = config.scheduler.chunk_size
         self.block_size = cluster.block_size
         self.capacity_blocks = cost.kv_capacity_tokens() // cluster.block_size
         if self.capacity_blocks < 1:
@@ -106,7 +107,7 @@ class ClusterSim:
         self.router = None  # adaptive disaggregation: the router places each new request
         if self.adaptive:
             kv_seconds_per_token = self._transfer_time(1 << 16) / (1 << 16)
-            self.router = AdaptiveRouter(cost, chunk_size=policy.chunk_size, kv_seconds_per_token=kv_seconds_per_token,
+            self.router = AdaptiveRouter(cost, chunk_size=config.scheduler.chunk_size, kv_seconds_per_token=kv_seconds_per_token,
                                          interference_weight=policy.interference_weight)
         self.flip_policy = FlipPolicy(config.flip) if config.flip.enabled and not cluster.colocated else None
         if self.system == "tetriinfer" and policy.dispatch_policy != "oracle" and predictor is None:
@@ -122,31 +123,31 @@ class ClusterSim:
         return self.system == "tetriinfer" and self.config.policy.disagg_policy == "adaptive"
 
     def _shape(self, policy: str, token_budget: int, pad: bool = False) -> StepShape:
-        return StepShape(policy, token_budget, self.config.policy.max_num_seqs, self.block_size, pad)
+        return StepShape(policy, token_budget, self.config.scheduler.max_num_seqs, self.block_size, pad)
 
     def _new_prefill(self, i: int, generation: int = 0) -> PrefillInstance:
         p = self.config.policy
         if self.system == "disagg":  # no prediction: FCFS, unpadded chunks, least-loaded placement
             queue, dispatcher = PrefillQueue("fcfs"), Dispatcher("least_loaded")
-            shape = self._shape("chunked", p.chunk_size)
+            shape = self._shape("chunked", self.chunk_size)
         else:
             queue = PrefillQueue(p.prefill_policy, p.sort_window)
             dispatcher = Dispatcher(p.dispatch_policy, self._rng(i, generation))
             # Adaptive: mixed steps, as it may decode requests it keeps; the paper: padded chunks.
-            shape = self._shape("mixed", p.chunk_size) if self.adaptive else self._shape("chunked", p.chunk_size, True)
+            shape = self._shape("mixed", self.chunk_size) if self.adaptive else self._shape("chunked", self.chunk_size, True)
         return PrefillInstance(i, shape, queue, dispatcher, self.capacity_blocks, self.cost)
 
     def _new_decode(self, i: int) -> DecodeInstance:
         p = self.config.policy
         admission = "greedy" if self.system == "disagg" else p.admission_policy
-        return DecodeInstance(i, self._shape("mixed", p.chunk_size), self.capacity_blocks, admission, self.cost)
+        return DecodeInstance(i, self._shape("mixed", self.chunk_size), self.capacity_blocks, admission, self.cost)
 
     def _new_colocated(self, i: int) -> ColocatedInstance:
         p = self.config.policy
         if self.system == "vllm":
             shape = self._shape("whole", p.max_num_batched_tokens)
         else:
-            shape = self._shape("mixed", p.chunk_size)
+            shape = self._shape("mixed", self.chunk_size)
         return ColocatedInstance(i, shape, PrefillQueue("fcfs"), self.capacity_blocks, self.cost)
 
     def _prefill_ids(self) -> list[int]:
@@ -324,13 +325,13 @@ class ClusterSim:
 
     def _keep_on_prefill(self, inst: PrefillInstance) -> None:
         """Adaptive: prefilled requests that `sched.router.keep_on_prefill` keeps decode here."""
-        p = self.config.policy
+        max_num_seqs = self.config.scheduler.max_num_seqs
         kept = []
         for req in inst.dispatch_wait:
-            here = DecodeLoad(inst.instance_id, inst.free_blocks, free_slots=p.max_num_seqs - inst.batch.num_running,
+            here = DecodeLoad(inst.instance_id, inst.free_blocks, free_slots=max_num_seqs - inst.batch.num_running,
                               queued_prompt_tokens=inst.queue.pending_tokens, num_running=inst.batch.num_running,
                               context_tokens=inst.batch.total_context)
-            if keep_on_prefill(self.cost, here, inst.dispatcher.loads, req.need_blocks, req.kv_len, p.chunk_size):
+            if keep_on_prefill(self.cost, here, inst.dispatcher.loads, req.need_blocks, req.kv_len, self.chunk_size):
                 kept.append(req)
                 inst.start_decoding(req)
         for req in kept:
@@ -344,7 +345,7 @@ class ClusterSim:
             if inst.role == DECODE:
                 fraction = inst.load_fraction()
             else:
-                fraction = prefill_load_fraction(inst.load_tokens, cfg.policy.chunk_size, cfg.flip.prefill_pressure_chunks)
+                fraction = prefill_load_fraction(inst.load_tokens, self.chunk_size, cfg.flip.prefill_pressure_chunks)
             statuses.append(InstanceStatus(inst.instance_id, inst.role, fraction, inst.draining))
         active = [i for i in self.instances.values() if not i.draining]
         prefill_loads = {i.instance_id: i.load_tokens for i in active if i.role != DECODE}
