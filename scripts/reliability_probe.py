@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures as cf
 import json
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from tetriinfer.bench.server_process import ServerProcess
+from tetriinfer.bench.server_process import ServerProcess, process_running as running
 
 ARGS = ["--num-blocks", "256", "--chunk-size", "64", "--max-model-len", "512", "--dead-after", "2"]
 ENV = {"OMP_NUM_THREADS": "1", "TETRIINFER_LOG": "WARNING"}
@@ -30,34 +29,6 @@ ROWS: list[dict] = []
 
 def start(flags: list[str]) -> ServerProcess:
     return ServerProcess.start(flags, Path(tempfile.mkdtemp()) / "serve.log", env=ENV)
-
-
-def pids(server) -> dict[int, tuple[str, int]]:
-    out = {}
-    for key in server.metrics():
-        if key.startswith("tetriinfer_instance_info{"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', key))
-            out[int(labels["instance"])] = (labels["role"], int(labels["pid"]))
-    return out
-
-
-def children(pid: int) -> set[int]:
-    out = set()
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[1]) == pid and "spawn_main" in Path(f"/proc/{entry}/cmdline").read_text():
-                out.add(int(entry))
-        except (OSError, IndexError, ValueError):
-            pass
-    return out
-
-
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def rss_mb(pid: int) -> float:
@@ -129,8 +100,8 @@ def summary(results: list[tuple[int, str, float]]) -> str:
 # ---- faults --------------------------------------------------------------------------------------
 def controller_faults(server) -> None:
     for fault in (signal.SIGKILL, signal.SIGSTOP):
-        instances = {pid for _, pid in pids(server).values()}
-        (controller,) = children(server.process.pid) - instances
+        instances = {pid for _, pid in server.instance_pids().values()}
+        (controller,) = server.cluster_pids() - instances
         with cf.ThreadPoolExecutor(2) as pool:
             routed = pool.submit(post, server, req(300))
             until(lambda: server.metric_sum("tetriinfer_num_running") > 0, 10)
@@ -151,7 +122,7 @@ def post_ended(server, body) -> tuple[int, str, float, float]:
 
 
 def instance_faults(server, fault: int, victim_role: str) -> None:
-    before = pids(server)
+    before = server.instance_pids()
     victim = next(i for i, (role, _) in before.items() if role == victim_role)
     with cf.ThreadPoolExecutor(4) as pool:
         busy = [pool.submit(post_ended, server, req(400, f"story {i}")) for i in range(4)]
@@ -162,7 +133,7 @@ def instance_faults(server, fault: int, victim_role: str) -> None:
         results = [f.result() for f in busy]
     failed = [end - t for status, _, _, end in results if status != 200]
     old_pid = before[victim][1]
-    back = until(lambda: pids(server).get(victim, (None, old_pid))[1] != old_pid and serving(server), 60)
+    back = until(lambda: server.instance_pids().get(victim, (None, old_pid))[1] != old_pid and serving(server), 60)
     name = "kill -9" if fault == signal.SIGKILL else "SIGSTOP (frozen)"
     row(f"{victim_role} instance {name}; 4 requests of 400 tokens running", summary([r[:3] for r in results]),
         round(max(failed), 2) if failed else None, round(time.monotonic() - t, 2) if back >= 0 else None,
@@ -213,7 +184,7 @@ def overload() -> None:
 
 def shutdown(kind: int) -> None:
     server = start([*ARGS, "--max-model-len", "4096", "--num-blocks", "512", "--shutdown-timeout", "5"])
-    kids = children(server.process.pid)
+    kids = server.cluster_pids()
     with cf.ThreadPoolExecutor(2) as pool:
         short = pool.submit(post, server, req(60))
         long = pool.submit(post, server, req(4000, "long"))
@@ -258,7 +229,7 @@ def soak(n: int, concurrency: int, rounds: int) -> list[dict]:
     each child before and after each round."""
     server = start(["--num-blocks", "1024", "--chunk-size", "64", "--max-model-len", "512"])
     try:
-        procs = [server.process.pid, *sorted(children(server.process.pid))]
+        procs = [server.process.pid, *sorted(server.cluster_pids())]
         asyncio.run(_soak(server.url, 50, 50))  # warm up
         out = []
         for _ in range(rounds):

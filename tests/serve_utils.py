@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Callable
 
@@ -32,15 +31,6 @@ class Server(ServerProcess):
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    def instance_pids(self) -> dict[int, tuple[str, int]]:
-        """instance id -> (role, pid), from the tetriinfer_instance_info gauge."""
-        out = {}
-        for key in self.metrics():
-            if key.startswith("tetriinfer_instance_info{"):
-                labels = dict(re.findall(r'(\w+)="([^"]*)"', key))
-                out[int(labels["instance"])] = (labels["role"], int(labels["pid"]))
-        return out
 
     def wait_until(self, predicate, timeout_s: float = 30.0, what: str = "condition"):
         return wait_until(predicate, timeout_s, what,

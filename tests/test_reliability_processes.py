@@ -15,51 +15,17 @@ import httpx
 import pytest
 
 from serve_utils import start_server, wait_until
+from tetriinfer.bench.server_process import process_running as running
 from test_ray_launcher import local_ray  # noqa: F401 (a fixture)
 from tetriinfer.cluster.supervisor import SupervisorConfig, _Component
 
 ARGS = ["--num-blocks", "256", "--chunk-size", "64", "--max-model-len", "512", "--dead-after", "2"]
 
 
-def child_pids(pid: int) -> set[int]:
-    """Processes whose parent is `pid` (from /proc)."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.add(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def cluster_pids(server) -> set[int]:
-    """The server's controller and instances (its multiprocessing children, not the resource tracker)."""
-    pids = set()
-    for pid in child_pids(server.process.pid):
-        try:
-            with open(f"/proc/{pid}/cmdline") as f:
-                if "spawn_main" in f.read():
-                    pids.add(pid)
-        except OSError:
-            pass
-    return pids
-
-
 def controller_pid(server) -> int:
     instances = {pid for _, pid in server.instance_pids().values()}
-    (pid,) = cluster_pids(server) - instances
+    (pid,) = server.cluster_pids() - instances
     return pid
-
-
-def running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def complete(server, max_tokens: int = 4, timeout: float = 60) -> httpx.Response:
@@ -164,7 +130,7 @@ def test_sigterm_drains_in_flight_requests_then_leaves_no_process_or_shared_memo
     server = start_server(["--num-blocks", "512", "--chunk-size", "64", "--max-model-len", "4096",
                            "--shutdown-timeout", "4"], tmp_path)
     try:
-        children = cluster_pids(server)
+        children = server.cluster_pids()
         assert len(children) == 3
         with cf.ThreadPoolExecutor(2) as pool:
             short = pool.submit(complete, server, 60)
@@ -180,7 +146,7 @@ def test_sigterm_drains_in_flight_requests_then_leaves_no_process_or_shared_memo
         took = time.monotonic() - started
         assert took < 4 + 10, took  # the unread stream holds it no longer than --shutdown-timeout
         unread.close()
-        wait_until(lambda: not any(running(p) for p in children | child_pids(server.process.pid)), 10,
+        wait_until(lambda: not any(running(p) for p in children), 10,
                    "every child to exit")
         assert kv_segments() - shm_before == set()
     finally:
@@ -190,7 +156,7 @@ def test_sigterm_drains_in_flight_requests_then_leaves_no_process_or_shared_memo
 def test_children_exit_on_their_own_when_the_api_process_is_killed(tmp_path):
     server = start_server(ARGS, tmp_path)
     try:
-        children = cluster_pids(server)
+        children = server.cluster_pids()
         assert len(children) == 3
         server.process.kill()  # no cleanup at all in the API process
         server.process.wait(10)

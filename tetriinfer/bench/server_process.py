@@ -4,6 +4,7 @@ healthy, read its Prometheus metrics, stop it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,6 +82,28 @@ class ServerProcess:
                 total += value
         return total
 
+    def instance_pids(self) -> dict[int, tuple[str, int]]:
+        """instance id -> (role, pid), from the tetriinfer_instance_info gauge."""
+        out = {}
+        for key in self.metrics():
+            if key.startswith("tetriinfer_instance_info{"):
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', key))
+                out[int(labels["instance"])] = (labels["role"], int(labels["pid"]))
+        return out
+
+    def cluster_pids(self) -> set[int]:
+        """The controller's and instances' pids: the server's multiprocessing children (Linux /proc),
+        not its resource tracker."""
+        pids = set()
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == self.process.pid and "spawn_main" in Path(f"/proc/{entry}/cmdline").read_text():
+                    pids.add(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass  # gone meanwhile
+        return pids
+
     def kv_counters(self) -> dict[str, float]:
         """KV transfer totals so far (both ends of a transfer count it: halved) and instance flips,
         from one GET /metrics: {'bytes', 'seconds', 'count', 'failures', 'flips'}."""
@@ -99,3 +122,11 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+
+def process_running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (Linux /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
