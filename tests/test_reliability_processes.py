@@ -105,6 +105,29 @@ def test_a_killed_or_frozen_instance_is_replaced_with_its_id_and_role_and_serves
         assert_no_kv_held(server)
 
 
+def test_a_request_with_no_output_for_the_idle_timeout_fails_instead_of_hanging(tmp_path):
+    # The decode instance freezes and the controller is told to wait a minute: the client's own
+    # deadline ends the requests; once the instance thaws, the aborts free its KV.
+    with start_server([*ARGS[:-2], "--dead-after", "60", "--request-idle-timeout", "2", "--policy", "paper"],
+                      tmp_path) as server:
+        decode = server.wait_for_instances(2)[1][1]
+        with cf.ThreadPoolExecutor(2) as pool:
+            busy = [pool.submit(complete, server, 480) for _ in range(2)]
+            server.wait_until(lambda: server.metric_sum("tetriinfer_num_running", instance=1) == 2, 20,
+                              "both requests decoding")
+            os.kill(decode, signal.SIGSTOP)
+            started = time.monotonic()
+            try:
+                answers = [f.result(30) for f in busy]
+            finally:
+                os.kill(decode, signal.SIGCONT)
+        assert time.monotonic() - started < 2 + 3
+        for r in answers:
+            assert r.status_code == 500 and r.json()["error"]["message"] == "no output for 2 s"
+        assert_no_kv_held(server)
+        assert serving(server)
+
+
 # ---- shutdown ----------------------------------------------------------------------------------------
 def open_unread_stream(server, max_tokens: int) -> socket.socket:
     """A streaming request whose response is never read."""
@@ -189,6 +212,17 @@ def test_requests_beyond_max_waiting_get_a_429_with_retry_after_and_an_openai_er
         assert server.metric_sum("tetriinfer_requests_total", outcome="rejected") == len(rejected)
         assert complete(server).status_code == 200  # nothing was left counted as waiting
         assert_no_kv_held(server)
+
+
+@pytest.mark.parametrize("flag, value", [("--max-waiting-requests", "0"), ("--shutdown-timeout", "-1"),
+                                         ("--request-idle-timeout", "0")])
+def test_bad_reliability_flags_are_refused_before_anything_starts(capsys, flag, value):
+    from tetriinfer.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", flag, value])
+    assert exit_info.value.code == 2
+    assert "max_waiting_requests must be >= 1, shutdown_timeout_s >= 0" in capsys.readouterr().err
 
 
 # ---- the restart backoff -----------------------------------------------------------------------------
