@@ -36,6 +36,7 @@ def config(system: str, hardware: tuple[str, str], prefill: int = 1, decode: int
     gpu, model = hardware
     cluster = ClusterConfig(system=system, num_prefill=prefill, num_decode=decode, num_instances=instances,
                             gpu=gpu, model=model)
+    policy.setdefault("disagg_policy", "paper")  # this page reproduces the paper's fixed split (docs/adaptive.md: the default)
     return SimConfig(cluster, PolicyConfig(**policy), flip or FlipConfig(), seed=seed,
                      scheduler=EngineSchedulerConfig(chunk_size=chunk_size))
 
