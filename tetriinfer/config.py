@@ -20,11 +20,15 @@ class CacheConfig:
 
     `num_blocks` wins when given; otherwise the cache takes `memory_fraction` of the device's
     memory minus what the weights already use (default 0.9 on a GPU, 0.05 of RAM on a CPU).
+
+    `enable_prefix_caching`: full blocks stay cached (evictable, LRU) after their request, keyed by
+    their tokens and all before them, and a new request prefills only what no cached block holds.
     """
 
     block_size: int = 16
     num_blocks: int | None = None
     memory_fraction: float | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

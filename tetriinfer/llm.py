@@ -16,7 +16,8 @@ from tetriinfer.sampling_params import SamplingParams
 class LLM:
     """An engine on one device. Keyword arguments are the fields of EngineConfig (model, dtype,
     device, load_format, attention_backend, seed, max_model_len), CacheConfig (block_size,
-    num_blocks, memory_fraction) and EngineSchedulerConfig (chunk_size, max_num_seqs, step_policy)."""
+    num_blocks, memory_fraction, enable_prefix_caching) and EngineSchedulerConfig (chunk_size,
+    max_num_seqs, step_policy)."""
 
     def __init__(self, model: str = "tiny", **kwargs):
         cache_keys = set(CacheConfig.__dataclass_fields__)

@@ -14,6 +14,7 @@ from tetriinfer.config import EngineConfig
 from tetriinfer.engine.block_manager import BlockManager
 from tetriinfer.engine.detokenizer import IncrementalDetokenizer
 from tetriinfer.engine.model_runner import ModelRunner, TokensOnDevice
+from tetriinfer.engine.prefix_cache import PrefixCache
 from tetriinfer.engine.request import (
     CompletionOutput,
     Request,
@@ -104,7 +105,8 @@ class LLMEngine:
                                   self.device, TORCH_DTYPES[config.dtype], self.max_model_len,
                                   config.scheduler.max_num_seqs, config.scheduler.chunk_size, use_graphs,
                                   mixed_steps=config.scheduler.step_policy == "mixed")
-        self.scheduler = EngineScheduler(config.scheduler, self.block_manager)
+        self.prefix_cache = PrefixCache.for_engine(config, self.block_manager)  # None when off
+        self.scheduler = EngineScheduler(config.scheduler, self.block_manager, self.prefix_cache)
         self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.async_scheduling = config.scheduler.async_scheduling
@@ -239,6 +241,7 @@ class LLMEngine:
         tokens = self.sampler(logits, sampled) if sampled else None
         for piece in plan.prefill:
             piece.request.num_computed_tokens = piece.start + piece.length
+            self.scheduler.on_prefilled(piece.request)
         for req in plan.decode:
             req.num_computed_tokens += 1
         for req in sampled:
@@ -341,6 +344,7 @@ class LLMEngine:
             )],
             finished=finished,
             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time),
+            num_cached_tokens=req.num_cached_tokens or 0,
         )
 
     def decode_here(self, request_id: str) -> Request:

@@ -45,6 +45,11 @@ class Request:
     finish_time: float | None = None
     num_preemptions: int = 0
     detokenizer: IncrementalDetokenizer | None = None  # None when the model has no tokenizer
+    # Prefix caching (engine.prefix_cache): keys of the full blocks so far, how many of the blocks
+    # held are cached, and the prompt tokens the first lookup found cached (None: not looked up).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -104,3 +109,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

@@ -7,6 +7,11 @@ paper's fixed-size chunks, prefill first), `whole` (vanilla vLLM: whole prompts,
 KV blocks are reserved here, before the step runs; a decode that finds no free block preempts the
 most recently admitted request, which will be recomputed from scratch.
 
+With prefix caching (`engine.prefix_cache`) a waiting request that holds no KV first takes the
+longest cached run of its full blocks when the scheduler considers admitting it (so it sees the
+latest cache, and again after a preemption): it then looks like a started prompt to the planner,
+holding `blocks_for(num_computed_tokens)` blocks and a slot. Released blocks stay cached.
+
 With async scheduling the next step is planned before the last one's tokens are read back: a
 decode's input token may still be on the device (`Request.num_pending`), so a decode is sized by
 `num_computed_tokens` (the position it computes now), not by the tokens known on the host.
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 
 from tetriinfer.config import EngineSchedulerConfig
 from tetriinfer.engine.block_manager import BlockManager
+from tetriinfer.engine.prefix_cache import PrefixCache
 from tetriinfer.engine.request import Request, RequestStatus
 from tetriinfer.sched.chunker import Chunk
 from tetriinfer.sched.step_planner import StepShape, plan_prompts
@@ -52,9 +58,11 @@ class StepPlan:
 
 
 class EngineScheduler:
-    def __init__(self, config: EngineSchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineSchedulerConfig, block_manager: BlockManager,
+                 prefix_cache: PrefixCache | None = None):
         self.config = config
         self.blocks = block_manager
+        self.prefix_cache = prefix_cache
         self.shape = StepShape(config.step_policy, config.chunk_size, config.max_num_seqs, block_manager.block_size,
                                pad=config.pad_chunks)
         self.waiting: deque[Request] = deque()
@@ -74,7 +82,19 @@ class EngineScheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.blocks.free(request.block_ids)
+        self._release(request)
+
+    def _release(self, req: Request) -> None:
+        """Let the request's blocks go (its computed full blocks stay cached, if caching)."""
+        if self.prefix_cache is None:
+            self.blocks.free(req.block_ids)
+        else:
+            self.prefix_cache.release(req)
+
+    def on_prefilled(self, req: Request) -> None:
+        """A step computing prompt tokens of `req` is queued: its full blocks can be found now."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.register(req)
 
     @property
     def waiting_tokens(self) -> int:
@@ -85,29 +105,45 @@ class EngineScheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan:
+        lookup = self.prefix_cache is not None
         while True:
-            plan = self._plan_step()
-            # Partly prefilled prompts can hold the blocks that every other request needs: give up
-            # the newest one (it will be recomputed) until something can run.
+            plan = self._plan_step(lookup)
+            # Partly prefilled prompts (cache hits too) can hold the blocks that every other request
+            # needs: give up the newest one (it will be recomputed) until something can run. No new
+            # lookup meanwhile, or the request would take its cached blocks straight back.
+            lookup = False
             if not plan.empty or not self._evict_partial_prefill():
                 return plan
 
-    def _plan_step(self) -> StepPlan:
+    def _plan_step(self, lookup: bool) -> StepPlan:
         if self.shape.policy == "mixed":
             preemptions = self.num_preemptions
             decode = self._schedule_decodes()
-            plan = plan_prompts(self.shape, self._prompts(), num_running=len(self.running),
-                                free_blocks=self.blocks.num_free_blocks, admit_new=self.num_preemptions == preemptions)
+            admit_new = self.num_preemptions == preemptions
+            prompts = self._prompts(lookup and admit_new)
+            plan = plan_prompts(self.shape, prompts, num_running=len(self.running),
+                                free_blocks=self.blocks.num_free_blocks, admit_new=admit_new)
             return StepPlan(prefill=self._take(plan.chunk), decode=decode)
-        plan = plan_prompts(self.shape, self._prompts(), num_running=len(self.running),
-                            free_blocks=self.blocks.num_free_blocks)
+        prompts = self._prompts(lookup)
+        plan = plan_prompts(self.shape, prompts, num_running=len(self.running), free_blocks=self.blocks.num_free_blocks)
         if plan.chunk.pieces:
             return StepPlan(prefill=self._take(plan.chunk), num_padding=plan.chunk.padding)
         return StepPlan(decode=self._schedule_decodes() if plan.decode else [])
 
-    def _prompts(self) -> list[Request]:
+    def _prompts(self, lookup: bool = False) -> list[Request]:
         # A request preempted with a token still on the device: its prompt is not known yet.
-        return [r for r in self.waiting if not r.num_pending]
+        prompts = [r for r in self.waiting if not r.num_pending]
+        if lookup:
+            # Prompts the planner may start now (in order, while sequence slots last) take their
+            # cached blocks; later ones look up when their turn comes, against the cache of then.
+            slots = self.config.max_num_seqs - len(self.running) - sum(1 for r in prompts if r.num_computed_tokens)
+            for req in prompts:
+                if slots <= 0:
+                    break
+                if not req.num_computed_tokens:
+                    slots -= 1
+                    self.prefix_cache.lookup(req)
+        return prompts
 
     def _take(self, chunk: Chunk) -> list[PrefillPiece]:
         """Allocate the KV of the planned pieces (the planner checked that it fits)."""
@@ -146,7 +182,7 @@ class EngineScheduler:
         """Free the blocks of the newest waiting request that holds any; False if none does."""
         for req in reversed(self.waiting):
             if req.block_ids:
-                self.blocks.free(req.block_ids)
+                self._release(req)
                 req.num_computed_tokens = 0
                 req.num_preemptions += 1
                 return True
@@ -155,7 +191,7 @@ class EngineScheduler:
     def _preempt(self, req: Request) -> None:
         self.num_preemptions += 1
         self.running.remove(req)
-        self.blocks.free(req.block_ids)
+        self._release(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1

@@ -43,6 +43,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks; None: from memory")
     p.add_argument("--memory-fraction", type=float, default=None)
+    p.add_argument("--enable-prefix-caching", action="store_true", default=True,
+                   help="keep full KV blocks cached after their request and reuse shared prompt prefixes")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn prefix caching off")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -52,6 +56,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, step_policy=args.step_policy,
         async_scheduling=args.async_scheduling,
         block_size=args.block_size, num_blocks=args.num_blocks, memory_fraction=args.memory_fraction,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 
