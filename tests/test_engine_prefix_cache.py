@@ -221,3 +221,29 @@ def test_the_flags_and_the_llm_keyword_turn_it_off():
     sp = SamplingParams(max_tokens=2, temperature=0)
     first, second = (llm.generate(prompt_token_ids=[PREFIX + [1]], sampling_params=sp)[0] for _ in range(2))
     assert (first.num_cached_tokens, second.num_cached_tokens) == (0, len(PREFIX))
+
+
+@pytest.mark.parametrize("step_policy", ["chunked", "mixed"])
+def test_each_turn_of_a_conversation_reuses_the_history_and_the_replies_before_it(step_policy):
+    """Multi-turn chat: each turn resends the conversation so far, the model's replies included;
+    two conversations share a system prompt and run side by side."""
+    engines = {caching: make_engine(caching, step_policy=step_policy, num_blocks=128) for caching in (True, False)}
+    history = {caching: [PREFIX + tokens(40 + c, 5) for c in range(2)] for caching in engines}
+    sp = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True, logprobs=True)
+    computed = [0, 0]  # tokens of each conversation whose KV the turn before computed
+    for turn in range(3):
+        outs = {}
+        for caching, engine in engines.items():
+            for c, conv in enumerate(history[caching]):
+                engine.add_request(f"{turn}-{c}", prompt_token_ids=list(conv), sampling=sp)
+            outs[caching] = run(engine, [[]])
+        same_outputs(outs[True], outs[False])
+        cached = [outs[True][f"{turn}-{c}"].num_cached_tokens for c in range(2)]
+        if turn == 0:  # the second conversation waits for the first's chunk: it finds the system prompt's blocks
+            assert cached == [0, 32]
+        else:  # every full block of the turn before, prompt and reply (its last token never fed back)
+            assert cached == [n // BLOCK * BLOCK for n in computed]
+        for c in range(2):
+            for caching in engines:
+                history[caching][c] += outs[caching][f"{turn}-{c}"].outputs[0].token_ids + tokens(60 + turn, 2)
+            computed[c] = len(history[True][c]) - 3

@@ -344,7 +344,7 @@ class LLMEngine:
             )],
             finished=finished,
             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time),
-            num_cached_tokens=req.num_cached_tokens or 0,
+            num_cached_tokens=req.num_cached_tokens,
         )
 
     def decode_here(self, request_id: str) -> Request:

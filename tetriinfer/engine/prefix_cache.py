@@ -25,8 +25,6 @@ class PrefixCache:
         self.blocks = blocks
         self.block_size = blocks.block_size
         self.salt = salt  # the key the chain of every request starts from
-        self.num_queried_tokens = 0  # prompt tokens of first lookups, and those found cached
-        self.num_hit_tokens = 0
 
     @classmethod
     def for_engine(cls, config: EngineConfig, blocks: BlockManager) -> PrefixCache | None:
@@ -56,10 +54,8 @@ class PrefixCache:
         hits = self.blocks.lookup(self.block_hashes(req, num_blocks)) if num_blocks else []
         req.block_ids = hits
         req.num_computed_tokens, req.num_registered_blocks = len(hits) * self.block_size, len(hits)
-        if req.num_cached_tokens is None:  # counted at the first lookup (not after preemptions)
+        if not req.num_preemptions:  # the lookup its prefill starts from (a recompute's not counted)
             req.num_cached_tokens = req.num_computed_tokens
-            self.num_queried_tokens += len(req.prompt_token_ids)
-            self.num_hit_tokens += req.num_computed_tokens
 
     def register(self, req: Request) -> None:
         """Cache the request's full blocks whose KV is computed (or queued) and tokens known."""

@@ -46,10 +46,11 @@ class Request:
     num_preemptions: int = 0
     detokenizer: IncrementalDetokenizer | None = None  # None when the model has no tokenizer
     # Prefix caching (engine.prefix_cache): keys of the full blocks so far, how many of the blocks
-    # held are cached, and the prompt tokens the first lookup found cached (None: not looked up).
+    # held are cached, and the prompt tokens found cached when its prefill started (not counting
+    # those found again after a preemption).
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
-    num_cached_tokens: int | None = None
+    num_cached_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
