@@ -43,10 +43,13 @@ def test_engine_flags_reach_every_instance(mode):
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    cfg = serve_config(parser.parse_args(["serve", *mode, "--async-scheduling", "--max-num-seqs", "48"]))
+    cfg = serve_config(parser.parse_args(["serve", *mode, "--async-scheduling", "--max-num-seqs", "48",
+                                          "--no-prefix-caching"]))
     for role in instance_roles(cfg):
-        sched = instance_engine(cfg, role, "cpu").scheduler
-        assert sched.async_scheduling and sched.max_num_seqs == 48
+        engine = instance_engine(cfg, role, "cpu")
+        assert engine.scheduler.async_scheduling and engine.scheduler.max_num_seqs == 48
+        assert not engine.cache.enable_prefix_caching
+    assert serve_config(parser.parse_args(["serve", *mode])).engine.cache.enable_prefix_caching  # the default
 
 
 def test_api_key_comes_from_the_environment_and_help_never_prints_it(monkeypatch, capsys):

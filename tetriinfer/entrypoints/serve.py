@@ -95,7 +95,8 @@ def serve_config(args: argparse.Namespace):
         model=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
         attention_backend=args.attention_backend, seed=args.seed, max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
-        cache=CacheConfig(args.block_size, args.num_blocks, args.memory_fraction),
+        cache=CacheConfig(args.block_size, args.num_blocks, args.memory_fraction,
+                          enable_prefix_caching=args.enable_prefix_caching),
         scheduler=EngineSchedulerConfig(args.chunk_size, args.max_num_seqs, args.step_policy,
                                         async_scheduling=args.async_scheduling),
     )
