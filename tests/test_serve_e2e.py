@@ -248,3 +248,24 @@ def test_the_paper_policy_never_prefills_on_a_decode_instance(tmp_path, offline)
         assert server.metric_sum("tetriinfer_num_local_prefills_total") == 0
         assert server.metric_sum("tetriinfer_num_kept_decodes_total") == 0
         assert_no_kv_held(server)
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(colocated):
+    """Prefix caching is on by default: the same prompt again is served from the cache (whole blocks
+    only, never the last token), and usage says how much, as OpenAI's prompt_tokens_details does."""
+    import time
+
+    c = client(colocated)
+    prompt = "The same long shared prefix, " * 6  # 174 byte-level tokens: 10 full blocks of 16
+    results = []
+    for _ in range(4):  # two instances: by the third request, one of them has served it before
+        results.append(c.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0))
+        time.sleep(0.3)  # a monitor interval or more: the router sees the finished request's load gone
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in results]
+    assert cached[0] == 0 and max(cached) == 160  # every full block but none holding the last token
+    assert all(n % 16 == 0 for n in cached)
+    assert len({r.choices[0].text for r in results}) == 1
+    colocated.wait_until(lambda: colocated.metric_sum("tetriinfer_prefix_hit_tokens_total") >= sum(cached), 5,
+                         "the hits in /metrics")
+    assert colocated.metric_sum("tetriinfer_prefix_queried_tokens_total") >= 4 * results[0].usage.prompt_tokens
+    assert colocated.metric_sum("tetriinfer_kv_blocks_cached") > 0

@@ -106,7 +106,8 @@ def test_completion_text_usage_and_sampling_fields(app, backend):
     choice = body["choices"][0]
     assert choice["text"] == expected_text(backend, "hello", 7) == "ollehol"
     assert choice["finish_reason"] == "length" and choice["logprobs"] is None
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 7, "total_tokens": 13}
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 7, "total_tokens": 13,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     (started,) = backend.started
     assert started.request_id == body["id"] and started.prompt == "hello"
     assert started.prompt_token_ids == backend.tokenizer.encode("hello")
@@ -373,7 +374,8 @@ def test_stream_completion_chunks_finish_usage_done(server):
     assert [c["choices"][0]["logprobs"]["token_logprobs"][0] for c in chunks] == [-0.25, -0.5, -0.75, -1.0]
     assert [c["choices"][0]["logprobs"]["text_offset"][0] for c in chunks] == [0, 1, 2, 3]
     assert finish["choices"][0]["finish_reason"] == "length"
-    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10,
+                                                      "prompt_tokens_details": {"cached_tokens": 0}}
     assert len({e["id"] for e in events[:-1]}) == 1
 
 

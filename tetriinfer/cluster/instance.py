@@ -155,6 +155,8 @@ class Instance(PrefillHandoff, DecodeHandoff):
         self.step_cost = LinearStepCost()
         self.num_local_prefills = 0
         self.num_kept_decodes = 0
+        self.prefix_queried_tokens = 0  # prompt tokens prefilled here, and those the prefix cache served
+        self.prefix_hit_tokens = 0
         self._last_stats = 0.0
         self._running = True
         self._deltas: list[msg.TokenDelta] = []
@@ -293,8 +295,12 @@ class Instance(PrefillHandoff, DecodeHandoff):
         self._deltas.append(msg.TokenDelta(
             req.request_id, list(new), text,
             req.output_logprobs[sent:] if req.sampling.logprobs else None,
-            req.status.value if finished else None, req.stop_reason,
+            req.status.value if finished else None, req.stop_reason, None,
+            req.num_cached_tokens if sent == 0 and new else None,  # the prefilling instance knows
         ))
+        if sent == 0 and new:  # its prompt was prefilled here
+            self.prefix_queried_tokens += len(req.prompt_token_ids)
+            self.prefix_hit_tokens += req.num_cached_tokens
 
     def _fail(self, request_id: str, error: str) -> None:
         log.warning("instance %d: request %s failed: %s", self.instance_id, request_id, error)
@@ -417,7 +423,8 @@ class Instance(PrefillHandoff, DecodeHandoff):
             self._decode_load() if self.role == DECODE else None,
             out.bytes + into.bytes, out.seconds + into.seconds, out.count + into.count, out.failures + into.failures,
             self.num_local_prefills, self.num_kept_decodes, self.step_stats.to_list(), self.num_redispatches,
-            self.kv_pushes_refused, self.out.failures,
+            self.kv_pushes_refused, self.out.failures, self.prefix_queried_tokens, self.prefix_hit_tokens,
+            bm.num_cached_blocks,
         )
 
     def _send_to(self, instance_id: int, message) -> bool:

@@ -57,6 +57,7 @@ class TokenDelta(msgspec.Struct, array_like=True):
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache (on the first token's delta)
 
     @classmethod
     def ended(cls, request_id: str, reason: str, error: str) -> "TokenDelta":
@@ -112,6 +113,9 @@ class InstanceStats(msgspec.Struct, tag=True):
     kv_redispatches: int = 0  # prefill role: offers withdrawn from a decode instance that died or went silent
     kv_pushes_refused: int = 0  # decode role: KVPush for a transfer it never issued to that sender
     send_failures: int = 0  # messages this instance could not send (cluster.zmq_io.Outboxes.failures)
+    prefix_queried_tokens: int = 0  # prompt tokens of the requests it prefilled (counter)
+    prefix_hit_tokens: int = 0  # of those, served from its prefix cache (counter)
+    kv_blocks_cached: int = 0  # blocks held by no request, kept for prefix hits (evictable)
 
 
 class Ready(msgspec.Struct, tag=True):

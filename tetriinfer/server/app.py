@@ -177,7 +177,7 @@ class OpenAIServer:
             choice = protocol.completion_choice(out.text, out.finish_reason, logprobs, out.stop_reason)
         return protocol.response(job.request_id, "chat.completion" if job.chat else "text_completion",
                                  job.created, job.model, [choice],
-                                 protocol.usage(len(job.prompt_token_ids), len(out.token_ids)))
+                                 protocol.usage(len(job.prompt_token_ids), len(out.token_ids), out.num_cached_tokens))
 
     def _chunk(self, job: Job, choices: list[dict], usage: dict | None = None) -> str:
         return sse(protocol.response(job.request_id, "chat.completion.chunk" if job.chat else "text_completion",
@@ -219,7 +219,7 @@ class OpenAIServer:
             finish = (protocol.chat_choice({}, out.finish_reason, None, out.stop_reason, delta=True) if job.chat
                       else protocol.completion_choice("", out.finish_reason, None, out.stop_reason))
             yield self._chunk(job, [finish])
-            yield self._chunk(job, [], protocol.usage(len(job.prompt_token_ids), len(out.token_ids)))
+            yield self._chunk(job, [], protocol.usage(len(job.prompt_token_ids), len(out.token_ids), out.num_cached_tokens))
             yield sse("[DONE]")
             outcome = "ok"
         finally:

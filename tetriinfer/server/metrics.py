@@ -101,6 +101,7 @@ class ClusterCollector:
         ("kv_blocks_used", "KV cache blocks in use"),
         ("kv_blocks_free", "KV cache blocks free"),
         ("kv_blocks_total", "KV cache blocks in all"),
+        ("kv_blocks_cached", "KV cache blocks held by no request, kept for prefix-cache hits (evictable)"),
         ("queued_prompt_tokens", "Prompt tokens queued, not yet prefilled (the global scheduler's load)"),
         ("num_waiting", "Requests queued for prefill (prefill, colocated) or for admission (decode)"),
         ("num_running", "Requests running"),
@@ -118,6 +119,8 @@ class ClusterCollector:
         ("kv_redispatches", "Offers a prefill instance took back from a decode instance that died or went silent"),
         ("kv_pushes_refused", "KVPush messages refused: not a transfer the decode instance issued to that sender"),
         ("send_failures", "Messages not sent: the destination's queue stayed full (each failed its request)"),
+        ("prefix_queried_tokens", "Prompt tokens of the requests prefilled (hit rate: hit / queried)"),
+        ("prefix_hit_tokens", "Prompt tokens served from the prefix cache"),
     )
 
     def __init__(self, cluster_stats: Callable[[], ClusterStats | None], requests_running: Callable[[], int]):

@@ -54,8 +54,11 @@ class Output:
     logprobs: list[float | None] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served
 
     def add(self, delta: TokenDelta) -> None:
+        if delta.num_cached_tokens is not None:
+            self.num_cached_tokens = delta.num_cached_tokens
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs if delta.logprobs is not None else [None] * len(delta.token_ids))
