@@ -16,7 +16,6 @@ from tetriinfer.bench.workload import (
     make_workload,
 )
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture
@@ -141,7 +140,6 @@ def test_load_trace_csv_names_the_bad_line(tmp_path, body, message):
         load_trace_csv(path)
 
 
-@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="the shared data folder is not on this machine")
 def test_real_data_gives_every_workload(monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     for name in WORKLOADS:

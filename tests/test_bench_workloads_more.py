@@ -12,8 +12,10 @@ import pytest
 from tetriinfer.bench.arrivals import BURSTY_CV
 from tetriinfer.bench.conversation import REPLY_S_PER_TOKEN, plan_conversations
 from tetriinfer.bench.traces import LENGTH_TRACES, SPLITWISE_TRACES
+from tetriinfer.bench.traces import open_text
 from tetriinfer.bench.workload import (
     ALL_WORKLOADS,
+    BUNDLED_DATA,
     DATA_DIR_ENV,
     RequestSpec,
     build_specs,
@@ -21,12 +23,11 @@ from tetriinfer.bench.workload import (
     sharegpt_sessions,
 )
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NEW_WORKLOADS = tuple(SPLITWISE_TRACES) + tuple(LENGTH_TRACES) + ("conversation",)
 
 
 def _file_rows(file: str) -> list[dict]:
-    with open(REAL_DATA / "vidur-traces" / file, newline="") as f:
+    with open_text(BUNDLED_DATA / "vidur-traces" / f"{file}.gz") as f:
         return list(csv.DictReader(f))
 
 
@@ -41,9 +42,8 @@ def _rate(requests: list[RequestSpec]) -> float:
 
 @pytest.fixture
 def real(monkeypatch):
-    if not REAL_DATA.is_dir():
-        pytest.skip("the shared data folder is not on this machine")
-    monkeypatch.setenv(DATA_DIR_ENV, str(REAL_DATA))
+    """The real data, as shipped in the package."""
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Vidur / Sarathi-Serve "processed_traces" (`vidur-traces/` in the shared data folder).
+"""Vidur / Sarathi-Serve "processed_traces" (`vidur-traces/` in the data folder).
 
 Columns `num_prefill_tokens,num_decode_tokens` (Llama-2 tokenizer: already tokens), plus `arrived_at`
 (seconds from the first request) in the Splitwise files, which are the Azure 2023 traces.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import gzip
 from pathlib import Path
 
 VIDUR_DIR = "vidur-traces"
@@ -21,11 +22,16 @@ LENGTH_TRACES = {
 }
 
 
+def open_text(path: Path):
+    """A data file as text, read through gzip when its name ends in `.gz` (as shipped)."""
+    return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
+
+
 # Parsed once per process, keyed by path (a changed data folder is re-read).
 @functools.cache
 def read_vidur_csv(path: Path) -> tuple[tuple[float | None, int, int], ...]:
     """(arrived_at, or None in a lengths-only file; prompt tokens; output tokens) per row, in order."""
-    with open(path, newline="") as f:
+    with open_text(path) as f:
         return tuple(
             (
                 float(row["arrived_at"]) if "arrived_at" in row else None,

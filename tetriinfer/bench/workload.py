@@ -18,7 +18,6 @@ import dataclasses
 
 import csv
 import functools
-import gzip
 import os
 import random
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from tetriinfer.bench.arrivals import OPEN_ARRIVALS, check_rate, open_arrivals, poisson_arrivals  # noqa: F401 (re-exported)
 from tetriinfer.bench.conversation import plan_conversations
-from tetriinfer.bench.traces import LENGTH_TRACES, SPLITWISE_TRACES, VIDUR_DIR, read_vidur_csv
+from tetriinfer.bench.traces import LENGTH_TRACES, SPLITWISE_TRACES, VIDUR_DIR, open_text, read_vidur_csv
 from tetriinfer.config import PolicyConfig
 
 SHAREGPT_MIXES = ("lpld", "lphd", "hpld", "hphd", "mixed")
@@ -55,16 +54,27 @@ class RequestSpec:
     output_tokens: int
 
 
+BUNDLED_DATA = Path(__file__).resolve().parent / "data"  # the lengths and traces, shipped with the package
+
+
 def data_dir() -> Path:
-    """The shared data folder: $TETRIINFER_DATA_DIR, else `<repo>/../shared/data`."""
+    """Where the workloads' data is read: $TETRIINFER_DATA_DIR, else the copy shipped in the package
+    (`tetriinfer/bench/data`, its README says where each file comes from)."""
     override = os.environ.get(DATA_DIR_ENV)
-    path = Path(override) if override else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    path = Path(override) if override else BUNDLED_DATA
     if not path.is_dir():
         raise FileNotFoundError(
-            f"data folder {path} not found; point ${DATA_DIR_ENV} at the folder holding "
-            f"sharegpt-v3-partial/ and azure-llm-2023/"
+            f"data folder {path} not found; point ${DATA_DIR_ENV} at a folder holding "
+            f"sharegpt-v3-partial/, azure-llm-2023/ and vidur-traces/ (or unset it to use the shipped copy)"
         )
     return path
+
+
+def data_file(*parts: str) -> Path:
+    """A file of the data folder, as written there or gzip-compressed (`NAME.gz`, as shipped)."""
+    path = data_dir().joinpath(*parts)
+    zipped = path.with_name(path.name + ".gz")
+    return zipped if not path.exists() and zipped.exists() else path
 
 
 def make_workload(
@@ -173,7 +183,7 @@ def _tokens(chars: int) -> int:
 
 
 def _sharegpt_path() -> Path:
-    return data_dir() / "sharegpt-v3-partial" / "pair_lengths.csv.gz"
+    return data_file("sharegpt-v3-partial", "pair_lengths.csv.gz")
 
 
 def sharegpt_pairs(with_history: bool = False) -> tuple[tuple[int, int], ...]:
@@ -189,19 +199,19 @@ def sharegpt_sessions() -> tuple[tuple[tuple[int, int], ...], ...]:
 
 def azure_trace(name: str) -> tuple[tuple[float, int, int], ...]:
     """(seconds since the trace's first request, prompt tokens, output tokens) per row, in order."""
-    return _read_azure_trace(data_dir() / "azure-llm-2023" / AZURE_TRACES[name])
+    return _read_azure_trace(data_file("azure-llm-2023", AZURE_TRACES[name]))
 
 
 def timed_trace(name: str) -> tuple[tuple[float, int, int], ...]:
     """(arrival seconds, prompt tokens, output tokens) per row of an Azure or Splitwise trace, in order."""
     if name in AZURE_TRACES:
         return azure_trace(name)
-    return read_vidur_csv(data_dir() / VIDUR_DIR / SPLITWISE_TRACES[name])
+    return read_vidur_csv(data_file(VIDUR_DIR, SPLITWISE_TRACES[name]))
 
 
 def length_trace(name: str) -> list[tuple[int, int]]:
     """(prompt tokens, output tokens) per row of a lengths-only Vidur trace."""
-    return [(p, o) for _, p, o in read_vidur_csv(data_dir() / VIDUR_DIR / LENGTH_TRACES[name])]
+    return [(p, o) for _, p, o in read_vidur_csv(data_file(VIDUR_DIR, LENGTH_TRACES[name]))]
 
 
 # Parsed files stay in memory for the process (keyed by path, so a changed data folder is re-read).
@@ -209,7 +219,7 @@ def length_trace(name: str) -> list[tuple[int, int]]:
 def _read_sharegpt_rows(path: Path) -> tuple[tuple[str, int, int, int, int], ...]:
     """(record id, turn, context chars before, prompt chars, response chars) of the pairs with text
     on both sides, in file order."""
-    with gzip.open(path, "rt", newline="") as f:
+    with open_text(path) as f:
         rows = (
             (r["id"], int(r["turn"]), int(r["context_chars_before"]), int(r["prompt_chars"]), int(r["response_chars"]))
             for r in csv.DictReader(f)
@@ -236,7 +246,7 @@ def _read_sharegpt_sessions(path: Path) -> tuple[tuple[tuple[int, int], ...], ..
 @functools.cache
 def _read_azure_trace(path: Path) -> tuple[tuple[float, int, int], ...]:
     rows = []
-    with open(path, newline="") as f:
+    with open_text(path) as f:
         for row in csv.DictReader(f):
             rows.append((_epoch_seconds(row["TIMESTAMP"]), int(row["ContextTokens"]), int(row["GeneratedTokens"])))
     start = rows[0][0]
