@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from fake_backend import FakeBackend, serve_in_thread
-from test_server_api import CHAT, app, backend, call, sse_events  # noqa: F401 (app, backend: fixtures)
+from api_utils import CHAT, app, backend, call, sse_events  # noqa: F401 (app, backend: fixtures)
 from tetriinfer.server.app import create_app
 from tetriinfer.server.limits import ServerLimits
 
