@@ -196,11 +196,11 @@ class PrefillHandoff:
 
     def _own_decode_load(self, extra_room_blocks: int) -> DecodeLoad:
         """This instance as a decode site (the prefill role's side of keep_on_prefill)."""
-        running = self.engine.scheduler.running
-        return DecodeLoad(self.instance_id, self.engine.block_manager.num_free_blocks + extra_room_blocks,
-                          free_slots=self.max_num_seqs - len(running),
-                          queued_prompt_tokens=self.queue.pending_tokens + self.engine.scheduler.waiting_tokens,
-                          num_running=len(running), context_tokens=sum(r.num_computed_tokens for r in running))
+        load = self.engine.load()
+        return DecodeLoad(self.instance_id, load.free_blocks + extra_room_blocks,
+                          free_slots=self.max_num_seqs - load.num_running,
+                          queued_prompt_tokens=self.queue.pending_tokens + load.waiting_tokens,
+                          num_running=load.num_running, context_tokens=load.running_context)
 
     def _offered(self, request_id: str, dst: int, offer_id: int) -> Parked | None:
         """The parked request whose current, unanswered offer is (dst, offer_id)."""
@@ -298,22 +298,21 @@ class DecodeHandoff:
             self._drop_offer(offer.request_id)
 
     def _admission_view(self) -> AdmissionView:
-        running = self.engine.scheduler.running
+        running = self.engine.running_requests()
         reserved = {rid: a.reserve_blocks for rid, a in self.assigned.items()
                     if rid in self.incoming or rid in self.engine.requests}
         # The running request predicted to finish first gives its reservation back first.
         shortest = min(running, key=lambda r: self.assigned[r.request_id].predicted_total_tokens - r.num_tokens
                        if r.request_id in self.assigned else 1 << 30, default=None)
         shortest_blocks = reserved.get(shortest.request_id, 0) if shortest is not None else 0
-        return AdmissionView(self.capacity_blocks, self.engine.block_manager.num_free_blocks, sum(reserved.values()),
+        return AdmissionView(self.capacity_blocks, self.engine.load().free_blocks, sum(reserved.values()),
                              shortest_blocks, len(running) + len(self.incoming), self.max_num_seqs)
 
     def _admit(self) -> None:
-        blocks = self.engine.block_manager
         while self.offers and self.role == DECODE:
             offer = self.offers[0].offer
             now_blocks = blocks_for(offer.num_cached_tokens + 1, self.block_size)
-            if now_blocks > blocks.num_free_blocks:  # no policy admits it (spares building the view)
+            if now_blocks > self.engine.load().free_blocks:  # no policy admits it (spares building the view)
                 break
             if not admits(self.config.policy.admission_policy, self._admission_view(), now_blocks, offer.reserve_blocks):
                 break
@@ -321,7 +320,7 @@ class DecodeHandoff:
             # Random start: a restarted instance does not reuse the ids of its predecessor's transfers.
             self._next_transfer = (self._next_transfer or secrets.randbits(31)) + 1
             transfer_id = self.instance_id << 32 | (self._next_transfer & 0xFFFFFFFF)
-            reserved = blocks.allocate(blocks_for(offer.num_cached_tokens, self.block_size))
+            reserved = self.engine.reserve_blocks(offer.num_cached_tokens)
             deadline = time.monotonic() + self.config.kv_timeout_s
             self.incoming[offer.request_id] = Incoming(offer, transfer_id, reserved, deadline)
             self.issued[transfer_id] = Issued(offer.src_instance, deadline + self.config.kv_timeout_s)
@@ -389,7 +388,7 @@ class DecodeHandoff:
             except ValueError as e:
                 error = f"KV from instance {push.src_instance} does not fit: {e}"
         if error is not None:
-            self.engine.block_manager.free(incoming.block_ids)
+            self.engine.release_blocks(incoming.block_ids)
             self.assigned.pop(push.request_id, None)
             self.transfers_in.failures += 1
             self._fail(push.request_id, error)
@@ -405,7 +404,7 @@ class DecodeHandoff:
 
     def _drop_incoming(self, request_id: str, reason: str) -> None:
         incoming = self.incoming.pop(request_id)
-        self.engine.block_manager.free(incoming.block_ids)
+        self.engine.release_blocks(incoming.block_ids)
         self.assigned.pop(request_id, None)
         log.warning("instance %d: dropped incoming %s: %s", self.instance_id, request_id, reason)
 

@@ -107,7 +107,7 @@ class Instance(PrefillHandoff, DecodeHandoff):
             torch.set_num_threads(config.torch_threads)
         self.engine = LLMEngine(config.engine, stream_text=True)
         self.block_size = config.engine.cache.block_size
-        self.capacity_blocks = self.engine.block_manager.num_blocks
+        self.capacity_blocks = self.engine.load().num_blocks
         self.chunk_size = config.engine.scheduler.chunk_size
         self.max_num_seqs = config.engine.scheduler.max_num_seqs
         tokenizer = self.engine.tokenizer
@@ -247,7 +247,7 @@ class Instance(PrefillHandoff, DecodeHandoff):
         chunker stays FCFS over what it has, so the queue's order (SJF, LJF) is the order served."""
         if not self.queue:
             return
-        queued = self.engine.scheduler.waiting_tokens
+        queued = self.engine.load().waiting_tokens
         if queued >= self.chunk_size:
             return
         for pending in self.queue.take(self.chunk_size - queued):
@@ -370,8 +370,8 @@ class Instance(PrefillHandoff, DecodeHandoff):
             return
         if self.role == PREFILL:
             in_flight = any(p.dst is not None for p in self.parked.values())
-            kept = self.engine.scheduler.running  # decodes it kept (adaptive) finish here first
-            drained = not self.queue and not self.engine.scheduler.waiting and not in_flight and not kept
+            load = self.engine.load()  # decodes it kept (adaptive) finish here first
+            drained = not self.queue and not load.num_waiting and not in_flight and not load.num_running
         else:
             drained = (not self.engine.has_unfinished_requests() and not self.incoming and not self._receives
                        and not self.queue)
@@ -395,36 +395,33 @@ class Instance(PrefillHandoff, DecodeHandoff):
         self._last_stats = 0.0  # report the new role now
 
     # ---- reporting -------------------------------------------------------------------------------
-    def _decode_load(self) -> msg.DecodeLoadMsg:
-        held = self.capacity_blocks - self.engine.block_manager.num_free_blocks
+    def _decode_load(self, load) -> msg.DecodeLoadMsg:
         need = sum(a.need_blocks for a in self.assigned.values())
         heavy = sum(1 for a in self.assigned.values() if a.heavy)
-        running = self.engine.scheduler.running
-        return msg.DecodeLoadMsg(self.instance_id, decode_room_blocks(self.capacity_blocks, held, need), heavy,
-                                 len(self.assigned) - heavy, self.max_num_seqs - len(self.assigned),
-                                 self.queue.pending_tokens + self.engine.scheduler.waiting_tokens, len(running),
-                                 sum(r.num_computed_tokens for r in running))
+        return msg.DecodeLoadMsg(self.instance_id, decode_room_blocks(self.capacity_blocks, load.used_blocks, need),
+                                 heavy, len(self.assigned) - heavy, self.max_num_seqs - len(self.assigned),
+                                 self.queue.pending_tokens + load.waiting_tokens, load.num_running, load.running_context)
 
     def _stats(self) -> msg.InstanceStats:
-        bm = self.engine.block_manager
-        used = self.capacity_blocks - bm.num_free_blocks
-        queued = self.queue.pending_tokens + self.engine.scheduler.waiting_tokens
-        running = len(self.engine.scheduler.running)
+        load = self.engine.load()
+        used = load.used_blocks
+        queued = self.queue.pending_tokens + load.waiting_tokens
+        running = load.num_running
         if self.role == DECODE:
             fraction = decode_load_fraction(used, self.capacity_blocks, len(self.assigned), self.max_num_seqs)
             waiting = len(self.offers)
         else:
             fraction = prefill_load_fraction(queued, self.chunk_size, self.config.flip.prefill_pressure_chunks)
-            waiting = len(self.queue) + len(self.engine.scheduler.waiting)
+            waiting = len(self.queue) + load.num_waiting
         out, into = self.transfers_out, self.transfers_in
         return msg.InstanceStats(
             self.instance_id, self.role, self.inbox.address, os.getpid(), self.flip is not None, fraction, queued, waiting,
             running, len(self.dispatch_wait), self.capacity_blocks, used,
-            self._decode_load() if self.role == DECODE else None,
+            self._decode_load(load) if self.role == DECODE else None,
             out.bytes + into.bytes, out.seconds + into.seconds, out.count + into.count, out.failures + into.failures,
             self.num_local_prefills, self.num_kept_decodes, self.step_stats.to_list(), self.num_redispatches,
             self.kv_pushes_refused, self.out.failures, self.prefix_queried_tokens, self.prefix_hit_tokens,
-            bm.num_cached_blocks,
+            load.cached_blocks,
         )
 
     def _send_to(self, instance_id: int, message) -> bool:

@@ -14,6 +14,7 @@ from tetriinfer.config import EngineConfig
 from tetriinfer.engine.block_manager import BlockManager
 from tetriinfer.engine.detokenizer import IncrementalDetokenizer
 from tetriinfer.engine.model_runner import ModelRunner, TokensOnDevice
+from tetriinfer.engine.load import EngineLoad, StepLoad
 from tetriinfer.engine.prefix_cache import PrefixCache
 from tetriinfer.engine.request import (
     CompletionOutput,
@@ -57,16 +58,6 @@ class RequestKV:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-
-@dataclass(frozen=True)
-class StepLoad:
-    """What a step computed, in the terms of a step cost model (`sched.step_cost`)."""
-
-    prefill_tokens: int  # padding included
-    prefill_context: int  # cached tokens the prompt pieces continue from
-    decode_seqs: int
-    decode_context: int
 
 
 @dataclass
@@ -204,6 +195,23 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None
+
+    # ---- the serving instance's view (no reaching into the scheduler or the block manager) --------
+    def load(self) -> EngineLoad:
+        blocks, sched = self.block_manager, self.scheduler
+        return EngineLoad(blocks.num_blocks, blocks.num_free_blocks, blocks.num_cached_blocks, len(sched.waiting),
+                          sched.waiting_tokens, len(sched.running), sum(r.num_computed_tokens for r in sched.running))
+
+    def running_requests(self) -> tuple[Request, ...]:
+        return tuple(self.scheduler.running)
+
+    def reserve_blocks(self, num_tokens: int) -> list[int]:
+        """KV blocks for `num_tokens` arriving from another engine (`import_request` takes them)."""
+        return self.block_manager.allocate(self.block_manager.blocks_for_tokens(num_tokens))
+
+    def release_blocks(self, block_ids: list[int]) -> None:
+        """Give back blocks reserved for KV that never arrived (or did not fit)."""
+        self.block_manager.free(block_ids)
 
     # ---- stepping ------------------------------------------------------------------------------
     def step(self, final_only: bool = False) -> list[RequestOutput]:
