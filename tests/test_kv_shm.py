@@ -118,7 +118,7 @@ def test_shm_restarted_rank_removes_what_its_dead_predecessor_left_and_nothing_e
 _SEND_SCRIPT = """
 import sys, msgspec, torch
 sys.path.insert(0, {tests!r})
-from test_kv_transfer import make_kv
+from kv_utils import make_kv
 from tetriinfer.cluster.kv import ShmTransport
 t = ShmTransport(rank=0, cluster_id={cluster!r})
 desc = t.start_send(1, 5, *make_kv(5, dtype=torch.bfloat16))
@@ -129,7 +129,7 @@ print(msgspec.msgpack.encode(desc).hex())
 _RECV_SCRIPT = """
 import sys, msgspec, torch
 sys.path.insert(0, {tests!r})
-from test_kv_transfer import check_kv, ODD
+from kv_utils import check_kv, ODD
 from tetriinfer.cluster.kv import ShmTransport
 desc = msgspec.msgpack.decode(bytes.fromhex(sys.argv[1]))
 check_kv(ShmTransport(rank=1, cluster_id={cluster!r}).recv(0, 5, desc, 1.0), 5, ODD, torch.bfloat16)
