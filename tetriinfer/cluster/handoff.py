@@ -305,14 +305,14 @@ class DecodeHandoff:
         shortest = min(running, key=lambda r: self.assigned[r.request_id].predicted_total_tokens - r.num_tokens
                        if r.request_id in self.assigned else 1 << 30, default=None)
         shortest_blocks = reserved.get(shortest.request_id, 0) if shortest is not None else 0
-        return AdmissionView(self.capacity_blocks, self.engine.load().free_blocks, sum(reserved.values()),
+        return AdmissionView(self.capacity_blocks, self.engine.free_blocks, sum(reserved.values()),
                              shortest_blocks, len(running) + len(self.incoming), self.max_num_seqs)
 
     def _admit(self) -> None:
         while self.offers and self.role == DECODE:
             offer = self.offers[0].offer
             now_blocks = blocks_for(offer.num_cached_tokens + 1, self.block_size)
-            if now_blocks > self.engine.load().free_blocks:  # no policy admits it (spares building the view)
+            if now_blocks > self.engine.free_blocks:  # no policy admits it (spares building the view)
                 break
             if not admits(self.config.policy.admission_policy, self._admission_view(), now_blocks, offer.reserve_blocks):
                 break

@@ -247,7 +247,7 @@ class Instance(PrefillHandoff, DecodeHandoff):
         chunker stays FCFS over what it has, so the queue's order (SJF, LJF) is the order served."""
         if not self.queue:
             return
-        queued = self.engine.load().waiting_tokens
+        queued = self.engine.waiting_tokens
         if queued >= self.chunk_size:
             return
         for pending in self.queue.take(self.chunk_size - queued):

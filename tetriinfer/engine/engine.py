@@ -202,6 +202,15 @@ class LLMEngine:
         return EngineLoad(blocks.num_blocks, blocks.num_free_blocks, blocks.num_cached_blocks, len(sched.waiting),
                           sched.waiting_tokens, len(sched.running), sum(r.num_computed_tokens for r in sched.running))
 
+    @property
+    def free_blocks(self) -> int:
+        """Allocatable KV blocks (what `load()` says, without summing over the queues)."""
+        return self.block_manager.num_free_blocks
+
+    @property
+    def waiting_tokens(self) -> int:
+        return self.scheduler.waiting_tokens
+
     def running_requests(self) -> tuple[Request, ...]:
         return tuple(self.scheduler.running)
 
