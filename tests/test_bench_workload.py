@@ -2,7 +2,6 @@
 
 import gzip
 import statistics
-from pathlib import Path
 
 import pytest
 

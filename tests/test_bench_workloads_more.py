@@ -5,7 +5,6 @@ import csv
 import gzip
 import random
 import statistics
-from pathlib import Path
 
 import pytest
 
