@@ -27,6 +27,7 @@ from tetriinfer.engine.scheduler import StepPlan
 from tetriinfer.kernels import get_kernels
 from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.layers import ForwardContext
+from tetriinfer.model.parallel import SINGLE, TensorParallel
 from tetriinfer.sched.lengths import blocks_for
 
 DECODE_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512,
@@ -86,13 +87,17 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch: ModelArch, num_blocks: int, block_size: int,
                  attention_backend: str, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, max_num_seqs: int, chunk_size: int, use_cuda_graphs: bool,
-                 mixed_steps: bool = False):
+                 mixed_steps: bool = False, tp: TensorParallel = SINGLE):
         self.model = model
         self.arch = arch
         self.block_size = block_size
         self.device = device
         self.kernels = get_kernels(attention_backend)
-        shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+        self.tp = tp
+        # Rank 0 of a tensor-parallel engine: its workers (engine.tp_worker.TPWorkers) run each step too.
+        self.workers = None
+        # Under tensor parallelism each rank caches the KV heads of its own attention heads.
+        shape = (num_blocks, block_size, tp.split(arch.num_kv_heads, "KV heads"), arch.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(arch.num_layers)
@@ -184,6 +189,17 @@ class ModelRunner:
             first_decode = sum(p.length for p in plan.prefill)
             feed = (to_device(torch.tensor([first_decode + j for j in on_device.decodes]), self.device),
                     on_device.tokens[to_device(torch.tensor(on_device.rows), self.device)])
+        if self.workers is not None:
+            self.workers.step(inputs, fed=feed is not None)
+        hidden = self.run_model(inputs, feed)
+        if all_logits or not plan.prefill:  # a decode-only step samples every real row, in order
+            return self.model.compute_logits(hidden[: inputs.num_real_tokens])
+        return self.model.compute_logits(hidden[to_device(inputs.sample_idx, self.device)])
+
+    def run_model(self, inputs: StepInputs, feed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  fed: bool = False) -> torch.Tensor:
+        """Hidden states of every token of a prepared step. `fed` (a tensor-parallel worker): rank 0
+        patched some input ids on its device (`feed`); they come by broadcast."""
         graph = self._graph_for(inputs)
         if graph is not None:
             hidden = self._replay(graph, inputs, feed)
@@ -192,6 +208,8 @@ class ModelRunner:
             input_ids = to_device(inputs.input_ids, dev)
             if feed is not None:
                 input_ids[feed[0]] = feed[1]
+            if feed is not None or fed:
+                self.tp.broadcast(input_ids)
             ctx = ForwardContext(
                 slot_mapping=to_device(inputs.slot_mapping, dev),
                 block_tables=to_device(inputs.block_tables, dev),
@@ -201,9 +219,7 @@ class ModelRunner:
                 kernels=self.kernels,
             )
             hidden = self.model(input_ids, to_device(inputs.positions, dev), ctx)
-        if all_logits or not plan.prefill:  # a decode-only step samples every real row, in order
-            return self.model.compute_logits(hidden[: inputs.num_real_tokens])
-        return self.model.compute_logits(hidden[to_device(inputs.sample_idx, self.device)])
+        return hidden
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     def _graph_for(self, inputs: StepInputs) -> _Graph | None:
@@ -311,9 +327,13 @@ class ModelRunner:
         slots = torch.from_numpy(self._slots(block_ids, np.arange(num_tokens))).to(self.device)
         ks = torch.stack([k.flatten(0, 1)[slots] for k, _ in self.kv_caches])
         vs = torch.stack([v.flatten(0, 1)[slots] for _, v in self.kv_caches])
+        if self.workers is not None:  # every rank's KV heads, in rank order: the layout of TP 1
+            ks, vs = self.workers.gather_kv(block_ids, ks, vs)
         return ks, vs
 
     def write_kv(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.workers is not None:  # the workers take their heads; this rank keeps its own
+            k, v = self.workers.scatter_kv(block_ids, k, v)
         slots = torch.from_numpy(self._slots(block_ids, np.arange(k.shape[1]))).to(self.device)
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
             k_cache.flatten(0, 1)[slots] = k[layer].to(device=self.device, dtype=k_cache.dtype)

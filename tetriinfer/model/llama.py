@@ -2,6 +2,7 @@
 
 Parameter names follow the Hugging Face checkpoints, except that q/k/v and gate/up are fused into
 one matrix each (`qkv_proj`, `gate_up_proj`); `STACKED_PARAMS` tells the loader where the pieces go.
+Under tensor parallelism (`tp`) each rank holds its heads and MLP features (see model.parallel).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import nn
 
 from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.layers import ForwardContext, RMSNorm, RotaryEmbedding
+from tetriinfer.model.parallel import SINGLE, Linear, TensorParallel
 
 # checkpoint name piece -> (our fused name piece, shard key)
 STACKED_PARAMS = {
@@ -23,15 +25,17 @@ STACKED_PARAMS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding, tp: TensorParallel = SINGLE):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = arch.head_dim
         self.scale = arch.head_dim**-0.5
-        self.q_size = arch.num_heads * arch.head_dim
-        self.kv_size = arch.num_kv_heads * arch.head_dim
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        # This rank's heads; a KV head stays with the query heads it serves.
+        self.q_size = tp.split(arch.num_heads, "attention heads") * arch.head_dim
+        self.kv_size = tp.split(arch.num_kv_heads, "KV heads") * arch.head_dim
+        self.qkv_proj = Linear(arch.hidden_size, (self.q_size + 2 * self.kv_size) * tp.size, arch.qkv_bias,
+                               tp, "column")
+        self.o_proj = Linear(self.q_size * tp.size, arch.hidden_size, False, tp, "row")
         self.qk_norm = arch.qk_norm
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.norm_eps)
@@ -54,11 +58,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.intermediate_size = arch.intermediate_size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.intermediate_size = tp.split(arch.intermediate_size, "MLP features")
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, False, tp, "column")
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, False, tp, "row")
 
     def shard_offsets(self) -> dict:
         n = self.intermediate_size
@@ -72,10 +76,10 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm block. The residual stream travels beside the hidden state so each norm also does
     the residual add (one fused kernel): h + attn and h + mlp are summed inside the next norm."""
 
-    def __init__(self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.self_attn = LlamaAttention(arch, layer_idx, rotary)
-        self.mlp = LlamaMLP(arch)
+        self.self_attn = LlamaAttention(arch, layer_idx, rotary, tp)
+        self.mlp = LlamaMLP(arch, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
 
@@ -91,11 +95,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, tp: TensorParallel = SINGLE):
         super().__init__()
         rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, rotary) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, rotary, tp) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -108,12 +112,13 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     stacked_params = STACKED_PARAMS
 
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, tp: TensorParallel = SINGLE):
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
-        if arch.tie_word_embeddings:
+        self.model = LlamaModel(arch, tp)
+        # Only rank 0 samples, so only rank 0 needs the LM head.
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False) if tp.rank == 0 else None
+        if arch.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.llama import LlamaForCausalLM
 from tetriinfer.model.opt import OPTForCausalLM
+from tetriinfer.model.parallel import SINGLE, TensorParallel, shard
 from tetriinfer.model.tokenizer import Tokenizer, load_tokenizer
 from tetriinfer.presets import PRESETS, get_preset
 
@@ -55,7 +56,9 @@ def model_class(arch: ModelArch) -> type[nn.Module]:
     return OPTForCausalLM if arch.is_opt else LlamaForCausalLM
 
 
-def load_model(name_or_path: str, dtype: str, device: str, load_format: str, seed: int = 0) -> LoadedModel:
+def load_model(name_or_path: str, dtype: str, device: str, load_format: str, seed: int = 0,
+               tp: TensorParallel = SINGLE) -> LoadedModel:
+    """The model (this rank's shard under tensor parallelism `tp`) with its weights."""
     hf_config, model_dir = resolve_model(name_or_path)
     arch = ModelArch.from_hf_config(hf_config)
     if load_format == "auto":
@@ -73,20 +76,22 @@ def load_model(name_or_path: str, dtype: str, device: str, load_format: str, see
     torch.set_default_dtype(torch_dtype)
     try:
         with torch.device(device):
-            model = model_class(arch)(arch)
+            model = model_class(arch)(arch, tp)
     finally:
         torch.set_default_dtype(previous_dtype)
     if load_format == "dummy":
         init_random_weights(model, seed)
     else:
-        load_safetensors(model, weight_files)
+        load_safetensors(model, weight_files, tp)
     model.eval().requires_grad_(False)
     return LoadedModel(model, arch, _tokenizer(arch, model_dir), name_or_path)
 
 
 def init_random_weights(model: nn.Module, seed: int) -> None:
     """Small random weights (std 0.02 like HF's init; norms at 1) from a seeded generator on the
-    model's device (a CPU generator would make an 8B model take minutes to build)."""
+    model's device (a CPU generator would make an 8B model take minutes to build). Under tensor
+    parallelism each rank draws its own shards; the replicated embeddings come first in every
+    rank's order, so they are the same on all ranks."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
@@ -98,8 +103,9 @@ def init_random_weights(model: nn.Module, seed: int) -> None:
             param.data.normal_(0.0, 0.02, generator=gen)
 
 
-def load_safetensors(model: nn.Module, files: list[Path]) -> None:
-    """Copy checkpoint tensors into the model, fusing q/k/v and gate/up into their stacked params."""
+def load_safetensors(model: nn.Module, files: list[Path], tp: TensorParallel = SINGLE) -> None:
+    """Copy checkpoint tensors into the model, fusing q/k/v and gate/up into their stacked params;
+    under tensor parallelism, this rank's slice of each split tensor."""
     from safetensors import safe_open
 
     params = dict(model.named_parameters())
@@ -110,11 +116,13 @@ def load_safetensors(model: nn.Module, files: list[Path]) -> None:
                 name = _normalize_name(ckpt_name, model)
                 if name is None:
                     continue
-                tensor = f.get_tensor(ckpt_name)
                 target, rows = _locate(name, model)
                 if target not in params:
                     raise ValueError(f"{file.name}: unexpected weight {ckpt_name!r}")
                 param = params[target]
+                owner, _, leaf = target.rpartition(".")
+                split_dim = getattr(model.get_submodule(owner), "shard_dim", lambda _: None)(leaf)
+                tensor = shard(f.get_tensor(ckpt_name), split_dim, tp)
                 dest = param.data if rows is None else param.data.narrow(0, rows[0], rows[1])
                 if dest.shape != tensor.shape:
                     raise ValueError(f"{file.name}: {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
@@ -134,8 +142,8 @@ def _normalize_name(ckpt_name: str, model: nn.Module) -> str | None:
         return None
     if isinstance(model, OPTForCausalLM) and ckpt_name.startswith("decoder."):
         ckpt_name = "model." + ckpt_name  # original facebook/opt checkpoints lack the "model." prefix
-    if ckpt_name == "lm_head.weight" and model.arch.tie_word_embeddings:
-        return None
+    if ckpt_name == "lm_head.weight" and (model.arch.tie_word_embeddings or model.lm_head is None):
+        return None  # tied, or a tensor-parallel worker (only rank 0 has the LM head)
     return ckpt_name
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.layers import ForwardContext
+from tetriinfer.model.parallel import SINGLE, Linear, TensorParallel
 
 STACKED_PARAMS = {
     "q_proj": ("qkv_proj", "q"),
@@ -18,17 +19,17 @@ POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int):
+    def __init__(self, arch: ModelArch, layer_idx: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.layer_idx = layer_idx
-        self.hidden_size = arch.hidden_size
+        self.local_size = tp.split(arch.num_heads, "attention heads") * arch.head_dim  # this rank's heads
         self.head_dim = arch.head_dim
         self.scale = arch.head_dim**-0.5
-        self.qkv_proj = nn.Linear(arch.hidden_size, 3 * arch.hidden_size, bias=True)
-        self.out_proj = nn.Linear(arch.hidden_size, arch.hidden_size, bias=True)
+        self.qkv_proj = Linear(arch.hidden_size, 3 * arch.hidden_size, True, tp, "column")
+        self.out_proj = Linear(arch.hidden_size, arch.hidden_size, True, tp, "row")
 
     def shard_offsets(self) -> dict:
-        n = self.hidden_size
+        n = self.local_size
         return {"q": (0, n), "k": (n, n), "v": (2 * n, n)}
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -39,13 +40,13 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int):
+    def __init__(self, arch: ModelArch, layer_idx: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.pre_norm = arch.do_layer_norm_before
-        self.self_attn = OPTAttention(arch, layer_idx)
+        self.self_attn = OPTAttention(arch, layer_idx, tp)
         self.self_attn_layer_norm = nn.LayerNorm(arch.hidden_size, eps=arch.norm_eps)
-        self.fc1 = nn.Linear(arch.hidden_size, arch.intermediate_size)
-        self.fc2 = nn.Linear(arch.intermediate_size, arch.hidden_size)
+        self.fc1 = Linear(arch.hidden_size, arch.intermediate_size, True, tp, "column")
+        self.fc2 = Linear(arch.intermediate_size, arch.hidden_size, True, tp, "row")
         self.final_layer_norm = nn.LayerNorm(arch.hidden_size, eps=arch.norm_eps)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -57,7 +58,7 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, tp: TensorParallel = SINGLE):
         super().__init__()
         proj_dim = arch.word_embed_proj_dim or arch.hidden_size
         self.embed_tokens = nn.Embedding(arch.vocab_size, proj_dim)
@@ -65,7 +66,7 @@ class OPTDecoder(nn.Module):
         self.project_in = nn.Linear(proj_dim, arch.hidden_size, bias=False) if proj_dim != arch.hidden_size else None
         self.project_out = nn.Linear(arch.hidden_size, proj_dim, bias=False) if proj_dim != arch.hidden_size else None
         self.final_layer_norm = nn.LayerNorm(arch.hidden_size) if arch.do_layer_norm_before else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(OPTDecoderLayer(arch, i, tp) for i in range(arch.num_layers))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
@@ -82,20 +83,22 @@ class OPTDecoder(nn.Module):
 
 
 class OPTModel(nn.Module):
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.decoder = OPTDecoder(arch)
+        self.decoder = OPTDecoder(arch, tp)
 
 
 class OPTForCausalLM(nn.Module):
     stacked_params = STACKED_PARAMS
 
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, tp: TensorParallel = SINGLE):
         super().__init__()
         self.arch = arch
-        self.model = OPTModel(arch)
-        self.lm_head = nn.Linear(arch.word_embed_proj_dim or arch.hidden_size, arch.vocab_size, bias=False)
-        if arch.tie_word_embeddings:
+        self.model = OPTModel(arch, tp)
+        # Only rank 0 samples, so only rank 0 needs the LM head.
+        self.lm_head = nn.Linear(arch.word_embed_proj_dim or arch.hidden_size, arch.vocab_size, bias=False) \
+            if tp.rank == 0 else None
+        if arch.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
