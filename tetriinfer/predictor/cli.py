@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-DEFAULT_DATA_ROOT = "../shared/data"
+DEFAULT_DATA_ROOT = "../shared/data"  # where the text data sits beside a checkout; $TETRIINFER_DATA_DIR wins
+SOURCES = ("sharegpt-v3-partial", "alpaca-eval", "gsm8k")
+
+
+def data_root(arg: str | None) -> Path:
+    """--data-root, else $TETRIINFER_DATA_DIR (as the workloads read it), else ../shared/data; an
+    error naming the folders `prepare` needs when they are not there."""
+    from tetriinfer.bench.workload import DATA_DIR_ENV
+
+    root = Path(arg or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_ROOT)
+    missing = [name for name in SOURCES if not (root / name).is_dir()]
+    if missing:
+        raise SystemExit(f"predictor prepare: {root} lacks {', '.join(missing)}; pass --data-root or set "
+                         f"${DATA_DIR_ENV} to a folder with {', '.join(SOURCES)} (the text data is not shipped: "
+                         "ShareGPT V3, AlpacaEval outputs, GSM8K test; see docs/predictor.md)")
+    return root
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -15,7 +31,7 @@ def _prepare(args: argparse.Namespace) -> int:
         alpaca_eval_examples, gsm8k_examples, sharegpt_examples, split_examples,
     )
 
-    root, out = Path(args.data_root), Path(args.out)
+    root, out = data_root(args.data_root), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = split_examples(sharegpt_examples(root / "sharegpt-v3-partial", args.context_chars))
     files["alpaca-eval"] = alpaca_eval_examples(root / "alpaca-eval")
@@ -44,12 +60,22 @@ def _eval(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     examples = read_examples(args.data)[: args.limit]
+    if args.online is not None:
+        from tetriinfer.predictor.prequential import evaluate_stream
+
+        report = evaluate_stream(args.model, examples, args.online, args.probe).as_dict()
+        report.update(model=str(args.model or "default"), data=str(args.data), probe=args.probe)
+        return _print_report(report, args.json)
     report = evaluate(args.model, examples, batch_size=args.batch_size, device=args.device).as_dict()
-    report.update(model=str(args.model), data=str(args.data))
+    report.update(model=str(args.model or "default"), data=str(args.data))
+    return _print_report(report, args.json)
+
+
+def _print_report(report: dict, json_path: str | None) -> int:
     text = json.dumps(report, indent=1)
     print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    if json_path:
+        Path(json_path).write_text(text + "\n")
     return 0
 
 
@@ -71,7 +97,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="predictor_command", required=True)
 
     prepare = commands.add_parser("prepare", help="write train/val/test (ShareGPT) and cross-distribution JSONL files")
-    prepare.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help="folder with sharegpt-v3-partial, alpaca-eval, gsm8k")
+    prepare.add_argument("--data-root", default=None,
+                         help=f"folder with {', '.join(SOURCES)} (default: $TETRIINFER_DATA_DIR, else {DEFAULT_DATA_ROOT})")
     prepare.add_argument("--out", required=True)
     prepare.add_argument("--context-chars", type=int, default=2000, help="earlier turns kept in a prompt (chars)")
     prepare.set_defaults(func=_prepare)
@@ -91,13 +118,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=_train)
 
     ev = commands.add_parser("eval", help="evaluate a predictor directory on a JSONL example file")
-    ev.add_argument("--model", required=True, help="predictor directory")
+    ev.add_argument("--model", default=None, help="predictor directory (default: the shipped one)")
     ev.add_argument("--data", required=True, help="JSONL: prompt + response or output_tokens per line")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ev.add_argument("--device", default="cpu", help="cpu or cuda")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     ev.add_argument("--json", default=None, help="also write the report here")
+    ev.add_argument("--online", type=int, default=None, metavar="N",
+                    help="prequential: predict each example before its label, learn every N examples (0: prior alone)")
+    ev.add_argument("--probe", default=None, metavar="HF_DIR",
+                    help="with --online: learn on this causal LM's last prompt hidden state (a TRAIL-style probe)")
     ev.set_defaults(func=_eval)
 
     table = commands.add_parser("table", help="markdown table from `eval --json` reports")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tetriinfer.predictor.artifact import read_meta
+from tetriinfer.predictor.artifact import DEFAULT_DIR, read_meta
 from tetriinfer.predictor.examples import LengthExample
 from tetriinfer.predictor.metrics import accuracy, kendall_tau_b, mean_absolute_error
 from tetriinfer.predictor.serving import load_predictor
@@ -44,13 +44,13 @@ class EvalReport:
 
 
 def evaluate(
-    model_dir: str | Path,
+    model_dir: str | Path | None,
     examples: list[LengthExample],
     batch_size: int = 32,
     single_prompt_runs: int = 50,
     device: str = "cpu",
 ) -> EvalReport:
-    model_dir = Path(model_dir)
+    model_dir = Path(model_dir) if model_dir is not None else DEFAULT_DIR
     meta = read_meta(model_dir)
     spec = meta.buckets
     predictor = load_predictor(model_dir, device=device)

@@ -20,6 +20,7 @@ from tetriinfer.sched.lengths import BucketSpec
 
 Prompts = Sequence[str] | Sequence[Sequence[int]]
 DISABLED = "none"
+STATIC = "static"  # "static" / "static:DIR": the model as trained, no online adaptation
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class LengthPredictor(ABC):
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="length-predictor")
             return self._executor.submit(self.predict, list(prompts))
+
+    def observe(self, prompt, output_len: int) -> None:
+        """A finished request's prompt and true output length; a static predictor learns nothing."""
 
     def close(self) -> None:
         with self._executor_lock:
@@ -132,15 +136,26 @@ def load_predictor(
     path: str | Path | None = None,
     decode: Callable[[list[int]], str] | None = None,
     device: str = "cpu",
+    online: bool = False,
 ) -> LengthPredictor:
     """The predictor in `path` (default: the shipped model); `"none"` gives the constant fallback.
 
     `decode` turns the served model's token ids back into text, for callers that pass ids.
     `device`: where the model runs; the built-in model is meant for the CPU, beside the GPU prefill.
+    `online`: wrap it in `online.OnlineLengthPredictor`, which learns from `observe(prompt, length)`;
+    a path `"static"` or `"static:DIR"` turns that off (what `serve --predictor static` asks for).
     """
+    spec = str(path) if path is not None else ""
+    if spec == STATIC or spec.startswith(STATIC + ":"):
+        online, path = False, spec[len(STATIC) + 1 :] or None
     if path is not None and str(path) == DISABLED:
         meta = read_meta(DEFAULT_DIR)
         return ConstantPredictor(meta.buckets, meta.majority_bucket)
     model_dir = Path(path) if path is not None else DEFAULT_DIR
     meta = read_meta(model_dir)
-    return ModelLengthPredictor(load_model(model_dir, meta), meta.buckets, meta.score_source, decode, device=device)
+    prior = ModelLengthPredictor(load_model(model_dir, meta), meta.buckets, meta.score_source, decode, device=device)
+    if not online:
+        return prior
+    from tetriinfer.predictor.online import online_predictor
+
+    return online_predictor(prior, meta.training.get("label_shares"))

@@ -98,6 +98,12 @@ def _build_model(cfg: TrainConfig, train_examples: list[LengthExample], num_outp
     return model, model.tokenizer.backend_tokenizer
 
 
+def have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot_curves(curves: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -243,9 +249,15 @@ def train(cfg: TrainConfig) -> PredictorMeta:
             "parameters": model.num_parameters(),
             "train_seconds": round(train_seconds, 1),
             "best": {_selection_metric(cfg): best},
+            # the online learner's label-shift correction divides by these (learner.OnlineLearner)
+            "label_shares": (np.bincount(sets["train"].buckets, minlength=buckets.num_buckets)
+                             / len(sets["train"].buckets)).round(4).tolist(),
         },
     )
     write_meta(out, meta)
     (out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")
-    plot_curves(curves, out / "curves.png", f"{cfg.model} · {cfg.loss} · {cfg.granularity}-token buckets")
+    if have_matplotlib():
+        plot_curves(curves, out / "curves.png", f"{cfg.model} · {cfg.loss} · {cfg.granularity}-token buckets")
+    else:
+        print(f"{out / 'curves.png'} not drawn: no matplotlib (pip install 'tetriinfer[plot]'); curves.json has the data")
     return meta
