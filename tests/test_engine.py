@@ -17,7 +17,8 @@ NUM_BLOCKS = 128
 
 def make_engine(**overrides) -> LLMEngine:
     sched = EngineSchedulerConfig(chunk_size=overrides.pop("chunk_size", 32),
-                                  step_policy=overrides.pop("step_policy", "chunked"))
+                                  step_policy=overrides.pop("step_policy", "chunked"),
+                                  async_scheduling=overrides.pop("async_scheduling", None))
     cache = CacheConfig(block_size=overrides.pop("block_size", 16), num_blocks=overrides.pop("num_blocks", NUM_BLOCKS))
     return LLMEngine(EngineConfig(model="tiny", cache=cache, scheduler=sched, **overrides))
 
@@ -180,6 +181,46 @@ def test_a_parked_prefilled_request_can_decode_in_place():
     assert engine.block_manager.num_free_blocks == NUM_BLOCKS
     with pytest.raises(KeyError):
         engine.decode_here("r")
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_request_decoding_in_place_parks_again_at_park_at_and_moves_on_exactly(async_scheduling):
+    """A prefill instance decodes a request's first tokens, then hands it off (handoff_after_tokens)."""
+    prompt, sampling = list(range(5, 60)), SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    short = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    alone = make_engine()
+    alone.add_request("r", prompt_token_ids=prompt, sampling=sampling)
+    expected = run_all(alone)["r"].outputs[0].token_ids
+    engine = make_engine(async_scheduling=async_scheduling)
+    engine.add_request("r", prompt_token_ids=prompt, sampling=sampling, prefill_only=True)
+    engine.add_request("s", prompt_token_ids=prompt[:7], sampling=short, prefill_only=True)
+    while {r.status.value for r in engine.requests.values()} != {"prefilled"}:
+        engine.step()
+    engine.decode_here("r", park_at=4)
+    engine.decode_here("s", park_at=4)  # ends (3 tokens) before it would park
+    finished = {}
+    while engine.requests["r"].status.value != "prefilled":
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+        assert engine.requests["r"].num_sampled <= 4  # never sampled beyond the park point
+    assert finished["s"].outputs[0].token_ids == run_all_alone(prompt[:7], short)
+    assert engine.requests["r"].output_token_ids == expected[:4]
+    kv = engine.export_request("r")
+    assert kv.num_cached_tokens == len(prompt) + 3
+    assert engine.block_manager.num_free_blocks == NUM_BLOCKS
+    decode = make_engine()
+    decode.import_request(kv)
+    assert run_all(decode)["r"].outputs[0].token_ids == expected
+    with pytest.raises(ValueError, match="already has"):
+        engine.add_request("t", prompt_token_ids=prompt, sampling=sampling, prefill_only=True)
+        while engine.requests["t"].status.value != "prefilled":
+            engine.step()
+        engine.decode_here("t", park_at=1)
+
+
+def run_all_alone(prompt: list[int], sampling: SamplingParams) -> list[int]:
+    engine = make_engine()
+    engine.add_request("x", prompt_token_ids=prompt, sampling=sampling)
+    return run_all(engine)["x"].outputs[0].token_ids
 
 
 def test_import_rejects_mismatched_kv():

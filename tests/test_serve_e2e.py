@@ -269,3 +269,17 @@ def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(colocated):
                          "the hits in /metrics")
     assert colocated.metric_sum("tetriinfer_prefix_queried_tokens_total") >= 4 * results[0].usage.prompt_tokens
     assert colocated.metric_sum("tetriinfer_kv_blocks_cached") > 0
+
+
+def test_requests_ending_within_handoff_after_tokens_never_move_and_longer_ones_move_exactly(tmp_path, offline):
+    """Adaptive: the prefill instance generates a request's first tokens itself. One that ends by
+    then never moves its KV; a longer one moves mid-decode and still gets the offline tokens."""
+    with start_server(["--decode-instances", "1", "--handoff-after-tokens", "6", *SERVER_ARGS], tmp_path) as server:
+        c = client(server)
+        for i in range(8):
+            c.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=5, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        assert server.metric_sum("tetriinfer_kv_transfers_total") == 0
+        assert_concurrent_requests_equal_offline(server, offline, 16)  # 12 to 16 tokens each
+        server.wait_until(lambda: server.metric_sum("tetriinfer_kv_transfers_total") > 0, 10, "transfer stats")
+        assert_no_kv_held(server)

@@ -16,26 +16,35 @@ def test_blocks_context_and_finishes_match_a_per_token_reference():
     for _ in range(400):
         for _ in range(rng.choice((0, 0, 1, 2))):
             req = SimRequest(next_id, 0.0, rng.randint(1, 100), rng.randint(2, 60))
-            batch.admit(req, reserve_blocks=3, predicted_decode_left=rng.randint(0, 50))
-            reference[next_id] = [req.kv_len, req.decode_left]
+            release_after = rng.choice((None, None, rng.randint(1, 12)))
+            batch.admit(req, reserve_blocks=3, predicted_decode_left=rng.randint(0, 50), release_after=release_after)
+            reference[next_id] = [req.kv_len, req.decode_left, release_after]
             next_id += 1
         if reference and rng.random() < 0.05:
             req = batch.preempt_latest()
-            ctx, left = reference.pop(req.request_id)
+            ctx, left, _ = reference.pop(req.request_id)
             assert (req.kv_len, req.decode_left) == (ctx, left)
-        expected_growth = sum(1 for ctx, _ in reference.values() if ctx % bs == 0)
+        expected_growth = sum(1 for ctx, *_ in reference.values() if ctx % bs == 0)
         assert batch.blocks_needed_next_step() == expected_growth
-        finished = batch.advance()
+        finished, released = batch.advance()
         for state in reference.values():
             state[0] += 1
             state[1] -= 1
-        done = {i for i, (_, left) in reference.items() if left == 0}
+            if state[2] is not None:
+                state[2] -= 1
+        done = {i for i, (_, left, _) in reference.items() if left == 0}
         assert {r.request_id for r in finished} == done
         for i in done:
             del reference[i]
+        # A request due for release that finished in the same step is finished, not released.
+        due = {i for i, (_, _, until) in reference.items() if until is not None and until <= 0}
+        assert {r.request_id for r in released} == due
+        for req in released:
+            ctx, left, _ = reference.pop(req.request_id)
+            assert (req.kv_len, req.decode_left) == (ctx, left)
         assert batch.num_running == len(reference)
-        assert batch.total_context == sum(ctx for ctx, _ in reference.values())
-        assert batch.used_blocks == sum(blocks_for(ctx, bs) for ctx, _ in reference.values())
+        assert batch.total_context == sum(ctx for ctx, *_ in reference.values())
+        assert batch.used_blocks == sum(blocks_for(ctx, bs) for ctx, *_ in reference.values())
         assert batch.reserved_blocks == 3 * len(reference)
 
 

@@ -135,10 +135,16 @@ class PolicyConfig:
     # Adaptive disaggregation (sched.router): how much the slowdown a local prefill imposes on a
     # decode instance's running requests (seconds, summed over them) counts against prefilling there.
     interference_weight: float = 0.2
+    # Adaptive: output tokens a prefill instance generates itself (the first, from the prefill,
+    # included) before it offers a request to a decode instance. A request that ends by then never
+    # moves, and the hand-off gap (KV move, admission) is spread over more tokens. 1: move at once.
+    handoff_after_tokens: int = 8
 
     def __post_init__(self) -> None:
         if not self.interference_weight >= 0:
             raise ValueError(f"interference_weight must be >= 0, got {self.interference_weight}")
+        if self.handoff_after_tokens < 1:
+            raise ValueError(f"handoff_after_tokens must be >= 1, got {self.handoff_after_tokens}")
         _check_choice("disagg_policy", self.disagg_policy, DISAGG_POLICIES)
         _check_choice("prefill_policy", self.prefill_policy, PREFILL_POLICIES)
         _check_choice("dispatch_policy", self.dispatch_policy, DISPATCH_POLICIES)

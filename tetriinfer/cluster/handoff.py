@@ -105,6 +105,11 @@ class PrefillHandoff:
         parked.need_blocks, parked.reserve_blocks = placement_blocks(
             prompt, lower, upper, self.block_size, self.capacity_blocks)
         parked.predicted_decode_tokens = upper
+        handoff_after = self.config.policy.handoff_after_tokens
+        if self.adaptive and self.flip is None and len(req.output_token_ids) < handoff_after:
+            # Its first tokens decode here; it parks again at `handoff_after` unless it ends first.
+            self.engine.decode_here(req.request_id, park_at=handoff_after if handoff_after < max_tokens else 0)
+            return
         parked.waiting_since = time.monotonic()
         self.dispatch_wait.append(parked)
 

@@ -277,7 +277,8 @@ class LLMEngine:
 
     def _takes_last_token(self, req: Request) -> bool:
         """Whether the token being sampled for `req` ends it whatever its value."""
-        return req.prefill_only or self._reaches_length_limit(req, req.num_sampled + 1)
+        return (req.prefill_only or 0 < req.park_at <= req.num_sampled + 1
+                or self._reaches_length_limit(req, req.num_sampled + 1))
 
     def _complete_step(self, step: LaunchedStep) -> list[Request]:
         """Read back a launched step's tokens (waiting for the device) and update its requests."""
@@ -293,6 +294,8 @@ class LLMEngine:
             if req.prefill_only and req.status == RequestStatus.WAITING:
                 req.status = RequestStatus.PREFILLED
             self._append_token(req, result.token_ids[i], None if result.logprobs is None else result.logprobs[i], now)
+            if 0 < req.park_at <= len(req.output_token_ids) and req.status == RequestStatus.RUNNING:
+                req.status, req.park_at = RequestStatus.PREFILLED, 0  # unscheduled since on_sampled(last)
             stepped.append(req)
         return stepped
 
@@ -364,12 +367,15 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
         )
 
-    def decode_here(self, request_id: str) -> Request:
-        """A prefilled request parked for export decodes in this engine instead (its KV is here)."""
+    def decode_here(self, request_id: str, park_at: int = 0) -> Request:
+        """A prefilled request parked for export decodes in this engine instead (its KV is here).
+        `park_at`: it parks again once it has that many output tokens, unless it ends first."""
         req = self.requests[request_id]
         if req.status != RequestStatus.PREFILLED:
             raise ValueError(f"request {request_id!r} is {req.status.value}, not prefilled")
-        req.status, req.prefill_only = RequestStatus.RUNNING, False
+        if park_at and park_at <= len(req.output_token_ids):
+            raise ValueError(f"request {request_id!r} already has {len(req.output_token_ids)} output tokens")
+        req.status, req.prefill_only, req.park_at = RequestStatus.RUNNING, False, park_at
         self.scheduler.add_running(req)
         return req
 

@@ -33,6 +33,7 @@ class Request:
     arrival_time: float
     prompt: str | None = None
     prefill_only: bool = False  # stop after the first token and keep the KV for export
+    park_at: int = 0  # a running request parks again (PREFILLED, KV kept for export) at this many outputs; 0: never
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V sit in the cache (or are queued to be written there)

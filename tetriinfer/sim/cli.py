@@ -53,6 +53,9 @@ def add_parser(subparsers) -> None:
                         "decodes one, when cheaper) or paper (the fixed split)")
     p.add_argument("--interference-weight", type=float, default=_POLICY.interference_weight,
                    help="adaptive: weight of the slowdown a local prefill imposes on running decodes")
+    p.add_argument("--handoff-after-tokens", type=int, default=_POLICY.handoff_after_tokens,
+                   help="adaptive: output tokens a prefill instance generates itself before it hands a request "
+                        "to a decode instance (a request ending by then never moves; 1: hand off at once)")
     p.add_argument("--prefill-policy", default=_POLICY.prefill_policy, choices=PREFILL_POLICIES)
     p.add_argument("--sort-window", type=int, default=_POLICY.sort_window)
     p.add_argument("--dispatch", default=_POLICY.dispatch_policy, choices=DISPATCH_POLICIES)
@@ -99,6 +102,7 @@ def build_config(args: argparse.Namespace, system: str):
     )
     policy = PolicyConfig(
         disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,
+        handoff_after_tokens=args.handoff_after_tokens,
         prefill_policy=args.prefill_policy, sort_window=args.sort_window,
         dispatch_policy=args.dispatch, admission_policy=args.admission, predictor_accuracy=args.accuracy,
         max_num_batched_tokens=args.max_num_batched_tokens,

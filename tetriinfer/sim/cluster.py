@@ -261,10 +261,16 @@ class ClusterSim:
             elif inst.role == PREFILL:
                 if req.bucket is None:  # the adaptive router predicted it on arrival
                     self._predict(req)
-                inst.dispatch_wait.append(req)
+                handoff_after = self.config.policy.handoff_after_tokens if self.adaptive else 1
+                if handoff_after > 1 and not inst.draining:  # its first tokens decode here, then it moves
+                    inst.start_decoding(req, release_after=handoff_after - 1)
+                else:
+                    inst.dispatch_wait.append(req)
             else:  # colocated, or prefilled in place on a decode instance
                 inst.start_decoding(req)
         if inst.role == PREFILL:
+            inst.dispatch_wait.extend(inst.released)
+            inst.released.clear()
             self._dispatch(inst, now)
         self._kick(inst, now)
 

@@ -43,6 +43,7 @@ class BatchInstance:
         self.busy = False
         self.draining = False
         self.num_preemptions = 0
+        self.released: list[SimRequest] = []  # left the batch unfinished (`start_decoding`'s release_after)
         self._plan: PromptPlan | None = None
 
     @property
@@ -58,9 +59,10 @@ class BatchInstance:
 
     is_drained = is_empty
 
-    def start_decoding(self, req: SimRequest) -> None:
-        """A request whose prompt completed here decodes here."""
-        self.batch.admit(req, req.reserve_blocks, req.predicted_decode_left())
+    def start_decoding(self, req: SimRequest, release_after: int | None = None) -> None:
+        """A request whose prompt completed here decodes here (for `release_after` steps at most,
+        then it joins `released`)."""
+        self.batch.admit(req, req.reserve_blocks, req.predicted_decode_left(), release_after)
 
     def start_step(self, now: float) -> float | None:
         while True:
@@ -82,7 +84,8 @@ class BatchInstance:
 
     def finish_step(self, now: float) -> tuple[list[SimRequest], list[SimRequest]]:
         plan, self._plan = self._plan, None
-        finished = self.batch.advance() if plan.decode else []
+        finished, released = self.batch.advance() if plan.decode else ([], [])
+        self.released.extend(released)
         prefilled = self.queue.commit(plan.chunk)
         for req in prefilled:
             self.prefill_blocks -= blocks_for(req.prompt_len, self.block_size)

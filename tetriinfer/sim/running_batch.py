@@ -29,13 +29,17 @@ class RunningBatch:
         self._finish: list[tuple[int, int, SimRequest, int]] = []
         self._admitted: list[tuple[SimRequest, int]] = []  # admission order, for preemption
         self._predicted_end: list[tuple[int, int, SimRequest, int]] = []
+        self._release: list[tuple[int, int, SimRequest, int]] = []  # (step, seq, req, epoch): leaves unfinished
         self._seq = 0
 
     def context_of(self, req: SimRequest) -> int:
         return req.batch_kv0 + self.step - req.batch_step0
 
-    def admit(self, req: SimRequest, reserve_blocks: int, predicted_decode_left: int) -> None:
-        """Start decoding `req` from `req.kv_len` KV tokens; its blocks are counted from now on."""
+    def admit(self, req: SimRequest, reserve_blocks: int, predicted_decode_left: int,
+              release_after: int | None = None) -> None:
+        """Start decoding `req` from `req.kv_len` KV tokens; its blocks are counted from now on.
+        With `release_after`, a request still running after that many steps leaves the batch
+        (`advance` returns it among the released, its KV counted out)."""
         req.batch_epoch += 1
         req.batch_step0, req.batch_kv0, req.batch_reserve = self.step, req.kv_len, reserve_blocks
         self._phase[(req.kv_len - self.step) % self.block_size] += 1
@@ -47,6 +51,10 @@ class RunningBatch:
         heapq.heappush(self._finish, (self.step + req.decode_left, self._seq, req, req.batch_epoch))
         end = self.step + max(predicted_decode_left, 0)
         heapq.heappush(self._predicted_end, (end, self._seq, req, req.batch_epoch))
+        if release_after is not None and release_after < 1:
+            raise ValueError(f"release_after must be >= 1 step, got {release_after}")
+        if release_after is not None and release_after < req.decode_left:
+            heapq.heappush(self._release, (self.step + release_after, self._seq, req, req.batch_epoch))
         self._admitted.append((req, req.batch_epoch))
         if len(self._admitted) > 2 * self.num_running + 64:
             self._admitted = [(r, e) for r, e in self._admitted if r.batch_epoch == e]
@@ -74,8 +82,9 @@ class RunningBatch:
         self._remove(req, kv)
         return req
 
-    def advance(self) -> list[SimRequest]:
-        """Account one decode step (every running request gains a token); return finished requests."""
+    def advance(self) -> tuple[list[SimRequest], list[SimRequest]]:
+        """Account one decode step (every running request gains a token); return the finished
+        requests and the released ones (admitted with `release_after`, now due and unfinished)."""
         self.used_blocks += self.blocks_needed_next_step()
         self.total_context += self.num_running
         self.step += 1
@@ -89,7 +98,18 @@ class RunningBatch:
             req.kv_len, req.decode_left = kv, 0
             self._remove(req, kv)
             finished.append(req)
-        return finished
+        released = []
+        heap = self._release
+        while heap and (heap[0][0] <= self.step or heap[0][2].batch_epoch != heap[0][3]):
+            _, _, req, epoch = heapq.heappop(heap)
+            if req.batch_epoch != epoch:
+                continue
+            kv = self.context_of(req)
+            req.decode_left -= kv - req.batch_kv0
+            req.kv_len = kv
+            self._remove(req, kv)
+            released.append(req)
+        return finished, released
 
     def _remove(self, req: SimRequest, kv: int) -> None:
         req.batch_epoch += 1
