@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MAX_TOP_LOGPROBS = 20  # top-N alternatives per token (vLLM's default max_logprobs is 20)
 
 
 @dataclass
 class SamplingParams:
     """temperature 0 is greedy. top_k <= 0 and top_p == 1 disable those filters. With `seed`, the
-    request samples the same tokens whatever else shares its batch. `logprobs=True` returns the
-    log-probability of each chosen token (under the model's unscaled distribution)."""
+    request samples the same tokens whatever else shares its batch.
+
+    Penalties follow vLLM: `repetition_penalty` (> 0, 1 is off) divides positive logits and
+    multiplies negative ones of every token seen in the prompt or the output; `frequency_penalty`
+    and `presence_penalty` (in [-2, 2]) subtract count * f and [count > 0] * p over output tokens.
+    `logit_bias` maps token ids to values in [-100, 100] added to their logits. All of them apply
+    before temperature, top-k and top-p, and to greedy requests too.
+
+    `logprobs`: None for none; N >= 0 returns each chosen token's log-probability plus the N most
+    likely alternatives (`True` is read as 0: the chosen token's only). `prompt_logprobs`: the same
+    for every prompt token (the first has none). Log-probabilities are those of the model's raw
+    distribution, before penalties and temperature (vLLM's default, `raw_logprobs`).
+
+    `json_schema` / `json_object`: the output is constrained to JSON (matching the schema, a JSON
+    string) with the optional grammar library (`pip install 'tetriinfer[structured]'`)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -20,11 +36,23 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
-    logprobs: bool = False
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    prompt_logprobs: int | None = None
+    json_schema: str | None = None
+    json_object: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        # Back-compat: logprobs=True meant "the chosen token's"; False meant none.
+        if self.logprobs is True:
+            self.logprobs = 0
+        elif self.logprobs is False:
+            self.logprobs = None
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.temperature < 0:
@@ -37,7 +65,34 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {value}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        if self.logit_bias:
+            bad = next((v for v in self.logit_bias.values() if not -100.0 <= v <= 100.0), None)
+            if bad is not None:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bad}")
+            bad_id = next((t for t in self.logit_bias if t < 0), None)
+            if bad_id is not None:
+                raise ValueError(f"logit_bias token id {bad_id} is negative")
+        if self.json_schema is not None and self.json_object:
+            raise ValueError("json_schema and json_object are exclusive")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def structured(self) -> bool:
+        return self.json_schema is not None or self.json_object

@@ -98,7 +98,7 @@ class LLMEngine:
                                   mixed_steps=config.scheduler.step_policy == "mixed")
         self.prefix_cache = PrefixCache.for_engine(config, self.block_manager)  # None when off
         self.scheduler = EngineScheduler(config.scheduler, self.block_manager, self.prefix_cache)
-        self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
+        self.sampler = Sampler(self.device, config.seed, self.eos_token_ids, self.tokenizer)
         self.requests: dict[str, Request] = {}
         self.async_scheduling = config.scheduler.async_scheduling
         if self.async_scheduling is None:
@@ -173,6 +173,9 @@ class LLMEngine:
         bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in sampling.logit_bias or () if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens, more than the model's context of {self.max_model_len}")
         total = len(token_ids) + sampling.max_tokens
@@ -253,9 +256,10 @@ class LLMEngine:
         self.last_step_load = StepLoad(sum(p.length for p in plan.prefill) + plan.num_padding,
                                        sum(p.start for p in plan.prefill), len(plan.decode),
                                        sum(r.num_computed_tokens for r in plan.decode))
-        logits = self.runner.execute(plan, self._tokens_on_device(plan))
+        on_device = self._tokens_on_device(plan)
+        logits = self.runner.execute(plan, on_device)
         sampled = [p.request for p in plan.prefill if p.completes_prompt] + plan.decode
-        tokens = self.sampler(logits, sampled) if sampled else None
+        tokens = self.sampler(logits, sampled, on_device, len(sampled) - len(plan.decode)) if sampled else None
         for piece in plan.prefill:
             piece.request.num_computed_tokens = piece.start + piece.length
             self.scheduler.on_prefilled(piece.request)
@@ -293,6 +297,8 @@ class LLMEngine:
                 continue  # aborted, or stopped by the step before (its row here was spent for nothing)
             if req.prefill_only and req.status == RequestStatus.WAITING:
                 req.status = RequestStatus.PREFILLED
+            if result.top_logprobs is not None and req.sampling.logprobs:
+                req.output_top_logprobs.append(result.top_logprobs[i])
             self._append_token(req, result.token_ids[i], None if result.logprobs is None else result.logprobs[i], now)
             if 0 < req.park_at <= len(req.output_token_ids) and req.status == RequestStatus.RUNNING:
                 req.status, req.park_at = RequestStatus.PREFILLED, 0  # unscheduled since on_sampled(last)
@@ -301,7 +307,7 @@ class LLMEngine:
 
     def _append_token(self, req: Request, token: int, logprob: float | None, now: float) -> None:
         req.output_token_ids.append(token)
-        if req.sampling.logprobs:
+        if req.sampling.logprobs is not None:
             req.output_logprobs.append(logprob)
         if req.first_token_time is None:
             req.first_token_time = now
@@ -312,7 +318,10 @@ class LLMEngine:
                 req.detokenizer.settle()  # the last delta stays for a streaming caller to take
                 req.output_text = req.detokenizer.text
             elif self.tokenizer is not None:
-                req.output_text = self.tokenizer.decode(req.output_token_ids)
+                # A stop token's text is not part of the output (as in vLLM).
+                stopped_by_id = isinstance(req.stop_reason, int) and not isinstance(req.stop_reason, bool)
+                req.output_text = self.tokenizer.decode(req.output_token_ids[:-1] if stopped_by_id
+                                                        else req.output_token_ids)
             self.requests.pop(req.request_id, None)
             # Its blocks are free at once even if a step in flight still writes this request's
             # KV: every later write into them is queued on the same stream, after that step.
@@ -331,6 +340,8 @@ class LLMEngine:
     def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus | None, str | int | None]:
         sp = req.sampling
         n_out = len(req.output_token_ids)
+        if n_out >= sp.min_tokens and token in sp.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, token  # checked first: its text is not output (vLLM)
         if req.detokenizer is not None:  # also advances the text, so it runs for every token
             stop = req.detokenizer.append(token)
             if stop is not None:
@@ -358,13 +369,16 @@ class LLMEngine:
             outputs=[CompletionOutput(
                 text=req.output_text,
                 token_ids=list(req.output_token_ids),
-                logprobs=list(req.output_logprobs) if req.sampling.logprobs else None,
+                logprobs=list(req.output_logprobs) if req.sampling.logprobs is not None else None,
+                top_logprobs=list(req.output_top_logprobs) if req.sampling.logprobs else None,
                 finish_reason=req.status.value if finished else None,
                 stop_reason=req.stop_reason,
             )],
             finished=finished,
             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time),
             num_cached_tokens=req.num_cached_tokens,
+            **({} if req.sampling.prompt_logprobs is None else  # the first prompt token has none
+               {"prompt_logprobs": [None, *req.prompt_logprobs], "prompt_top_logprobs": [[], *req.prompt_top_logprobs]}),
         )
 
     def decode_here(self, request_id: str, park_at: int = 0) -> Request:

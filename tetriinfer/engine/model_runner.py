@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tetriinfer.engine.host_copy import pinned, to_device
+from tetriinfer.engine.prompt_logprobs import record_prompt_logprobs
 from tetriinfer.engine.scheduler import StepPlan
 from tetriinfer.kernels import get_kernels
 from tetriinfer.model.arch import ModelArch
@@ -192,6 +193,8 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.step(inputs, fed=feed is not None)
         hidden = self.run_model(inputs, feed)
+        if any(p.request.wants_prompt_logprobs for p in plan.prefill):  # only requests that ask
+            record_prompt_logprobs(self.model.compute_logits, hidden, plan)
         if all_logits or not plan.prefill:  # a decode-only step samples every real row, in order
             return self.model.compute_logits(hidden[: inputs.num_real_tokens])
         return self.model.compute_logits(hidden[to_device(inputs.sample_idx, self.device)])

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from tetriinfer.engine.detokenizer import IncrementalDetokenizer
 from tetriinfer.sampling_params import SamplingParams
+
+
+TopLogprobs = list[tuple[int, float]]  # one position's N most likely (token id, logprob), best first
 
 
 class RequestStatus(enum.Enum):
@@ -52,6 +56,23 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0
+    # logprobs=N > 0: each output token's top-N (aligned with output_token_ids; tokens made on
+    # another engine before a KV import have [] here: they were streamed from there).
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    # prompt_logprobs: one entry per prompt token from the second on, filled chunk by chunk.
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    grammar: Any = None  # structured output: engine.structured.GrammarState, made on first use
+
+    def __post_init__(self) -> None:
+        if self.sampling.logprobs and len(self.output_top_logprobs) < len(self.output_token_ids):
+            self.output_top_logprobs += [[] for _ in range(len(self.output_token_ids) - len(self.output_top_logprobs))]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet (the model runner's cue)."""
+        return (self.sampling.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1)
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +105,7 @@ class CompletionOutput:
     logprobs: list[float] | None
     finish_reason: str | None  # "stop", "length", "abort", or None while running
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    top_logprobs: list[TopLogprobs] | None = None  # with logprobs=N > 0: per token, the N best
 
 
 @dataclass
@@ -112,3 +134,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # With prompt_logprobs: per prompt token, its logprob (None for the first) and the top-N.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[TopLogprobs] | None = None

@@ -1,4 +1,6 @@
-"""Turns the logits of a step into one token per request: greedy, temperature, top-k, top-p.
+"""Turns the logits of a step into one token per request: logit_bias, min_tokens, penalties, grammar
+masks (structured output), then greedy or temperature, top-k, top-p. Log-probabilities (the chosen
+token's and the top-N) are read from the raw logits, before any of that (vLLM's default).
 
 Sampling draws Gumbel-style exponential noise (argmax of p / q with q ~ Exp(1) samples from p). A
 request with a seed draws its noise from a generator seeded by (seed, output position), so its tokens
@@ -12,64 +14,107 @@ prepare its next step while this one runs (async scheduling).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tetriinfer.engine.host_copy import to_device
-from tetriinfer.engine.request import Request
+from tetriinfer.engine.penalties import apply_logit_bias, apply_penalties
+from tetriinfer.engine.request import Request, TopLogprobs
+
+if TYPE_CHECKING:
+    from tetriinfer.engine.model_runner import TokensOnDevice
 
 
 @dataclass
 class SampleResult:
     token_ids: list[int]
     logprobs: list[float] | None  # of the chosen tokens, under the unscaled distribution
+    top_logprobs: list[TopLogprobs] | None = None  # per row: its request's N best (id, logprob)
 
 
 class SampledTokens:
     """One step's sampled tokens: on the device at once (`token_ids`, which the next step may read
     as its input), on the host once `result()` returns."""
 
-    def __init__(self, token_ids: torch.Tensor, logprobs: torch.Tensor | None):
+    def __init__(self, token_ids: torch.Tensor, logprobs: torch.Tensor | None,
+                 top: tuple[torch.Tensor, torch.Tensor] | None = None, top_counts: list[int] | None = None):
         self.token_ids = token_ids  # [num_sampled] int64, on the device
         self._event = None
+        self._top_counts = top_counts  # per row: how many of the top (ids, logprobs) columns it wants
         if token_ids.is_cuda:  # queue the copy to pinned memory behind the step; do not wait
-            self._host_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
-            self._host_ids.copy_(token_ids, non_blocking=True)
-            self._host_logprobs = None
-            if logprobs is not None:
-                self._host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
-                self._host_logprobs.copy_(logprobs, non_blocking=True)
+            self._host_ids = _to_host(token_ids)
+            self._host_logprobs = None if logprobs is None else _to_host(logprobs)
+            self._host_top = None if top is None else (_to_host(top[0]), _to_host(top[1]))
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host_ids, self._host_logprobs = token_ids, logprobs
+            self._host_ids, self._host_logprobs, self._host_top = token_ids, logprobs, top
 
     def result(self) -> SampleResult:
         if self._event is not None:
             self._event.synchronize()
         logprobs = None if self._host_logprobs is None else self._host_logprobs.tolist()
-        return SampleResult(self._host_ids.tolist(), logprobs)
+        top = None
+        if self._host_top is not None:
+            ids, values = self._host_top[0].tolist(), self._host_top[1].tolist()
+            top = [list(zip(ids[i][:k], values[i][:k])) for i, k in enumerate(self._top_counts)]
+        return SampleResult(self._host_ids.tolist(), logprobs, top)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int, eos_token_ids: tuple[int, ...]):
+    def __init__(self, device: torch.device, seed: int, eos_token_ids: tuple[int, ...], tokenizer=None):
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.eos_token_ids = eos_token_ids
+        self.tokenizer = tokenizer  # structured output builds its grammar compiler over it
+        self._grammar_compiler = None  # made at the first structured request
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 on_device: "TokensOnDevice | None" = None, first_decode_row: int = 0) -> SampledTokens:
+        """`on_device`, `first_decode_row`: where decodes' newest tokens are still on the device
+        (async scheduling), and the row of the first decode among `requests` (penalties and
+        grammars need those tokens)."""
         logits = logits.float()
+        top_counts = [r.sampling.logprobs or 0 for r in requests]
+        want_logprobs = any(r.sampling.logprobs is not None for r in requests)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # raw: before processing
+        top = logprobs.topk(max(top_counts), dim=-1) if logprobs is not None and max(top_counts) else None
+
+        apply_logit_bias(logits, requests)
         self._ban_early_stops(logits, requests)
-        want_logprobs = any(r.sampling.logprobs for r in requests)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        pending = None
+        if any(r.sampling.has_penalties or r.sampling.structured for r in requests):
+            pending = _pending_tokens(len(requests), on_device, first_decode_row, logits.device)
+        apply_penalties(logits, requests, pending)
+        if any(r.sampling.structured for r in requests):
+            from tetriinfer.engine.structured import apply_grammar_masks
+
+            apply_grammar_masks(logits, requests, pending, self._grammar(logits.shape[1]))
 
         chosen = logits.argmax(dim=-1)
         if not all(r.sampling.greedy for r in requests):  # decided on the host: no device sync
             greedy = to_device(torch.tensor([r.sampling.greedy for r in requests]), logits.device)
             chosen = torch.where(greedy, chosen, self._sample(logits, requests))
         chosen_logprobs = None if logprobs is None else logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
-        return SampledTokens(chosen, chosen_logprobs)
+        return SampledTokens(chosen, chosen_logprobs, None if top is None else (top.indices, top.values),
+                             top_counts if top is not None else None)
+
+    def _grammar(self, vocab_size: int):
+        from tetriinfer.engine.structured import GrammarCompiler  # xgrammar: an optional library
+
+        if self._grammar_compiler is None:
+            if self.tokenizer is None:
+                raise ValueError("structured output needs the model's tokenizer")
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, vocab_size, self.eos_token_ids)
+        return self._grammar_compiler
 
     def _ban_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """min_tokens: no EOS or stop token before the request has that many tokens."""
@@ -102,6 +147,17 @@ class Sampler:
             else:
                 noise[row].exponential_(generator=self.generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def _pending_tokens(num_rows: int, on_device: "TokensOnDevice | None", first_decode_row: int,
+                    device: torch.device) -> torch.Tensor | None:
+    """[num_rows] int64 on the device: each row's token sampled by the step in flight, -1 if none."""
+    if on_device is None or not on_device.decodes:
+        return None
+    pending = torch.full((num_rows,), -1, dtype=torch.int64, device=device)
+    rows = to_device(torch.tensor([first_decode_row + j for j in on_device.decodes]), device)
+    pending[rows] = on_device.tokens[to_device(torch.tensor(on_device.rows), device)]
+    return pending
 
 
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:

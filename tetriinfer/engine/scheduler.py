@@ -142,7 +142,8 @@ class EngineScheduler:
                     break
                 if not req.num_computed_tokens:
                     slots -= 1
-                    self.prefix_cache.lookup(req)
+                    if not req.wants_prompt_logprobs:  # those need the logits of every prompt position
+                        self.prefix_cache.lookup(req)
         return prompts
 
     def _take(self, chunk: Chunk) -> list[PrefillPiece]:
