@@ -294,9 +294,10 @@ class Instance(PrefillHandoff, DecodeHandoff):
         text = req.detokenizer.take_delta() if req.detokenizer is not None else ""
         self._deltas.append(msg.TokenDelta(
             req.request_id, list(new), text,
-            req.output_logprobs[sent:] if req.sampling.logprobs else None,
+            req.output_logprobs[sent:] if req.sampling.logprobs is not None else None,
             req.status.value if finished else None, req.stop_reason, None,
             req.num_cached_tokens if sent == 0 and new else None,  # the prefilling instance knows
+            *req.delta_logprobs(sent, first=sent == 0 and bool(new)),
         ))
         if sent == 0 and new:  # its prompt was prefilled here
             self.prefix_queried_tokens += len(req.prompt_token_ids)

@@ -58,6 +58,12 @@ class TokenDelta(msgspec.Struct, array_like=True):
     stop_reason: str | int | None = None
     error: str | None = None
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache (on the first token's delta)
+    # SamplingParams.logprobs = N > 0: per new token, its N best (token id, logprob).
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    # SamplingParams.prompt_logprobs, on the first token's delta: per prompt token (None / [] for
+    # the first), its logprob and its N best.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @classmethod
     def ended(cls, request_id: str, reason: str, error: str) -> "TokenDelta":

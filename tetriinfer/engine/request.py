@@ -74,6 +74,14 @@ class Request:
         return (self.sampling.prompt_logprobs is not None
                 and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1)
 
+    def delta_logprobs(self, sent: int, first: bool) -> tuple:
+        """TokenDelta's (top_logprobs, prompt_logprobs, prompt_top_logprobs) for the output tokens
+        from `sent` on; the prompt's go with the `first` delta (that of the prefilling engine)."""
+        top = self.output_top_logprobs[sent:] if self.sampling.logprobs else None
+        if not first or self.sampling.prompt_logprobs is None:
+            return top, None, None
+        return top, [None, *self.prompt_logprobs], [[], *self.prompt_top_logprobs]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
