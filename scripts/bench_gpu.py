@@ -187,10 +187,13 @@ def main() -> None:
                     help="offline runs: one engine per value (vLLM's default on an H100 is 1024)")
     ap.add_argument("--async-scheduling", nargs="+", default=["on"], choices=["on", "off"],
                     help="offline runs: each engine runs once per value")
+    ap.add_argument("--prefix-caching", nargs="+", default=["on"], choices=["on", "off"],
+                    help="offline runs: one engine per value (random prompts: nothing hits, so on/off is the cost)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["ceiling", "steps", "throughput", "hf"])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     args.async_scheduling = [v == "on" for v in args.async_scheduling]
+    args.prefix_caching = [v == "on" for v in args.prefix_caching]
     pairs = [tuple(p) for p in json.loads(Path(args.lengths).read_text())["pairs"]][: args.num_requests]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
            "commit": os.environ.get("TETRIINFER_COMMIT", "unknown"), "context": args.context}
@@ -222,12 +225,13 @@ def main() -> None:
         # One engine per max_num_seqs (its CUDA graphs depend on it); each runs with and without
         # async scheduling, switched while the engine is idle.
         res["offline"] = []
-        for max_num_seqs in args.max_num_seqs:
+        for max_num_seqs, prefix_caching in [(m, c) for m in args.max_num_seqs for c in args.prefix_caching]:
             llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk,
-                      max_num_seqs=max_num_seqs, step_policy=args.step_policy)
+                      max_num_seqs=max_num_seqs, step_policy=args.step_policy, enable_prefix_caching=prefix_caching)
             for async_scheduling in args.async_scheduling:
                 llm.engine.async_scheduling = async_scheduling  # switched while the engine is idle
                 run = {"chunk_size": args.chunk, "max_num_seqs": max_num_seqs, "step_policy": args.step_policy,
+                       "prefix_caching": prefix_caching,
                        "async_scheduling": async_scheduling, "num_blocks": llm.engine.block_manager.num_blocks,
                        "block_size": llm.engine.block_manager.block_size,
                        "throughput": engine_throughput(llm, pairs)}
@@ -252,7 +256,8 @@ def main() -> None:
     hf = res.get("hf", {})
     for run in res.get("offline", []):
         t = run["throughput"]
-        line = (f"offline, {t['requests']} requests, max_num_seqs {run['max_num_seqs']}, async "
+        line = (f"offline, {t['requests']} requests, max_num_seqs {run['max_num_seqs']}, prefix caching "
+                f"{'on ' if run.get('prefix_caching', True) else 'off'}, async "
                 f"{'on ' if run['async_scheduling'] else 'off'}: {t['output_tokens_per_s']:.0f} output tok/s")
         if "output_tokens_per_s" in hf:
             sub = run["throughput_hf_subset"]["output_tokens_per_s"]
