@@ -94,9 +94,10 @@ def main() -> None:
     for _ in range(3):  # warm up cuBLAS
         forward(xd, weights), forward(xp, weights)
     torch.cuda.synchronize()
-    alone_decode = per_step_ms(timed_loop(main_stream, xd, weights, args.decode_steps))
-    alone_prefill = per_step_ms(timed_loop(main_stream, xp, weights, args.prefill_steps))
+    decode_events = timed_loop(main_stream, xd, weights, args.decode_steps)
+    prefill_events = timed_loop(main_stream, xp, weights, args.prefill_steps)
     torch.cuda.synchronize()
+    alone_decode, alone_prefill = per_step_ms(decode_events), per_step_ms(prefill_events)
     rows = [{"mode": "alone", "decode_ms": alone_decode, "prefill_ms": alone_prefill}]
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
     rows.append({"mode": "two streams (shared SMs)", **run_pair(s1, s2, xd, xp, weights, args.decode_steps, args.prefill_steps)})
