@@ -12,6 +12,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 ENGINE_STEP_POLICIES = ("chunked", "whole", "mixed")  # sched.step_planner.STEP_POLICIES
+QUANTIZATIONS = (None, "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass
@@ -72,7 +74,15 @@ class EngineSchedulerConfig:
 
 @dataclass
 class EngineConfig:
-    """One engine instance: model, weights, device, cache and step policy."""
+    """One engine instance: model, weights, device, cache and step policy.
+
+    `tensor_parallel_size`: ranks one instance spans (Megatron splits of attention and MLP; rank 0
+    is this process, one worker process per other rank; GPUs `device`, `device`+1, ...). The
+    simulator prices the same knob (`ClusterConfig.tp`, as the instances' tensor_parallel_size).
+    `quantization="fp8"`: W8A8, FP8 weights with per-output-channel scales and dynamic per-token
+    activation scales, from a higher-precision checkpoint (quantized at load) or an FP8 one
+    (compressed-tensors). `kv_cache_dtype="fp8"`: FP8 KV cache with per-tensor scales.
+    """
 
     model: str = "tiny"
     dtype: str = "float32"
@@ -82,6 +92,9 @@ class EngineConfig:
     seed: int = 0
     max_model_len: int | None = None
     enforce_eager: bool = False  # no CUDA graphs (they are used on GPUs with the Triton backend)
+    tensor_parallel_size: int = 1
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: EngineSchedulerConfig = field(default_factory=EngineSchedulerConfig)
 
@@ -94,6 +107,17 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
             )
+        check_tensor_parallel_size(self.tensor_parallel_size)
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+
+
+def check_tensor_parallel_size(size: int) -> None:
+    """One rule for the engine's knob and the simulator's (`ClusterConfig.tp`)."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {size!r}")
 
 
 # --- Cluster scheduling and simulation (issue 3) -------------------------------------------------
@@ -193,13 +217,14 @@ class ClusterConfig:
     num_instances: int = 1
     gpu: str = "h100"
     model: str = "llama3-8b"
-    tp: int = 1
+    tp: int = 1  # every instance's EngineConfig.tensor_parallel_size, as the simulator prices it
     block_size: int = 16
     monitor_interval_s: float = 0.1
 
     def __post_init__(self) -> None:
         _check_choice("system", self.system, SYSTEMS)
-        for name in ("num_prefill", "num_decode", "num_instances", "tp", "block_size"):
+        check_tensor_parallel_size(self.tp)
+        for name in ("num_prefill", "num_decode", "num_instances", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.monitor_interval_s <= 0:

@@ -25,7 +25,9 @@ from tetriinfer.engine.request import (
 )
 from tetriinfer.engine.sampler import SampledTokens, Sampler
 from tetriinfer.engine.scheduler import EngineScheduler, StepPlan
+from tetriinfer.engine.tp_worker import RunnerSpec, TPWorkers
 from tetriinfer.model.loader import TORCH_DTYPES, load_model
+from tetriinfer.model.parallel import SINGLE
 from tetriinfer.sampling_params import SamplingParams
 
 CPU_DEFAULT_MEMORY_FRACTION = 0.05
@@ -80,7 +82,11 @@ class LLMEngine:
         self.config = config
         self.stream_text = stream_text
         self.device = torch.device(config.device)
-        loaded = load_model(config.model, config.dtype, config.device, config.load_format, config.seed)
+        # Tensor parallelism: this process is rank 0 and owns one worker process per other rank.
+        self.workers = TPWorkers(config) if config.tensor_parallel_size > 1 else None
+        tp = self.workers.tp if self.workers is not None else SINGLE
+        loaded = load_model(config.model, config.dtype, config.device, config.load_format, config.seed, tp=tp,
+                            quantization=config.quantization)
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.arch.eos_token_ids
@@ -91,11 +97,16 @@ class LLMEngine:
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.block_manager = BlockManager(num_blocks, config.cache.block_size)
         # CUDA graphs need kernels that never synchronise with the host: the Triton backend's.
-        use_graphs = self.device.type == "cuda" and backend == "triton" and not config.enforce_eager
+        # (Not yet under tensor parallelism: its NCCL all-reduces are not captured.)
+        use_graphs = (self.device.type == "cuda" and backend == "triton" and not config.enforce_eager
+                      and self.workers is None)
         self.runner = ModelRunner(loaded.model, loaded.arch, num_blocks, config.cache.block_size, backend,
                                   self.device, TORCH_DTYPES[config.dtype], self.max_model_len,
                                   config.scheduler.max_num_seqs, config.scheduler.chunk_size, use_graphs,
-                                  mixed_steps=config.scheduler.step_policy == "mixed")
+                                  mixed_steps=config.scheduler.step_policy == "mixed", tp=tp)
+        if self.workers is not None:
+            self.workers.start_runners(RunnerSpec(num_blocks, self.max_model_len, backend))
+            self.runner.workers = self.workers
         self.prefix_cache = PrefixCache.for_engine(config, self.block_manager)  # None when off
         self.scheduler = EngineScheduler(config.scheduler, self.block_manager, self.prefix_cache)
         self.sampler = Sampler(self.device, config.seed, self.eos_token_ids, self.tokenizer)
@@ -126,7 +137,8 @@ class LLMEngine:
         if cache.num_blocks is not None:
             return cache.num_blocks
         dtype_size = torch.finfo(TORCH_DTYPES[self.config.dtype]).bits // 8
-        block_bytes = self.arch.kv_bytes_per_token * dtype_size * cache.block_size
+        # Per rank: each holds its KV heads' share of a block.
+        block_bytes = self.arch.kv_bytes_per_token * dtype_size * cache.block_size // self.config.tensor_parallel_size
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = cache.memory_fraction or GPU_DEFAULT_MEMORY_FRACTION
@@ -198,6 +210,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (also done when the engine is collected, and at exit)."""
+        if self.workers is not None:
+            self.workers.stop()
 
     # ---- the serving instance's view (no reaching into the scheduler or the block manager) --------
     def load(self) -> EngineLoad:

@@ -13,6 +13,7 @@ from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.llama import LlamaForCausalLM
 from tetriinfer.model.opt import OPTForCausalLM
 from tetriinfer.model.parallel import SINGLE, TensorParallel, shard
+from tetriinfer.model.quant import fp8_checkpoint, prepare_fp8_, quantize_model_
 from tetriinfer.model.tokenizer import Tokenizer, load_tokenizer
 from tetriinfer.presets import PRESETS, get_preset
 
@@ -57,10 +58,12 @@ def model_class(arch: ModelArch) -> type[nn.Module]:
 
 
 def load_model(name_or_path: str, dtype: str, device: str, load_format: str, seed: int = 0,
-               tp: TensorParallel = SINGLE) -> LoadedModel:
-    """The model (this rank's shard under tensor parallelism `tp`) with its weights."""
+               tp: TensorParallel = SINGLE, quantization: str | None = None) -> LoadedModel:
+    """The model (this rank's shard under tensor parallelism `tp`) with its weights; with
+    `quantization="fp8"` or an FP8 checkpoint, its projections in FP8 (model.quant)."""
     hf_config, model_dir = resolve_model(name_or_path)
     arch = ModelArch.from_hf_config(hf_config)
+    fp8_weights_in_checkpoint = model_dir is not None and load_format != "dummy" and fp8_checkpoint(hf_config)
     if load_format == "auto":
         load_format = "dummy" if model_dir is None else "safetensors"
     if load_format == "safetensors" and model_dir is None:
@@ -79,10 +82,14 @@ def load_model(name_or_path: str, dtype: str, device: str, load_format: str, see
             model = model_class(arch)(arch, tp)
     finally:
         torch.set_default_dtype(previous_dtype)
+    if fp8_weights_in_checkpoint:
+        prepare_fp8_(model)
     if load_format == "dummy":
         init_random_weights(model, seed)
     else:
         load_safetensors(model, weight_files, tp)
+    if quantization == "fp8":
+        quantize_model_(model)
     model.eval().requires_grad_(False)
     return LoadedModel(model, arch, _tokenizer(arch, model_dir), name_or_path)
 
@@ -122,8 +129,13 @@ def load_safetensors(model: nn.Module, files: list[Path], tp: TensorParallel = S
                 param = params[target]
                 owner, _, leaf = target.rpartition(".")
                 split_dim = getattr(model.get_submodule(owner), "shard_dim", lambda _: None)(leaf)
-                tensor = shard(f.get_tensor(ckpt_name), split_dim, tp)
+                tensor = f.get_tensor(ckpt_name)
                 dest = param.data if rows is None else param.data.narrow(0, rows[0], rows[1])
+                if leaf == "weight_scale":  # FP8: [out, 1] per channel, or one per tensor
+                    tensor = tensor.float().reshape(-1)
+                    if tensor.numel() == 1:
+                        tensor, split_dim = tensor.expand(dest.shape), None
+                tensor = shard(tensor, split_dim, tp)
                 if dest.shape != tensor.shape:
                     raise ValueError(f"{file.name}: {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
                 dest.copy_(tensor)

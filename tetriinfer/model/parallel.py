@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,8 @@ class TensorParallel:
     size: int = 1
     group: Any = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # Rank 0: turns a failed collective into the error that says which worker died and why.
+    on_error: Callable[[str], Exception] | None = None
 
     def split(self, n: int, what: str) -> int:
         """This rank's share of `n` (heads, KV heads, MLP features): they must divide evenly."""
@@ -52,9 +54,13 @@ class TensorParallel:
         try:
             done = work.wait(timedelta(seconds=self.timeout_s))
         except RuntimeError as e:
-            raise TensorParallelError(f"tensor-parallel rank {self.rank}: a collective failed: {e}") from e
+            raise self._error(f"a collective failed: {e}") from e
         if done is False:
-            raise TensorParallelError(f"tensor-parallel rank {self.rank}: a collective timed out")
+            raise self._error(f"a collective timed out after {self.timeout_s:.0f} s")
+
+    def _error(self, what: str) -> Exception:
+        what = f"tensor-parallel rank {self.rank}: {what}"
+        return self.on_error(what) if self.on_error is not None else TensorParallelError(what)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the ranks, in place."""
@@ -64,7 +70,11 @@ class TensorParallel:
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.size > 1:
-            self._wait(self.group.broadcast([x], src))
+            import torch.distributed as dist
+
+            opts = dist.BroadcastOptions()
+            opts.rootRank = src
+            self._wait(self.group.broadcast([x], opts))
         return x
 
     def send(self, x: torch.Tensor, dst: int, tag: int = 0) -> None:
@@ -111,7 +121,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.weight_scale: nn.Parameter | None = None  # FP8 weights only: [out] float32
+        self.register_parameter("weight_scale", None)  # FP8 weights only: [out] float32 (model.quant)
 
     def shard_dim(self, param: str) -> int | None:
         """The dimension of a full (checkpoint) tensor that is split across ranks for `param`."""

@@ -1,0 +1,115 @@
+"""Tensor parallelism on the CPU: 2 ranks (this process and one gloo worker) against 1, on
+Hugging Face random models of each family."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from hf_models import build_hf_model
+from tetriinfer import LLM, SamplingParams
+from tetriinfer.config import EngineConfig
+from tetriinfer.engine.engine import LLMEngine
+from tetriinfer.model.parallel import TensorParallelError
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+SMALL = dict(chunk_size=16, num_blocks=32, block_size=16)
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 384, (n,), generator=g).tolist() for n in (1, 9, 21)]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    dirs = {}
+    for family in ("llama", "qwen2", "opt"):
+        dirs[family] = tmp_path_factory.mktemp(family)
+        build_hf_model(family, dirs[family])
+    return dirs
+
+
+def greedy_tokens(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts(), sampling_params=GREEDY)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_two_ranks_give_the_greedy_tokens_of_one(model_dirs, family):
+    path = str(model_dirs[family])
+    expected = greedy_tokens(LLM(path, **SMALL))
+    llm = LLM(path, tensor_parallel_size=2, **SMALL)
+    try:
+        assert llm.engine.runner.kv_caches[0][0].shape[2] * 2 == llm.engine.arch.num_kv_heads
+        assert greedy_tokens(llm) == expected
+    finally:
+        llm.engine.close()
+
+
+def test_async_scheduling_feeds_the_worker_the_sampled_tokens(model_dirs):
+    """Decode inputs sampled on rank 0 and not yet read back reach the worker by broadcast."""
+    path = str(model_dirs["llama"])
+    expected = greedy_tokens(LLM(path, **SMALL))
+    llm = LLM(path, tensor_parallel_size=2, async_scheduling=True, **SMALL)
+    try:
+        assert greedy_tokens(llm) == expected
+    finally:
+        llm.engine.close()
+
+
+def run_to_prefilled(engine: LLMEngine, rid: str, ids: list[int]) -> None:
+    engine.add_request(rid, prompt_token_ids=ids, sampling=GREEDY, prefill_only=True)
+    while engine.requests[rid].status.value != "prefilled":
+        engine.step()
+
+
+def finish(engine: LLMEngine) -> list[int]:
+    out = []
+    while engine.has_unfinished_requests():
+        out = [o.outputs[0].token_ids for o in engine.step() if o.finished] or out
+    return out[0]
+
+
+@pytest.mark.parametrize("decode_tp", [2, 1])
+def test_kv_moves_from_a_tp2_engine_to_a_tp2_or_tp1_engine(model_dirs, decode_tp):
+    """Exported KV holds every rank's heads in rank order (the TP 1 layout), so the importing
+    engine splits it by its own size."""
+    path = str(model_dirs["llama"])
+    ids = prompts()[2]
+    whole = LLM(path, **SMALL).generate(prompt_token_ids=[ids], sampling_params=GREEDY)[0].outputs[0].token_ids
+    cfg = lambda tp: EngineConfig(model=path, tensor_parallel_size=tp)  # noqa: E731
+    prefill, decode = LLMEngine(cfg(2)), LLMEngine(cfg(decode_tp))
+    try:
+        run_to_prefilled(prefill, "r", ids)
+        kv = prefill.export_request("r")
+        assert kv.k.shape[2] == prefill.arch.num_kv_heads
+        decode.import_request(kv)
+        assert finish(decode) == whole
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_a_dead_worker_is_a_clear_error_and_close_leaves_no_process(model_dirs):
+    llm = LLM(str(model_dirs["llama"]), tensor_parallel_size=2, **SMALL)
+    procs = llm.engine.workers.procs
+    os.kill(procs[0].pid, signal.SIGKILL)
+    with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) exited with code -9"):
+        greedy_tokens(llm)
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_closing_the_engine_stops_its_workers(model_dirs):
+    llm = LLM(str(model_dirs["opt"]), tensor_parallel_size=2, **SMALL)
+    procs = llm.engine.workers.procs
+    assert all(p.is_alive() for p in procs)
+    llm.engine.close()
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_a_size_that_does_not_divide_the_heads_is_refused_before_any_process_starts(model_dirs):
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the model's 4 attention heads"):
+        LLM(str(model_dirs["llama"]), tensor_parallel_size=3, **SMALL)

@@ -1,0 +1,126 @@
+"""FP8 W8A8 linear layers: FP8 (e4m3) weights with one scale per output channel, activations
+quantized per token on the fly.
+
+    y = (x_q * s_x) (W_q * s_w)^T = (x_q W_q^T) * s_x * s_w^T       x_q = x / s_x,  W_q = W / s_w
+
+On Hopper (and Ada) the product runs in `torch._scaled_mm`, which applies both scales in its
+epilogue; elsewhere a reference path dequantizes to float32 and multiplies, so CPU tests run the
+same numbers (up to float32 accumulation order).
+
+Weights come either from a higher-precision checkpoint (or random weights), quantized at load
+(`quantize_model_`, as vLLM's `--quantization fp8`), or from a checkpoint already in FP8 in the
+compressed-tensors layout that Hugging Face's `quantization_config` describes (`fp8_checkpoint`):
+`<layer>.weight` float8_e4m3fn [out, in] and `<layer>.weight_scale` float32 [out, 1] (per channel)
+or [1] (per tensor), dynamic per-token input activations, the LM head left in high precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+MIN_SCALE = 1e-12  # an all-zero row or token still gets a finite scale
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_q float8 [out, in], s_w float32 [out]) with each row's largest |w| mapped to FP8_MAX."""
+    scale = (w.abs().amax(dim=1).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    return (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_q float8 [T, K], s_x float32 [T, 1]): dynamic scales, one per token (row)."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def has_scaled_mm(device: torch.device) -> bool:
+    """FP8 tensor cores with row-wise scales: CUDA compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_matmul_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """The reference: dequantize both operands to float32, multiply."""
+    return ((x_q.float() * x_scale) @ (w_q.float() * w_scale[:, None]).t()).to(out_dtype)
+
+
+def fp8_matmul_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """Hopper's FP8 GEMM; W_q^T of a row-major [out, in] W_q is the column-major operand it wants."""
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale[None, :], out_dtype=out_dtype)
+
+
+def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               use_kernel: bool | None = None) -> torch.Tensor:
+    """x [..., in] in bf16/fp16/fp32 through FP8 weights [out, in] -> [..., out] in x's dtype.
+    `use_kernel`: force `_scaled_mm` (True) or the reference (False); None picks by device and shape."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x_q, x_scale = quantize_per_token(x2)
+    if use_kernel is None:
+        # _scaled_mm wants K and N multiples of 16 and a 16-bit output.
+        use_kernel = (has_scaled_mm(x.device) and w_q.shape[0] % 16 == 0 and w_q.shape[1] % 16 == 0
+                      and x.dtype in (torch.bfloat16, torch.float16))
+    matmul = fp8_matmul_scaled_mm if use_kernel else fp8_matmul_ref
+    y = matmul(x_q, x_scale, w_q, w_scale, x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def fp8_linears(model: nn.Module) -> list[nn.Module]:
+    """The layers FP8 applies to: every projection inside the decoder layers (model.parallel.Linear);
+    embeddings and the LM head stay in high precision, as vLLM and compressed-tensors keep them."""
+    from tetriinfer.model.parallel import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def quantize_model_(model: nn.Module) -> None:
+    """Replace every projection's weight by its FP8 quantization, in place (one layer at a time, so
+    the peak memory is the high-precision model plus one layer's FP8 copy)."""
+    for layer in fp8_linears(model):
+        if layer.weight_scale is not None:
+            continue  # already FP8 (loaded from an FP8 checkpoint)
+        w_q, scale = quantize_weight(layer.weight.data)
+        layer.weight = nn.Parameter(w_q, requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+
+def prepare_fp8_(model: nn.Module) -> None:
+    """Give every projection empty FP8 weight and scale parameters for an FP8 checkpoint to fill."""
+    for layer in fp8_linears(model):
+        out_features, in_features = layer.weight.shape
+        device = layer.weight.device
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device),
+                                    requires_grad=False)
+        layer.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device),
+                                          requires_grad=False)
+
+
+def fp8_checkpoint(hf_config: dict) -> bool:
+    """Whether a checkpoint's `quantization_config` says FP8 W8A8 in a layout we load (False for an
+    unquantized checkpoint); a quantized layout we cannot run raises ValueError naming it."""
+    q = hf_config.get("quantization_config")
+    if not q:
+        return False
+    method = q.get("quant_method")
+    if method != "compressed-tensors":
+        raise ValueError(f"checkpoint quantization {method!r} is not supported; FP8 checkpoints must be in the "
+                         f"compressed-tensors layout (per-channel or per-tensor weight scales, dynamic per-token "
+                         f"activations), or load a bf16 checkpoint with quantization='fp8'")
+    ignored = [name for name in q.get("ignore") or () if name != "lm_head"]
+    if ignored:
+        raise ValueError(f"compressed-tensors checkpoint leaves {ignored[:4]} unquantized; only the LM head may be")
+    for name, group in (q.get("config_groups") or {}).items():
+        weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
+        if weights.get("type") != "float" or weights.get("num_bits") != 8 \
+                or weights.get("strategy") not in ("channel", "tensor"):
+            raise ValueError(f"compressed-tensors group {name!r}: only 8-bit float weights with channel or tensor "
+                             f"scales are supported, got {weights}")
+        if acts and not (acts.get("type") == "float" and acts.get("num_bits") == 8 and acts.get("dynamic")):
+            raise ValueError(f"compressed-tensors group {name!r}: only dynamic 8-bit float activations are "
+                             f"supported, got {acts}")
+    return True
