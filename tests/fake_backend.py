@@ -83,15 +83,31 @@ class FakeBackend:
                 elif finish is None and i == sampling.max_tokens - 1:
                     finish = "length"
                 text += piece
-                logprobs = [-0.25 * (i + 1)] if sampling.logprobs else None
+                logprobs = [-0.25 * (i + 1)] if sampling.logprobs is not None else None
                 finished = finish is not None
-                yield TokenDelta(request_id, [token], piece, logprobs, finish, stop_reason)
+                yield TokenDelta(request_id, [token], piece, logprobs, finish, stop_reason,
+                                 top_logprobs=[self.top(token, -0.25 * (i + 1), sampling.logprobs)]
+                                 if sampling.logprobs else None,
+                                 **(self.prompt_logprobs(prompt_token_ids, sampling.prompt_logprobs)
+                                    if i == 0 and sampling.prompt_logprobs is not None else {}))
                 if finished:
                     return
         finally:
             if not finished:
                 self.closed.append(request_id)
             self._live.discard(request_id)
+
+    @staticmethod
+    def top(token: int, logprob: float, n: int) -> list[tuple[int, float]]:
+        """The fake's top-n: the chosen token, then the next byte values, each 1.0 less likely."""
+        return [((token + k) % 256, logprob - k) for k in range(n)]
+
+    @classmethod
+    def prompt_logprobs(cls, prompt_token_ids: list[int], n: int) -> dict:
+        """The fake's prompt logprobs: -0.5 * position (none for the first token)."""
+        values = [None] + [-0.5 * k for k in range(1, len(prompt_token_ids))]
+        tops = [[]] + [cls.top(t, -0.5 * k, n) for k, t in enumerate(prompt_token_ids) if k]
+        return {"prompt_logprobs": values, "prompt_top_logprobs": tops}
 
     async def abort(self, request_id: str) -> None:
         await asyncio.sleep(0)  # a real backend's abort may suspend: the caller must not be cancelled there

@@ -31,7 +31,7 @@ def test_completion_text_usage_and_sampling_fields(app, backend):
     assert started.prompt_token_ids == backend.tokenizer.encode("hello")
     s = started.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (7, 0.5, 0.9, 5, 3)
-    assert (s.stop, s.stop_token_ids, s.ignore_eos, s.min_tokens, s.logprobs) == (["zz"], [7], True, 2, False)
+    assert (s.stop, s.stop_token_ids, s.ignore_eos, s.min_tokens, s.logprobs) == (["zz"], [7], True, 2, None)
 
 
 def test_completion_defaults(app, backend):
@@ -70,7 +70,9 @@ def test_completion_logprobs_of_chosen_tokens(app, backend):
     assert lp["tokens"] == ["o", "l", "l"]
     assert lp["token_logprobs"] == [-0.25, -0.5, -0.75]
     assert lp["text_offset"] == [0, 1, 2]
-    assert backend.started[0].sampling.logprobs is True
+    # the fake's top-2: the chosen byte, then the next one 1.0 less likely
+    assert lp["top_logprobs"] == [{"o": -0.25, "p": -1.25}, {"l": -0.5, "m": -1.5}, {"l": -0.75, "m": -1.75}]
+    assert backend.started[0].sampling.logprobs == 2 and backend.started[0].sampling.prompt_logprobs is None
 
 
 def test_chat_uses_the_chat_template_and_text_parts(app, backend):
@@ -142,15 +144,31 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [1, 259]}, 400, "prompt", "token id 259 is outside the vocabulary [0, 259)"),
     ("/v1/completions", {"prompt": [-1, 5]}, 400, "prompt", "token id -1"),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [300]}, 400, "stop_token_ids", "300"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "batched prompts are not supported"),
-    ("/v1/completions", {"prompt": [[1, 2], [3]]}, 400, "prompt", "batched prompts are not supported"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", "not supported"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo", "not supported"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", "prompt is empty"),
+    ("/v1/completions", {"prompt": ["a", [1]]}, 400, "prompt", "prompt must be a string"),
+    ("/v1/completions", {"prompt": [[1, 2], [3, "x"]]}, 400, "prompt", "prompt must be a string"),
+    ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt", "prompt is empty"),
+    ("/v1/completions", {"prompt": [[1, 2], [300]]}, 400, "prompt", "token id 300"),
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 65}, 400, "prompt", "exceed 128"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", "n must be in [1, 128]"),
     ("/v1/completions", {"prompt": "hi", "best_of": 2}, 400, "best_of", "not supported"),
     ("/v1/completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs", "logprobs must be >= 0"),
-    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
-    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 2}, 400, "top_logprobs",
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs", "at most 20"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", "[-2, 2]"),
+    ("/v1/completions", {"prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty", "[-2, 2]"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty", "> 0"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias", "token ids"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"300": 1}}, 400, "logit_bias", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"3": 101}}, 400, "logit_bias", "[-100, 100]"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "only be set when stream"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs",
+     "[0, 20]"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "xml"}}, 400, "response_format",
      "not supported"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema"}}, 400,
+     "response_format", "json_schema"),
 ]
 
 

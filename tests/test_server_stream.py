@@ -19,7 +19,8 @@ from tetriinfer.server.app import create_app
 # ---- a real server: streaming, disconnects ------------------------------------------------------
 def test_stream_completion_chunks_finish_usage_done(server):
     backend, url = server
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 4, "stream": True, "logprobs": 0})
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 4, "stream": True, "logprobs": 0,
+                                                  "stream_options": {"include_usage": True}})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
@@ -40,12 +41,13 @@ def test_stream_chat_role_first(server):
     events = sse_events(r.text)
     assert events[0]["object"] == "chat.completion.chunk"
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    contents = [e["choices"][0]["delta"]["content"] for e in events[1:-3]]
+    contents = [e["choices"][0]["delta"]["content"] for e in events[1:-2]]
     prompt = backend.started[0].prompt
     assert "".join(contents) == expected_text(backend, prompt, 3) and len(contents) == 3
-    assert events[-3]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length",
+    assert events[-2]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length",
                                         "stop_reason": None}
-    assert events[-2]["usage"]["completion_tokens"] == 3 and events[-1] == "[DONE]"
+    # no stream_options.include_usage: no usage chunk, and no chunk without choices (as OpenAI)
+    assert all(e["choices"] and "usage" not in e for e in events[:-1]) and events[-1] == "[DONE]"
 
 
 def test_stream_backend_error_event_then_done(server):
@@ -144,9 +146,15 @@ def test_openai_client_streaming(server):
     assert text == expected_text(backend, backend.started[-1].prompt, 4)
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
-    chunks = list(client.completions.create(model=MODEL, prompt="hello", max_tokens=3, stream=True))
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == "oll"
-    assert chunks[-1].usage.prompt_tokens == 6
+    # the canonical loop: every chunk has a choice when usage is not asked for
+    text = ""
+    for chunk in client.completions.create(model=MODEL, prompt="hello", max_tokens=3, stream=True):
+        text += chunk.choices[0].text
+    assert text == "oll"
+    text = ""
+    for chunk in client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, stream=True):
+        text += chunk.choices[0].delta.content or ""
+    assert text == expected_text(backend, backend.started[-1].prompt, 3)
 
 
 def test_openai_client_errors(server):

@@ -8,13 +8,14 @@ are checked by hand below so their errors read as one sentence rather than one p
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from tetriinfer.sampling_params import SamplingParams
+from tetriinfer.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 
 class APIError(Exception):
@@ -56,7 +57,8 @@ def validation_error(err: ValidationError) -> APIError:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    include_usage: bool | None = None  # the usage chunk is sent whatever this says (see app.py)
+    include_usage: bool | None = None  # a last chunk (choices: []) carries the usage, as OpenAI's
+    continuous_usage_stats: bool | None = None  # vLLM's: with include_usage, usage on every chunk too
 
 
 class _SamplingRequest(BaseModel):
@@ -79,7 +81,9 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension (vLLM's)
     logit_bias: dict[str, float] | None = None
+    response_format: dict | None = None
     user: str | None = None
 
     @field_validator("stream", "ignore_eos", "min_tokens", "echo", "logprobs", "add_generation_prompt",
@@ -101,16 +105,58 @@ class _SamplingRequest(BaseModel):
         raise ValueError(f"stop must be a string or a list of strings, got {value!r}")
 
     def check_supported(self) -> None:
-        """OpenAI fields we accept only at their neutral value: anything else is a 400, not a silent no."""
-        if self.n is not None and self.n != 1:
-            raise APIError(400, f"n={self.n} is not supported: one choice per request", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported", param=name)
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        """Values the server refuses before anything runs (ranges SamplingParams checks itself)."""
+        if self.n is not None and not 1 <= self.n <= MAX_N:
+            raise APIError(400, f"n must be in [1, {MAX_N}], got {self.n}", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options can only be set when stream is true", param="stream_options")
+        for key in self.logit_bias or {}:
+            if not key.lstrip("-").isdigit():
+                raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
 
-    def sampling_params(self, max_tokens: int, logprobs: bool) -> SamplingParams:
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+
+    def structured(self) -> dict:
+        """response_format as SamplingParams fields: {} (text), json_object, or json_schema (a JSON
+        string). The grammar library is needed for the last two: a 400 names how to install it."""
+        fmt = self.response_format
+        if not fmt or fmt.get("type", "text") == "text":
+            return {}
+        kind = fmt.get("type")
+        if kind == "json_object":
+            fields = {"json_object": True}
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}}",
+                               param="response_format")
+            fields = {"json_schema": json.dumps(schema)}
+        else:
+            raise APIError(400, f"response_format type {kind!r} is not supported: use 'text', 'json_object' or "
+                                "'json_schema'", param="response_format")
+        from tetriinfer.engine.structured import check_json_schema
+
+        try:
+            check_json_schema(fields.get("json_schema", '{"type": "object"}'))
+        except ImportError as e:
+            raise APIError(400, f"response_format {kind!r}: {e}", param="response_format") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="response_format") from None
+        return fields
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+                        seed_offset: int = 0) -> SamplingParams:
         """SamplingParams checks the ranges; its ValueError names the field, and becomes a 400. The
         sampler holds temperature and top_p as float32: a top_p that is 0 there is refused (ask for
         temperature 0 to get greedy), and so is a temperature that is infinite there."""
@@ -126,12 +172,19 @@ class _SamplingRequest(BaseModel):
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_k=0 if top_k == -1 else top_k,
                 top_p=1.0 if self.top_p is None else self.top_p,
-                seed=self.seed,
                 stop=list(self.stop),
                 stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=self.ignore_eos,
                 min_tokens=self.min_tokens,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                # n > 1: each choice its own seed (seed + i), so the choices differ yet repeat (as vLLM)
+                seed=None if self.seed is None else self.seed + seed_offset,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+                **self.structured(),
             )
         except ValueError as e:
             message = str(e)
@@ -140,7 +193,8 @@ class _SamplingRequest(BaseModel):
 
 
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) | {"stop"}
-MAX_LOGPROBS = 20  # completions' top-n (as vLLM's default cap); only the chosen token's is returned
+MAX_LOGPROBS = MAX_TOP_LOGPROBS  # completions' logprobs / chat's top_logprobs (vLLM's default cap)
+MAX_N = 128  # choices per request (n), and prompts x n in one completions request
 
 
 def _float32(value: float) -> float:
@@ -153,41 +207,48 @@ def _float32(value: float) -> float:
 
 class CompletionRequest(_SamplingRequest):
     prompt: Any = Field(default=None, validate_default=True)  # str | list[int] | [str] | [list[int]]
-    logprobs: int | None = None  # OpenAI's top-n; we return the chosen token's logprob for any n >= 0
-    echo: bool = False
+    logprobs: int | None = None  # OpenAI's top-n: the chosen token's logprob and the n best
+    echo: bool = False  # the prompt (and with logprobs, its logprobs) before the completion
     best_of: int | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> str | list[int]:
-        """One prompt, as text or token ids. Several prompts in one request are refused: send one
-        request per prompt (they run concurrently anyway)."""
+    def _prompts(cls, value: Any) -> list[str | list[int]]:
+        """The prompts: one as text or token ids, or a batch (a list of strings or of token-id lists)."""
         if value is None:
             raise ValueError("prompt is required")
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-            value = value[0]
         if isinstance(value, str):
-            return value
+            return [value]
         if isinstance(value, list):
-            if value and all(isinstance(p, (str, list)) for p in value):
-                raise ValueError("batched prompts are not supported: send one prompt per request")
-            if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            if value and all(isinstance(p, str) for p in value):
                 return value
-        raise ValueError("prompt must be a string or a list of token ids (integers), "
-                         f"got {type(value).__name__}: {str(value)[:80]}")
+            if value and all(isinstance(p, list) for p in value) and all(_token_ids(p) for p in value):
+                return value
+            if _token_ids(value):
+                return [value]
+        raise ValueError("prompt must be a string, a list of token ids (integers), or a batch: a list of strings "
+                         f"or of token-id lists; got {type(value).__name__}: {str(value)[:80]}")
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if self.best_of is not None and self.best_of > 1:
+        if len(self.prompt) * self.num_choices > MAX_N:
+            raise APIError(400, f"{len(self.prompt)} prompts x n={self.num_choices} choices exceed {MAX_N} per request",
+                           param="prompt")
+        if self.best_of is not None and self.best_of > self.num_choices:
             raise APIError(400, f"best_of={self.best_of} is not supported", param="best_of")
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo: the prompt's logprobs alone)",
+                           param="max_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"logprobs must be >= 0 and at most {MAX_LOGPROBS}, got {self.logprobs}",
                            param="logprobs")
+
+
+def _token_ids(value: list) -> bool:
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 class ChatMessage(BaseModel):
@@ -221,20 +282,19 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True  # extension
     tools: list | None = None
-    response_format: dict | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if not self.messages:
             raise APIError(400, "messages must be a non-empty list", param="messages")
-        if self.top_logprobs:
-            raise APIError(400, "top_logprobs is not supported: only the chosen token's logprob is returned",
-                           param="top_logprobs")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                               param="top_logprobs")
+            if self.top_logprobs and not self.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, f"response_format {self.response_format.get('type')!r} is not supported",
-                           param="response_format")
 
     def message_dicts(self) -> list[dict]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
@@ -253,32 +313,50 @@ def _finite(logprob: float | None) -> float | None:
     return logprob if logprob is None or math.isfinite(logprob) else -9999.0
 
 
-def completion_logprobs(token_texts: list[str], logprobs: list[float | None], text_offset: int) -> dict:
-    """Completions' logprobs object; `top_logprobs` is absent since we return only the chosen tokens."""
+TopTexts = list[tuple[str, float]]  # one position's best alternatives as (token text, logprob)
+
+
+def completion_logprobs(token_texts: list[str], logprobs: list[float | None], text_offset: int,
+                        tops: list[TopTexts | None] | None = None) -> dict:
+    """Completions' logprobs object. `tops` (logprobs=N): per token its N best as {text: logprob}
+    with the chosen token's own entry added (as vLLM does); None for a position without any (the
+    echoed prompt's first token)."""
     offsets = []
     for text in token_texts:
         offsets.append(text_offset)
         text_offset += len(text)
-    return {"tokens": token_texts, "token_logprobs": [_finite(lp) for lp in logprobs], "top_logprobs": None,
+    top_dicts = None
+    if tops is not None:
+        top_dicts = []
+        for text, lp, top in zip(token_texts, logprobs, tops):
+            if top is None or lp is None:
+                top_dicts.append(None)
+                continue
+            entry = {t: _finite(v) for t, v in top}
+            entry.setdefault(text, _finite(lp))
+            top_dicts.append(entry)
+    return {"tokens": token_texts, "token_logprobs": [_finite(lp) for lp in logprobs], "top_logprobs": top_dicts,
             "text_offset": offsets}
 
 
-def chat_logprobs(token_texts: list[str], logprobs: list[float | None]) -> dict:
+def chat_logprobs(token_texts: list[str], logprobs: list[float | None], tops: list[TopTexts] | None = None) -> dict:
+    tops = tops if tops is not None else [[] for _ in token_texts]
     return {"content": [
-        {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8")), "top_logprobs": []}
-        for text, lp in zip(token_texts, logprobs)
+        {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8")),
+         "top_logprobs": [{"token": t, "logprob": _finite(v), "bytes": list(t.encode("utf-8"))} for t, v in top]}
+        for text, lp, top in zip(token_texts, logprobs, tops)
     ]}
 
 
 def completion_choice(text: str, finish_reason: str | None, logprobs: dict | None = None,
-                      stop_reason: str | int | None = None) -> dict:
-    return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+                      stop_reason: str | int | None = None, index: int = 0) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
             "stop_reason": stop_reason}
 
 
 def chat_choice(message: dict, finish_reason: str | None, logprobs: dict | None = None,
-                stop_reason: str | int | None = None, *, delta: bool = False) -> dict:
-    return {"index": 0, "delta" if delta else "message": message, "logprobs": logprobs,
+                stop_reason: str | int | None = None, *, delta: bool = False, index: int = 0) -> dict:
+    return {"index": index, "delta" if delta else "message": message, "logprobs": logprobs,
             "finish_reason": finish_reason, "stop_reason": stop_reason}
 
 

@@ -1,25 +1,26 @@
-"""One request's run on the backend, and how its outcome goes out: the summed Output, the
-BackendRun context manager that aborts a request left early, the server-sent-event response, and
-the error a failed run answers (503 + Retry-After when the cluster cannot take it now, else 500).
+"""A job's runs on the backend, and how their outcome goes out: the summed Output per choice, the
+BackendRun context manager that aborts a request left early, `run_choices` that runs every choice of
+a job at once and merges their deltas (a failure or an early exit aborts them all), the
+server-sent-event response, and the error a failed run answers (503 + Retry-After when the cluster
+cannot take it now, else 500).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, AsyncIterator
 
 import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tetriinfer.cluster.messages import TokenDelta
-from tetriinfer.sampling_params import SamplingParams
 from tetriinfer.server.backend import Overloaded, is_unavailable
-from tetriinfer.server.metrics import RequestTiming
+from tetriinfer.server.jobs import Job, SubRequest
 from tetriinfer.server.protocol import APIError
 
 if TYPE_CHECKING:
@@ -31,27 +32,15 @@ RETRY_AFTER_S = 1  # on a 503 (the cluster is starting or has no prefill instanc
 
 
 @dataclass
-class Job:
-    """A validated request, ready for the backend."""
-
-    request_id: str
-    chat: bool
-    prompt_token_ids: list[int]
-    prompt: str | None
-    sampling: SamplingParams
-    stream: bool
-    model: str
-    created: int = field(default_factory=lambda: int(time.time()))
-    timing: RequestTiming = field(default_factory=RequestTiming)
-
-
-@dataclass
 class Output:
     """What a request produced so far, summed over its deltas."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # logprobs=N > 0
+    prompt_logprobs: list[float | None] | None = None  # echo + logprobs
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served
@@ -59,6 +48,10 @@ class Output:
     def add(self, delta: TokenDelta) -> None:
         if delta.num_cached_tokens is not None:
             self.num_cached_tokens = delta.num_cached_tokens
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_top_logprobs = delta.prompt_logprobs, delta.prompt_top_logprobs
+        if delta.top_logprobs is not None:
+            self.top_logprobs.extend(delta.top_logprobs)
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs if delta.logprobs is not None else [None] * len(delta.token_ids))
@@ -77,7 +70,7 @@ def check_final(delta: TokenDelta) -> None:
         raise BackendFailure("request aborted")
 
 
-def failure(job: Job, e: Exception) -> APIError:
+def failure(job: Job, e: BaseException) -> APIError:
     """A failed request's answer: 429 + Retry-After when too many wait, 503 + Retry-After when the
     cluster cannot take it now, else 500."""
     if isinstance(e, Overloaded):
@@ -99,15 +92,16 @@ class BackendRun:
     """One request on the backend, as an async context manager. Leaving it before the final delta
     (client gone, cancellation, a failure) closes the backend's iterator and aborts the request."""
 
-    def __init__(self, server: "OpenAIServer", job: Job):
+    def __init__(self, server: "OpenAIServer", job: Job, sub: SubRequest):
         self.server = server
         self.job = job
+        self.sub = sub
         self.finished = False
         self._iter = None
 
     async def __aenter__(self) -> "BackendRun":
-        job = self.job
-        self._iter = self.server.backend.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prompt)
+        sub = self.sub
+        self._iter = self.server.backend.generate(sub.request_id, sub.prompt_token_ids, sub.sampling, sub.prompt)
         self.server.requests_running += 1
         return self
 
@@ -130,12 +124,51 @@ class BackendRun:
                 try:
                     await aclose()
                 except Exception:
-                    logger.exception("closing the backend stream of %s failed", self.job.request_id)
+                    logger.exception("closing the backend stream of %s failed", self.sub.request_id)
             if not self.finished:
                 try:
-                    await self.server.backend.abort(self.job.request_id)
+                    await self.server.backend.abort(self.sub.request_id)
                 except Exception:
-                    logger.exception("aborting %s on the backend failed", self.job.request_id)
+                    logger.exception("aborting %s on the backend failed", self.sub.request_id)
+
+
+async def run_choices(server: "OpenAIServer", job: Job) -> AsyncIterator[tuple[int, TokenDelta]]:
+    """Every choice of `job` on the backend at once: yields (choice index, delta) as they come, until
+    each has its final delta. A choice that fails raises here (BackendFailure or the backend's
+    exception); then, or when the caller leaves early, the choices still running are aborted. Each
+    choice runs in its own task (which owns its BackendRun), so their cleanup never runs inside
+    this generator's frame."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(sub: SubRequest) -> None:
+        try:
+            async with BackendRun(server, job, sub) as run:
+                while True:
+                    delta = await run.next()
+                    queue.put_nowait((sub.index, delta, None))
+                    if delta.finish_reason is not None:
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which answers it
+            queue.put_nowait((sub.index, None, e))
+
+    tasks = [asyncio.ensure_future(pump(sub)) for sub in job.subs]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, delta, error = await queue.get()
+            if error is not None:
+                raise error
+            if delta.finish_reason is not None:
+                check_final(delta)
+                remaining -= 1
+            yield index, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):  # the aborts must go out even if we are being cancelled
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class EventStream(StreamingResponse):

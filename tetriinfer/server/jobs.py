@@ -1,0 +1,149 @@
+"""A validated API request, ready for the backend: a `Job`, fanned out into one `SubRequest` per
+choice (prompts x n, as vLLM numbers them: choice index = prompt_index * n + i). Each sub-request is
+its own backend (cluster) request; the server gathers them and sums their usage.
+
+Parsing, checking and tokenizing run here, in a worker thread (app.py), before anything reaches the
+backend: bad input is an APIError (4xx).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from tetriinfer.sampling_params import SamplingParams
+from tetriinfer.server.backend import Backend
+from tetriinfer.server.limits import ServerLimits, check_prompt, parse_request
+from tetriinfer.server.metrics import RequestTiming
+from tetriinfer.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class SubRequest:
+    """One choice: one backend request."""
+
+    index: int  # the choice's index in the response
+    request_id: str  # the backend's id (the job's own id when it is the only one)
+    prompt_index: int
+    prompt_token_ids: list[int]
+    prompt: str | None
+    sampling: SamplingParams
+
+
+@dataclass
+class Job:
+    request_id: str
+    chat: bool
+    subs: list[SubRequest]
+    stream: bool
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    timing: RequestTiming = field(default_factory=RequestTiming)
+    echo: bool = False  # completions: the prompt goes before the text (and its logprobs before the output's)
+    prompt_only: bool = False  # echo with max_tokens 0: the prompt (and its logprobs) alone
+    include_usage: bool = False  # stream: a last chunk with the usage (stream_options.include_usage)
+    continuous_usage: bool = False  # stream: usage on every chunk too (continuous_usage_stats)
+    path: str = ""  # for the access log
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.subs[0].sampling
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Usage counts each prompt once, however many choices it has (as vLLM)."""
+        seen = {}
+        for sub in self.subs:
+            seen.setdefault(sub.prompt_index, len(sub.prompt_token_ids))
+        return sum(seen.values())
+
+
+def parse(raw: bytes, model: type, backend: Backend, limits: ServerLimits):
+    parsed = parse_request(raw, model, limits)
+    if parsed.model is not None and parsed.model != backend.model_name:
+        raise APIError(404, f"the model '{parsed.model}' does not exist; this server serves "
+                            f"'{backend.model_name}'", param="model", code="model_not_found")
+    parsed.check_supported()
+    return parsed
+
+
+def _tokenizer(backend: Backend):
+    if backend.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer: send the prompt as token ids to /v1/completions",
+                       param="prompt")
+    return backend.tokenizer
+
+
+def _check_sampling(sampling: SamplingParams, param: str, backend: Backend) -> None:
+    bad = next((t for t in sampling.logit_bias or () if not 0 <= t < backend.vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"logit_bias token id {bad} is outside the vocabulary [0, {backend.vocab_size})",
+                       param="logit_bias")
+
+
+def _fan_out(request_id: str, prompts: list[tuple[list[int], str | None]], n: int,
+             make_sampling) -> list[SubRequest]:
+    single = len(prompts) * n == 1
+    subs = []
+    for p, (ids, text) in enumerate(prompts):
+        for i in range(n):
+            index = p * n + i
+            subs.append(SubRequest(index, request_id if single else f"{request_id}-{index}", p, ids, text,
+                                   make_sampling(i)))
+    return subs
+
+
+def completion_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: ServerLimits) -> Job:
+    req: CompletionRequest = parse(raw, CompletionRequest, backend, limits)
+    max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
+    prompt_only = req.echo and max_tokens == 0
+    logprobs = req.logprobs
+    # echo + logprobs: the prompt's logprobs too (lm-eval's loglikelihood requests)
+    prompt_logprobs = logprobs if req.echo and logprobs is not None else None
+
+    def make_sampling(i: int) -> SamplingParams:
+        # max_tokens 0 (echo): one token is still computed, then dropped
+        return req.sampling_params(max(max_tokens, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                   seed_offset=i)
+
+    prompts = []
+    for prompt in req.prompt:
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise APIError(400, "prompt is empty", param="prompt")
+            prompts.append((_tokenizer(backend).encode(prompt), prompt))
+        else:
+            prompts.append((list(prompt), None))
+    job_id = f"cmpl-{uuid.uuid4().hex}"
+    subs = _fan_out(job_id, prompts, req.num_choices, make_sampling)
+    for sub in subs[:: req.num_choices]:
+        check_prompt(sub.prompt_token_ids, sub.sampling, "prompt", backend)
+    _check_sampling(subs[0].sampling, "prompt", backend)
+    return Job(job_id, False, subs, req.stream, backend.model_name, timing=timing, echo=req.echo, prompt_only=prompt_only,
+               include_usage=req.include_usage, continuous_usage=req.continuous_usage, path="/v1/completions")
+
+
+def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: ServerLimits) -> Job:
+    req: ChatCompletionRequest = parse(raw, ChatCompletionRequest, backend, limits)
+    tokenizer = _tokenizer(backend)
+    try:
+        prompt = tokenizer.apply_chat_template(req.message_dicts(), add_generation_prompt=req.add_generation_prompt)
+    except Exception as e:  # the model's own jinja template may refuse a conversation (e.g. roles)
+        raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+    token_ids = tokenizer.encode(prompt)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:  # as vLLM: the rest of the context (too little room is reported below)
+        max_tokens = max(backend.max_model_len - len(token_ids), 1)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+
+    job_id = f"chatcmpl-{uuid.uuid4().hex}"
+    subs = _fan_out(job_id, [(token_ids, prompt)], req.num_choices,
+                    lambda i: req.sampling_params(max_tokens, logprobs=logprobs, seed_offset=i))
+    check_prompt(token_ids, subs[0].sampling, "messages", backend)
+    _check_sampling(subs[0].sampling, "messages", backend)
+    return Job(job_id, True, subs, req.stream, backend.model_name, timing=timing,
+               include_usage=req.include_usage, continuous_usage=req.continuous_usage, path="/v1/chat/completions")
+

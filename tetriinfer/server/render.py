@@ -1,0 +1,124 @@
+"""Response shapes of a job: the whole body (one choice per sub-request), and the stream's chunks
+(content, echoed prompt, finish, usage). Token texts come from decoding each token id alone.
+
+Completions with `echo` put the prompt before the text, and with `logprobs` the prompt's logprobs
+before the output's (its first token has none: null, as in OpenAI's and vLLM's answers); with
+`max_tokens: 0` only the prompt is returned (lm-eval's loglikelihood requests).
+"""
+
+from __future__ import annotations
+
+from tetriinfer.cluster.messages import TokenDelta
+from tetriinfer.server import protocol
+from tetriinfer.server.jobs import Job, SubRequest
+from tetriinfer.server.streaming import Output, sse
+
+
+class Renderer:
+    def __init__(self, job: Job, tokenizer):
+        self.job = job
+        self.tokenizer = tokenizer
+        self.top_n = job.sampling.logprobs or 0  # 0: chosen tokens only
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    def texts(self, token_ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([t]) if self.tokenizer is not None else "" for t in token_ids]
+
+    def tops(self, tops: list[list[tuple[int, float]]] | None, count: int) -> list | None:
+        """Top-N (id, logprob) lists as (text, logprob) lists; None when N is 0."""
+        if not self.top_n:
+            return None
+        tops = tops or []
+        return [[(self.texts([t])[0], lp) for t, lp in (tops[i] if i < len(tops) else [])] for i in range(count)]
+
+    def prompt_text(self, sub: SubRequest) -> str:
+        if sub.prompt is not None:
+            return sub.prompt
+        return self.tokenizer.decode(sub.prompt_token_ids) if self.tokenizer is not None else ""
+
+    def _completion_logprobs(self, sub: SubRequest, out: Output, token_ids: list[int], logprobs: list,
+                             tops: list | None, echo: bool, text_offset: int) -> dict:
+        texts, values, top_texts = [], [], []
+        if echo:
+            ids = sub.prompt_token_ids
+            texts += self.texts(ids)
+            values += out.prompt_logprobs if out.prompt_logprobs is not None else [None] * len(ids)
+            prompt_tops = self.tops(out.prompt_top_logprobs, len(ids))
+            top_texts += [None] + (prompt_tops[1:] if prompt_tops is not None else [None] * (len(ids) - 1))
+        texts += self.texts(token_ids)
+        values += list(logprobs) if logprobs is not None else [None] * len(token_ids)
+        top_texts += self.tops(tops, len(token_ids)) or [None] * len(token_ids)
+        return protocol.completion_logprobs(texts, values, text_offset, top_texts if self.top_n else None)
+
+    def _chat_logprobs(self, token_ids: list[int], logprobs: list | None, tops: list | None) -> dict:
+        values = list(logprobs) if logprobs is not None else [None] * len(token_ids)
+        return protocol.chat_logprobs(self.texts(token_ids), values, self.tops(tops, len(token_ids)))
+
+    # ---- the whole body --------------------------------------------------------------------------
+    def usage(self, completion_tokens: int, cached_tokens: int) -> dict:
+        return protocol.usage(self.job.prompt_tokens, completion_tokens, cached_tokens)
+
+    def completion_tokens(self, outputs: dict[int, Output]) -> int:
+        return 0 if self.job.prompt_only else sum(len(o.token_ids) for o in outputs.values())
+
+    def cached_tokens(self, outputs: dict[int, Output]) -> int:
+        seen = {}
+        for sub in self.job.subs:
+            seen.setdefault(sub.prompt_index, outputs[sub.index].num_cached_tokens)
+        return sum(seen.values())
+
+    def body(self, outputs: dict[int, Output]) -> dict:
+        job = self.job
+        choices = []
+        for sub in job.subs:
+            out = outputs[sub.index]
+            if job.chat:
+                logprobs = None if job.sampling.logprobs is None else self._chat_logprobs(
+                    out.token_ids, out.logprobs, out.top_logprobs)
+                choices.append(protocol.chat_choice({"role": "assistant", "content": out.text}, out.finish_reason,
+                                                    logprobs, out.stop_reason, index=sub.index))
+                continue
+            ids, lps, text, finish = out.token_ids, out.logprobs, out.text, out.finish_reason
+            if job.prompt_only:
+                ids, lps, text, finish = [], [], "", "length"
+            if job.echo:
+                text = self.prompt_text(sub) + text
+            logprobs = None if job.sampling.logprobs is None else self._completion_logprobs(
+                sub, out, ids, lps, out.top_logprobs, job.echo, 0)
+            choices.append(protocol.completion_choice(text, finish, logprobs, None if job.prompt_only else out.stop_reason,
+                                                      index=sub.index))
+        return protocol.response(job.request_id, "chat.completion" if job.chat else "text_completion", job.created,
+                                 job.model, choices, self.usage(self.completion_tokens(outputs),
+                                                                self.cached_tokens(outputs)))
+
+    # ---- stream chunks ---------------------------------------------------------------------------
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        job = self.job
+        return sse(protocol.response(job.request_id, "chat.completion.chunk" if job.chat else "text_completion",
+                                     job.created, job.model, choices, usage))
+
+    def role_choice(self, index: int) -> dict:
+        return protocol.chat_choice({"role": "assistant", "content": ""}, None, delta=True, index=index)
+
+    def echo_choice(self, sub: SubRequest, out: Output) -> dict:
+        """Completions with echo: the prompt (and its logprobs) as the choice's first chunk."""
+        logprobs = None if self.job.sampling.logprobs is None else self._completion_logprobs(
+            sub, out, [], [], [], True, 0)
+        return protocol.completion_choice(self.prompt_text(sub), None, logprobs, index=sub.index)
+
+    def content_choice(self, sub: SubRequest, delta: TokenDelta, text_offset: int) -> dict:
+        job = self.job
+        if job.chat:
+            logprobs = None if job.sampling.logprobs is None else self._chat_logprobs(
+                delta.token_ids, delta.logprobs, delta.top_logprobs)
+            return protocol.chat_choice({"content": delta.text}, None, logprobs, delta=True, index=sub.index)
+        logprobs = None if job.sampling.logprobs is None else self._completion_logprobs(
+            sub, Output(), delta.token_ids, delta.logprobs, delta.top_logprobs, False, text_offset)
+        return protocol.completion_choice(delta.text, None, logprobs, index=sub.index)
+
+    def finish_choice(self, sub: SubRequest, out: Output) -> dict:
+        if self.job.chat:
+            return protocol.chat_choice({}, out.finish_reason, None, out.stop_reason, delta=True, index=sub.index)
+        if self.job.prompt_only:
+            return protocol.completion_choice("", "length", None, index=sub.index)
+        return protocol.completion_choice("", out.finish_reason, None, out.stop_reason, index=sub.index)
