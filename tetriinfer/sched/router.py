@@ -13,6 +13,13 @@ disaggregation, as NVIDIA Dynamo does):
   that interference (seconds, summed over the running requests) counts `interference_weight`
   times against the local choice.
 
+Cache-aware (a `PrefixIndex` and the request's prefix keys): each way prices only the prompt
+tokens not cached where it would run. Remote takes the prefill instance with the fewest queued +
+uncached tokens (`GlobalScheduler.best`); a local prefill prices the tokens the decode instance
+does not hold, so one holding a conversation's KV (it decoded the last turn) may serve the next turn
+itself. The index is the router's guess: what it routed where, plus what the caller reports with
+`observe` (e.g. where a request finished decoding).
+
 Ties go remote (the paper's way). The other way round, a request prefilled on a prefill instance
 decodes right there when no decode instance has room for it, or when that instance's steps are
 faster than the decode side's (`keep_on_prefill`): the decode side is then the bottleneck, and the
@@ -27,6 +34,7 @@ from typing import Hashable, Mapping, Protocol, Sequence
 
 from tetriinfer.sched.dispatcher import DecodeLoad
 from tetriinfer.sched.global_scheduler import GlobalScheduler
+from tetriinfer.sched.prefix_index import PrefixIndex, cached_tokens
 
 
 class StepCost(Protocol):
@@ -52,14 +60,15 @@ class RouteCosts:
 
 class AdaptiveRouter:
     def __init__(self, cost: StepCost, *, chunk_size: int, kv_seconds_per_token: float = 0.0,
-                 interference_weight: float = 1.0) -> None:
+                 interference_weight: float = 1.0, prefix_index: PrefixIndex | None = None) -> None:
         if chunk_size < 1 or kv_seconds_per_token < 0 or interference_weight < 0:
             raise ValueError("need chunk_size >= 1, kv_seconds_per_token >= 0 and interference_weight >= 0")
         self.cost = cost
         self.chunk_size = chunk_size
         self.kv_seconds_per_token = kv_seconds_per_token
         self.interference_weight = interference_weight
-        self.prefill = GlobalScheduler([])
+        self.prefix_index = prefix_index
+        self.prefill = GlobalScheduler([], prefix_index)
         self._decode: list[DecodeLoad] = []
 
     def update(self, prefill_loads: Mapping[Hashable, int], decode_loads: Sequence[DecodeLoad]) -> None:
@@ -67,30 +76,46 @@ class AdaptiveRouter:
         self.prefill.update(prefill_loads)
         self._decode = list(decode_loads)
 
-    def route(self, prompt_tokens: int, need_blocks: int) -> Route:
-        """Where to prefill a request of `prompt_tokens` needing `need_blocks` to decode. The view
-        counts the choice until the next snapshot."""
-        local, costs = self._best_local(prompt_tokens, need_blocks)
+    def route(self, prompt_tokens: int, need_blocks: int, prefix_keys: Sequence[Hashable] = (),
+              block_tokens: int = 0) -> Route:
+        """Where to prefill a request of `prompt_tokens` needing `need_blocks` to decode (with its
+        prefix keys of `block_tokens` each, when cache-aware). The view counts the choice until the
+        next snapshot."""
+        keys = prefix_keys if self.prefix_index is not None else ()
+        local, costs = self._best_local(prompt_tokens, need_blocks, keys, block_tokens)
         has_prefill = self.prefill.least_loaded() is not None
         if local is not None and (not has_prefill or costs.local_s + self.interference_weight * costs.interference_s
-                                  < self._remote_s(prompt_tokens)):
+                                  < costs.remote_s):
             load = self._decode[local]
+            uncached = prompt_tokens - self._cached(load.instance_id, prompt_tokens, keys, block_tokens)
             self._decode[local] = replace(load, room_blocks=load.room_blocks - need_blocks,
                                           free_slots=load.free_slots - 1,
-                                          queued_prompt_tokens=load.queued_prompt_tokens + prompt_tokens)
+                                          queued_prompt_tokens=load.queued_prompt_tokens + uncached)
+            self.observe(load.instance_id, keys)
             return Route(load.instance_id, local=True)
-        return Route(self.prefill.pick(prompt_tokens), local=False)
+        return Route(self.prefill.pick(prompt_tokens, keys, block_tokens), local=False)
 
-    def price(self, prompt_tokens: int, need_blocks: int) -> RouteCosts:
+    def price(self, prompt_tokens: int, need_blocks: int, prefix_keys: Sequence[Hashable] = (),
+              block_tokens: int = 0) -> RouteCosts:
         """Both ways' costs, for reports and tests; changes nothing."""
-        _, costs = self._best_local(prompt_tokens, need_blocks)
+        keys = prefix_keys if self.prefix_index is not None else ()
+        _, costs = self._best_local(prompt_tokens, need_blocks, keys, block_tokens)
         return costs
 
-    def _remote_s(self, prompt_tokens: int) -> float:
-        least = self.prefill.least_loaded()
-        if least is None:
+    def observe(self, instance_id: Hashable, prefix_keys: Sequence[Hashable]) -> None:
+        """`instance_id` now holds these prefix blocks (the router's guess learns it)."""
+        if self.prefix_index is not None and prefix_keys:
+            self.prefix_index.record(instance_id, prefix_keys)
+
+    def _cached(self, instance_id: Hashable, prompt_tokens: int, keys: Sequence[Hashable], block_tokens: int) -> int:
+        return cached_tokens(self.prefix_index, instance_id, keys, block_tokens, prompt_tokens)
+
+    def _remote_s(self, prompt_tokens: int, keys: Sequence[Hashable] = (), block_tokens: int = 0) -> float:
+        best = self.prefill.best(prompt_tokens, keys, block_tokens)
+        if best is None:
             return math.inf
-        prefill_s = self._prefill_s(least[1] + prompt_tokens, self.chunk_size, 0, 0)
+        _, queued, cached = best
+        prefill_s = self._prefill_s(queued + prompt_tokens - cached, self.chunk_size, 0, 0)
         return prefill_s + self.kv_seconds_per_token * prompt_tokens
 
     def _prefill_s(self, tokens: int, budget: int, decode_seqs: int, decode_context: int) -> float:
@@ -99,12 +124,14 @@ class AdaptiveRouter:
         seconds = full * self.cost.step_time(budget, 0, decode_seqs, decode_context)
         return seconds + (self.cost.step_time(rest, 0, decode_seqs, decode_context) if rest else 0.0)
 
-    def _best_local(self, prompt_tokens: int, need_blocks: int) -> tuple[int | None, RouteCosts]:
-        best, best_score, costs = None, math.inf, RouteCosts(self._remote_s(prompt_tokens))
+    def _best_local(self, prompt_tokens: int, need_blocks: int, keys: Sequence[Hashable] = (),
+                    block_tokens: int = 0) -> tuple[int | None, RouteCosts]:
+        best, best_score, costs = None, math.inf, RouteCosts(self._remote_s(prompt_tokens, keys, block_tokens))
         for i, load in enumerate(self._decode):
             if load.room_blocks < need_blocks or load.free_slots <= 0:
                 continue
-            local_s, interference_s = self._local_s(load, prompt_tokens)
+            uncached = prompt_tokens - self._cached(load.instance_id, prompt_tokens, keys, block_tokens)
+            local_s, interference_s = self._local_s(load, uncached)
             score = local_s + self.interference_weight * interference_s
             if score < best_score:
                 best, best_score = i, score
@@ -112,7 +139,8 @@ class AdaptiveRouter:
         return best, costs
 
     def _local_s(self, load: DecodeLoad, prompt_tokens: int) -> tuple[float, float]:
-        """(TTFT, interference) of prefilling here behind the prompts already routed here."""
+        """(TTFT, interference) of prefilling `prompt_tokens` (the uncached ones) here behind the
+        prompts already routed here."""
         budget = self.chunk_size - load.num_running
         if budget <= 0:
             return math.inf, 0.0
