@@ -14,8 +14,9 @@ from tetriinfer.sampling_params import SamplingParams
 
 
 class LLM:
-    """An engine on one device. Keyword arguments are the fields of EngineConfig (model, dtype,
-    device, load_format, attention_backend, seed, max_model_len), CacheConfig (block_size,
+    """An engine on one device (or `tensor_parallel_size` of them). Keyword arguments are the fields
+    of EngineConfig (model, dtype, device, load_format, attention_backend, seed, max_model_len,
+    tensor_parallel_size, quantization, kv_cache_dtype), CacheConfig (block_size,
     num_blocks, memory_fraction, enable_prefix_caching) and EngineSchedulerConfig (chunk_size,
     max_num_seqs, step_policy)."""
 

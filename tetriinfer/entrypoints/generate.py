@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of EngineConfig; shared by every subcommand that starts an engine."""
-    from tetriinfer.config import ATTENTION_BACKENDS, DTYPES, ENGINE_STEP_POLICIES, LOAD_FORMATS
+    from tetriinfer.config import ATTENTION_BACKENDS, DTYPES, ENGINE_STEP_POLICIES, KV_CACHE_DTYPES, LOAD_FORMATS
 
     p.add_argument("--model", default="tiny", help="preset name (tiny, llama3-8b, qwen2.5-7b, opt-13b) or HF directory")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -34,6 +34,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on GPUs")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks (GPUs from --device on, or CPU processes) one engine spans")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: FP8 W8A8 weights, quantized at load (FP8 checkpoints are detected by themselves)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--step-policy", default="chunked", choices=ENGINE_STEP_POLICIES)
@@ -53,6 +58,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         dtype=args.dtype, device=args.device, load_format=args.load_format,
         attention_backend=args.attention_backend, seed=args.seed, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, step_policy=args.step_policy,
         async_scheduling=args.async_scheduling,
         block_size=args.block_size, num_blocks=args.num_blocks, memory_fraction=args.memory_fraction,
