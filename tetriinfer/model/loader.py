@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tetriinfer.model.arch import ModelArch
+from tetriinfer.model.hub import is_hub_id, resolve_hub_model
 from tetriinfer.model.llama import LlamaForCausalLM
 from tetriinfer.model.opt import OPTForCausalLM
 from tetriinfer.model.parallel import SINGLE, TensorParallel, shard
@@ -33,6 +34,8 @@ def resolve_model(name_or_path: str) -> tuple[dict, Path | None]:
     if name_or_path in PRESETS:
         return get_preset(name_or_path), None
     path = Path(name_or_path).expanduser()
+    if not path.exists() and is_hub_id(name_or_path):  # ORG/NAME: the HF cache, else a download
+        path = resolve_hub_model(name_or_path)
     if not path.exists():
         raise FileNotFoundError(
             f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory"
