@@ -87,6 +87,10 @@ def add_parser(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1. A key given here is visible to other local "
                         "users in `ps`: prefer $TETRIINFER_API_KEY, which is used when this is not given")
     h.add_argument("--served-model-name", default=None, help="the name clients use; None: --model")
+    h.add_argument("--disable-log-requests", action="store_true",
+                   help="no access line per request (printed by default, as vLLM does)")
+    h.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic throughput / running / waiting line (every 10 s by default)")
     p.set_defaults(func=run)
 
 
@@ -129,12 +133,15 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s api %(levelname)s %(message)s")
     cfg = serve_config(args)
     try:
-        return asyncio.run(serve(cfg, ray_address=args.ray_address))
+        from tetriinfer.server.logs import LogConfig
+
+        logs = LogConfig(log_requests=not args.disable_log_requests, log_stats=not args.disable_log_stats)
+        return asyncio.run(serve(cfg, ray_address=args.ray_address, logs=logs))
     except KeyboardInterrupt:  # Ctrl-C / SIGINT: `serve` has already shut the cluster down
         return 0
 
 
-async def serve(cfg, ray_address: str | None = None) -> int:
+async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
     from tetriinfer.cluster.client import ClientConfig, ClusterClient
     from tetriinfer.cluster.supervisor import Supervisor, SupervisorConfig
     from tetriinfer.cluster.zmq_io import AsyncInbox
@@ -169,7 +176,7 @@ async def serve(cfg, ray_address: str | None = None) -> int:
             silent_after_s=cfg.dead_after_s, controller_startup_s=cfg.dead_after_s + 30,
             instance_startup_s=cfg.startup_timeout_s))
         supervising = asyncio.get_running_loop().create_task(supervisor.run())
-        app = create_app(client, api_key=cfg.api_key)
+        app = create_app(client, api_key=cfg.api_key, **({} if logs is None else {"logs": logs}))
         app.state.server.metrics.registry.register(supervisor.collector())
         shape = (f"{cfg.num_instances} colocated {cfg.baseline} instance(s)" if cfg.mode == "colocated"
                  else f"{cfg.num_prefill} prefill + {cfg.num_decode} decode instance(s)")

@@ -106,6 +106,9 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLi
     (/health and /metrics stay open). `limits`: body size, nesting and list caps (limits.py). `logs`:
     the access line per request and the periodic stats line (logs.py)."""
     server = OpenAIServer(backend, api_key, limits, logs)
+    server_logger = logging.getLogger("tetriinfer.server")
+    if (logs.log_requests or logs.log_stats) and server_logger.level == logging.NOTSET:
+        server_logger.setLevel(logging.INFO)  # printed by default (as vLLM's), whatever the root level
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
