@@ -158,3 +158,17 @@ def test_an_fp8_layout_we_cannot_run_is_refused_by_name(llama_dir, tmp_path):
     (dst / "model.safetensors").write_bytes((llama_dir / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="checkpoint quantization 'fp8' is not supported"):
         LLM(str(dst), num_blocks=8)
+
+
+def test_the_scaled_mm_path_agrees_with_the_reference_path():
+    """The kernel path (torch._scaled_mm; on the CPU where this torch has it, on Hopper in
+    scripts/fp8_check.py) and the reference get the same FP8 operands: only rounding differs."""
+    torch.manual_seed(0)
+    w_q, w_scale = quantize_weight(torch.randn(64, 128) / 10)
+    x = torch.randn(7, 128, dtype=torch.bfloat16)
+    try:
+        kernel = fp8_linear(x, w_q, w_scale, None, use_kernel=True).float()
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"this torch has no CPU _scaled_mm: {e}")
+    ref = fp8_linear(x, w_q, w_scale, None, use_kernel=False).float()
+    assert (kernel - ref).abs().max() / ref.abs().max() < 1e-2

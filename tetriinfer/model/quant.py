@@ -16,6 +16,8 @@ or [1] (per tensor), dynamic per-token input activations, the LM head left in hi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -36,6 +38,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+@functools.cache
 def has_scaled_mm(device: torch.device) -> bool:
     """FP8 tensor cores with row-wise scales: CUDA compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
@@ -60,9 +63,9 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     x2 = x.reshape(-1, x.shape[-1])
     x_q, x_scale = quantize_per_token(x2)
     if use_kernel is None:
-        # _scaled_mm wants K and N multiples of 16 and a 16-bit output.
+        # _scaled_mm wants K and N multiples of 16, and row-wise scales a bf16 output.
         use_kernel = (has_scaled_mm(x.device) and w_q.shape[0] % 16 == 0 and w_q.shape[1] % 16 == 0
-                      and x.dtype in (torch.bfloat16, torch.float16))
+                      and x.dtype == torch.bfloat16)
     matmul = fp8_matmul_scaled_mm if use_kernel else fp8_matmul_ref
     y = matmul(x_q, x_scale, w_q, w_scale, x.dtype)
     if bias is not None:
