@@ -114,7 +114,7 @@ class Instance(PrefillHandoff, DecodeHandoff):
         self.predictor = None
         if config.role != COLOCATED:
             decode = tokenizer.decode if tokenizer is not None else None
-            self.predictor = load_predictor(config.predictor, decode=decode)
+            self.predictor = load_predictor(config.predictor, decode=decode, online=True)  # "static:..": off
         self.transport = make_transport(
             config.kv_transport, rank=config.instance_id, world_size=config.world_size,
             init_method=config.kv_init_method, device=config.engine.device, timeout_s=config.kv_timeout_s,
@@ -146,6 +146,7 @@ class Instance(PrefillHandoff, DecodeHandoff):
         self.transfers_out = TransferCounters()
         self.transfers_in = TransferCounters()
         self._receives: dict[int, tuple[Future, msg.KVPush]] = {}
+        self.label_to: dict[str, int] = {}  # request -> the prefill instance whose predictor gets its length
         self._recv_pool = ThreadPoolExecutor(1, thread_name_prefix="kv-recv")  # one at a time: p2p order
         self._next_transfer = 0
         self.flip: FlipState | None = None
@@ -216,11 +217,15 @@ class Instance(PrefillHandoff, DecodeHandoff):
         elif isinstance(message, msg.KVReady):
             self._on_ready(message)
         elif isinstance(message, msg.KVPush):
+            self.label_to[message.request_id] = message.src_instance
             self._on_push(message)
         elif isinstance(message, msg.KVCancel):
             self._on_cancel(message)
         elif isinstance(message, msg.KVDone):
             self._on_done(message)
+        elif isinstance(message, msg.LengthLabel):
+            if self.predictor is not None:
+                self.predictor.observe(message.prompt_token_ids, message.output_len)
         elif isinstance(message, msg.Flip):
             self._on_flip(message)
         elif isinstance(message, msg.Shutdown):
@@ -281,9 +286,21 @@ class Instance(PrefillHandoff, DecodeHandoff):
             if req.status == RequestStatus.PREFILLED:
                 self._park(req)
             elif req.status.finished:
+                self._label(req)
                 self.sent_tokens.pop(req.request_id, None)
                 self.parked.pop(req.request_id, None)
                 self.assigned.pop(req.request_id, None)
+
+    def _label(self, req) -> None:
+        """A finished request's true length goes to the predictor that predicted it: this instance's
+        (prefilled here), or that of the prefill instance its KV came from. Aborts teach nothing."""
+        src = self.label_to.pop(req.request_id, None)
+        if req.status.value == "abort":
+            return
+        if src is not None and src != self.instance_id:
+            self._send_to(src, msg.LengthLabel(req.prompt_token_ids, len(req.output_token_ids)))
+        elif self.predictor is not None:
+            self.predictor.observe(req.prompt_token_ids, len(req.output_token_ids))
 
     def _emit(self, req) -> None:
         """Queue the request's new tokens (and its end) for the API."""
@@ -320,6 +337,7 @@ class Instance(PrefillHandoff, DecodeHandoff):
     # ---- abort, snapshot, flip -------------------------------------------------------------------
     def _on_abort(self, request_id: str) -> None:
         self.queue.remove(request_id)
+        self.label_to.pop(request_id, None)
         parked = self.parked.pop(request_id, None)
         if parked is not None:
             if parked in self.dispatch_wait:
@@ -422,8 +440,15 @@ class Instance(PrefillHandoff, DecodeHandoff):
             out.bytes + into.bytes, out.seconds + into.seconds, out.count + into.count, out.failures + into.failures,
             self.num_local_prefills, self.num_kept_decodes, self.step_stats.to_list(), self.num_redispatches,
             self.kv_pushes_refused, self.out.failures, self.prefix_queried_tokens, self.prefix_hit_tokens,
-            load.cached_blocks,
+            load.cached_blocks, self._predictor_stats(),
         )
+
+    def _predictor_stats(self) -> msg.PredictorStats | None:
+        stats = getattr(self.predictor, "stats", None)  # online predictors only
+        if stats is None:
+            return None
+        s = stats()
+        return msg.PredictorStats(s.num_labels, s.online_accuracy, s.predicted_buckets)
 
     def _send_to(self, instance_id: int, message) -> bool:
         """Send to another instance; False (logged) when it has no address or its queue stays full:

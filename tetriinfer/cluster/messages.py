@@ -93,6 +93,14 @@ class DecodeLoadMsg(msgspec.Struct, array_like=True):
                           self.queued_prompt_tokens, self.num_running, self.context_tokens)
 
 
+class PredictorStats(msgspec.Struct, array_like=True):
+    """An instance's online length predictor (predictor.online.OnlineStats), for /metrics."""
+
+    num_labels: int  # finished requests it learned from (counter)
+    online_accuracy: float | None  # served-bucket accuracy on the recent labels
+    predicted_buckets: list[int]  # predictions per bucket (counters)
+
+
 class InstanceStats(msgspec.Struct, tag=True):
     """What an instance reports every monitor interval (and its heartbeat)."""
 
@@ -122,6 +130,7 @@ class InstanceStats(msgspec.Struct, tag=True):
     prefix_queried_tokens: int = 0  # prompt tokens of the requests it prefilled (counter)
     prefix_hit_tokens: int = 0  # of those, served from its prefix cache (counter)
     kv_blocks_cached: int = 0  # blocks held by no request, kept for prefix hits (evictable)
+    predictor: PredictorStats | None = None  # online length predictor (prefill-capable roles)
 
 
 class Ready(msgspec.Struct, tag=True):
@@ -231,6 +240,14 @@ class KVPush(msgspec.Struct, tag=True):
     descriptor: dict  # the transport's description of the sent tensors
 
 
+class LengthLabel(msgspec.Struct, tag=True):
+    """Decode -> prefill: a request that prefill instance predicted finished with `output_len` tokens;
+    its online length predictor learns from it (predictor.online)."""
+
+    prompt_token_ids: list[int]
+    output_len: int
+
+
 class KVDone(msgspec.Struct, tag=True):
     """Decode -> prefill: the KV landed (`ok`) or the request failed there (reported to the API)."""
 
@@ -244,6 +261,7 @@ class KVDone(msgspec.Struct, tag=True):
 Message = (
     Submit | Abort | Shutdown | Routed | TokenBatch | InstanceStats | Ready | ClusterReady | Snapshot | Flip
     | FlipDone | InstanceDied | ClusterStats | KVOffer | KVHold | KVReady | KVCancel | KVPush | KVDone | Register
+    | LengthLabel
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -75,6 +75,9 @@ class ServerMetrics:
         self.output_tokens = Histogram("tetriinfer_output_tokens", "Output length of served requests",
                                        buckets=_TOKEN_BUCKETS, registry=self.registry)
         self.registry.register(ClusterCollector(cluster_stats, requests_running))
+        from tetriinfer.predictor.prom import PredictorCollector
+
+        self.registry.register(PredictorCollector(cluster_stats))  # predicted buckets, online accuracy
 
     def count(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()
