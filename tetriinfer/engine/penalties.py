@@ -38,9 +38,9 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request], pending: torc
     reqs = [requests[row] for row in rows]
     counts = _token_counts([r.output_token_ids for r in reqs], vocab, dev)
     if pending is not None:
-        extra = pending[to_device(torch.tensor(rows), dev)]
-        has = extra >= 0
-        counts[torch.arange(len(rows), device=dev)[has], extra[has]] += 1
+        extra = pending[to_device(torch.tensor(rows), dev)].unsqueeze(1)
+        has = (extra >= 0).to(counts.dtype)  # a scatter, not a boolean index: no wait for the device
+        counts.scatter_add_(1, extra.clamp(min=0), has)
     prompt_seen = _token_counts([r.prompt_token_ids for r in reqs], vocab, dev) > 0
     rows_t = to_device(torch.tensor(rows), dev)
     sub = logits[rows_t]
