@@ -163,6 +163,9 @@ class PolicyConfig:
     # included) before it offers a request to a decode instance. A request that ends by then never
     # moves, and the hand-off gap (KV move, admission) is spread over more tokens. 1: move at once.
     handoff_after_tokens: int = 8
+    # Prefix caching: place each request where its prefix is cached, weighed against queues
+    # (sched.global_scheduler, sched.router); off: least-loaded placement, blind to caches.
+    cache_aware_routing: bool = True
 
     def __post_init__(self) -> None:
         if not self.interference_weight >= 0:
@@ -259,6 +262,16 @@ class SimConfig:
     slo: SLOConfig = field(default_factory=SLOConfig)
     seed: int = 0
     scheduler: EngineSchedulerConfig = field(default_factory=EngineSchedulerConfig)
+    # Each instance's prefix cache holds at most this fraction of its KV capacity (0: no prefix
+    # caching); requests' `hash_ids` name blocks of `hash_block_tokens` (Mooncake's traces: 512).
+    prefix_cache_fraction: float = 1.0
+    hash_block_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prefix_cache_fraction <= 1.0:
+            raise ValueError(f"prefix_cache_fraction must be in [0, 1], got {self.prefix_cache_fraction}")
+        if self.hash_block_tokens < 1:
+            raise ValueError(f"hash_block_tokens must be >= 1, got {self.hash_block_tokens}")
 
 
 # --- Serving cluster (issue 4) --------------------------------------------------------------------

@@ -5,6 +5,11 @@ history so far (as a chat API resends it) and its output the gpt reply. Sessions
 or `bursty` process; within a session the next turn arrives after the previous turn's estimated reply
 time (output tokens x `REPLY_S_PER_TOKEN`) plus an exponential think time of mean `THINK_TIME_S`.
 
+Prefix block ids (`turn_hash_ids`): a session's text only grows, so block i of any turn's prompt is
+block i of the conversation; it is named (session, i), and a turn's leading full blocks are the
+previous turn's prompt + answer blocks. Sessions are numbered as played, so a session drawn twice
+is two conversations.
+
 This is an open-loop approximation: a real user waits for the actual reply, so a slow server would
 delay the next turn; here turn times are fixed in advance, whatever the server's latency.
 """
@@ -74,3 +79,9 @@ def _capped(turns: Session, cap: int | None) -> Session:
             if p + o > cap:
                 return turns[:k]
     return turns
+
+
+def turn_hash_ids(session: int, prompt_tokens: int, block_tokens: int) -> tuple[int, ...]:
+    """Ids of a turn's prompt blocks (a last partial block included): block i of session s is
+    `s * 2**20 + i`, the same id in every turn that reaches it."""
+    return tuple((session << 20) + i for i in range(-(-prompt_tokens // block_tokens)))

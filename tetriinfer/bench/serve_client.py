@@ -1,7 +1,8 @@
 """Load generator against a running OpenAI-compatible server (`tetriinfer bench serve`).
 
 Each `RequestSpec` becomes one streaming POST /v1/completions whose prompt is a list of token ids
-of the spec's prompt length and whose `max_tokens` is its output length (`ignore_eos`, greedy), sent
+of the spec's prompt length (a spec with prefix `hash_ids` gets one deterministic block of ids per
+hash id, so equal ids are equal token blocks and the server's prefix cache sees real hits) and whose `max_tokens` is its output length (`ignore_eos`, greedy), sent
 at its arrival offset from the start of the run. One aiohttp session carries every request; the
 client measures send time, first token and last token per request on one clock (seconds since the
 run started) and returns `RequestRecord`s for `bench.metrics.summarize`. Failed requests (HTTP
@@ -20,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from tetriinfer.bench.metrics import RequestRecord, Summary, summarize
+from tetriinfer.bench.traces import HASH_BLOCK_TOKENS
 from tetriinfer.bench.workload import RequestSpec
 
 ERROR_BODY_CHARS = 300  # enough of an error response to say what went wrong
@@ -63,15 +65,26 @@ class LoadResult:
                          ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, start_s=0.0)
 
 
-def prompt_token_ids(request_id: int, length: int, vocab_size: int = 256, seed: int = 0) -> list[int]:
-    """Deterministic token ids in [0, vocab_size) for one request; different requests get
-    different ids, so no prefix is shared between them."""
+def prompt_token_ids(request_id: int, length: int, vocab_size: int = 256, seed: int = 0,
+                     hash_ids: Sequence[int] | None = None, block_tokens: int = HASH_BLOCK_TOKENS) -> list[int]:
+    """Deterministic token ids in [0, vocab_size) for one request. Without `hash_ids` different
+    requests get different ids, so no prefix is shared between them. With them, block i of the
+    prompt (`block_tokens` ids) is drawn from a generator seeded by (seed, hash id i) alone, so two
+    requests sharing their first k hash ids share exactly their first k blocks of tokens (a last
+    partial block is that block's head); tokens beyond the ids are the request's own."""
     if length < 1:
         raise ValueError(f"request {request_id}: prompt length must be >= 1, got {length}")
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    rng = np.random.default_rng([seed, request_id])
-    return rng.integers(0, vocab_size, size=length).tolist()
+    tokens: list[int] = []
+    for hash_id in (hash_ids or ())[: -(-length // block_tokens)]:
+        # A separate seed space from requests' own ids (a third seed word), so the two never collide.
+        block = np.random.default_rng([seed, int(hash_id), 1]).integers(0, vocab_size, size=block_tokens)
+        tokens.extend(block[: length - len(tokens)].tolist())
+    if len(tokens) < length:
+        rng = np.random.default_rng([seed, request_id])
+        tokens.extend(rng.integers(0, vocab_size, size=length - len(tokens)).tolist())
+    return tokens
 
 
 class SSEParser:
@@ -252,7 +265,8 @@ async def run_load(
         for spec in order:
             payload = {
                 "model": model,
-                "prompt": prompt_token_ids(spec.request_id, spec.prompt_tokens, vocab_size, seed),
+                "prompt": prompt_token_ids(spec.request_id, spec.prompt_tokens, vocab_size, seed,
+                                           getattr(spec, "hash_ids", None)),
                 "max_tokens": spec.output_tokens,
                 "temperature": 0.0,
                 "ignore_eos": True,

@@ -9,7 +9,8 @@ Workloads (docs/workloads.md):
 - `conversation`: multi-turn ShareGPT sessions, each turn resending the history (conversation.py).
 Arrivals: `closed` (all at t=0: the paper's batch), `poisson` or `bursty` (at `rate` requests/s;
 arrivals.py) or `trace` (the timed traces' timestamps, rebased to 0). `load_trace_csv` reads any
-`arrival_s,prompt_tokens,output_tokens` CSV.
+`arrival_s,prompt_tokens,output_tokens` CSV; `build_specs(trace="X.jsonl")` a Mooncake trace.
+Prefix block ids (`RequestSpec.hash_ids`) come with Mooncake traces and the `conversation` workload.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from datetime import datetime
 from pathlib import Path
 
 from tetriinfer.bench.arrivals import OPEN_ARRIVALS, check_rate, open_arrivals, poisson_arrivals  # noqa: F401 (re-exported)
-from tetriinfer.bench.conversation import plan_conversations
-from tetriinfer.bench.traces import LENGTH_TRACES, SPLITWISE_TRACES, VIDUR_DIR, open_text, read_vidur_csv
+from tetriinfer.bench.conversation import plan_conversations, turn_hash_ids
+from tetriinfer.bench.traces import (
+    HASH_BLOCK_TOKENS, LENGTH_TRACES, SPLITWISE_TRACES, VIDUR_DIR, open_text, read_mooncake_jsonl, read_vidur_csv,
+)
 from tetriinfer.config import PolicyConfig
 
 SHAREGPT_MIXES = ("lpld", "lphd", "hpld", "hphd", "mixed")
@@ -52,6 +55,8 @@ class RequestSpec:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    # One id per HASH_BLOCK_TOKENS prompt tokens, equal ids = equal prefix (None: nothing shared).
+    hash_ids: tuple[int, ...] | None = None
 
 
 BUNDLED_DATA = Path(__file__).resolve().parent / "data"  # the lengths and traces, shipped with the package
@@ -114,8 +119,9 @@ def make_workload(
     rng = random.Random(seed)
     if name in SESSION_WORKLOADS:
         sessions = plan_conversations(sharegpt_sessions(), num_requests, arrival, rate, rng, max_total_tokens)
-        turns = sorted((turn for session in sessions for turn in session), key=lambda turn: turn[0])
-        return [RequestSpec(i, t, p, o) for i, (t, p, o) in enumerate(turns)]
+        turns = sorted(((t, p, o, s) for s, session in enumerate(sessions) for t, p, o in session),
+                       key=lambda turn: turn[0])
+        return [RequestSpec(i, t, p, o, turn_hash_ids(s, p, HASH_BLOCK_TOKENS)) for i, (t, p, o, s) in enumerate(turns)]
 
     def fits(p: int, o: int) -> bool:
         return max_total_tokens is None or p + o <= max_total_tokens
@@ -306,6 +312,12 @@ def load_trace_csv(path: str | Path) -> list[RequestSpec]:
     return requests
 
 
+def load_mooncake_trace(path: str | Path) -> list[RequestSpec]:
+    """Requests of a Mooncake JSONL trace (`traces.read_mooncake_jsonl`), with their hash ids;
+    arrivals in seconds as written."""
+    return [RequestSpec(i, t, p, o, h or None) for i, (t, p, o, h) in enumerate(read_mooncake_jsonl(path))]
+
+
 def build_specs(
     workload: str,
     num_requests: int,
@@ -316,14 +328,14 @@ def build_specs(
     max_total_tokens: int | None = None,
     arrival: str | None = None,
 ) -> list:
-    """The requests of `tetriinfer simulate`'s flags: a trace CSV as written, else the named workload
+    """The requests of `tetriinfer simulate`'s flags: a trace CSV or Mooncake JSONL as written, else the named workload
     (`arrival` if given, else Poisson at `rate`; without it a closed batch, or a timed trace's
     timestamps). `max_total_tokens` drops requests whose prompt + output exceed it (trace CSV rows
     too; the rest are renumbered 0..n-1)."""
     if trace:
         if arrival not in (None, "trace"):
             raise ValueError(f"a trace CSV keeps its own arrival_s; {arrival} arrival does not apply to {trace}")
-        specs = load_trace_csv(trace)
+        specs = load_mooncake_trace(trace) if str(trace).endswith((".jsonl", ".jsonl.gz")) else load_trace_csv(trace)
         if max_total_tokens is not None:
             kept = [s for s in specs if s.prompt_tokens + s.output_tokens <= max_total_tokens]
             if not kept:

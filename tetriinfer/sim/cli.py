@@ -19,9 +19,10 @@ from tetriinfer.config import (
     EngineSchedulerConfig,
     FlipConfig,
     PolicyConfig,
+    SimConfig,
 )
 
-_POLICY, _CLUSTER, _STEP = PolicyConfig(), ClusterConfig(), EngineSchedulerConfig()
+_POLICY, _CLUSTER, _STEP, _SIM = PolicyConfig(), ClusterConfig(), EngineSchedulerConfig(), SimConfig()
 
 
 def add_parser(subparsers) -> None:
@@ -32,7 +33,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--system", default=_CLUSTER.system, choices=SYSTEMS)
     p.add_argument("--compare", default=None, help="comma-separated systems run on the same requests")
     p.add_argument("--workload", default="mixed", help="|".join(ALL_WORKLOADS))
-    p.add_argument("--trace", default=None, help="CSV with columns arrival_s,prompt_tokens,output_tokens")
+    p.add_argument("--trace", default=None,
+                   help="CSV with columns arrival_s,prompt_tokens,output_tokens, or a Mooncake JSONL trace "
+                        "(timestamp ms, input_length, output_length, hash_ids)")
     p.add_argument("--num-requests", type=int, default=128)
     p.add_argument("--rate", type=float, default=None,
                    help="Poisson arrivals at this many requests/s "
@@ -56,6 +59,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--handoff-after-tokens", type=int, default=_POLICY.handoff_after_tokens,
                    help="adaptive: output tokens a prefill instance generates itself before it hands a request "
                         "to a decode instance (a request ending by then never moves; 1: hand off at once)")
+    p.add_argument("--cache-aware-routing", action=argparse.BooleanOptionalAction,
+                   default=_POLICY.cache_aware_routing,
+                   help="place requests where their prefix is cached, weighed against queues (tetriinfer's "
+                        "router, the baselines' global scheduler); off: least loaded")
+    p.add_argument("--prefix-cache-fraction", type=float, default=_SIM.prefix_cache_fraction,
+                   help="each instance's prefix cache, as a fraction of its KV capacity (0: no prefix caching; "
+                        "requests share prefixes through hash ids: Mooncake traces, the conversation workload)")
     p.add_argument("--prefill-policy", default=_POLICY.prefill_policy, choices=PREFILL_POLICIES)
     p.add_argument("--sort-window", type=int, default=_POLICY.sort_window)
     p.add_argument("--dispatch", default=_POLICY.dispatch_policy, choices=DISPATCH_POLICIES)
@@ -93,7 +103,7 @@ def build_cost(args: argparse.Namespace):
 
 
 def build_config(args: argparse.Namespace, system: str):
-    from tetriinfer.config import SimConfig, SLOConfig
+    from tetriinfer.config import SLOConfig
 
     cluster = ClusterConfig(
         system=system, num_prefill=args.prefill_instances, num_decode=args.decode_instances,
@@ -105,11 +115,11 @@ def build_config(args: argparse.Namespace, system: str):
         handoff_after_tokens=args.handoff_after_tokens,
         prefill_policy=args.prefill_policy, sort_window=args.sort_window,
         dispatch_policy=args.dispatch, admission_policy=args.admission, predictor_accuracy=args.accuracy,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens, cache_aware_routing=args.cache_aware_routing,
     )
     step = EngineSchedulerConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs)
     return SimConfig(cluster, policy, FlipConfig(enabled=args.flip), SLOConfig(args.ttft_slo, args.tpot_slo), args.seed,
-                     step)
+                     step, prefix_cache_fraction=args.prefix_cache_fraction)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,10 +148,16 @@ def run(args: argparse.Namespace) -> int:
             "num_preemptions": result.num_preemptions,
             "num_flips": result.num_flips,
             "num_events": result.num_events,
+            "prefix_hit_rate": result.prefix_hit_rate,
+            "prefix_hit_tokens": result.prefix_hit_tokens,
+            "prefix_queried_tokens": result.prefix_queried_tokens,
         }
     hardware = f"profile {args.profile}" if args.profile else f"{args.gpu} / {args.model} (roofline)"
     print(f"{len(specs)} requests of {args.trace or args.workload} on {hardware}")
     print(format_table(summaries))
+    for system, entry in report.items():
+        if entry["prefix_queried_tokens"]:
+            print(f"{system}: prefix cache hit rate {entry['prefix_hit_rate']:.1%} of prompt tokens")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(report, f, indent=2)

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import heapq
 import random
-from dataclasses import dataclass, field
 from typing import Sequence
 
 from tqdm import tqdm
 
-from tetriinfer.bench.metrics import RequestRecord, Summary, summarize
 from tetriinfer.config import SimConfig
 from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
 from tetriinfer.sched.flip import FlipPolicy
@@ -24,47 +22,17 @@ from tetriinfer.sched.lengths import blocks_for, is_heavy_decode, placement_bloc
 from tetriinfer.sched.monitor import (
     DECODE, PREFILL, ClusterMonitor, ClusterSnapshot, InstanceStatus, prefill_load_fraction,
 )
+from tetriinfer.sched.prefix_index import PrefixIndex
 from tetriinfer.sched.prefill_queue import PrefillQueue
 from tetriinfer.sched.router import AdaptiveRouter, keep_on_prefill
 from tetriinfer.sched.step_planner import StepShape
 from tetriinfer.sim.instances import ColocatedInstance, DecodeInstance, PrefillInstance
 from tetriinfer.sim.length_oracle import OracleLengthPredictor
+from tetriinfer.sim.prefix_cache import SimPrefixCaches
 from tetriinfer.sim.request import SimRequest
+from tetriinfer.sim.result import SimResult  # noqa: F401 (re-exported: callers import it from here)
 
 _ARRIVAL, _STEP, _KV_ARRIVAL, _MONITOR, _FLIP = range(5)
-
-
-@dataclass
-class SimResult:
-    system: str
-    requests: list[SimRequest]  # every request, finished, with its timestamps
-    instance_last_work_s: dict[int, float]  # per instance: end of its last forward pass
-    start_s: float
-    end_s: float
-    num_preemptions: int = 0
-    num_flips: int = 0
-    num_events: int = 0
-    peak_dispatch_waiting: int = 0  # most prefilled requests a snapshot saw waiting for decode room
-    flips: list[tuple[float, int, str]] = field(default_factory=list)  # (time, instance, new role)
-
-    def records(self) -> list[RequestRecord]:
-        return [
-            RequestRecord(r.request_id, r.arrival_s, r.first_token_s, r.finish_s, r.prompt_tokens, r.output_tokens)
-            for r in self.requests
-        ]
-
-    def summary(self, ttft_slo_s: float | None = None, tpot_slo_s: float | None = None) -> Summary:
-        return summarize(
-            self.records(),
-            self.instance_last_work_s,
-            ttft_slo_s=ttft_slo_s,
-            tpot_slo_s=tpot_slo_s,
-            start_s=self.start_s,
-        )
-
-    def prefill_wait_s(self) -> list[float]:
-        """Per request: arrival to the start of its first prefill chunk (queueing before prefill)."""
-        return [r.prefill_start_s - r.arrival_s for r in self.requests]
 
 
 def simulate(specs: Sequence, config: SimConfig, cost, *, progress: bool = False) -> SimResult:
@@ -93,6 +61,11 @@ class ClusterSim:
         if self.capacity_blocks < 1:
             raise ValueError("the model's KV cache does not fit one block on this GPU")
         self._kv_bytes = cost.kv_bytes_per_token()
+        # Prefix caching: each instance's true cache, and the placement's own guess (same capacity).
+        self.hash_block_tokens = config.hash_block_tokens
+        cache_blocks = int(self.capacity_blocks * cluster.block_size * config.prefix_cache_fraction) // self.hash_block_tokens
+        self.prefix_cache = SimPrefixCaches(cache_blocks, self.hash_block_tokens) if cache_blocks else None
+        guess = PrefixIndex(cache_blocks) if cache_blocks and policy.cache_aware_routing else None
         self.instances: dict[int, PrefillInstance | DecodeInstance | ColocatedInstance] = {}
         if cluster.colocated:
             for i in range(cluster.num_instances):
@@ -103,12 +76,12 @@ class ClusterSim:
             for i in range(cluster.num_prefill, cluster.total_instances):
                 self.instances[i] = self._new_decode(i)
         self.monitor = ClusterMonitor(cluster.monitor_interval_s)
-        self.global_scheduler = GlobalScheduler(self._prefill_ids())
+        self.global_scheduler = GlobalScheduler(self._prefill_ids(), guess)
         self.router = None  # adaptive disaggregation: the router places each new request
         if self.adaptive:
             kv_seconds_per_token = self._transfer_time(1 << 16) / (1 << 16)
             self.router = AdaptiveRouter(cost, chunk_size=config.scheduler.chunk_size, kv_seconds_per_token=kv_seconds_per_token,
-                                         interference_weight=policy.interference_weight)
+                                         interference_weight=policy.interference_weight, prefix_index=guess)
         self.flip_policy = FlipPolicy(config.flip) if config.flip.enabled and not cluster.colocated else None
         if self.system == "tetriinfer" and policy.dispatch_policy != "oracle" and predictor is None:
             raise ValueError("tetriinfer needs a length predictor unless the dispatcher is the oracle")
@@ -135,12 +108,13 @@ class ClusterSim:
             dispatcher = Dispatcher(p.dispatch_policy, self._rng(i, generation))
             # Adaptive: mixed steps, as it may decode requests it keeps; the paper: padded chunks.
             shape = self._shape("mixed", self.chunk_size) if self.adaptive else self._shape("chunked", self.chunk_size, True)
-        return PrefillInstance(i, shape, queue, dispatcher, self.capacity_blocks, self.cost)
+        return self._with_cache(PrefillInstance(i, shape, queue, dispatcher, self.capacity_blocks, self.cost))
 
     def _new_decode(self, i: int) -> DecodeInstance:
         p = self.config.policy
         admission = "greedy" if self.system == "disagg" else p.admission_policy
-        return DecodeInstance(i, self._shape("mixed", self.chunk_size), self.capacity_blocks, admission, self.cost)
+        return self._with_cache(DecodeInstance(i, self._shape("mixed", self.chunk_size), self.capacity_blocks, admission,
+                                               self.cost))
 
     def _new_colocated(self, i: int) -> ColocatedInstance:
         p = self.config.policy
@@ -148,7 +122,11 @@ class ClusterSim:
             shape = self._shape("whole", p.max_num_batched_tokens)
         else:
             shape = self._shape("mixed", self.chunk_size)
-        return ColocatedInstance(i, shape, PrefillQueue("fcfs"), self.capacity_blocks, self.cost)
+        return self._with_cache(ColocatedInstance(i, shape, PrefillQueue("fcfs"), self.capacity_blocks, self.cost))
+
+    def _with_cache(self, inst):
+        inst.prefix_cache = self.prefix_cache  # kept by instance id, so it outlives a flip
+        return inst
 
     def _prefill_ids(self) -> list[int]:
         return [i for i, inst in self.instances.items() if inst.role != DECODE and not inst.draining]
@@ -158,7 +136,8 @@ class ClusterSim:
     def run(self, specs: Sequence, progress: bool = False) -> SimResult:
         """Simulate `specs` (objects with request_id, arrival_s, prompt_tokens, output_tokens)."""
         requests = sorted(
-            (SimRequest(s.request_id, s.arrival_s, s.prompt_tokens, s.output_tokens) for s in specs),
+            (SimRequest(s.request_id, s.arrival_s, s.prompt_tokens, s.output_tokens, tuple(getattr(s, "hash_ids", None) or ()))
+             for s in specs),
             key=lambda r: (r.arrival_s, r.request_id),
         )
         for req in requests:
@@ -191,6 +170,10 @@ class ClusterSim:
         self.result.num_events = num_events
         self.result.end_s = max(r.finish_s for r in requests) if requests else start
         self.result.num_preemptions = sum(getattr(i, "num_preemptions", 0) for i in self.instances.values())
+        if self.prefix_cache is not None:
+            cache = self.prefix_cache
+            self.result.prefix_queried_tokens, self.result.prefix_hit_tokens = cache.queried_tokens, cache.hit_tokens
+            self.result.prefix_evicted_blocks = cache.index.num_evicted
         return self.result
 
     def _push(self, time: float, kind: int, payload) -> None:
@@ -231,17 +214,18 @@ class ClusterSim:
         req = requests[index]
         if index + 1 < len(requests):
             self._push(requests[index + 1].arrival_s, _ARRIVAL, index + 1)
+        keys = self.prefix_cache.keys(req) if self.prefix_cache is not None else ()
         if self.router is not None:
             self._predict(req)
-            route = self.router.route(req.prompt_tokens, req.need_blocks)
+            route = self.router.route(req.prompt_tokens, req.need_blocks, keys, self.hash_block_tokens)
             inst = self.instances[route.instance_id]
             if route.local:
                 inst.prefill_here(req)
             else:
-                inst.queue.add(req)
+                inst.enqueue(req)
         else:
-            inst = self.instances[self.global_scheduler.pick(req.prompt_tokens)]
-            inst.queue.add(req)
+            inst = self.instances[self.global_scheduler.pick(req.prompt_tokens, keys, self.hash_block_tokens)]
+            inst.enqueue(req)
         self._kick(inst, now)
 
     def _on_step(self, now: float, instance_id: int) -> None:
@@ -251,6 +235,8 @@ class ClusterSim:
         prefilled, finished = inst.finish_step(now)
         for req in finished:
             self._finish(req, now)
+            if self.router is not None and self.prefix_cache is not None:  # the router learns where it decoded
+                self.router.observe(instance_id, self.prefix_cache.keys(req))
         for req in prefilled:
             if req.first_token_s is None:
                 req.first_token_s = now

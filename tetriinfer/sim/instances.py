@@ -31,6 +31,7 @@ class BatchInstance:
     baseline instance as it is, and the machinery the prefill and decode roles build on."""
 
     role = COLOCATED
+    prefix_cache = None  # the cluster's `SimPrefixCaches` when prefix caching is on
 
     def __init__(self, instance_id: int, shape: StepShape, queue: PrefillQueue, capacity_blocks: int, cost) -> None:
         self.instance_id = instance_id
@@ -59,6 +60,12 @@ class BatchInstance:
 
     is_drained = is_empty
 
+    def enqueue(self, req: SimRequest) -> None:
+        """Queue a new request's prompt, past what this instance has cached of it."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.lookup(self.instance_id, req)
+        self.queue.add(req)
+
     def start_decoding(self, req: SimRequest, release_after: int | None = None) -> None:
         """A request whose prompt completed here decodes here (for `release_after` steps at most,
         then it joins `released`)."""
@@ -75,8 +82,9 @@ class BatchInstance:
         chunk = plan.chunk
         for req, piece in zip(itertools.islice(self.queue.ordered(0), len(chunk.pieces)), chunk.pieces):
             self.prefill_blocks += blocks_to_grow(piece, self.block_size)
-            if req.prefill_start_s is None:
+            if req.prefill_start_s is None:  # its cached blocks are its own from now on
                 req.prefill_start_s = now
+                self.prefill_blocks += blocks_for(piece.start, self.block_size)
         batch = self.batch
         decode_seqs, decode_context = (batch.num_running, batch.total_context) if plan.decode else (0, 0)
         prefill_tokens = chunk.size + self._take_recompute_tokens()
@@ -90,6 +98,9 @@ class BatchInstance:
         for req in prefilled:
             self.prefill_blocks -= blocks_for(req.prompt_len, self.block_size)
             req.kv_len = req.prompt_len
+        if self.prefix_cache is not None:
+            for req in prefilled + finished:
+                self.prefix_cache.record(self.instance_id, req)
         return prefilled, finished
 
     # --- planning, as engine.scheduler does it ---------------------------------------------------
@@ -124,7 +135,9 @@ class BatchInstance:
         restarted = self.queue.restart_newest_started()
         if restarted is None:
             return False
-        self.prefill_blocks -= blocks_for(restarted[1], self.block_size)
+        req, done = restarted
+        if req.prefill_start_s is not None:  # a cache hit not started yet held no blocks (it loses its hit)
+            self.prefill_blocks -= blocks_for(done, self.block_size)
         return True
 
     def _requeue(self, req: SimRequest) -> None:
@@ -213,7 +226,7 @@ class DecodeInstance(BatchInstance):
     def prefill_here(self, req: SimRequest) -> None:
         """A new request routed here to prefill in place, then decode (no KV moves)."""
         self._assign(req)
-        self.queue.add(req)
+        self.enqueue(req)
 
     def _assign(self, req: SimRequest) -> None:
         req.decode_instance = self.instance_id

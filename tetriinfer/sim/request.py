@@ -13,11 +13,13 @@ class SimRequest:
         "bucket", "heavy", "need_blocks", "reserve_blocks", "predicted_output",  # set once predicted
         "kv_len", "decode_left", "recomputing", "kv_local",  # decode progress
         "decode_instance",
+        "hash_ids", "cached_tokens",  # prefix blocks (full ones only) and the prompt tokens a cache served
         # RunningBatch bookkeeping
         "batch_epoch", "batch_step0", "batch_kv0", "batch_reserve",
     )
 
-    def __init__(self, request_id: int, arrival_s: float, prompt_tokens: int, output_tokens: int) -> None:
+    def __init__(self, request_id: int, arrival_s: float, prompt_tokens: int, output_tokens: int,
+                 hash_ids: tuple = ()) -> None:
         self.request_id = request_id
         self.arrival_s = arrival_s
         self.prompt_tokens = prompt_tokens
@@ -38,6 +40,8 @@ class SimRequest:
         self.recomputing = False
         self.kv_local = False  # its KV already sits on the decode instance (it was prefilled there)
         self.decode_instance = None
+        self.hash_ids = hash_ids
+        self.cached_tokens = 0
         self.batch_epoch = 0
         self.batch_step0 = 0
         self.batch_kv0 = 0
