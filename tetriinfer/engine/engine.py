@@ -28,6 +28,7 @@ from tetriinfer.engine.scheduler import EngineScheduler, StepPlan
 from tetriinfer.engine.tp_worker import RunnerSpec, TPWorkers
 from tetriinfer.model.loader import TORCH_DTYPES, load_model
 from tetriinfer.model.parallel import SINGLE
+from tetriinfer.model.quant import kv_cache_torch_dtype
 from tetriinfer.sampling_params import SamplingParams
 
 CPU_DEFAULT_MEMORY_FRACTION = 0.05
@@ -94,14 +95,17 @@ class LLMEngine:
         num_blocks = self._num_blocks(loaded.model)
         backend = config.attention_backend
         if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" else "torch"
+            backend = "triton" if self.device.type == "cuda" and config.kv_cache_dtype == "auto" else "torch"
+        if config.kv_cache_dtype == "fp8" and backend != "torch":
+            raise ValueError("kv_cache_dtype='fp8' runs on the torch attention backend only (the Triton kernels "
+                             "read 16-bit caches); pass attention_backend='torch'")
         self.block_manager = BlockManager(num_blocks, config.cache.block_size)
         # CUDA graphs need kernels that never synchronise with the host: the Triton backend's.
         # (Not yet under tensor parallelism: its NCCL all-reduces are not captured.)
         use_graphs = (self.device.type == "cuda" and backend == "triton" and not config.enforce_eager
                       and self.workers is None)
         self.runner = ModelRunner(loaded.model, loaded.arch, num_blocks, config.cache.block_size, backend,
-                                  self.device, TORCH_DTYPES[config.dtype], self.max_model_len,
+                                  self.device, self.kv_dtype, self.max_model_len,
                                   config.scheduler.max_num_seqs, config.scheduler.chunk_size, use_graphs,
                                   mixed_steps=config.scheduler.step_policy == "mixed", tp=tp)
         if self.workers is not None:
@@ -130,13 +134,18 @@ class LLMEngine:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes of one token (all layers)."""
-        return self.arch.kv_bytes_per_token * (torch.finfo(TORCH_DTYPES[self.config.dtype]).bits // 8)
+        return self.arch.kv_bytes_per_token * self.kv_dtype.itemsize
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache's element type (FP8 with kv_cache_dtype='fp8': half a 16-bit cache's bytes)."""
+        return kv_cache_torch_dtype(self.config.kv_cache_dtype, TORCH_DTYPES[self.config.dtype])
 
     def _num_blocks(self, model: torch.nn.Module) -> int:
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
-        dtype_size = torch.finfo(TORCH_DTYPES[self.config.dtype]).bits // 8
+        dtype_size = self.kv_dtype.itemsize
         # Per rank: each holds its KV heads' share of a block.
         block_bytes = self.arch.kv_bytes_per_token * dtype_size * cache.block_size // self.config.tensor_parallel_size
         if self.device.type == "cuda":

@@ -234,6 +234,7 @@ def _serve(spec: WorkerSpec, conn) -> None:
 
     from tetriinfer.engine.model_runner import ModelRunner
     from tetriinfer.model.loader import TORCH_DTYPES, load_model
+    from tetriinfer.model.quant import kv_cache_torch_dtype
 
     config, rank = spec.config, spec.rank
     device = rank_device(config.device, rank)
@@ -252,7 +253,7 @@ def _serve(spec: WorkerSpec, conn) -> None:
         return
     rs: RunnerSpec = msg[1]
     runner = ModelRunner(loaded.model, loaded.arch, rs.num_blocks, config.cache.block_size, rs.attention_backend,
-                         device, TORCH_DTYPES[config.dtype], rs.max_model_len, config.scheduler.max_num_seqs,
+                         device, kv_cache_torch_dtype(config.kv_cache_dtype, TORCH_DTYPES[config.dtype]), rs.max_model_len, config.scheduler.max_num_seqs,
                          config.scheduler.chunk_size, use_cuda_graphs=False,
                          mixed_steps=config.scheduler.step_policy == "mixed", tp=tp)
     conn.send(("ready",))

@@ -2,6 +2,8 @@
 
 Runs on any device. It loops over the sequences of the batch in Python, gathers each sequence's
 keys/values from its pages and does one dense causal attention per sequence, in float32.
+The cache may be FP8 (e4m3, kv_cache_dtype='fp8'; one scale per tensor, fixed at 1.0): values are
+stored saturated at +-448 and read back as float32.
 """
 
 from __future__ import annotations
@@ -22,8 +24,17 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     slots = slot_mapping[valid].long()
     # Index by (block, offset) instead of flattening, so a non-contiguous cache view works too.
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[valid].to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[valid].to(v_cache.dtype)
+    k_cache[blocks, offsets] = _to_cache(k[valid], k_cache.dtype)
+    v_cache[blocks, offsets] = _to_cache(v[valid], v_cache.dtype)
+
+
+def _to_cache(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in the cache's type. An FP8 cache (per-tensor scale 1.0) saturates: a plain cast would
+    turn values past the e4m3 range (+-448) into NaN."""
+    if dtype == torch.float8_e4m3fn:
+        limit = torch.finfo(dtype).max
+        return x.float().clamp(-limit, limit).to(dtype)
+    return x.to(dtype)
 
 
 def paged_attention(

@@ -127,3 +127,10 @@ def fp8_checkpoint(hf_config: dict) -> bool:
             raise ValueError(f"compressed-tensors group {name!r}: only dynamic 8-bit float activations are "
                              f"supported, got {acts}")
     return True
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: the model's dtype ("auto") or FP8 e4m3 ("fp8"). The FP8 cache
+    has one scale per tensor, fixed at 1.0 (vLLM's default for checkpoints without calibrated
+    k/v scales): values are stored as they are, saturated at +-448 (attention_ref.store_kv)."""
+    return FP8 if kv_cache_dtype == "fp8" else dtype
