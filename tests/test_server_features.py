@@ -197,8 +197,6 @@ def test_access_log_line_and_its_switch(backend, caplog):
 
 
 def test_stats_line_throughput_and_queues():
-    from fake_backend import FakeBackend as _  # noqa: F401  (the stats need no backend, only callables)
-
     stats = StatsLogger(lambda: ClusterStats([], 0, None, []), lambda: 2, 10.0)
     stats._last = 100.0
     stats.on_finished(500, 120)
