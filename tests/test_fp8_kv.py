@@ -71,3 +71,21 @@ def test_exported_fp8_kv_is_half_the_bytes_and_decodes_on(llama_dir):  # noqa: F
 def test_fp8_kv_with_the_triton_backend_is_refused_by_name(llama_dir):  # noqa: F811
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8' runs on the torch attention backend only"):
         LLM(str(llama_dir), kv_cache_dtype="fp8", attention_backend="triton", num_blocks=8)
+
+
+def test_kv_imported_into_an_fp8_cache_saturates_too(llama_dir):  # noqa: F811
+    cfg = EngineConfig(model=str(llama_dir), dtype="bfloat16")
+    cfg.cache.num_blocks = 8
+    prefill = LLMEngine(cfg)
+    prefill.add_request("r", prompt_token_ids=prompts(1, 20)[0], sampling=GREEDY, prefill_only=True)
+    while prefill.requests["r"].status.value != "prefilled":
+        prefill.step()
+    kv = prefill.export_request("r")
+    kv.k = kv.k * 1e4  # far past e4m3's +-448
+    fp8_cfg = EngineConfig(model=str(llama_dir), kv_cache_dtype="fp8")
+    fp8_cfg.cache.num_blocks = 8
+    decode = LLMEngine(fp8_cfg)
+    req = decode.import_request(kv)
+    k_cache = decode.runner.kv_caches[0][0].float()
+    assert not k_cache.isnan().any() and k_cache.abs().max() == 448
+    assert req.block_ids

@@ -26,6 +26,7 @@ from tetriinfer.engine.host_copy import pinned, to_device
 from tetriinfer.engine.prompt_logprobs import record_prompt_logprobs
 from tetriinfer.engine.scheduler import StepPlan
 from tetriinfer.kernels import get_kernels
+from tetriinfer.kernels.attention_ref import to_cache_dtype
 from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.layers import ForwardContext
 from tetriinfer.model.parallel import SINGLE, TensorParallel
@@ -339,5 +340,5 @@ class ModelRunner:
             k, v = self.workers.scatter_kv(block_ids, k, v)
         slots = torch.from_numpy(self._slots(block_ids, np.arange(k.shape[1]))).to(self.device)
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
-            k_cache.flatten(0, 1)[slots] = k[layer].to(device=self.device, dtype=k_cache.dtype)
-            v_cache.flatten(0, 1)[slots] = v[layer].to(device=self.device, dtype=v_cache.dtype)
+            k_cache.flatten(0, 1)[slots] = to_cache_dtype(k[layer].to(self.device), k_cache.dtype)
+            v_cache.flatten(0, 1)[slots] = to_cache_dtype(v[layer].to(self.device), v_cache.dtype)

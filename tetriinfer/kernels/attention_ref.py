@@ -24,11 +24,11 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     slots = slot_mapping[valid].long()
     # Index by (block, offset) instead of flattening, so a non-contiguous cache view works too.
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = _to_cache(k[valid], k_cache.dtype)
-    v_cache[blocks, offsets] = _to_cache(v[valid], v_cache.dtype)
+    k_cache[blocks, offsets] = to_cache_dtype(k[valid], k_cache.dtype)
+    v_cache[blocks, offsets] = to_cache_dtype(v[valid], v_cache.dtype)
 
 
-def _to_cache(x: Tensor, dtype: torch.dtype) -> Tensor:
+def to_cache_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
     """x in the cache's type. An FP8 cache (per-tensor scale 1.0) saturates: a plain cast would
     turn values past the e4m3 range (+-448) into NaN."""
     if dtype == torch.float8_e4m3fn:
