@@ -35,12 +35,12 @@ from tetriinfer.sim.result import SimResult  # noqa: F401 (re-exported: callers 
 _ARRIVAL, _STEP, _KV_ARRIVAL, _MONITOR, _FLIP = range(5)
 
 
-def simulate(specs: Sequence, config: SimConfig, cost, *, progress: bool = False) -> SimResult:
+def simulate(specs: Sequence, config: SimConfig, cost, *, progress: bool = False, predictor=None) -> SimResult:
     """Run `config.cluster.system` over `specs`; TetriInfer predicts lengths with the oracle
-    predictor at `config.policy.predictor_accuracy` (seeded by `config.seed`)."""
+    predictor at `config.policy.predictor_accuracy` (seeded by `config.seed`), or with `predictor`
+    (e.g. predictor.sim_replay.ReplayPredictor: the online learner replayed over the trace)."""
     policy = config.policy
-    predictor = None
-    if config.cluster.system == "tetriinfer":
+    if config.cluster.system == "tetriinfer" and predictor is None:
         predictor = OracleLengthPredictor(policy.predictor_accuracy, policy.bucket_size, seed=config.seed)
     return ClusterSim(config, cost, predictor).run(specs, progress)
 
