@@ -30,6 +30,7 @@ from tetriinfer.sched.lengths import BucketSpec
 
 BUCKET_CANDIDATES = ("majority", "prior", "shifted", "head")
 SCORE_CANDIDATES = ("prior", "head")
+SCORE_SWITCH_MARGIN = 0.03  # Kendall's tau the head must gain over the prior's score to serve it
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,18 @@ class Featured:
 
 @dataclass
 class Head:
-    """A fitted head: standardisation, softmax weights [d + 1, K], ridge weights [d + 1]."""
+    """A fitted head: standardisation, softmax weights [d + 1, K], ridge weights [d + 1], and the
+    prior's score mapped linearly to log length (`prior_w`: slope, intercept), so every served score
+    is on one scale (log tokens) whichever candidate serves it: queues compare scores across refits."""
 
     mean: np.ndarray
     std: np.ndarray
     bucket_w: np.ndarray
     score_w: np.ndarray
+    prior_w: tuple[float, float] = (1.0, 0.0)
+
+    def prior_score(self, score: np.ndarray) -> np.ndarray:
+        return self.prior_w[0] * np.asarray(score, float) + self.prior_w[1]
 
     def design(self, features: np.ndarray) -> np.ndarray:
         x = (features - self.mean) / self.std
@@ -87,6 +94,7 @@ class TrainingSet:
     features: np.ndarray
     tokens: np.ndarray
     buckets: np.ndarray
+    prior_score: np.ndarray
 
 
 @dataclass
@@ -113,6 +121,7 @@ class OnlineLearner:
         self._since_fit = 0
         self._features: deque = deque(maxlen=config.buffer_size)
         self._tokens: deque = deque(maxlen=config.buffer_size)
+        self._prior_scores: deque = deque(maxlen=config.buffer_size)
         w = config.window
         self._recent = _Recent({c: deque(maxlen=w) for c in BUCKET_CANDIDATES},
                                {c: deque(maxlen=w) for c in SCORE_CANDIDATES}, deque(maxlen=w), deque(maxlen=w))
@@ -134,6 +143,7 @@ class OnlineLearner:
         }
         scores = {"prior": np.asarray(rows.score, float)}
         if self.head is not None:
+            scores["prior"] = self.head.prior_score(rows.score)
             buckets["head"] = self.head.probs(rows.features).argmax(1)
             scores["head"] = self.head.score(rows.features)
         return buckets, scores
@@ -161,6 +171,7 @@ class OnlineLearner:
             self.counts[true[i]] += 1
             self._features.append(rows.features[i])
             self._tokens.append(int(tokens[i]))
+            self._prior_scores.append(float(rows.score[i]))
         self.num_labels += len(tokens)
         self._since_fit += len(tokens)
         self._choose()
@@ -178,7 +189,8 @@ class OnlineLearner:
         self._since_fit = 0
         tokens = np.array(self._tokens, dtype=np.int64)
         return TrainingSet(np.array(self._features, dtype=np.float64), tokens,
-                           np.array([self.spec.bucket_of(int(t)) for t in tokens]))
+                           np.array([self.spec.bucket_of(int(t)) for t in tokens]),
+                           np.array(self._prior_scores, dtype=np.float64))
 
     def fit(self) -> None:
         self.head = fit_head(self.training_set(), self.spec.num_buckets, self.config, self.head)
@@ -203,7 +215,9 @@ class OnlineLearner:
         if known.sum() >= self.config.min_fit_examples and len(tokens) >= 8:
             prior_tau = kendall_tau_b(np.array(recent.scores["prior"], float)[known], tokens[known])
             head_tau = kendall_tau_b(head_scores[known], tokens[known])
-            self.score_source = "head" if np.nan_to_num(head_tau, nan=-1) > np.nan_to_num(prior_tau, nan=-1) else "prior"
+            # a margin: switching sources mid-stream costs ranking consistency of its own
+            better = np.nan_to_num(head_tau, nan=-1) > np.nan_to_num(prior_tau, nan=-1) + SCORE_SWITCH_MARGIN
+            self.score_source = "head" if better else "prior"
 
 
 def fit_head(data: TrainingSet, num_buckets: int, config: OnlineConfig, warm: Head | None = None) -> Head:
@@ -217,6 +231,10 @@ def fit_head(data: TrainingSet, num_buckets: int, config: OnlineConfig, warm: He
     target = np.log1p(data.tokens.astype(float))
     gram = x.T @ x + config.l2 * len(x) * np.eye(x.shape[1])
     head.score_w = np.linalg.solve(gram, x.T @ target)
+    prior = data.prior_score
+    if prior.std() > 0:  # the prior's score as log length: least squares, a monotone map
+        slope = float(np.cov(prior, target)[0, 1] / prior.var(ddof=1))
+        head.prior_w = (slope, float(target.mean() - slope * prior.mean()))
 
     xt = torch.tensor(x, dtype=torch.float32)
     yt = torch.tensor(data.buckets, dtype=torch.long)

@@ -28,8 +28,8 @@ Featurizer = Callable[[Prompts], Featured]
 
 
 class PriorFeaturizer:
-    """Rows from a `ModelLengthPredictor`: its encoder's output and bucket logits as features (logits
-    alone for a Hugging Face model), its bucket probabilities and ranking score."""
+    """Rows from a `ModelLengthPredictor`: its encoder's output and outputs (bucket logits, score) as
+    features (outputs alone for a Hugging Face model), its bucket probabilities and ranking score."""
 
     def __init__(self, prior: ModelLengthPredictor) -> None:
         self.prior = prior
@@ -50,10 +50,10 @@ class PriorFeaturizer:
                 if hasattr(model, "encoder") and hasattr(model, "head"):  # the built-in model
                     encoded = model.encoder(**batch)
                     logits = model.head(encoded)
-                    feats.append(torch.cat([encoded, logits[:, :k]], 1).float().cpu())
+                    feats.append(torch.cat([encoded, logits[:, : k + 1]], 1).float().cpu())
                 else:
                     logits = model(**batch)
-                    feats.append(logits[:, :k].float().cpu())
+                    feats.append(logits[:, : k + 1].float().cpu())
                 p, s = bucket_probs_and_scores(logits.cpu(), prior.buckets, prior.score_source)
                 probs.append(p)
                 scores.append(s)
