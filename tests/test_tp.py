@@ -113,3 +113,23 @@ def test_closing_the_engine_stops_its_workers(model_dirs):
 def test_a_size_that_does_not_divide_the_heads_is_refused_before_any_process_starts(model_dirs):
     with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the model's 4 attention heads"):
         LLM(str(model_dirs["llama"]), tensor_parallel_size=3, **SMALL)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+def test_two_gpus_give_the_greedy_tokens_of_one(model_dirs):
+    """The multi-GPU run: `pytest tests/test_tp.py -k gpus` on a machine with 2+ GPUs."""
+    for family in ("llama", "opt"):
+        path = str(model_dirs[family])
+        expected = greedy_tokens(LLM(path, device="cuda:0", **SMALL))
+        for extra in ({}, {"dtype": "bfloat16", "quantization": "fp8"}):
+            ref = expected if not extra else greedy_tokens(LLM(path, device="cuda:0", **SMALL, **extra))
+            llm = LLM(path, device="cuda:0", tensor_parallel_size=2, **SMALL, **extra)
+            try:
+                tokens = greedy_tokens(llm)
+                if not extra:  # float32: exact; FP8 quantizes row-parallel shards apart, so near
+                    assert tokens == ref
+                else:
+                    same = sum(a == b for x, y in zip(tokens, ref) for a, b in zip(x, y))
+                    assert same >= 0.5 * sum(map(len, ref))
+            finally:
+                llm.engine.close()

@@ -50,9 +50,12 @@ class TensorParallel:
             raise ValueError(f"tensor_parallel_size {self.size} does not divide the model's {n} {what}")
         return n // self.size
 
-    def _wait(self, work) -> None:
+    def _wait(self, work, x: torch.Tensor) -> None:
         try:
-            done = work.wait(timedelta(seconds=self.timeout_s))
+            # NCCL: wait() only orders the current stream after the collective (the CPU runs on; the
+            # group's own timeout, set at creation, aborts a stuck one), where a wait with a timeout
+            # would block the CPU. Gloo: the CPU waits, at most timeout_s.
+            done = work.wait() if x.is_cuda else work.wait(timedelta(seconds=self.timeout_s))
         except RuntimeError as e:
             raise self._error(f"a collective failed: {e}") from e
         if done is False:
@@ -65,7 +68,7 @@ class TensorParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the ranks, in place."""
         if self.size > 1:
-            self._wait(self.group.allreduce([x]))
+            self._wait(self.group.allreduce([x]), x)
         return x
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -74,14 +77,15 @@ class TensorParallel:
 
             opts = dist.BroadcastOptions()
             opts.rootRank = src
-            self._wait(self.group.broadcast([x], opts))
+            self._wait(self.group.broadcast([x], opts), x)
         return x
 
     def send(self, x: torch.Tensor, dst: int, tag: int = 0) -> None:
-        self._wait(self.group.send([x.contiguous()], dst, tag))
+        x = x.contiguous()
+        self._wait(self.group.send([x], dst, tag), x)
 
     def recv(self, x: torch.Tensor, src: int, tag: int = 0) -> torch.Tensor:
-        self._wait(self.group.recv([x], src, tag))
+        self._wait(self.group.recv([x], src, tag), x)
         return x
 
 
