@@ -64,3 +64,29 @@ def test_metrics_show_predicted_buckets_labels_and_online_accuracy():
     registry2 = CollectorRegistry()
     registry2.register(PredictorCollector(lambda: None))
     assert "tetriinfer_predict" not in generate_latest(registry2).decode()
+
+
+def test_a_served_cluster_learns_from_finished_requests_and_shows_it_in_metrics(tmp_path):
+    """Paper policy: every request is prefilled on instance 0 and decoded on instance 1, so each
+    label travels decode -> prefill as a LengthLabel."""
+    import httpx
+
+    from serve_utils import start_server
+
+    args = ["--prefill-instances", "1", "--decode-instances", "1", "--policy", "paper", "--num-blocks", "256",
+            "--chunk-size", "64", "--max-model-len", "512"]
+    with start_server(args, tmp_path) as server:
+        for i in range(12):
+            r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                           json={"prompt": f"Tell me about {i}", "max_tokens": 3 + i, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+
+        def learned():
+            samples = server.metrics()
+            labels = server.metric_sum("tetriinfer_predictor_labels_total", samples, instance="0")
+            return samples if labels >= 12 else None
+
+        samples = server.wait_until(learned, 30, "12 labels learned by the prefill instance's predictor")
+        assert server.metric_sum("tetriinfer_predicted_bucket_total", samples, instance="0") >= 12
+        assert server.metric_sum("tetriinfer_predictor_labels_total", samples, instance="1") == 0
+        assert 0.0 <= server.metric_sum("tetriinfer_predictor_online_accuracy", samples, instance="0") <= 1.0
