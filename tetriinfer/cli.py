@@ -32,9 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, not a traceback
         parser.exit(2, f"tetriinfer {args.command}: error: {e}\n")
+    if argv is None and getattr(args, "exit_now", False):  # the console script, done: skip the teardown
+        from tetriinfer.cluster.supervisor import exit_now
+
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ log = logging.getLogger("tetriinfer.launcher")
 # KV transports whose instances can be replaced one at a time (gloo and nccl form a process group
 # of fixed membership at start).
 REPLACEABLE_TRANSPORTS = ("shm", "cuda_ipc")
+STOP_GRACE_S = 1.0  # children's clean exit after a Shutdown, before SIGTERM (LocalCluster.stop)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -163,21 +164,32 @@ class LocalCluster:
     def kill_instance(self, i: int) -> None:
         _end(self.instances[i])
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Wait for a clean exit (the client sent Shutdown), then SIGTERM (the children's cleanup
-        runs), then SIGKILL what is left."""
+    def stop(self, timeout_s: float = STOP_GRACE_S, term_s: float = 5.0) -> None:
+        """Wait `timeout_s` for a clean exit (the client sent Shutdown), then SIGTERM (the
+        children's cleanup runs as SystemExit) and wait `term_s`, then SIGKILL what is left.
+
+        The grace is short: an idle child exits well within it once the Shutdown arrives, and the
+        Shutdown can be lost (a controller still starting, or one that never got the message), so
+        a long wait here was a long wait for nothing (an idle server took 12 s to exit)."""
         procs = [p for p in [self.controller, *self.instances] if p is not None]
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
+        _join_all(procs, timeout_s)
         for p in procs:
             if p.is_alive():
                 p.terminate()
+        _join_all(procs, term_s)
         for p in procs:
-            p.join(2)
             _end(p)
         if self.mps is not None:
             self.mps.stop()
+
+
+def _join_all(procs: list[mp.process.BaseProcess], timeout_s: float) -> None:
+    """Return once every process in `procs` has exited, or after `timeout_s`."""
+    from multiprocessing.connection import wait
+
+    deadline = time.monotonic() + timeout_s
+    while (alive := [p.sentinel for p in procs if p.is_alive()]) and time.monotonic() < deadline:
+        wait(alive, max(0.0, deadline - time.monotonic()))
 
 
 def _start_child(entry, config, name: str) -> mp.process.BaseProcess:

@@ -91,7 +91,9 @@ def add_parser(subparsers) -> None:
                    help="no access line per request (printed by default, as vLLM does)")
     h.add_argument("--disable-log-stats", action="store_true",
                    help="no periodic throughput / running / waiting line (every 10 s by default)")
-    p.set_defaults(func=run)
+    # The console script exits as soon as the cluster is stopped (cli.main): interpreter teardown
+    # with torch loaded takes seconds.
+    p.set_defaults(func=run, exit_now=True)
 
 
 def serve_config(args: argparse.Namespace):
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
     from tetriinfer.cluster.client import ClientConfig, ClusterClient
     from tetriinfer.cluster.supervisor import Supervisor, SupervisorConfig
-    from tetriinfer.cluster.zmq_io import AsyncInbox
+    from tetriinfer.cluster.zmq_io import WILDCARD_HOSTS, AsyncInbox, Wire
     from tetriinfer.model.loader import load_arch_and_tokenizer
     from tetriinfer.server.app import create_app
 
@@ -154,8 +156,11 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
         raise ValueError(f"model {cfg.engine.model!r} has no tokenizer.json; the server needs one")
     signals = _Signals(asyncio.get_running_loop(), cfg.shutdown_timeout_s)  # a signal now stops the cluster too
     internal_host = "0.0.0.0" if cfg.launcher == "ray" else "127.0.0.1"
-    inbox = AsyncInbox(internal_host)
+    # This process owns the wire (its ipc directory), not the inbox: it goes after the children,
+    # so one still starting at a Ctrl-C does not fail on a vanished socket path.
+    inbox = AsyncInbox(internal_host, wire=Wire.create(one_host=internal_host not in WILDCARD_HOSTS))
     cluster = client = supervising = None
+    ready = False
     try:
         if cfg.launcher == "ray":
             from tetriinfer.cluster.ray_launcher import start_ray
@@ -172,6 +177,7 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
                                                      silent_after_s=cfg.dead_after_s))
         if not await _wait_ready(client, cluster, cfg.startup_timeout_s, signals.stop):
             return 0
+        ready = True
         supervisor = Supervisor(cluster, client, cfg.total_instances, SupervisorConfig(
             silent_after_s=cfg.dead_after_s, controller_startup_s=cfg.dead_after_s + 30,
             instance_startup_s=cfg.startup_timeout_s))
@@ -193,8 +199,8 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
             await client.close()
         else:
             inbox.close()
-        if cluster is not None:
-            cluster.stop()
+        if cluster is not None:  # still starting: nothing to drain, and no Shutdown reaches it
+            cluster.stop() if ready else cluster.stop(timeout_s=0)
         inbox.wire.remove()  # again, now that every child is gone: what they made while stopping
         signals.remove()
     return 0
