@@ -12,7 +12,9 @@ best on the most recent labels (each scored on a label *before* it joined the tr
 - `shifted`: the prior corrected for label shift (its probabilities times running label shares over
   its training shares), the blend that works from the first few labels;
 - `head`: a softmax regression (buckets) and a ridge regression on log length (score) over the
-  features, refitted on the buffer.
+  features, refitted on the buffer; the ridge's strength is picked by exact leave-one-out error;
+- `regress`: the bucket most likely under the ridge's log-length estimate with its leave-one-out
+  spread (a normal in log tokens): fewer parameters than the softmax, so better on few labels.
 
 Choosing by recent accuracy is what keeps it from ever being much worse than the traffic's own
 majority bucket: that is one of the candidates.
@@ -20,6 +22,7 @@ majority bucket: that is one of the candidates.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -28,8 +31,10 @@ import numpy as np
 from tetriinfer.predictor.metrics import kendall_tau_b
 from tetriinfer.sched.lengths import BucketSpec
 
-BUCKET_CANDIDATES = ("majority", "prior", "shifted", "head")
+BUCKET_CANDIDATES = ("majority", "prior", "shifted", "regress", "head")
 SCORE_CANDIDATES = ("prior", "head")
+RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # per example, on standardised features
+_erf = np.vectorize(math.erf, otypes=[float])
 SCORE_SWITCH_MARGIN = 0.03  # Kendall's tau the head must gain over the prior's score to serve it
 
 
@@ -71,6 +76,13 @@ class Head:
     bucket_w: np.ndarray
     score_w: np.ndarray
     prior_w: tuple[float, float] = (1.0, 0.0)
+    sigma: float = 1.0  # leave-one-out RMS error of the ridge, in log tokens
+    edges: np.ndarray = field(default_factory=lambda: np.zeros(0))  # log1p of the bucket bounds
+
+    def regress_probs(self, features: np.ndarray) -> np.ndarray:
+        z = (self.edges[None, :] - self.score(features)[:, None]) / self.sigma
+        cdf = 0.5 * (1 + _erf(z / math.sqrt(2)))
+        return np.diff(np.hstack([np.zeros((len(z), 1)), cdf, np.ones((len(z), 1))]), axis=1)
 
     def prior_score(self, score: np.ndarray) -> np.ndarray:
         return self.prior_w[0] * np.asarray(score, float) + self.prior_w[1]
@@ -145,6 +157,7 @@ class OnlineLearner:
         if self.head is not None:
             scores["prior"] = self.head.prior_score(rows.score)
             buckets["head"] = self.head.probs(rows.features).argmax(1)
+            buckets["regress"] = self.head.regress_probs(rows.features).argmax(1)
             scores["head"] = self.head.score(rows.features)
         return buckets, scores
 
@@ -193,7 +206,7 @@ class OnlineLearner:
                            np.array(self._prior_scores, dtype=np.float64))
 
     def fit(self) -> None:
-        self.head = fit_head(self.training_set(), self.spec.num_buckets, self.config, self.head)
+        self.head = fit_head(self.training_set(), self.spec, self.config, self.head)
 
     def _choose(self) -> None:
         """Serve the candidates with the best accuracy / tau over the recent labels."""
@@ -203,7 +216,7 @@ class OnlineLearner:
         for name in BUCKET_CANDIDATES:  # later names win ties: the more adapted candidate
             guess = np.array(recent.buckets[name])
             known = guess >= 0
-            if name == "head" and known.sum() < min(len(guess), self.config.min_fit_examples):
+            if name in ("head", "regress") and known.sum() < min(len(guess), self.config.min_fit_examples):
                 continue
             acc = float(np.mean(guess[known] == true[known])) if known.any() else -1.0
             if acc >= best_acc:
@@ -220,17 +233,38 @@ class OnlineLearner:
             self.score_source = "head" if better else "prior"
 
 
-def fit_head(data: TrainingSet, num_buckets: int, config: OnlineConfig, warm: Head | None = None) -> Head:
+def _ridge_loo(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ridge regression of y on standardised x (intercept unpenalised: y is centred), its strength
+    the one of RIDGE_STRENGTHS with the least exact leave-one-out error; weights [d + 1], LOO RMS."""
+    n = len(y)
+    mean = y.mean()
+    s, v = np.linalg.eigh(x.T @ x)
+    xv = x @ v
+    proj = v.T @ (x.T @ (y - mean))
+    best = (np.inf, np.zeros(x.shape[1]))
+    for lam in RIDGE_STRENGTHS:
+        shrink = 1.0 / (s + lam * n)
+        w = v @ (proj * shrink)
+        leverage = (xv**2 * shrink).sum(1) + 1.0 / n  # + the intercept's
+        loo = float(np.mean(((y - mean - x @ w) / np.clip(1 - leverage, 1e-6, None)) ** 2))
+        if loo < best[0]:
+            best = (loo, w)
+    return np.append(best[1], mean), math.sqrt(best[0])
+
+
+def fit_head(data: TrainingSet, spec: BucketSpec, config: OnlineConfig, warm: Head | None = None) -> Head:
     """Softmax regression on the buckets (L-BFGS, warm-started) and ridge regression on log length."""
     import torch
+
+    num_buckets = spec.num_buckets
 
     mean = data.features.mean(0)
     std = data.features.std(0) + 1e-6
     head = Head(mean, std, np.zeros((data.features.shape[1] + 1, num_buckets)), np.zeros(data.features.shape[1] + 1))
     x = head.design(data.features)
     target = np.log1p(data.tokens.astype(float))
-    gram = x.T @ x + config.l2 * len(x) * np.eye(x.shape[1])
-    head.score_w = np.linalg.solve(gram, x.T @ target)
+    head.score_w, head.sigma = _ridge_loo(x[:, :-1], target)
+    head.edges = np.log1p([spec.lower(b) - 0.5 for b in range(1, num_buckets)])
     prior = data.prior_score
     if prior.std() > 0:  # the prior's score as log length: least squares, a monotone map
         slope = float(np.cov(prior, target)[0, 1] / prior.var(ddof=1))

@@ -133,7 +133,7 @@ class OnlineLengthPredictor(LengthPredictor):
                     data = self.learner.training_set() if self.learner.due() else None
                     warm = self.learner.head
                 if data is not None:
-                    head = fit_head(data, self.buckets.num_buckets, self.learner.config, warm)
+                    head = fit_head(data, self.buckets, self.learner.config, warm)
                     with self._lock:
                         self.learner.head = head
         except Exception:  # noqa: BLE001 - a learner failure must not take serving down
