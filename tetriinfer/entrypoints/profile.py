@@ -17,16 +17,66 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+CHUNK_TOKENS = (256, 512, 1024, 2048, 4096)
+CONTEXT_TOKENS = (0, 1024, 4096)
+BATCH_SIZES = (1, 8, 32, 64, 128, 256)
+CONTEXT_PER_SEQ = (128, 1024, 4096)
+
+
+def _csv(values) -> str:
+    return ",".join(map(str, values))
+
+
+def fit_grid(args: argparse.Namespace, max_model_len: int, kv_tokens: int, block_size: int) -> None:
+    """Fill the grid flags left at None with the defaults that fit the model's context and the KV
+    cache; ValueError naming the flags to change when the grid (given or not) does not fit."""
+    if args.chunk_tokens is None:
+        args.chunk_tokens = [n for n in CHUNK_TOKENS if n <= max_model_len // 2] or [max_model_len // 2]
+    if args.context_tokens is None:
+        args.context_tokens = [c for c in CONTEXT_TOKENS if c + max(args.chunk_tokens) <= max_model_len]
+    if args.context_per_seq is None:
+        args.context_per_seq = [c for c in CONTEXT_PER_SEQ if c + 1 <= max_model_len] or [max_model_len - 1]
+    if args.batch_sizes is None:
+        per_seq = max(args.context_per_seq) + block_size
+        args.batch_sizes = [b for b in BATCH_SIZES if b * per_seq <= kv_tokens] or [1]
+    longest = max(args.chunk_tokens) + max(args.context_tokens or [0])
+    if not args.context_tokens or longest > max_model_len:
+        raise ValueError(
+            f"profile grid exceeds the model's context of {max_model_len} tokens: the largest --chunk-tokens "
+            f"({max(args.chunk_tokens)}) plus the largest --context-tokens ({max(args.context_tokens or [0])}) "
+            f"must fit it; pass smaller --chunk-tokens / --context-tokens, or a larger --max-model-len if the "
+            f"model allows one")
+    if max(args.context_per_seq) + 1 > max_model_len:
+        raise ValueError(
+            f"profile grid exceeds the model's context of {max_model_len} tokens: --context-per-seq "
+            f"{max(args.context_per_seq)} + the decoded token; pass smaller --context-per-seq, or a larger "
+            f"--max-model-len if the model allows one")
+    need = max(longest, max(args.batch_sizes) * (max(args.context_per_seq) + block_size))
+    if need > kv_tokens:
+        raise ValueError(
+            f"profile grid needs {need} KV tokens (largest --batch-sizes x (--context-per-seq + a block)); the "
+            f"cache holds {kv_tokens}: pass smaller --batch-sizes / --context-per-seq, or a larger cache "
+            f"(--num-blocks, --memory-fraction)")
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "profile", help="measure prefill/decode step times; write the simulator's profile (docs/profile-format.md)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_engine_arguments(p)
     p.add_argument("--out", required=True, help="profile JSON to write")
-    p.add_argument("--chunk-tokens", type=_ints, default=_ints("256,512,1024,2048,4096"))
-    p.add_argument("--context-tokens", type=_ints, default=_ints("0,1024,4096"))
-    p.add_argument("--batch-sizes", type=_ints, default=_ints("1,8,32,64,128,256"))
-    p.add_argument("--context-per-seq", type=_ints, default=_ints("128,1024,4096"))
+    # The grid's defaults are cut to the model's context and KV cache (None here: `fit_grid`), so
+    # the defaults run on any model; values given explicitly are checked and never cut.
+    p.add_argument("--chunk-tokens", type=_ints, default=None,
+                   help=f"prefill chunk sizes to time (None: those of {_csv(CHUNK_TOKENS)} within half the context)")
+    p.add_argument("--context-tokens", type=_ints, default=None,
+                   help=f"cached context before each chunk (None: those of {_csv(CONTEXT_TOKENS)} that fit the "
+                        "context with the largest chunk)")
+    p.add_argument("--batch-sizes", type=_ints, default=None,
+                   help=f"decode batch sizes to time (None: those of {_csv(BATCH_SIZES)} whose KV fits the cache)")
+    p.add_argument("--context-per-seq", type=_ints, default=None,
+                   help=f"tokens per sequence before a decode step (None: those of {_csv(CONTEXT_PER_SEQ)} within "
+                        "the context)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per shape (median)")
     p.add_argument("--gpu", default=None, help="sim/hardware.py key recorded in the metadata (h100, h200, ...)")
     p.add_argument("--plot", default=None, help="also draw the saturation curve and decode step times (PNG)")
@@ -76,15 +126,10 @@ def run(args: argparse.Namespace) -> int:
     from tetriinfer.sim.profile import Grid2D, Profile, save_profile
 
     kwargs = engine_kwargs(args)
-    kwargs["max_num_seqs"] = max(kwargs["max_num_seqs"], max(args.batch_sizes))
+    kwargs["max_num_seqs"] = max(kwargs["max_num_seqs"], max(args.batch_sizes or BATCH_SIZES))
     engine = LLM(args.model, **kwargs).engine
-    longest = max(args.chunk_tokens) + max(args.context_tokens)
-    if longest > engine.max_model_len or max(args.context_per_seq) + 1 > engine.max_model_len:
-        raise ValueError(f"profile grid exceeds the model's context of {engine.max_model_len} tokens")
-    need = max(longest, max(args.batch_sizes) * (max(args.context_per_seq) + engine.block_manager.block_size))
-    if need > engine.block_manager.num_blocks * engine.block_manager.block_size:
-        raise ValueError(f"profile grid needs {need} KV tokens; the cache holds "
-                         f"{engine.block_manager.num_blocks * engine.block_manager.block_size}")
+    blocks = engine.block_manager
+    fit_grid(args, engine.max_model_len, blocks.num_blocks * blocks.block_size, blocks.block_size)
 
     shapes = len(args.chunk_tokens) + len(args.batch_sizes)
     with tqdm(total=shapes, desc="profile", unit="row") as bar:
