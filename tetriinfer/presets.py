@@ -99,6 +99,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Shown beside a preset's name where presets are listed (--help, README): what it needs to run.
+PRESET_NOTES = {
+    "tiny": "the default, runs anywhere",
+    "llama3-70b": "140 GB in bfloat16: --tensor-parallel-size 2+ or --quantization fp8 on H200s",
+}
+
+
+def preset_help() -> str:
+    """Every preset, with its note: 'tiny (the default, ...), llama3-8b, ...'."""
+    return ", ".join(f"{name} ({PRESET_NOTES[name]})" if name in PRESET_NOTES else name for name in PRESETS)
+
+
 def get_preset(name: str) -> dict:
     """A fresh copy of the named preset's config dict."""
     if name not in PRESETS:

@@ -12,12 +12,12 @@ def add_parser(subparsers) -> None:
     add_engine_arguments(p)
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text (repeat for a batch); None: one built-in example")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: all")
     p.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object per request")
     p.set_defaults(func=run)
 
@@ -25,29 +25,39 @@ def add_parser(subparsers) -> None:
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of EngineConfig; shared by every subcommand that starts an engine."""
     from tetriinfer.config import ATTENTION_BACKENDS, DTYPES, ENGINE_STEP_POLICIES, KV_CACHE_DTYPES, LOAD_FORMATS
+    from tetriinfer.presets import preset_help
 
-    p.add_argument("--model", default="tiny", help="preset name (tiny, llama3-8b, qwen2.5-7b, opt-13b) or HF directory")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--model", default="tiny",
+                   help=f"a preset with random weights ({preset_help()}), a Hugging Face style directory, or a "
+                        "Hub id (ORG/NAME: the local HF cache, else downloaded; $HF_HUB_OFFLINE honoured)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
-    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                   help="auto: random weights for presets, safetensors for directories; dummy: random weights")
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="torch: the reference; triton: the kernels; auto: triton on GPUs")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (prompt + output) in tokens; None: the model's")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on GPUs")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks (GPUs from --device on, or CPU processes) one engine spans")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: FP8 W8A8 weights, quantized at load (FP8 checkpoints are detected by themselves)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
-    p.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--step-policy", default="chunked", choices=ENGINE_STEP_POLICIES)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto: the model's dtype; fp8: FP8 KV cache with per-tensor scales")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill tokens per forward pass")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once at most")
+    p.add_argument("--step-policy", default="chunked", choices=ENGINE_STEP_POLICIES,
+                   help="chunked: prefill-first fixed-size chunks (the paper's); whole: whole prompts first; "
+                        "mixed: decodes plus prompt tokens up to --chunk-size per step")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="queue step t+1 before reading back step t's tokens, so CPU work overlaps the GPU; "
                         "None: on for CUDA devices, off on the CPU")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks; None: from memory")
-    p.add_argument("--memory-fraction", type=float, default=None)
+    p.add_argument("--memory-fraction", type=float, default=None,
+                   help="share of GPU memory (RAM on the CPU) for weights + KV cache; None: 0.9 on GPUs, 0.05 on CPU")
     p.add_argument("--enable-prefix-caching", action="store_true", default=True,
                    help="keep full KV blocks cached after their request and reuse shared prompt prefixes")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",

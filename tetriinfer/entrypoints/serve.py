@@ -36,8 +36,8 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--mode", default=serve.mode, choices=SERVE_MODES,
                    help="disagg: prefill and decode instances (TetriInfer); colocated: the baselines")
-    g.add_argument("--prefill-instances", type=int, default=serve.num_prefill)
-    g.add_argument("--decode-instances", type=int, default=serve.num_decode)
+    g.add_argument("--prefill-instances", type=int, default=serve.num_prefill, help="disagg mode: prefill instances")
+    g.add_argument("--decode-instances", type=int, default=serve.num_decode, help="disagg mode: decode instances")
     g.add_argument("--instances", type=int, default=serve.num_instances, help="colocated mode: instances")
     g.add_argument("--baseline", default=serve.baseline, choices=COLOCATED_BASELINES,
                    help="colocated mode: vllm (prefill first, whole prompts) or sarathi (chunked, mixed steps)")
@@ -71,18 +71,22 @@ def add_parser(subparsers) -> None:
     s.add_argument("--handoff-after-tokens", type=int, default=policy.handoff_after_tokens,
                    help="adaptive: output tokens a prefill instance generates itself before it hands a request "
                         "to a decode instance (a request ending by then never moves; 1: hand off at once)")
-    s.add_argument("--prefill-policy", default=policy.prefill_policy, choices=PREFILL_POLICIES)
-    s.add_argument("--sort-window", type=int, default=policy.sort_window)
-    s.add_argument("--dispatch", default=policy.dispatch_policy, choices=[d for d in DISPATCH_POLICIES if d != "oracle"])
-    s.add_argument("--admission", default=policy.admission_policy, choices=ADMISSION_POLICIES)
+    s.add_argument("--prefill-policy", default=policy.prefill_policy, choices=PREFILL_POLICIES,
+                   help="order of a prefill instance's queue: first come, shortest or longest prompt first")
+    s.add_argument("--sort-window", type=int, default=policy.sort_window,
+                   help="queued requests the prefill policy sorts at a time (the paper's PrefillSchedBatch)")
+    s.add_argument("--dispatch", default=policy.dispatch_policy, choices=[d for d in DISPATCH_POLICIES if d != "oracle"],
+                   help="how a prefill instance picks the decode instance (power2: the paper's two random choices)")
+    s.add_argument("--admission", default=policy.admission_policy, choices=ADMISSION_POLICIES,
+                   help="when a decode instance admits a request: at once, or reserving KV for its predicted length")
     s.add_argument("--max-num-batched-tokens", type=int, default=policy.max_num_batched_tokens,
                    help="vllm baseline: prompt tokens per prefill step")
     s.add_argument("--flip", action="store_true", help="let idle instances flip between prefill and decode")
     s.add_argument("--flip-idle", type=float, default=flip.idle_s, help="seconds underused before a flip")
-    s.add_argument("--flip-cooldown", type=float, default=flip.cooldown_s)
+    s.add_argument("--flip-cooldown", type=float, default=flip.cooldown_s, help="seconds between two flips of one instance")
     h = p.add_argument_group("http")
-    h.add_argument("--host", default=serve.host)
-    h.add_argument("--port", type=int, default=serve.port)
+    h.add_argument("--host", default=serve.host, help="address the HTTP API listens on (0.0.0.0: every interface)")
+    h.add_argument("--port", type=int, default=serve.port, help="port the HTTP API listens on")
     h.add_argument("--api-key", default=None, metavar="KEY",  # not the environment's value: --help would print the key
                    help="require 'Authorization: Bearer KEY' on /v1. A key given here is visible to other local "
                         "users in `ps`: prefer $TETRIINFER_API_KEY, which is used when this is not given")
