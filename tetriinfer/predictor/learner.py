@@ -14,7 +14,10 @@ best on the most recent labels (each scored on a label *before* it joined the tr
 - `head`: a softmax regression (buckets) and a ridge regression on log length (score) over the
   features, refitted on the buffer; the ridge's strength is picked by exact leave-one-out error;
 - `regress`: the bucket most likely under the ridge's log-length estimate with its leave-one-out
-  spread (a normal in log tokens): fewer parameters than the softmax, so better on few labels.
+  spread (a normal in log tokens): fewer parameters than the softmax, so better on few labels;
+- `recent`: the same ridge fitted on the newest `recent_labels` only, which follows a switch of
+  traffic faster than a head fitted on the whole buffer.
+`majority` and `shifted` read the label shares of the last `window` labels, for the same reason.
 
 Choosing by recent accuracy is what keeps it from ever being much worse than the traffic's own
 majority bucket: that is one of the candidates.
@@ -31,8 +34,9 @@ import numpy as np
 from tetriinfer.predictor.metrics import kendall_tau_b
 from tetriinfer.sched.lengths import BucketSpec
 
-BUCKET_CANDIDATES = ("majority", "prior", "shifted", "regress", "head")
-SCORE_CANDIDATES = ("prior", "head")
+BUCKET_CANDIDATES = ("majority", "prior", "shifted", "regress", "recent", "head")
+SCORE_CANDIDATES = ("prior", "head", "recent")
+FITTED = ("regress", "recent", "head")
 RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # per example, on standardised features
 _erf = np.vectorize(math.erf, otypes=[float])
 SCORE_SWITCH_MARGIN = 0.03  # Kendall's tau the head must gain over the prior's score to serve it
@@ -43,7 +47,8 @@ class OnlineConfig:
     buffer_size: int = 4096  # labelled examples kept (the newest)
     refit_every: int = 32  # labels between refits of the head
     min_fit_examples: int = 32  # the head is not fitted (nor chosen) before this many labels
-    window: int = 256  # recent labels on which candidates are compared
+    window: int = 256  # recent labels on which candidates are compared (and label shares counted)
+    recent_labels: int = 512  # the `recent` ridge's training labels
     l2: float = 1e-2  # weight decay of the bucket head and the ridge score
     fit_steps: int = 40  # L-BFGS iterations per refit (warm-started)
     prior_pseudo_labels: float = 8.0  # the running label shares start as the prior's, this many labels' worth
@@ -78,9 +83,15 @@ class Head:
     prior_w: tuple[float, float] = (1.0, 0.0)
     sigma: float = 1.0  # leave-one-out RMS error of the ridge, in log tokens
     edges: np.ndarray = field(default_factory=lambda: np.zeros(0))  # log1p of the bucket bounds
+    recent_w: np.ndarray | None = None  # the ridge on the newest labels only, and its LOO error
+    recent_sigma: float = 1.0
 
-    def regress_probs(self, features: np.ndarray) -> np.ndarray:
-        z = (self.edges[None, :] - self.score(features)[:, None]) / self.sigma
+    def recent_score(self, features: np.ndarray) -> np.ndarray:
+        return self.design(features) @ (self.score_w if self.recent_w is None else self.recent_w)
+
+    def regress_probs(self, features: np.ndarray, recent: bool = False) -> np.ndarray:
+        mu = self.recent_score(features) if recent else self.score(features)
+        z = (self.edges[None, :] - mu[:, None]) / (self.recent_sigma if recent else self.sigma)
         cdf = 0.5 * (1 + _erf(z / math.sqrt(2)))
         return np.diff(np.hstack([np.zeros((len(z), 1)), cdf, np.ones((len(z), 1))]), axis=1)
 
@@ -127,7 +138,6 @@ class OnlineLearner:
         k = buckets.num_buckets
         shares = np.full(k, 1.0 / k) if prior_shares is None else np.asarray(prior_shares, float)
         self.prior_shares = np.clip(shares / shares.sum(), 1e-3, None)
-        self.counts = np.zeros(k)
         self.head: Head | None = None
         self.num_labels = 0
         self._since_fit = 0
@@ -143,7 +153,8 @@ class OnlineLearner:
     def label_shares(self) -> np.ndarray:
         """Running label shares, smoothed toward the prior's training shares."""
         pseudo = self.config.prior_pseudo_labels * self.prior_shares
-        return (self.counts + pseudo) / (self.counts.sum() + pseudo.sum())
+        counts = np.bincount([self.spec.bucket_of(t) for t in self._recent.tokens], minlength=len(pseudo))
+        return (counts + pseudo) / (counts.sum() + pseudo.sum())
 
     def candidates(self, rows: Featured) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         n = len(rows.score)
@@ -158,7 +169,9 @@ class OnlineLearner:
             scores["prior"] = self.head.prior_score(rows.score)
             buckets["head"] = self.head.probs(rows.features).argmax(1)
             buckets["regress"] = self.head.regress_probs(rows.features).argmax(1)
+            buckets["recent"] = self.head.regress_probs(rows.features, recent=True).argmax(1)
             scores["head"] = self.head.score(rows.features)
+            scores["recent"] = self.head.recent_score(rows.features)
         return buckets, scores
 
     def predict(self, rows: Featured) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +194,6 @@ class OnlineLearner:
                 queue.append(scores[name][i] if name in scores else np.nan)
             recent.tokens.append(int(tokens[i]))
             recent.served.append(int(served[i] == true[i]))
-            self.counts[true[i]] += 1
             self._features.append(rows.features[i])
             self._tokens.append(int(tokens[i]))
             self._prior_scores.append(float(rows.score[i]))
@@ -216,40 +228,42 @@ class OnlineLearner:
         for name in BUCKET_CANDIDATES:  # later names win ties: the more adapted candidate
             guess = np.array(recent.buckets[name])
             known = guess >= 0
-            if name in ("head", "regress") and known.sum() < min(len(guess), self.config.min_fit_examples):
+            if name in FITTED and known.sum() < min(len(guess), self.config.min_fit_examples):
                 continue
             acc = float(np.mean(guess[known] == true[known])) if known.any() else -1.0
             if acc >= best_acc:
                 best, best_acc = name, acc
         self.bucket_source = best
         tokens = np.array(recent.tokens, float)
-        head_scores = np.array(recent.scores["head"], float)
-        known = ~np.isnan(head_scores)
+        fitted = np.array(recent.scores["head"], float)
+        known = ~np.isnan(fitted)
         if known.sum() >= self.config.min_fit_examples and len(tokens) >= 8:
-            prior_tau = kendall_tau_b(np.array(recent.scores["prior"], float)[known], tokens[known])
-            head_tau = kendall_tau_b(head_scores[known], tokens[known])
+            taus = {name: np.nan_to_num(kendall_tau_b(np.array(recent.scores[name], float)[known], tokens[known]),
+                                        nan=-1.0) for name in SCORE_CANDIDATES}
+            best = max(taus, key=taus.get)
             # a margin: switching sources mid-stream costs ranking consistency of its own
-            better = np.nan_to_num(head_tau, nan=-1) > np.nan_to_num(prior_tau, nan=-1) + SCORE_SWITCH_MARGIN
-            self.score_source = "head" if better else "prior"
+            if taus[best] > taus.get(self.score_source, -1.0) + SCORE_SWITCH_MARGIN:
+                self.score_source = best
 
 
 def _ridge_loo(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """Ridge regression of y on standardised x (intercept unpenalised: y is centred), its strength
-    the one of RIDGE_STRENGTHS with the least exact leave-one-out error; weights [d + 1], LOO RMS."""
+    """Ridge regression of y on x (both centred: the intercept is unpenalised), its strength the one
+    of RIDGE_STRENGTHS with the least exact leave-one-out error; weights [d + 1], LOO RMS error."""
     n = len(y)
-    mean = y.mean()
-    s, v = np.linalg.eigh(x.T @ x)
-    xv = x @ v
-    proj = v.T @ (x.T @ (y - mean))
+    x_mean, y_mean = x.mean(0), y.mean()
+    xc, yc = x - x_mean, y - y_mean
+    s, v = np.linalg.eigh(xc.T @ xc)
+    xv = xc @ v
+    proj = v.T @ (xc.T @ yc)
     best = (np.inf, np.zeros(x.shape[1]))
     for lam in RIDGE_STRENGTHS:
-        shrink = 1.0 / (s + lam * n)
+        shrink = 1.0 / (np.clip(s, 0, None) + lam * n)
         w = v @ (proj * shrink)
         leverage = (xv**2 * shrink).sum(1) + 1.0 / n  # + the intercept's
-        loo = float(np.mean(((y - mean - x @ w) / np.clip(1 - leverage, 1e-6, None)) ** 2))
+        loo = float(np.mean(((yc - xc @ w) / np.clip(1 - leverage, 1e-6, None)) ** 2))
         if loo < best[0]:
             best = (loo, w)
-    return np.append(best[1], mean), math.sqrt(best[0])
+    return np.append(best[1], y_mean - x_mean @ best[1]), math.sqrt(best[0])
 
 
 def fit_head(data: TrainingSet, spec: BucketSpec, config: OnlineConfig, warm: Head | None = None) -> Head:
@@ -264,6 +278,8 @@ def fit_head(data: TrainingSet, spec: BucketSpec, config: OnlineConfig, warm: He
     x = head.design(data.features)
     target = np.log1p(data.tokens.astype(float))
     head.score_w, head.sigma = _ridge_loo(x[:, :-1], target)
+    if len(target) > config.recent_labels:
+        head.recent_w, head.recent_sigma = _ridge_loo(x[-config.recent_labels :, :-1], target[-config.recent_labels :])
     head.edges = np.log1p([spec.lower(b) - 0.5 for b in range(1, num_buckets)])
     prior = data.prior_score
     if prior.std() > 0:  # the prior's score as log length: least squares, a monotone map
