@@ -114,18 +114,28 @@ def _f(x, digits: int = 3) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    """The docs' tables: one row per stream (or switch segment) and mode."""
+    """The docs' tables: single streams, AlpacaEval per model, switching streams; modes side by side."""
     head = ("| stream | mode | n | acc | run. majority | acc 500+ | maj. 500+ | tau | tau 500+ | MAE | maj. MAE "
             "| passes majority at | serves (bucket / score) |\n|" + "---|" * 13)
-    lines = [head]
+    order = {"prior": 0, "online": 1, "probe": 2}
+    groups = {"Single streams": [], "AlpacaEval, one stream per model": [], "Streams that switch": []}
     for r in results:
-        name = r["stream"] + (f" → **{r['segment']}**" if "segment" in r else "")
-        lines.append(" | ".join([
-            f"| {name}", r["mode"], str(r["examples"]), _f(r["accuracy"]), _f(r["majority_accuracy"]),
-            _f(r["accuracy_after"]), _f(r["majority_accuracy_after"]), _f(r["kendall_tau"]),
-            _f(r["kendall_tau_after"]), _f(r["mae_tokens"], 0), _f(r["majority_mae_tokens"], 0),
-            _f(r["passes_majority_at"]), f"{r['final_bucket_source']} / {r['final_score_source']} |"]))
-    return "\n".join(lines)
+        key = ("Streams that switch" if r["stream"].startswith("switch") else
+               "AlpacaEval, one stream per model" if r["stream"].startswith("alpaca") else "Single streams")
+        groups[key].append(r)
+    out = []
+    for title, rows in groups.items():
+        rows.sort(key=lambda r: (r["stream"], r.get("segment", ""), order.get(r["mode"], 9)))
+        lines = [f"**{title}**\n", head]
+        for r in rows:
+            name = r["stream"].removeprefix("switch:") + (f" → **{r['segment']}**" if "segment" in r else "")
+            lines.append(" | ".join([
+                f"| {name}", r["mode"], str(r["examples"]), _f(r["accuracy"]), _f(r["majority_accuracy"]),
+                _f(r["accuracy_after"]), _f(r["majority_accuracy_after"]), _f(r["kendall_tau"]),
+                _f(r["kendall_tau_after"]), _f(r["mae_tokens"], 0), _f(r["majority_mae_tokens"], 0),
+                _f(r["passes_majority_at"]), f"{r['final_bucket_source']} / {r['final_score_source']} |"]))
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def main() -> None:
