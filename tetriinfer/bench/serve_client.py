@@ -2,11 +2,12 @@
 
 Each `RequestSpec` becomes one streaming POST /v1/completions whose prompt is a list of token ids
 of the spec's prompt length (a spec with prefix `hash_ids` gets one deterministic block of ids per
-hash id, so equal ids are equal token blocks and the server's prefix cache sees real hits) and whose `max_tokens` is its output length (`ignore_eos`, greedy), sent
-at its arrival offset from the start of the run. One aiohttp session carries every request; the
-client measures send time, first token and last token per request on one clock (seconds since the
-run started) and returns `RequestRecord`s for `bench.metrics.summarize`. Failed requests (HTTP
-errors, broken streams, server-side errors) are collected, never raised.
+hash id, so equal ids are equal token blocks and the server's prefix cache sees real hits) and
+whose `max_tokens` is its output length (`ignore_eos`, greedy), sent at its arrival offset from
+the start of the run. One aiohttp session carries every request; the client measures send time,
+first token and last token per request on one clock (seconds since the run started) and returns
+`RequestRecord`s for `bench.metrics.summarize`. Failed requests (HTTP errors, broken streams,
+server-side errors) are collected, never raised.
 """
 
 from __future__ import annotations

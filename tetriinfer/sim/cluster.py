@@ -113,8 +113,8 @@ class ClusterSim:
     def _new_decode(self, i: int) -> DecodeInstance:
         p = self.config.policy
         admission = "greedy" if self.system == "disagg" else p.admission_policy
-        return self._with_cache(DecodeInstance(i, self._shape("mixed", self.chunk_size), self.capacity_blocks, admission,
-                                               self.cost))
+        shape = self._shape("mixed", self.chunk_size)
+        return self._with_cache(DecodeInstance(i, shape, self.capacity_blocks, admission, self.cost))
 
     def _new_colocated(self, i: int) -> ColocatedInstance:
         p = self.config.policy
@@ -136,8 +136,8 @@ class ClusterSim:
     def run(self, specs: Sequence, progress: bool = False) -> SimResult:
         """Simulate `specs` (objects with request_id, arrival_s, prompt_tokens, output_tokens)."""
         requests = sorted(
-            (SimRequest(s.request_id, s.arrival_s, s.prompt_tokens, s.output_tokens, tuple(getattr(s, "hash_ids", None) or ()))
-             for s in specs),
+            (SimRequest(s.request_id, s.arrival_s, s.prompt_tokens, s.output_tokens,
+                        tuple(getattr(s, "hash_ids", None) or ())) for s in specs),
             key=lambda r: (r.arrival_s, r.request_id),
         )
         for req in requests:
