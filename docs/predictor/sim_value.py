@@ -40,8 +40,23 @@ from tetriinfer.sim.cluster import simulate  # noqa: E402
 from tetriinfer.sim.cost import RooflineCostModel  # noqa: E402
 
 
+def table(path: str) -> str:
+    d = json.loads(Path(path).read_text())
+    lines = [f"{d['requests']} requests at {d['rate']:g} req/s, {d['prefill']} prefill + {d['decode']} decode, "
+             f"mean output {d['mean_output_tokens']:.0f} tokens\n",
+             "| lengths from | bucket acc | JCT mean (s) | JCT p90 | JCT p99 | TPOT mean (ms) | TPOT p90 | TTFT p90 (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k in ("oracle", "online", "prior", "none"):
+        s, a = d[k], d[k]["bucket_accuracy"]
+        lines.append(f"| {k} | {'exact' if a is None else f'{a:.3f}'} | {s['jct']['mean']:.2f} | {s['jct']['p90']:.2f} "
+                     f"| {s['jct']['p99']:.2f} | {1000 * s['tpot']['mean']:.2f} | {1000 * s['tpot']['p90']:.2f} "
+                     f"| {1000 * s['ttft']['p90']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--table", default=None, metavar="JSON", help="print the markdown table of a results file")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--out", default=str(Path(__file__).with_name("sim_value.json")))
     ap.add_argument("--num-requests", type=int, default=3000)
@@ -49,6 +64,9 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2)
     ap.add_argument("--decode", type=int, default=4)
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     torch.set_num_threads(1)
     meta = read_meta(DEFAULT_DIR)
     spec, shares = meta.buckets, np.array(meta.training["label_shares"])
