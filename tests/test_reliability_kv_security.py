@@ -172,7 +172,8 @@ def test_forged_messages_from_a_local_process_take_no_effect(tmp_path):
             assert not any("ipc://" in key or "tcp://" in key for key in server.metrics())
             with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
                     "model": "tiny", "prompt": "a long story", "max_tokens": 200, "temperature": 0,
-                    "ignore_eos": True, "stream": True}) as stream:
+                    "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}) as stream:  # the usage chunk only when asked
                 lines = stream.iter_lines()
                 first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
                 sampling = SamplingParams(max_tokens=4)
