@@ -56,6 +56,7 @@ class RouteCosts:
     remote_s: float
     local_s: float = math.inf
     interference_s: float = 0.0
+    slower_decode_s: float = 0.0  # its decode there against the fastest decode instance with room
 
 
 class AdaptiveRouter:
@@ -77,29 +78,31 @@ class AdaptiveRouter:
         self._decode = list(decode_loads)
 
     def route(self, prompt_tokens: int, need_blocks: int, prefix_keys: Sequence[Hashable] = (),
-              block_tokens: int = 0) -> Route:
+              block_tokens: int = 0, decode_tokens: int = 0) -> Route:
         """Where to prefill a request of `prompt_tokens` needing `need_blocks` to decode (with its
-        prefix keys of `block_tokens` each, when cache-aware). The view counts the choice until the
-        next snapshot."""
+        prefix keys of `block_tokens` each, when cache-aware; `decode_tokens` it is expected to
+        generate, 0 if unknown). The view counts the choice until the next snapshot."""
         keys = prefix_keys if self.prefix_index is not None else ()
-        local, costs = self._best_local(prompt_tokens, need_blocks, keys, block_tokens)
+        local, costs = self._best_local(prompt_tokens, need_blocks, keys, block_tokens, decode_tokens)
         has_prefill = self.prefill.least_loaded() is not None
         if local is not None and (not has_prefill or costs.local_s + self.interference_weight * costs.interference_s
-                                  < costs.remote_s):
+                                  + costs.slower_decode_s < costs.remote_s):
             load = self._decode[local]
             uncached = prompt_tokens - self._cached(load.instance_id, prompt_tokens, keys, block_tokens)
             self._decode[local] = replace(load, room_blocks=load.room_blocks - need_blocks,
                                           free_slots=load.free_slots - 1,
-                                          queued_prompt_tokens=load.queued_prompt_tokens + uncached)
+                                          queued_prompt_tokens=load.queued_prompt_tokens + uncached,
+                                          num_running=load.num_running + 1,
+                                          context_tokens=load.context_tokens + prompt_tokens)
             self.observe(load.instance_id, keys)
             return Route(load.instance_id, local=True)
         return Route(self.prefill.pick(prompt_tokens, keys, block_tokens), local=False)
 
     def price(self, prompt_tokens: int, need_blocks: int, prefix_keys: Sequence[Hashable] = (),
-              block_tokens: int = 0) -> RouteCosts:
+              block_tokens: int = 0, decode_tokens: int = 0) -> RouteCosts:
         """Both ways' costs, for reports and tests; changes nothing."""
         keys = prefix_keys if self.prefix_index is not None else ()
-        _, costs = self._best_local(prompt_tokens, need_blocks, keys, block_tokens)
+        _, costs = self._best_local(prompt_tokens, need_blocks, keys, block_tokens, decode_tokens)
         return costs
 
     def observe(self, instance_id: Hashable, prefix_keys: Sequence[Hashable]) -> None:
@@ -125,18 +128,27 @@ class AdaptiveRouter:
         return seconds + (self.cost.step_time(rest, 0, decode_seqs, decode_context) if rest else 0.0)
 
     def _best_local(self, prompt_tokens: int, need_blocks: int, keys: Sequence[Hashable] = (),
-                    block_tokens: int = 0) -> tuple[int | None, RouteCosts]:
+                    block_tokens: int = 0, decode_tokens: int = 0) -> tuple[int | None, RouteCosts]:
         best, best_score, costs = None, math.inf, RouteCosts(self._remote_s(prompt_tokens, keys, block_tokens))
-        for i, load in enumerate(self._decode):
-            if load.room_blocks < need_blocks or load.free_slots <= 0:
-                continue
+        with_room = [i for i, load in enumerate(self._decode)
+                     if load.room_blocks >= need_blocks and load.free_slots > 0]
+        # A remote request decodes where the dispatcher sends it: at best, the fastest decode step.
+        step_s = {i: self._decode_step_s(self._decode[i], prompt_tokens) for i in with_room}
+        fastest = min(step_s.values(), default=0.0)
+        for i in with_room:
+            load = self._decode[i]
             uncached = prompt_tokens - self._cached(load.instance_id, prompt_tokens, keys, block_tokens)
             local_s, interference_s = self._local_s(load, uncached)
-            score = local_s + self.interference_weight * interference_s
+            slower_decode_s = decode_tokens * (step_s[i] - fastest)
+            score = local_s + self.interference_weight * interference_s + slower_decode_s
             if score < best_score:
                 best, best_score = i, score
-                costs = replace(costs, local_s=local_s, interference_s=interference_s)
+                costs = replace(costs, local_s=local_s, interference_s=interference_s, slower_decode_s=slower_decode_s)
         return best, costs
+
+    def _decode_step_s(self, load: DecodeLoad, prompt_tokens: int) -> float:
+        """A decode step there with this request in the batch."""
+        return self.cost.step_time(0, 0, load.num_running + 1, load.context_tokens + prompt_tokens)
 
     def _local_s(self, load: DecodeLoad, prompt_tokens: int) -> tuple[float, float]:
         """(TTFT, interference) of prefilling `prompt_tokens` (the uncached ones) here behind the

@@ -217,7 +217,8 @@ class ClusterSim:
         keys = self.prefix_cache.keys(req) if self.prefix_cache is not None else ()
         if self.router is not None:
             self._predict(req)
-            route = self.router.route(req.prompt_tokens, req.need_blocks, keys, self.hash_block_tokens)
+            route = self.router.route(req.prompt_tokens, req.need_blocks, keys, self.hash_block_tokens,
+                                      decode_tokens=req.predicted_output - 1)
             inst = self.instances[route.instance_id]
             if route.local:
                 inst.prefill_here(req)
