@@ -50,7 +50,7 @@ class HiddenStateProbe:
 
         ids = list(ids)[-self.max_tokens :] or [0]
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            out = self.model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
         h = out.hidden_states[-1][0].float()
         return torch.cat([h[-1], h.mean(0)]).double().numpy()
 
