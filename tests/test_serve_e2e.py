@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
+import time
 
 import httpx
 import openai
@@ -253,7 +254,6 @@ def test_the_paper_policy_never_prefills_on_a_decode_instance(tmp_path, offline)
 def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(colocated):
     """Prefix caching is on by default: the same prompt again is served from the cache (whole blocks
     only, never the last token), and usage says how much, as OpenAI's prompt_tokens_details does."""
-    import time
 
     c = client(colocated)
     prompt = "The same long shared prefix, " * 6  # 174 byte-level tokens: 10 full blocks of 16
@@ -283,3 +283,22 @@ def test_requests_ending_within_handoff_after_tokens_never_move_and_longer_ones_
         assert_concurrent_requests_equal_offline(server, offline, 16)  # 12 to 16 tokens each
         server.wait_until(lambda: server.metric_sum("tetriinfer_kv_transfers_total") > 0, 10, "transfer stats")
         assert_no_kv_held(server)
+
+
+def test_cache_aware_routing_sends_a_repeated_prompt_back_to_the_instance_that_cached_it(colocated):
+    """Six distinct prompts spread over two instances, then the same six again: each goes back to
+    the instance whose cache holds it (the controller remembers where it sent each prefix), so every
+    second-round request reports its full blocks cached."""
+    c = client(colocated)
+    prompts = [f"Conversation {i} so far: " + "a long shared history, " * 6 for i in range(6)]
+
+    def send(prompt):
+        return c.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        list(pool.map(send, prompts))
+        time.sleep(0.3)  # a monitor interval: the view no longer counts the first round as queued
+        second = list(pool.map(send, prompts))
+    for prompt, result in zip(prompts, second):
+        full_blocks = (result.usage.prompt_tokens - 1) // 16 * 16
+        assert result.usage.prompt_tokens_details.cached_tokens == full_blocks, prompt

@@ -28,6 +28,7 @@ from tetriinfer.sched.flip import FlipPolicy
 from tetriinfer.sched.global_scheduler import GlobalScheduler
 from tetriinfer.sched.lengths import blocks_for
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL, ClusterSnapshot, InstanceStatus
+from tetriinfer.sched.prefix_index import PrefixIndex, prefix_block_keys
 from tetriinfer.sched.router import AdaptiveRouter
 from tetriinfer.sched.step_cost import LinearStepCost, StepStats
 
@@ -50,6 +51,10 @@ class ControllerConfig:
     chunk_size: int = 512
     block_size: int = 16
     interference_weight: float = 0.2
+    # Cache-aware routing (sched.prefix_index): send a request where its prompt's prefix blocks most
+    # likely sit (what was routed there), balanced against queued tokens. Off when the engines do
+    # not cache prefixes.
+    cache_aware: bool = False
     wire: Wire | None = None  # the cluster's keys and socket directory (cluster.zmq_io): the launcher's
     recovering: bool = False  # a restart: rebuild the view from the instances' reports
 
@@ -69,10 +74,13 @@ class Controller:
         self.draining: set[int] = set()  # ordered to flip, FlipDone not yet back
         self.pids: dict[int, int] = {}  # instance -> pid, probed each tick (same-machine instances)
         self.asked: dict[int, float] = {}  # unknown instance -> when it was last sent Register
-        self.global_scheduler = GlobalScheduler([])
+        # The guess of what each instance caches; its capacity is set from the instances' reports.
+        self.prefix_index = PrefixIndex(capacity_blocks=0) if config.cache_aware else None
+        self.global_scheduler = GlobalScheduler([], self.prefix_index)
         self.step_cost = LinearStepCost()  # fitted from the instances' steps each tick
         self.router = AdaptiveRouter(self.step_cost, chunk_size=config.chunk_size,
-                                     interference_weight=config.interference_weight) if config.adaptive else None
+                                     interference_weight=config.interference_weight,
+                                     prefix_index=self.prefix_index) if config.adaptive else None
         self.flip_policy = FlipPolicy(config.flip)
         self.num_flips = 0
         self.last_flip_s: float | None = None
@@ -152,12 +160,13 @@ class Controller:
         try:
             if not self.cluster_ready:
                 raise RuntimeError("not ready")
-            prompt = len(submit.prompt_token_ids)
+            prompt, block_size = len(submit.prompt_token_ids), self.config.block_size
+            keys = prefix_block_keys(submit.prompt_token_ids, block_size) if self.prefix_index is not None else ()
             if self.router is not None and self.step_cost.fitted:  # unfitted: the paper's way
-                route = self.router.route(prompt, blocks_for(prompt + 1, self.config.block_size))
+                route = self.router.route(prompt, blocks_for(prompt + 1, block_size), keys, block_size)
                 instance_id, submit.local = route.instance_id, route.local
             else:
-                instance_id = self.global_scheduler.pick(prompt)
+                instance_id = self.global_scheduler.pick(prompt, keys, block_size)
         except RuntimeError:
             self._reject(submit, "no prefill instance is available" if self.cluster_ready
                          else "the cluster is still starting")
@@ -183,6 +192,8 @@ class Controller:
         prefill_loads = {s.instance_id: s.queued_prompt_tokens for s in active if s.role in (PREFILL, COLOCATED)}
         decode_loads = [s.decode_load for s in active if s.role == DECODE and s.decode_load is not None]
         self.global_scheduler.update(prefill_loads)
+        if self.prefix_index is not None and live:  # what one instance's cache can hold at most
+            self.prefix_index.capacity_blocks = min(s.kv_blocks_total for s in live)
         self._update_router(live, prefill_loads, decode_loads)
         addresses = {i: self.ready[i].address for i in self.live()}
         snapshot = msg.Snapshot(now - self._start, decode_loads, addresses, list(self.step_cost.coefficients))
@@ -247,6 +258,8 @@ class Controller:
         self.dead[i] = reason
         self.stats.pop(i, None)
         self.draining.discard(i)
+        if self.prefix_index is not None:  # a restarted process starts with an empty cache
+            self.prefix_index.drop(i)
         log.error("instance %d is dead: %s", i, reason)
         self.out.send(self.config.api_address, msg.InstanceDied(i, reason))
 

@@ -68,6 +68,9 @@ def add_parser(subparsers) -> None:
                         "instance, every decode moved)")
     s.add_argument("--interference-weight", type=float, default=policy.interference_weight,
                    help="adaptive: weight of the slowdown a local prefill imposes on running decodes")
+    s.add_argument("--cache-aware-routing", action=argparse.BooleanOptionalAction, default=policy.cache_aware_routing,
+                   help="send a request to the instance most likely to hold its prompt's prefix blocks (what was "
+                        "routed there), balanced against queued tokens; needs prefix caching")
     s.add_argument("--handoff-after-tokens", type=int, default=policy.handoff_after_tokens,
                    help="adaptive: output tokens a prefill instance generates itself before it hands a request "
                         "to a decode instance (a request ending by then never moves; 1: hand off at once)")
@@ -115,7 +118,7 @@ def serve_config(args: argparse.Namespace):
     )
     policy = PolicyConfig(
         disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,
-        handoff_after_tokens=args.handoff_after_tokens,
+        handoff_after_tokens=args.handoff_after_tokens, cache_aware_routing=args.cache_aware_routing,
         prefill_policy=args.prefill_policy, sort_window=args.sort_window,
         dispatch_policy=args.dispatch, admission_policy=args.admission,
         max_num_batched_tokens=args.max_num_batched_tokens,
