@@ -50,7 +50,8 @@ def sim_config(cfg, seed: int = 0):
     cluster = ClusterConfig(system=cfg.baseline if colocated else "tetriinfer", num_prefill=cfg.num_prefill,
                             num_decode=cfg.num_decode, num_instances=cfg.num_instances, model=cfg.engine.model,
                             block_size=cfg.engine.cache.block_size)
-    return SimConfig(cluster, cfg.policy, cfg.flip, seed=seed, scheduler=cfg.engine.scheduler)
+    return SimConfig(cluster, cfg.policy, cfg.flip, seed=seed, scheduler=cfg.engine.scheduler,
+                     prefix_cache_fraction=1.0 if cfg.engine.cache.enable_prefix_caching else 0.0)
 
 
 def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], args, out: Path,
@@ -109,13 +110,13 @@ def report(results: dict) -> str:
     for key in keys:
         lines += [f"### {key}", "",
                   "| system | TTFT mean / p50 / p99 (ms) | TPOT mean / p50 / p99 (ms) | JCT mean / p50 / p99 (ms) "
-                  "| resource time (s) | perf/$ | sim JCT mean (error) |", "|---|---|---|---|---|---|---|"]
+                  "| resource time (s) | perf/$ | prefix hit rate | sim JCT mean (error) |", "|---|---|---|---|---|---|---|---|"]
         base_run = systems.get(base, {}).get("runs", {}).get(key, {})
         base_summary = _summary(base_run["summary"]) if "summary" in base_run else None
         for name, system in systems.items():
             run = system.get("runs", {}).get(key)
             if run is None or "summary" not in run:
-                lines.append(f"| {name} | failed: {system.get('error') or (run or {}).get('failures')} | | | | | |")
+                lines.append(f"| {name} | failed: {system.get('error') or (run or {}).get('failures')} | | | | | | |")
                 continue
             s = _summary(run["summary"])
             ms = lambda st, f=1e3: f"{st.mean * f:.0f} / {st.p50 * f:.0f} / {st.p99 * f:.0f}"  # noqa: E731
@@ -125,7 +126,11 @@ def report(results: dict) -> str:
             if "sim" in run:
                 sim_jct = run["sim"]["jct"]["mean"]
                 sim = f"{sim_jct * 1e3:.0f} ({(sim_jct / s.jct.mean - 1) * 100:+.0f}%)"
-            lines.append(f"| {name} | {ms(s.ttft)} | {tpot} | {ms(s.jct)} | {s.resource_time_s:.1f} | {perf} | {sim} |")
+            counters = run.get("counters", {})
+            hits = (f"{counters['prefix_hit'] / counters['prefix_queried']:.1%}"
+                    if counters.get("prefix_queried") else "-")
+            lines.append(f"| {name} | {ms(s.ttft)} | {tpot} | {ms(s.jct)} | {s.resource_time_s:.1f} | {perf} | {hits} "
+                         f"| {sim} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -106,11 +106,14 @@ class ServerProcess:
 
     def kv_counters(self) -> dict[str, float]:
         """KV transfer totals so far (both ends of a transfer count it: halved) and instance flips,
-        from one GET /metrics: {'bytes', 'seconds', 'count', 'failures', 'flips'}."""
+        from one GET /metrics: {'bytes', 'seconds', 'count', 'failures', 'flips'}; and the prefix
+        cache's prompt tokens looked up and found ('prefix_queried', 'prefix_hit')."""
         samples = self.metrics()
         totals = {key: self.metric_sum(f"tetriinfer_kv_transfer{suffix}_total", samples) / 2
                   for key, suffix in KV_TRANSFER_COUNTERS.items()}
         totals["flips"] = self.metric_sum("tetriinfer_flips_total", samples)
+        totals["prefix_queried"] = self.metric_sum("tetriinfer_prefix_queried_tokens_total", samples)
+        totals["prefix_hit"] = self.metric_sum("tetriinfer_prefix_hit_tokens_total", samples)
         return totals
 
     def stop(self, timeout_s: float = 30.0) -> None:
