@@ -124,6 +124,41 @@ def print_tables(rows: list[dict]) -> None:
               f"| {s['sarathi']['goodput_loose']:.2f} / {s['tetriinfer']['goodput_loose']:.2f} | {verdict(s)} |")
 
 
+def print_summary(rows: list[dict]) -> None:
+    """docs/adaptive.md's first table: each system against the best colocated baseline per cell."""
+    print("| system | mean JCT / best: median | worst | cells > 1% worse | goodput / best: worst "
+          "| cells > 1% worse | TPOT p99 / best: median | cells with a lower TPOT p99 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("paper", "disagg", "tetriinfer"):
+        jct, good, tpot = [], [], []
+        for r in rows:
+            s = r["systems"]
+            jct.append(s[name]["jct_mean"] / min(s[b]["jct_mean"] for b in ("vllm", "sarathi")))
+            good.append(s[name]["goodput_loose"] / max(s[b]["goodput_loose"] for b in ("vllm", "sarathi")))
+            tpot.append(s[name]["tpot_p99"] / min(s[b]["tpot_p99"] for b in ("vllm", "sarathi")))
+        n = len(rows)
+        print(f"| {name} | {statistics.median(jct):.3f} | {max(jct):.2f} | {sum(j > 1.01 for j in jct)} / {n} "
+              f"| {min(good):.2f} | {sum(g < 0.99 for g in good)} / {n} | {statistics.median(tpot):.2f} "
+              f"| {sum(t < 1 for t in tpot)} / {n} |")
+
+
+def print_slice(rows: list[dict], gpu: str, num_gpus: int, load: float) -> None:
+    """One hardware, GPU count and load: mean JCT of every system, then sarathi / TetriInfer."""
+    print(f"\n**{gpu.upper()}, {num_gpus} GPUs, {load} of capacity**\n")
+    print("| workload | rate (req/s) | mean JCT (s) | TTFT p99 | TPOT p99 | goodput | tight goodput |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if (r["gpu"], r["num_gpus"], r["load"]) != (gpu, num_gpus, load):
+            continue
+        s = r["systems"]
+        a, t = s["sarathi"], s["tetriinfer"]
+        name = r["workload"] + ("" if r["arrival"] == "poisson" else f" ({r['arrival']})")
+        jct = " / ".join(f"{s[k]['jct_mean']:.2f}" for k in SYSTEMS)
+        print(f"| {name} | {r['rate_rps']:.1f} | {jct} "
+              f"| {a['ttft_p99']:.2f} / {t['ttft_p99']:.2f} | {a['tpot_p99'] * 1e3:.1f} / {t['tpot_p99'] * 1e3:.1f} "
+              f"| {a['goodput_loose']:.1f} / {t['goodput_loose']:.1f} | {a['goodput_tight']:.1f} / {t['goodput_tight']:.1f} |")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     try:
         import matplotlib
@@ -166,6 +201,9 @@ def main() -> None:
         out.write_text(json.dumps({"requests_per_cell": args.requests, "rows": rows}, indent=1))
         print(f"wrote {out} ({time.time() - start:.0f} s)")
     with contextlib.redirect_stdout(io.StringIO()) as tables:
+        print_summary(rows)
+        print_slice(rows, "h100", 4, 0.9)
+        print_slice(rows, "h200", 8, 0.6)
         print_tables(rows)
     out.with_suffix(".md").write_text(tables.getvalue())
     print(tables.getvalue())
