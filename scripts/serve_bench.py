@@ -49,7 +49,7 @@ def sim_config(cfg, seed: int = 0):
     colocated = cfg.mode == "colocated"
     cluster = ClusterConfig(system=cfg.baseline if colocated else "tetriinfer", num_prefill=cfg.num_prefill,
                             num_decode=cfg.num_decode, num_instances=cfg.num_instances, model=cfg.engine.model,
-                            block_size=cfg.engine.cache.block_size)
+                            tp=cfg.engine.tensor_parallel_size, block_size=cfg.engine.cache.block_size)
     return SimConfig(cluster, cfg.policy, cfg.flip, seed=seed, scheduler=cfg.engine.scheduler,
                      prefix_cache_fraction=1.0 if cfg.engine.cache.enable_prefix_caching else 0.0)
 

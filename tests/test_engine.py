@@ -297,7 +297,7 @@ def test_missing_model_path_and_weights(tmp_path):
 
 
 def test_unsupported_arguments():
-    with pytest.raises(TypeError, match="unknown LLM arguments: chunksize"):
+    with pytest.raises(TypeError, match="unknown engine arguments: chunksize"):
         LLM("tiny", chunksize=3)
     with pytest.raises(ValueError, match="dtype"):
         LLM("tiny", dtype="int8")

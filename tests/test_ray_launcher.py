@@ -206,8 +206,28 @@ def test_remote_instances_are_those_off_the_controller_node():
 def test_assigned_devices_share_the_node_gpus_by_position():
     got = assigned_devices(["n1", "n1", "n2", "n1"], [["3"], ["10"], ["0"], ["2"]])
     assert got == [("2,3,10", "cuda:1"), ("2,3,10", "cuda:2"), ("0", "cuda:0"), ("2,3,10", "cuda:0")]
-    with pytest.raises(ValueError, match="exactly one GPU"):
+    with pytest.raises(ValueError, match=r"exactly 1 GPU\(s\)"):
         assigned_devices(["n1"], [["0", "1"]])
+
+
+def test_assigned_devices_keep_each_tensor_parallel_instance_on_adjacent_positions():
+    # Ray hands out GPU ids in any order; each instance's ranks must be device, device+1.
+    got = assigned_devices(["n1", "n1", "n2"], [["5", "1"], ["0", "4"], ["7", "6"]], tp=2)
+    assert got == [("0,4,1,5", "cuda:2"), ("0,4,1,5", "cuda:0"), ("6,7", "cuda:0")]
+    with pytest.raises(ValueError, match=r"exactly 2 GPU\(s\)"):
+        assigned_devices(["n1"], [["0"]], tp=2)
+
+
+def test_gpu_plan_gives_each_instance_its_tensor_parallel_gpus():
+    nodes = [HEAD, gpu_node("g4", "10.0.1.1", 4), gpu_node("g8", "10.0.1.2", 8)]
+    cfg = ServeConfig(num_prefill=1, num_decode=2, engine=EngineConfig(device="cuda", tensor_parallel_size=2))
+    plan = plan_placement(cfg, nodes)
+    assert all(p.num_gpus == 2 and p.node_id == "g8" for p in plan.instances)  # 3 x 2 GPUs fit g8 alone
+    assert plan.bundles[1]["GPU"] == 2.0
+    cfg = ServeConfig(num_prefill=2, num_decode=2, engine=EngineConfig(device="cuda", tensor_parallel_size=4))
+    with pytest.raises(ValueError, match=r"4 instances need 16 GPUs \(tensor_parallel_size 4 each\), but the Ray "
+                                         r"cluster has 12"):
+        plan_placement(cfg, nodes)
 
 
 # ---- without Ray -----------------------------------------------------------------------------------

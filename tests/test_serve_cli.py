@@ -44,11 +44,13 @@ def test_engine_flags_reach_every_instance(mode):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     cfg = serve_config(parser.parse_args(["serve", *mode, "--async-scheduling", "--max-num-seqs", "48",
-                                          "--no-prefix-caching"]))
+                                          "--no-prefix-caching", "--tensor-parallel-size", "2",
+                                          "--quantization", "fp8", "--kv-cache-dtype", "fp8"]))
     for role in instance_roles(cfg):
         engine = instance_engine(cfg, role, "cpu")
         assert engine.scheduler.async_scheduling and engine.scheduler.max_num_seqs == 48
         assert not engine.cache.enable_prefix_caching
+        assert (engine.tensor_parallel_size, engine.quantization, engine.kv_cache_dtype) == (2, "fp8", "fp8")
     assert serve_config(parser.parse_args(["serve", *mode])).engine.cache.enable_prefix_caching  # the default
 
 
@@ -65,3 +67,27 @@ def test_api_key_comes_from_the_environment_and_help_never_prints_it(monkeypatch
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--help"])
     assert "sekrit-from-env" not in capsys.readouterr().out
+
+
+def test_each_instance_gets_its_own_tensor_parallel_gpus():
+    from tetriinfer.cluster.launcher import instance_devices
+    from tetriinfer.config import EngineConfig, ServeConfig
+
+    cfg = ServeConfig(num_prefill=1, num_decode=2, engine=EngineConfig(device="cuda", tensor_parallel_size=2))
+    assert instance_devices(cfg, num_gpus=6) == ["cuda:0", "cuda:2", "cuda:4"]  # ranks: 0-1, 2-3, 4-5
+    with pytest.raises(ValueError, match=r"3 instances need 6 GPUs \(one per tensor-parallel rank\), but 4"):
+        instance_devices(cfg, num_gpus=4)
+    shared = ServeConfig(engine=EngineConfig(device="cuda:1", tensor_parallel_size=2))  # both on GPUs 1-2
+    assert instance_devices(shared, num_gpus=0) == ["cuda:1", "cuda:1"]
+
+
+def test_decode_instances_may_span_another_number_of_gpus():
+    from tetriinfer.cluster.launcher import instance_devices, instance_engine, instance_roles
+    from tetriinfer.config import EngineConfig, ServeConfig
+
+    cfg = ServeConfig(num_prefill=2, num_decode=1, engine=EngineConfig(device="cuda", tensor_parallel_size=1),
+                      decode_tensor_parallel_size=4)
+    assert instance_devices(cfg, num_gpus=6) == ["cuda:0", "cuda:1", "cuda:2"]  # decode: GPUs 2-5
+    assert [instance_engine(cfg, r, "cuda").tensor_parallel_size for r in instance_roles(cfg)] == [1, 1, 4]
+    with pytest.raises(ValueError, match="needs the disagg mode"):
+        ServeConfig(mode="colocated", decode_tensor_parallel_size=2)

@@ -113,6 +113,23 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 
+    @classmethod
+    def from_flat(cls, model: str = "tiny", **kwargs) -> EngineConfig:
+        """An engine config from one flat set of keywords, as `LLM(...)` and the command line give
+        them: the fields of EngineConfig, CacheConfig and EngineSchedulerConfig side by side."""
+        cache_keys = set(CacheConfig.__dataclass_fields__)
+        sched_keys = set(EngineSchedulerConfig.__dataclass_fields__)
+        engine_keys = set(cls.__dataclass_fields__) - {"cache", "scheduler", "model"}
+        unknown = set(kwargs) - cache_keys - sched_keys - engine_keys
+        if unknown:
+            raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
+        return cls(
+            model=model,
+            cache=CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys}),
+            scheduler=EngineSchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys}),
+            **{k: v for k, v in kwargs.items() if k in engine_keys},
+        )
+
 
 def check_tensor_parallel_size(size: int) -> None:
     """One rule for the engine's knob and the simulator's (`ClusterConfig.tp`)."""
@@ -290,7 +307,10 @@ class ServeConfig:
     `num_instances` instances each running whole requests with the `baseline` step policy (`vllm`:
     prefill first, whole prompts up to `policy.max_num_batched_tokens` per step; `sarathi`: decodes
     plus prompt chunks up to `engine.scheduler.chunk_size` tokens per step). `engine` is the template every
-    instance's engine is built from (its device `cuda` becomes `cuda:i` for instance i).
+    instance's engine is built from (its device `cuda` becomes the first GPU of instance i's
+    `tensor_parallel_size`). `decode_tensor_parallel_size` gives decode instances another TP size
+    than `engine.tensor_parallel_size` (the KV moves whole between them, gathered from and scattered
+    to the rank shards); an instance keeps its size when it flips role.
     """
 
     mode: str = "disagg"
@@ -321,9 +341,14 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     flip: FlipConfig = field(default_factory=FlipConfig)
+    decode_tensor_parallel_size: int | None = None  # None: engine.tensor_parallel_size
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, SERVE_MODES)
+        if self.decode_tensor_parallel_size is not None:
+            check_tensor_parallel_size(self.decode_tensor_parallel_size)
+            if self.mode != "disagg":
+                raise ValueError("decode_tensor_parallel_size is for decode instances: it needs the disagg mode")
         _check_choice("baseline", self.baseline, COLOCATED_BASELINES)
         _check_choice("kv_transport", self.kv_transport, KV_TRANSPORTS)
         _check_choice("launcher", self.launcher, LAUNCHERS)
@@ -346,3 +371,9 @@ class ServeConfig:
     @property
     def total_instances(self) -> int:
         return self.num_instances if self.mode == "colocated" else self.num_prefill + self.num_decode
+
+    def tensor_parallel_size(self, role: str) -> int:
+        """The TP size of an instance started in `role` ("prefill", "decode" or "colocated")."""
+        if role == "decode" and self.decode_tensor_parallel_size is not None:
+            return self.decode_tensor_parallel_size
+        return self.engine.tensor_parallel_size

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from tetriinfer.config import CacheConfig, EngineConfig, EngineSchedulerConfig
+from tetriinfer.config import EngineConfig
 from tetriinfer.engine.engine import LLMEngine
 from tetriinfer.engine.request import RequestOutput
 from tetriinfer.sampling_params import SamplingParams
@@ -21,18 +21,7 @@ class LLM:
     max_num_seqs, step_policy)."""
 
     def __init__(self, model: str = "tiny", **kwargs):
-        cache_keys = set(CacheConfig.__dataclass_fields__)
-        sched_keys = set(EngineSchedulerConfig.__dataclass_fields__)
-        engine_keys = set(EngineConfig.__dataclass_fields__) - {"cache", "scheduler", "model"}
-        unknown = set(kwargs) - cache_keys - sched_keys - engine_keys
-        if unknown:
-            raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unknown))}")
-        config = EngineConfig(
-            model=model,
-            cache=CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys}),
-            scheduler=EngineSchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys}),
-            **{k: v for k, v in kwargs.items() if k in engine_keys},
-        )
+        config = EngineConfig.from_flat(model, **kwargs)
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
 

@@ -62,17 +62,22 @@ def instance_engine(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
                                     pad_chunks=False)
     elif role == COLOCATED:  # sarathi: decodes plus prompt chunks filling the token budget
         sched = dataclasses.replace(sched, step_policy="mixed", pad_chunks=False)
-    return dataclasses.replace(cfg.engine, device=device, scheduler=sched)
+    return dataclasses.replace(cfg.engine, device=device, scheduler=sched,
+                               tensor_parallel_size=cfg.tensor_parallel_size(role))
 
 
 def instance_devices(cfg: ServeConfig, num_gpus: int) -> list[str]:
-    """`cuda` gives instance i the GPU i; an explicit `cuda:k` or `cpu` is used by every instance."""
-    n = cfg.total_instances
+    """Each instance's first device. `cuda` gives the instances consecutive GPUs, as many each as
+    its tensor-parallel size (its ranks count up from the first); an explicit `cuda:k` or `cpu` is
+    shared by every instance (instances sharing a GPU, e.g. under MPS)."""
+    sizes = [cfg.tensor_parallel_size(role) for role in instance_roles(cfg)]
     if cfg.engine.device != "cuda":
-        return [cfg.engine.device] * n
-    if num_gpus < n:
-        raise ValueError(f"{n} instances need {n} GPUs (one each), but {num_gpus} are visible")
-    return [f"cuda:{i}" for i in range(n)]
+        return [cfg.engine.device] * len(sizes)
+    if num_gpus < sum(sizes):
+        each = "one each" if set(sizes) == {1} else "one per tensor-parallel rank"
+        raise ValueError(f"{len(sizes)} instances need {sum(sizes)} GPUs ({each}), but {num_gpus} are visible")
+    firsts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [f"cuda:{first}" for first in firsts]
 
 
 def controller_config(cfg: ServeConfig, api_address: str, host: str, port: int | None,

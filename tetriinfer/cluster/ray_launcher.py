@@ -234,7 +234,7 @@ def start_ray(cfg: ServeConfig, api_address: str, ray_address: str | None, wire:
         if on_gpu:
             gpu_ids = ray.get([instances[i].gpu_ids.remote() for i in on_gpu])
             node_ids = [plan.instances[i].node_id for i in on_gpu]
-            for i, (devices, device) in zip(on_gpu, assigned_devices(node_ids, gpu_ids)):
+            for i, (devices, device) in zip(on_gpu, assigned_devices(node_ids, gpu_ids, cfg.engine.tensor_parallel_size)):
                 visible[i] = devices
                 engine = dataclasses.replace(configs[i].engine, device=device)
                 configs[i] = dataclasses.replace(configs[i], engine=engine)

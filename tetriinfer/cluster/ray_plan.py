@@ -98,9 +98,14 @@ def plan_placement(cfg: ServeConfig, nodes: list[NodeInfo]) -> RayPlan:
         raise ValueError(f"kv_transport {requested!r} moves KV between GPUs; the engine device is "
                          f"{cfg.engine.device!r} (use gloo or shm on CPU)")
     n = cfg.total_instances
+    if cfg.decode_tensor_parallel_size not in (None, cfg.engine.tensor_parallel_size):
+        raise ValueError("the Ray launcher gives every instance one tensor-parallel size; a different "
+                         "--decode-tensor-parallel-size needs --launcher local")
+    tp = cfg.engine.tensor_parallel_size if on_gpu else 1  # CPU ranks share the instance's CPUs
     unit = "GPU" if on_gpu else "CPU"
-    # One instance takes one GPU and one CPU (its engine loop), or one CPU.
-    room = {x.node_id: min(x.num_gpus, x.num_cpus) if on_gpu else x.num_cpus for x in nodes}
+    each = ("one each" if tp == 1 else f"tensor_parallel_size {tp} each") if on_gpu else "one each"
+    # One instance takes `tp` GPUs (its ranks, all on one node) and one CPU (its engine loop), or one CPU.
+    room = {x.node_id: min(x.num_gpus // tp, x.num_cpus) if on_gpu else x.num_cpus for x in nodes}
     # Driver's node first (the API talks to everyone from there), then the biggest.
     order = sorted(nodes, key=lambda x: (not x.is_driver, -room[x.node_id], x.ip, x.node_id))
 
@@ -114,12 +119,13 @@ def plan_placement(cfg: ServeConfig, nodes: list[NodeInfo]) -> RayPlan:
         biggest = max(room.values())
         other = "nccl" if on_gpu else "gloo"
         raise ValueError(f"kv_transport {requested!r} needs all {n} instances on one node, but the biggest "
-                         f"Ray node has room for {biggest} (one {unit} each); use --kv-transport {other} "
+                         f"Ray node has room for {biggest} ({each}); use --kv-transport {other} "
                          f"to span nodes")
     else:
         total = sum(room.values())
         if total < n:
-            raise ValueError(f"{n} instances need {n} {unit}s (one each), but the Ray cluster has {total} "
+            have = sum(x.num_gpus for x in nodes) if on_gpu else total
+            raise ValueError(f"{n} instances need {n * tp} {unit}s ({each}), but the Ray cluster has {have} "
                              f"on {len(nodes)} node(s)")
         left = n
         for node in order:  # fill the nodes in order
@@ -137,7 +143,7 @@ def plan_placement(cfg: ServeConfig, nodes: list[NodeInfo]) -> RayPlan:
         for _ in range(on_node):
             instances.append(Placement(
                 bundle_index=1 + len(instances), node_id=node.node_id, host=node.ip, num_cpus=1,
-                num_gpus=1 if on_gpu else 0, device="cuda" if on_gpu else "cpu", torch_threads=threads))
+                num_gpus=tp if on_gpu else 0, device="cuda" if on_gpu else "cpu", torch_threads=threads))
 
     cpus_left = {x.node_id: x.num_cpus - counts.get(x.node_id, 0) for x in nodes}
     home = next((x for x in order if cpus_left[x.node_id] >= 1), None)
@@ -189,17 +195,24 @@ def remote_instances(plan: RayPlan) -> frozenset[int]:
     return frozenset(i for i, p in enumerate(plan.instances) if p.node_id != plan.controller.node_id)
 
 
-def assigned_devices(node_ids: list[str], gpu_ids: list[list[str]]) -> list[tuple[str, str]]:
+def assigned_devices(node_ids: list[str], gpu_ids: list[list[str]], tp: int = 1) -> list[tuple[str, str]]:
     """(CUDA_VISIBLE_DEVICES, device) per GPU instance from the GPU ids Ray assigned it.
 
-    Instances on one node all see the GPUs this cluster holds there (sorted), each using its own by
-    position, so CUDA IPC can open a peer's memory.
+    Instances on one node all see the GPUs this cluster holds there, so CUDA IPC can open a peer's
+    memory: each instance's own `tp` GPUs side by side (its tensor-parallel ranks use `device`,
+    `device`+1, ...), instances ordered by their lowest GPU id. `device` is the first of its GPUs.
     """
+    def gpu_order(g: str) -> tuple[int, str]:
+        return len(g), g
+
     for ids in gpu_ids:
-        if len(ids) != 1:
-            raise ValueError(f"each instance needs exactly one GPU, Ray assigned {ids}")
-    held: dict[str, list[str]] = {}
-    for node, ids in zip(node_ids, gpu_ids):
-        held.setdefault(node, []).append(ids[0])
-    visible = {node: sorted(ids, key=lambda g: (len(g), g)) for node, ids in held.items()}
-    return [(",".join(visible[node]), f"cuda:{visible[node].index(ids[0])}") for node, ids in zip(node_ids, gpu_ids)]
+        if len(ids) != tp:
+            raise ValueError(f"each instance needs exactly {tp} GPU(s) (its tensor-parallel ranks), "
+                             f"Ray assigned {ids}")
+    own = [sorted(ids, key=gpu_order) for ids in gpu_ids]
+    blocks: dict[str, list[list[str]]] = {}
+    for node, ids in zip(node_ids, own):
+        blocks.setdefault(node, []).append(ids)
+    visible = {node: [g for block in sorted(b, key=lambda blk: gpu_order(blk[0])) for g in block]
+               for node, b in blocks.items()}
+    return [(",".join(visible[node]), f"cuda:{visible[node].index(ids[0])}") for node, ids in zip(node_ids, own)]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import multiprocessing as mp
 import os
 import signal
 import sys
@@ -227,6 +228,10 @@ def supervised_main(entry: Callable, config, parent_pid: int) -> None:
     """A child's entry point: die with the parent, then run `entry(config)`; once it returns or
     SIGTERM ends it (its cleanup done either way), exit at once (`exit_now`)."""
     die_with_parent(parent_pid)
+    # Started daemonic (the parent's exit ends it), but an engine with tensor_parallel_size > 1
+    # starts its rank processes, which multiprocessing forbids a daemonic process; dying with the
+    # parent is already assured by die_with_parent.
+    mp.current_process().daemon = False
     try:
         entry(config)
     except SystemExit as e:  # SIGTERM (_exit_on_sigterm): entry's cleanup has run on the way out

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     dtype_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
     profile = Profile(
         metadata={"device": device_name, "model": args.model, "dtype": args.dtype, "commit": commit or "unknown",
-                  "gpu": args.gpu, "tensor_parallel": 1, "block_size": engine.block_manager.block_size,
+                  "gpu": args.gpu, "tensor_parallel": engine.config.tensor_parallel_size, "block_size": engine.block_manager.block_size,
                   "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                   "repeats": args.repeats, "cuda_graphs": bool(engine.runner.graphs),
                   "engine_chunk_size": engine.config.scheduler.chunk_size,

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 
-from tetriinfer.entrypoints.generate import add_engine_arguments
+from tetriinfer.entrypoints.generate import add_engine_arguments, engine_kwargs
 
 log = logging.getLogger("tetriinfer.serve")
 
@@ -41,6 +41,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--instances", type=int, default=serve.num_instances, help="colocated mode: instances")
     g.add_argument("--baseline", default=serve.baseline, choices=COLOCATED_BASELINES,
                    help="colocated mode: vllm (prefill first, whole prompts) or sarathi (chunked, mixed steps)")
+    g.add_argument("--decode-tensor-parallel-size", type=int, default=None,
+                   help="disagg mode: GPUs (ranks) each decode instance spans; None: --tensor-parallel-size. "
+                        "The KV moves whole between instances of different sizes")
     g.add_argument("--kv-transport", default=serve.kv_transport, choices=KV_TRANSPORTS,
                    help="auto: shared memory on CPU, CUDA IPC between GPUs of one host")
     g.add_argument("--kv-timeout", type=float, default=serve.kv_timeout_s, help="seconds before a KV transfer fails")
@@ -105,17 +108,9 @@ def add_parser(subparsers) -> None:
 
 def serve_config(args: argparse.Namespace):
     from tetriinfer.cluster.mps import parse_sm_shares
-    from tetriinfer.config import CacheConfig, EngineConfig, EngineSchedulerConfig, FlipConfig, PolicyConfig, ServeConfig
+    from tetriinfer.config import EngineConfig, FlipConfig, PolicyConfig, ServeConfig
 
-    engine = EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-        attention_backend=args.attention_backend, seed=args.seed, max_model_len=args.max_model_len,
-        enforce_eager=args.enforce_eager,
-        cache=CacheConfig(args.block_size, args.num_blocks, args.memory_fraction,
-                          enable_prefix_caching=args.enable_prefix_caching),
-        scheduler=EngineSchedulerConfig(args.chunk_size, args.max_num_seqs, args.step_policy,
-                                        async_scheduling=args.async_scheduling),
-    )
+    engine = EngineConfig.from_flat(args.model, **engine_kwargs(args))
     policy = PolicyConfig(
         disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,
         handoff_after_tokens=args.handoff_after_tokens, cache_aware_routing=args.cache_aware_routing,
@@ -133,7 +128,7 @@ def serve_config(args: argparse.Namespace):
         dead_after_s=args.dead_after, torch_threads=args.torch_threads, engine=engine, policy=policy, flip=flip,
         mps_sm_shares=parse_sm_shares(args.mps_sm_shares) if args.mps_sm_shares else None,
         max_waiting_requests=args.max_waiting_requests, shutdown_timeout_s=args.shutdown_timeout,
-        request_idle_timeout_s=args.request_idle_timeout,
+        request_idle_timeout_s=args.request_idle_timeout, decode_tensor_parallel_size=args.decode_tensor_parallel_size,
     )
 
 
