@@ -173,6 +173,10 @@ def hf_throughput(model: str, pairs: list[tuple[int, int]], device: str = "cuda"
             "output_tokens_per_s": generated / seconds, "mode": mode}
 
 
+# --precision: the engine arguments of each offline run
+PRECISIONS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8-kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama3-8b")
@@ -189,6 +193,8 @@ def main() -> None:
                     help="offline runs: each engine runs once per value")
     ap.add_argument("--prefix-caching", nargs="+", default=["on"], choices=["on", "off"],
                     help="offline runs: one engine per value (random prompts: nothing hits, so on/off is the cost)")
+    ap.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS),
+                    help="offline run: bf16 weights, FP8 weights (W8A8), or FP8 weights with the FP8 KV cache")
     ap.add_argument("--skip", nargs="*", default=[], choices=["ceiling", "steps", "throughput", "hf"])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -225,13 +231,14 @@ def main() -> None:
         # One engine per max_num_seqs (its CUDA graphs depend on it); each runs with and without
         # async scheduling, switched while the engine is idle.
         res["offline"] = []
-        for max_num_seqs, prefix_caching in [(m, c) for m in args.max_num_seqs for c in args.prefix_caching]:
-            llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk,
-                      max_num_seqs=max_num_seqs, step_policy=args.step_policy, enable_prefix_caching=prefix_caching)
+        for max_num_seqs, prefix_caching, precision in [(m, c, p) for m in args.max_num_seqs
+                                                         for c in args.prefix_caching for p in args.precision]:
+            llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk, max_num_seqs=max_num_seqs,
+                      step_policy=args.step_policy, enable_prefix_caching=prefix_caching, **PRECISIONS[precision])
             for async_scheduling in args.async_scheduling:
                 llm.engine.async_scheduling = async_scheduling  # switched while the engine is idle
                 run = {"chunk_size": args.chunk, "max_num_seqs": max_num_seqs, "step_policy": args.step_policy,
-                       "prefix_caching": prefix_caching,
+                       "prefix_caching": prefix_caching, "precision": precision,
                        "async_scheduling": async_scheduling, "num_blocks": llm.engine.block_manager.num_blocks,
                        "block_size": llm.engine.block_manager.block_size,
                        "throughput": engine_throughput(llm, pairs)}
@@ -256,7 +263,8 @@ def main() -> None:
     hf = res.get("hf", {})
     for run in res.get("offline", []):
         t = run["throughput"]
-        line = (f"offline, {t['requests']} requests, max_num_seqs {run['max_num_seqs']}, prefix caching "
+        line = (f"offline {run.get('precision', 'bf16')}, {t['requests']} requests, max_num_seqs "
+                f"{run['max_num_seqs']}, prefix caching "
                 f"{'on ' if run.get('prefix_caching', True) else 'off'}, async "
                 f"{'on ' if run['async_scheduling'] else 'off'}: {t['output_tokens_per_s']:.0f} output tok/s")
         if "output_tokens_per_s" in hf:

@@ -6,10 +6,13 @@ much faster is a llama3-8b decode step in FP8 than in bf16?
 1. Kernel vs reference: `fp8_linear` through `_scaled_mm` and through the reference (dequantize to
    float32, multiply) on the llama3-8b projection shapes at each batch size; both get the same FP8
    operands, so they differ only by accumulation order and the bf16 rounding of the output.
-2. Decode step time of the llama3-8b preset (random weights), bf16 and `quantization="fp8"`, at
-   each batch size and `--context` tokens per sequence, as the engine serves it (CUDA graphs,
-   sampling included; engine.profiler), beside a bandwidth roofline: the bytes the step must read
-   (weights + KV) over the device-to-device copy bandwidth measured in the same run.
+2. Decode step time of the llama3-8b preset (random weights), bf16, `quantization="fp8"` and FP8
+   weights with the FP8 KV cache, at each batch size and `--context` tokens per sequence, as the
+   engine serves it (CUDA graphs, sampling included; engine.profiler), beside a bandwidth roofline:
+   the bytes the step must read (weights + KV) over the device-to-device copy bandwidth measured in
+   the same run.
+3. One `--chunk`-token prefill chunk in each precision, its linear-layer FLOP/s against the bf16
+   and FP8 GEMM peaks measured in the same run (one 8192^3 torch.mm / torch._scaled_mm).
 Prints a short table; writes everything as JSON to `--out`.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -64,29 +68,60 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / min(times)  # a copy reads and writes every byte
 
 
-def time_decode(device: str, quantization: str | None, batch_sizes: list[int], context: int,
-                bandwidth: float, model: str = "llama3-8b") -> list[dict]:
+def matmul_peaks(device: torch.device, n: int = 8192) -> dict:
+    """FLOP/s of one large square GEMM in bf16 (torch.mm) and in FP8 (torch._scaled_mm): the peaks
+    the prefill chunk is compared with, measured here rather than taken from a data sheet."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
+    one = torch.ones((), device=device)
+    runs = {"bf16": lambda: torch.mm(a, b),
+            "fp8": lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)}
+    peaks = {}
+    for name, fn in runs.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize(device)
+        start, reps = time.perf_counter(), 20
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize(device)
+        peaks[name] = 2 * n**3 * reps / (time.perf_counter() - start)
+    return peaks
+
+
+def time_steps(device: str, quantization: str | None, kv_cache_dtype: str, batch_sizes: list[int], context: int,
+               bandwidth: float, chunk: int, model: str = "llama3-8b") -> tuple[list[dict], dict]:
+    """Decode step times at each batch size beside their roofline, and one prefill chunk's time."""
     from tetriinfer import LLM
     from tetriinfer.engine.profiler import profile_steps
 
     blocks = max(batch_sizes) * (-(-(context + 1) // 16) + 1) + 64
-    engine = LLM(model, device=device, dtype="bfloat16", quantization=quantization, num_blocks=blocks,
-                 max_num_seqs=max(batch_sizes), enable_prefix_caching=False).engine
+    blocks = max(blocks, -(-chunk // 16) + 64)
+    engine = LLM(model, device=device, dtype="bfloat16", quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                 num_blocks=blocks, max_num_seqs=max(batch_sizes), chunk_size=chunk,
+                 enable_prefix_caching=False).engine
     weight_bytes = sum(p.nbytes for p in engine.runner.model.parameters())
+    linear_params = sum(p.numel() for n, p in engine.runner.model.named_parameters()
+                        if p.dim() == 2 and "embed" not in n)
+    label = (quantization or "bf16") + ("+fp8kv" if kv_cache_dtype == "fp8" else "")
     try:
-        times = profile_steps(engine, [], [], batch_sizes, [context], repeats=20).decode
+        times = profile_steps(engine, [chunk], [0], batch_sizes, [context], repeats=20)
     finally:
         engine.close()
     rows = []
-    for b, (seconds,) in zip(batch_sizes, times):
+    for b, (seconds,) in zip(batch_sizes, times.decode):
         step_bytes = weight_bytes + b * (context + 1) * engine.kv_bytes_per_token
-        rows.append({"weights": quantization or "bf16", "batch": b, "context": context, "step_ms": seconds * 1e3,
+        rows.append({"weights": label, "batch": b, "context": context, "step_ms": seconds * 1e3,
                      "roofline_ms": step_bytes / bandwidth * 1e3, "weight_gb": weight_bytes / 1e9})
+    prefill_s = times.prefill[0][0]
+    prefill = {"weights": label, "chunk": chunk, "ms": prefill_s * 1e3, "tokens_per_s": chunk / prefill_s,
+               "linear_flops_per_s": 2 * linear_params * chunk / prefill_s}
     del engine
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return rows
+    return rows, prefill
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128, 256])
     p.add_argument("--context", type=int, default=512, help="tokens per sequence before the decode step")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill chunk tokens")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8_check needs a CUDA GPU (it compares torch._scaled_mm with the CPU-safe reference)", file=sys.stderr)
@@ -112,21 +148,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['shape']:<13} m={r['m']:<4} rel_max_error={r['rel_max_error']:.2e} {'ok' if r['ok'] else 'FAIL'}")
 
     bandwidth = copy_bandwidth(device)
-    print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
-    decode = []
-    for quantization in (None, "fp8"):
-        decode += time_decode(args.device, quantization, args.batch_sizes, args.context, bandwidth)
-    print(f"llama3-8b decode step, context {args.context} per sequence (ms; roofline = bytes read / copy bandwidth)")
-    print(f"  {'batch':>5} {'bf16':>8} {'roof':>7} {'fp8':>8} {'roof':>7} {'fp8 speedup':>11}")
+    peaks = matmul_peaks(device)
+    print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s; GEMM peaks: bf16 {peaks['bf16'] / 1e12:.0f}, "
+          f"fp8 {peaks['fp8'] / 1e12:.0f} TFLOP/s")
+    decode, prefill, errors = [], [], {}
+    for quantization, kv in ((None, "auto"), ("fp8", "auto"), ("fp8", "fp8")):
+        try:
+            rows, chunk = time_steps(args.device, quantization, kv, args.batch_sizes, args.context, bandwidth,
+                                     args.chunk)
+            decode += rows
+            prefill.append(chunk)
+        except Exception as e:  # record why, keep the rest of the run
+            errors[f"{quantization}/{kv}"] = f"{type(e).__name__}: {e}"
+    labels = [lab for lab in ("bf16", "fp8", "fp8+fp8kv") if any(r["weights"] == lab for r in decode)]
+    print(f"llama3-8b decode step, context {args.context} per sequence (ms, and x the roofline = bytes read / "
+          f"copy bandwidth)")
+    print("  batch " + " ".join(f"{lab:>18}" for lab in labels))
     by = {(r["weights"], r["batch"]): r for r in decode}
     for b in args.batch_sizes:
-        bf, f8 = by[("bf16", b)], by[("fp8", b)]
-        print(f"  {b:>5} {bf['step_ms']:>8.2f} {bf['roofline_ms']:>7.2f} {f8['step_ms']:>8.2f} "
-              f"{f8['roofline_ms']:>7.2f} {bf['step_ms'] / f8['step_ms']:>10.2f}x")
+        cells = [by[(lab, b)] for lab in labels]
+        print(f"  {b:>5} " + " ".join(f"{c['step_ms']:>9.2f} ({c['step_ms'] / c['roofline_ms']:.2f}x)" for c in cells))
+    print(f"prefill, one {args.chunk}-token chunk (linear-layer FLOP/s against the GEMM peak of its precision)")
+    for r in prefill:
+        peak = peaks["fp8" if r["weights"].startswith("fp8") else "bf16"]
+        print(f"  {r['weights']:<10} {r['ms']:8.2f} ms {r['tokens_per_s']:9.0f} tok/s "
+              f"{r['linear_flops_per_s'] / 1e12:6.0f} TFLOP/s = {r['linear_flops_per_s'] / peak:.2f} of peak")
+    for what, err in errors.items():
+        print(f"  {what}: {err}")
 
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "host": platform.node(),
-              "copy_bandwidth_bytes_per_s": bandwidth, "kernel_check": kernel, "decode": decode,
-              "kernel_ok": all(r["ok"] for r in kernel)}
+              "commit": os.environ.get("TETRIINFER_COMMIT", "unknown"), "copy_bandwidth_bytes_per_s": bandwidth,
+              "matmul_peaks_flops_per_s": peaks, "kernel_check": kernel, "decode": decode, "prefill": prefill,
+              "errors": errors, "kernel_ok": all(r["ok"] for r in kernel)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")
