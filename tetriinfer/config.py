@@ -166,7 +166,10 @@ class PolicyConfig:
     disagg_policy: str = "adaptive"
     prefill_policy: str = "sjf"
     sort_window: int = 16
-    dispatch_policy: str = "power2"
+    # Which decode instance takes a prefilled request. None: the paper's `power2` under the paper
+    # policy; `least_loaded` under adaptive, where prefill instances keep or move requests by load
+    # and power2's heavy/light split left one decode instance with 2-3x the other's work.
+    dispatch_policy: str | None = None
     admission_policy: str = "reserve_dynamic"
     bucket_size: int = 200
     predictor_accuracy: float = 0.749
@@ -191,6 +194,8 @@ class PolicyConfig:
             raise ValueError(f"handoff_after_tokens must be >= 1, got {self.handoff_after_tokens}")
         _check_choice("disagg_policy", self.disagg_policy, DISAGG_POLICIES)
         _check_choice("prefill_policy", self.prefill_policy, PREFILL_POLICIES)
+        if self.dispatch_policy is None:
+            self.dispatch_policy = "power2" if self.disagg_policy == "paper" else "least_loaded"
         _check_choice("dispatch_policy", self.dispatch_policy, DISPATCH_POLICIES)
         _check_choice("admission_policy", self.admission_policy, ADMISSION_POLICIES)
         for name in ("sort_window", "bucket_size", "max_num_batched_tokens"):

@@ -81,8 +81,9 @@ def add_parser(subparsers) -> None:
                    help="order of a prefill instance's queue: first come, shortest or longest prompt first")
     s.add_argument("--sort-window", type=int, default=policy.sort_window,
                    help="queued requests the prefill policy sorts at a time (the paper's PrefillSchedBatch)")
-    s.add_argument("--dispatch", default=policy.dispatch_policy, choices=[d for d in DISPATCH_POLICIES if d != "oracle"],
-                   help="how a prefill instance picks the decode instance (power2: the paper's two random choices)")
+    s.add_argument("--dispatch", default=None, choices=[d for d in DISPATCH_POLICIES if d != "oracle"],
+                   help="how a prefill instance picks the decode instance (power2: the paper's two random choices); "
+                        "None: power2 with --policy paper, least_loaded with --policy adaptive")
     s.add_argument("--admission", default=policy.admission_policy, choices=ADMISSION_POLICIES,
                    help="when a decode instance admits a request: at once, or reserving KV for its predicted length")
     s.add_argument("--max-num-batched-tokens", type=int, default=policy.max_num_batched_tokens,

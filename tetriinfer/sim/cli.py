@@ -68,7 +68,9 @@ def add_parser(subparsers) -> None:
                         "requests share prefixes through hash ids: Mooncake traces, the conversation workload)")
     p.add_argument("--prefill-policy", default=_POLICY.prefill_policy, choices=PREFILL_POLICIES)
     p.add_argument("--sort-window", type=int, default=_POLICY.sort_window)
-    p.add_argument("--dispatch", default=_POLICY.dispatch_policy, choices=DISPATCH_POLICIES)
+    p.add_argument("--dispatch", default=None, choices=DISPATCH_POLICIES,
+                   help="decode instance for a prefilled request; None: power2 with --policy paper, least_loaded "
+                        "with --policy adaptive")
     p.add_argument("--admission", default=_POLICY.admission_policy, choices=ADMISSION_POLICIES)
     p.add_argument("--accuracy", type=float, default=_POLICY.predictor_accuracy, help="length predictor accuracy")
     p.add_argument("--max-num-seqs", type=int, default=_STEP.max_num_seqs)
