@@ -1,17 +1,24 @@
 """Typed configuration for every knob: the one source of defaults.
 
 The CLI, the offline `LLM`, the server and the simulator all build these objects; nothing else
-keeps its own defaults. This module imports nothing heavy (no torch) so `sched` and `sim` can use it.
+keeps its own defaults. This module imports nothing heavy (no torch): only the policies' names,
+from `sched`, so `sim` and every layer above can use it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Each policy's valid names live beside the policy in `sched` (plain constants, no torch).
+from tetriinfer.sched.admission import ADMISSION_POLICIES
+from tetriinfer.sched.dispatcher import DISPATCH_POLICIES
+from tetriinfer.sched.prefill_queue import PREFILL_POLICIES
+from tetriinfer.sched.router import DISAGG_POLICIES
+from tetriinfer.sched.step_planner import STEP_POLICIES as ENGINE_STEP_POLICIES
+
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
-ENGINE_STEP_POLICIES = ("chunked", "whole", "mixed")  # sched.step_planner.STEP_POLICIES
 QUANTIZATIONS = (None, "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 
@@ -137,16 +144,13 @@ def check_tensor_parallel_size(size: int) -> None:
         raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {size!r}")
 
 
-# --- Cluster scheduling and simulation (issue 3) -------------------------------------------------
+# --- Cluster scheduling policies and the simulator ------------------------------------------------
 
+# The systems `tetriinfer simulate` runs: `tetriinfer` (TetriInfer, with `PolicyConfig.disagg_policy`
+# adaptive or paper), the colocated baselines `vllm` and `sarathi`, and `disagg`, a plain
+# disaggregated baseline (prefill and decode instances, but FCFS, no length prediction,
+# least-loaded dispatch, greedy admission). `disagg` here is not `ServeConfig.mode="disagg"`.
 SYSTEMS = ("tetriinfer", "vllm", "sarathi", "disagg")
-PREFILL_POLICIES = ("fcfs", "sjf", "ljf")
-DISPATCH_POLICIES = ("power2", "random", "round_robin", "least_loaded", "oracle")
-ADMISSION_POLICIES = ("greedy", "reserve_static", "reserve_dynamic")
-# How TetriInfer splits work between prefill and decode instances: `adaptive` (the default) lets a
-# decode instance prefill a request itself and a prefill instance decode one when that is cheaper;
-# `paper` is the paper's fixed split (every prompt on a prefill instance, every decode moved).
-DISAGG_POLICIES = ("adaptive", "paper")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -296,7 +300,7 @@ class SimConfig:
             raise ValueError(f"hash_block_tokens must be >= 1, got {self.hash_block_tokens}")
 
 
-# --- Serving cluster (issue 4) --------------------------------------------------------------------
+# --- The serving cluster (`tetriinfer serve`) -----------------------------------------------------
 
 SERVE_MODES = ("disagg", "colocated")
 COLOCATED_BASELINES = ("vllm", "sarathi")
@@ -308,14 +312,16 @@ LAUNCHERS = ("local", "ray")
 class ServeConfig:
     """`tetriinfer serve`: the cluster's shape, its policies and the HTTP front.
 
-    `disagg`: `num_prefill` + `num_decode` instances (the paper's system). `colocated`:
-    `num_instances` instances each running whole requests with the `baseline` step policy (`vllm`:
-    prefill first, whole prompts up to `policy.max_num_batched_tokens` per step; `sarathi`: decodes
-    plus prompt chunks up to `engine.scheduler.chunk_size` tokens per step). `engine` is the template every
-    instance's engine is built from (its device `cuda` becomes the first GPU of instance i's
-    `tensor_parallel_size`). `decode_tensor_parallel_size` gives decode instances another TP size
-    than `engine.tensor_parallel_size` (the KV moves whole between them, gathered from and scattered
-    to the rank shards); an instance keeps its size when it flips role.
+    `mode="disagg"`: `num_prefill` + `num_decode` instances running TetriInfer, with
+    `policy.disagg_policy` `adaptive` or `paper` (not the simulator's `disagg` baseline system, see
+    `SYSTEMS`). `mode="colocated"`: `num_instances` instances each running whole requests with the
+    `baseline` step policy (`vllm`: prefill first, whole prompts up to `policy.max_num_batched_tokens`
+    per step; `sarathi`: decodes plus prompt chunks up to `engine.scheduler.chunk_size` tokens per
+    step). `engine` is the template every instance's engine is built from (its device `cuda`
+    becomes the first GPU of instance i's `tensor_parallel_size`). `decode_tensor_parallel_size`
+    gives decode instances another TP size than `engine.tensor_parallel_size` (the KV moves whole
+    between them, gathered from and scattered to the rank shards); an instance keeps its size when
+    it flips role.
     """
 
     mode: str = "disagg"

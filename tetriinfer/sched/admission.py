@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tetriinfer.config import ADMISSION_POLICIES
+ADMISSION_POLICIES = ("greedy", "reserve_static", "reserve_dynamic")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Hashable, Protocol, Sequence
 
-from tetriinfer.config import DISPATCH_POLICIES
+DISPATCH_POLICIES = ("power2", "random", "round_robin", "least_loaded", "oracle")
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,9 @@ class Dispatcher:
     def place_waiting(self, waiting: deque, scan: int) -> list[tuple[Placeable, Hashable]]:
         """Place requests from the head of `waiting`, oldest first, looking at most `scan` deep, so
         one large request without room does not block the smaller ones behind it. Placed requests
-        leave `waiting`; the rest keep their order. Returns (request, decode instance) pairs."""
+        leave `waiting`; the rest keep their order. Returns (request, decode instance) pairs.
+        The simulator and the real cluster (`cluster.handoff`) pass `PolicyConfig.sort_window` as
+        `scan`: the prefill queue's sort window doubles as this depth (CLI `--sort-window`)."""
         placed, kept = [], []
         for _ in range(min(len(waiting), scan)):
             req = waiting.popleft()

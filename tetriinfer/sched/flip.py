@@ -11,10 +11,12 @@ below its minimum count. The caller drains the instance and switches it `flip_s`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable
+from typing import TYPE_CHECKING, Hashable
 
-from tetriinfer.config import FlipConfig
 from tetriinfer.sched.monitor import DECODE, PREFILL, ClusterSnapshot
+
+if TYPE_CHECKING:  # sched imports nothing outside itself at run time: config imports sched
+    from tetriinfer.config import FlipConfig
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Hashable, Iterator, Protocol
 
-from tetriinfer.config import PREFILL_POLICIES
 from tetriinfer.sched.chunker import Chunk, next_chunk
+
+PREFILL_POLICIES = ("fcfs", "sjf", "ljf")
 
 
 class QueuedPrompt(Protocol):

@@ -36,6 +36,12 @@ from tetriinfer.sched.dispatcher import DecodeLoad
 from tetriinfer.sched.global_scheduler import GlobalScheduler
 from tetriinfer.sched.prefix_index import PrefixIndex, cached_tokens
 
+# How TetriInfer splits work between prefill and decode instances: `adaptive` (the default; this
+# module) lets a decode instance prefill a request itself and a prefill instance decode one when
+# that is cheaper; `paper` is the paper's fixed split (every prompt on a prefill instance, every
+# decode moved).
+DISAGG_POLICIES = ("adaptive", "paper")
+
 
 class StepCost(Protocol):
     """Seconds of one forward pass (`sim.cost.CostModel` and `sched.step_cost.LinearStepCost` fit)."""
