@@ -29,7 +29,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tetriinfer.bench.metrics import LatencyStats, Summary, perf_per_dollar
+from tetriinfer.metrics import LatencyStats, Summary, perf_per_dollar
 from tetriinfer.bench.serve_client import run_load_sync
 from tetriinfer.bench.server_process import ServerProcess
 from tetriinfer.bench.workload import back_to_back, build_specs

@@ -4,14 +4,8 @@ import math
 
 import pytest
 
-from tetriinfer.bench.metrics import (
-    LatencyStats,
-    RequestRecord,
-    format_table,
-    perf_per_dollar,
-    plot_distributions,
-    summarize,
-)
+from tetriinfer.bench.report import format_table, plot_distributions
+from tetriinfer.metrics import LatencyStats, RequestRecord, perf_per_dollar, summarize
 
 
 def record(i, arrival, first, finish, output_tokens=11, prompt_tokens=100):

@@ -15,7 +15,7 @@ from tetriinfer.bench.cli import cap_prompts
 from tetriinfer.bench.serve_client import SSEParser, prompt_token_ids, run_load_sync
 from tetriinfer.bench.workload import RequestSpec, build_specs, poisson_arrivals
 from tetriinfer.cli import main
-from tetriinfer.cluster.launcher import free_port
+from tetriinfer.net import free_port
 
 MODEL = "fake-model"
 
@@ -272,7 +272,7 @@ def test_cli_exits_nonzero_when_nothing_succeeds(fake, tmp_path, capsys):
 
 def test_specs_match_simulate_for_the_same_flags():
     from tetriinfer.presets import get_preset
-    from tetriinfer.sim.cli import build_specs as sim_build_specs
+    from tetriinfer.bench.simulate import build_specs as sim_build_specs
 
     context = get_preset("llama3-8b")["max_position_embeddings"]
     for workload, rate in (("mixed", None), ("hphd", 4.0), ("azure-conv", None), ("azure-code", 2.0)):

@@ -195,7 +195,7 @@ def test_unknown_workload_error_lists_every_name():
 
 
 def test_simulate_help_lists_every_workload():
-    from tetriinfer.sim.cli import add_parser
+    from tetriinfer.bench.simulate import add_parser
 
     subparsers = argparse.ArgumentParser().add_subparsers()
     add_parser(subparsers)

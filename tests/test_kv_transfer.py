@@ -21,7 +21,7 @@ import torch
 from kv_utils import ODD, bitwise_equal, check_kv, make_kv, shm_segments
 from tetriinfer.cluster.kv import TRANSPORTS, KVTransferError, ShmTransport, make_transport
 from tetriinfer.cluster.kv.cuda_ipc import IPC_FIELDS, decode_ipc, encode_ipc
-from tetriinfer.cluster.launcher import free_port
+from tetriinfer.net import free_port
 from tetriinfer.config import KV_TRANSPORTS
 
 

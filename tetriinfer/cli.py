@@ -15,7 +15,7 @@ SUBCOMMANDS = (
     "tetriinfer.entrypoints.profile",
     "tetriinfer.entrypoints.serve",
     "tetriinfer.predictor.cli",
-    "tetriinfer.sim.cli",
+    "tetriinfer.bench.simulate",
     "tetriinfer.bench.cli",
 )
 

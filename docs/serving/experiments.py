@@ -66,7 +66,7 @@ def start(flags: list[str], log: Path):
 
 # ---- real vs simulated -------------------------------------------------------------------------------
 def compare() -> None:
-    from tetriinfer.bench.metrics import plot_distributions
+    from tetriinfer.bench.report import plot_distributions
     from tetriinfer.bench.serve_client import run_load_sync
     from tetriinfer.bench.workload import build_specs
     from tetriinfer.config import ClusterConfig, EngineSchedulerConfig, PolicyConfig, SimConfig

@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from tetriinfer.bench.metrics import LatencyStats, Summary
+from tetriinfer.metrics import LatencyStats, Summary
 from tetriinfer.bench.workload import RequestSpec, make_workload
 from tetriinfer.config import ClusterConfig, EngineSchedulerConfig, FlipConfig, PolicyConfig, SimConfig
 from tetriinfer.sim.cluster import simulate

@@ -1,2 +1,3 @@
-"""Workloads (real request lengths, arrival processes) and metrics, shared by the simulator and by
-benchmarks against the real server."""
+"""Workloads (real request lengths, arrival processes, traces), load generation against the real
+server (`bench serve`) or the simulator (`simulate`), and reports (tables, CDF plots). The metrics
+themselves are `tetriinfer.metrics`, shared with `sim`."""

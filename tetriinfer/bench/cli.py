@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from tetriinfer.bench.metrics import format_table, plot_distributions
+    from tetriinfer.bench.report import format_table, plot_distributions
     from tetriinfer.bench.serve_client import run_load_sync
     from tetriinfer.bench.workload import build_specs
 

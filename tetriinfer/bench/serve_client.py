@@ -6,7 +6,7 @@ hash id, so equal ids are equal token blocks and the server's prefix cache sees 
 whose `max_tokens` is its output length (`ignore_eos`, greedy), sent at its arrival offset from
 the start of the run. One aiohttp session carries every request; the client measures send time,
 first token and last token per request on one clock (seconds since the run started) and returns
-`RequestRecord`s for `bench.metrics.summarize`. Failed requests (HTTP errors, broken streams,
+`RequestRecord`s for `tetriinfer.metrics.summarize`. Failed requests (HTTP errors, broken streams,
 server-side errors) are collected, never raised.
 """
 
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tetriinfer.bench.metrics import RequestRecord, Summary, summarize
+from tetriinfer.metrics import RequestRecord, Summary, summarize
 from tetriinfer.bench.traces import HASH_BLOCK_TOKENS
 from tetriinfer.bench.workload import RequestSpec
 

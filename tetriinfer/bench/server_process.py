@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tetriinfer.net import free_port
+
 # kv_counters() key -> what follows `tetriinfer_kv_transfer` in the counter's name
 KV_TRANSFER_COUNTERS = {"bytes": "_bytes", "seconds": "_seconds", "count": "s", "failures": "_failures"}
 
@@ -45,8 +47,6 @@ class ServerProcess:
               timeout_s: float = 180.0) -> "ServerProcess":
         """Run `tetriinfer serve FLAGS --port <free port>`, its output to `log_path`; return once
         /health answers 200. Raises RuntimeError (with the log's tail) if it exits or stays unhealthy."""
-        from tetriinfer.cluster.launcher import free_port
-
         port = free_port()
         log_path = Path(log_path)
         with open(log_path, "w") as log:

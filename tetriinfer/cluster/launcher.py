@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from tetriinfer.cluster.mps import MpsDaemon
 from tetriinfer.cluster.zmq_io import Wire
 from tetriinfer.cluster.supervisor import supervised_main
 from tetriinfer.config import EngineConfig, EngineSchedulerConfig, ServeConfig
+from tetriinfer.net import free_port
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
 
 log = logging.getLogger("tetriinfer.launcher")
@@ -33,12 +33,6 @@ log = logging.getLogger("tetriinfer.launcher")
 # of fixed membership at start).
 REPLACEABLE_TRANSPORTS = ("shm", "cuda_ipc")
 STOP_GRACE_S = 1.0  # children's clean exit after a Shutdown, before SIGTERM (LocalCluster.stop)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def instance_roles(cfg: ServeConfig) -> list[str]:

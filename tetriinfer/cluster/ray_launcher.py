@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 
 from tetriinfer.cluster.controller import ControllerConfig, run_controller
 from tetriinfer.cluster.instance import InstanceConfig, run_instance
-from tetriinfer.cluster.launcher import controller_config, free_port, restartable
+from tetriinfer.cluster.launcher import controller_config, restartable
 from tetriinfer.cluster.ray_plan import (  # noqa: F401 (the plan's names, re-exported)
     GPU_TRANSPORTS, NODE_PIN, ONE_HOST_TRANSPORTS, WILDCARD_HOSTS, NodeInfo, Placement, RayPlan, assigned_devices,
     describe, instance_configs, plan_placement, reachable_address, remote_instances,
 )
 from tetriinfer.cluster.zmq_io import Wire
 from tetriinfer.config import ServeConfig
+from tetriinfer.net import free_port
 
 log = logging.getLogger("tetriinfer.ray")
 

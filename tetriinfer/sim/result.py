@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tetriinfer.bench.metrics import RequestRecord, Summary, summarize
+from tetriinfer.metrics import RequestRecord, Summary, summarize
 from tetriinfer.sim.request import SimRequest
 
 

@@ -1,4 +1,5 @@
-"""`tetriinfer simulate`: run serving systems over a workload in the discrete-event simulator.
+"""`tetriinfer simulate`: run serving systems over a workload in the discrete-event simulator
+(`bench` drives `sim` with its workloads and reports, as `bench serve` drives a real server).
 
 One system prints its metrics; `--compare vllm,sarathi,tetriinfer` runs each on the very same
 requests, prints them side by side (perf/$ relative to the first) and plots TTFT/JCT CDFs.
@@ -9,18 +10,11 @@ from __future__ import annotations
 import argparse
 
 from tetriinfer.bench.workload import ALL_WORKLOADS
-from tetriinfer.config import (
-    ADMISSION_POLICIES,
-    DISAGG_POLICIES,
-    DISPATCH_POLICIES,
-    PREFILL_POLICIES,
-    SYSTEMS,
-    ClusterConfig,
-    EngineSchedulerConfig,
-    FlipConfig,
-    PolicyConfig,
-    SimConfig,
-)
+from tetriinfer.config import SYSTEMS, ClusterConfig, EngineSchedulerConfig, FlipConfig, PolicyConfig, SimConfig
+from tetriinfer.sched.admission import ADMISSION_POLICIES
+from tetriinfer.sched.dispatcher import DISPATCH_POLICIES
+from tetriinfer.sched.prefill_queue import PREFILL_POLICIES
+from tetriinfer.sched.router import DISAGG_POLICIES
 
 _POLICY, _CLUSTER, _STEP, _SIM = PolicyConfig(), ClusterConfig(), EngineSchedulerConfig(), SimConfig()
 
@@ -129,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from tetriinfer.bench.metrics import format_table, plot_distributions
+    from tetriinfer.bench.report import format_table, plot_distributions
     from tetriinfer.sim.cluster import simulate
 
     systems = [s.strip() for s in args.compare.split(",")] if args.compare else [args.system]
