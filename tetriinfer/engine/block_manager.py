@@ -14,9 +14,10 @@ class OutOfBlocks(RuntimeError):
 
 class BlockManager:
     """Hands out block ids of the KV cache. A block returns to the pool when its last holder frees
-    it; `share` adds a holder. A full block whose KV is known by a key (`cache`) is not forgotten
-    when freed: it waits in an LRU pool of evictable blocks, where `lookup` can find it again, and
-    is evicted (least recently freed first) only when a fresh block is needed and none is free."""
+    it. A full block whose KV is known by a key (`cache`) is not forgotten when freed: it waits in
+    an LRU pool of evictable blocks, where `lookup` can find it again (adding the caller as a
+    holder), and is evicted (least recently freed first) only when a fresh block is needed and none
+    is free."""
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
@@ -74,12 +75,6 @@ class BlockManager:
 
     def blocks_to_grow(self, block_table: list[int], num_tokens: int) -> int:
         return max(0, self.blocks_for_tokens(num_tokens) - len(block_table))
-
-    def share(self, blocks: list[int]) -> None:
-        for b in blocks:
-            if self._ref_counts[b] == 0:
-                raise ValueError(f"cannot share free block {b}")
-            self._ref_counts[b] += 1
 
     def free(self, blocks: list[int]) -> None:
         """Drop one holder of each block and empty the list (a request's block table). The last

@@ -1,7 +1,8 @@
 """Cluster monitor: collects instance loads every `interval_s` and broadcasts the snapshot.
 
 Between two collections everyone (global scheduler, dispatchers, flip policy) reads the same,
-possibly stale, snapshot, as in the paper's 100 ms polling.
+possibly stale, snapshot, as in the paper's 100 ms polling. The caller (the simulator, the real
+cluster's controller) builds each `ClusterSnapshot` from its instances and hands it on itself.
 """
 
 from __future__ import annotations
@@ -54,15 +55,12 @@ class ClusterSnapshot:
 
 
 class ClusterMonitor:
+    """When the next collection is due."""
+
     def __init__(self, interval_s: float = 0.1) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         self.interval_s = interval_s
-        self.snapshot: ClusterSnapshot | None = None
 
     def next_collection_s(self, now: float) -> float:
         return now + self.interval_s
-
-    def publish(self, snapshot: ClusterSnapshot) -> ClusterSnapshot:
-        self.snapshot = snapshot
-        return snapshot

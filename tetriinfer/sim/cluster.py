@@ -47,7 +47,13 @@ def simulate(specs: Sequence, config: SimConfig, cost, *, progress: bool = False
 
 class ClusterSim:
     """One run of one system over one request list. `cost` follows `tetriinfer.sim.cost.CostModel`;
-    `predictor` has `predict(output_tokens, request_id) -> bucket` (TetriInfer only)."""
+    `predictor` has `predict(output_tokens, request_id) -> bucket` (TetriInfer only).
+
+    Systems (`config.SYSTEMS`): `tetriinfer` (prefill and decode instances with TetriInfer's
+    policies; `policy.disagg_policy` adaptive or paper); `vllm` and `sarathi` (colocated
+    instances); `disagg`, a plain disaggregated baseline: prefill and decode instances without
+    TetriInfer's scheduling (FCFS, unpadded chunks, no length prediction, least-loaded dispatch,
+    greedy admission). The served cluster's `ServeConfig.mode="disagg"` is TetriInfer, not this."""
 
     def __init__(self, config: SimConfig, cost, predictor=None) -> None:
         self.config = config
@@ -311,7 +317,10 @@ class ClusterSim:
         without room retry on the next one. Adaptive: some decode where they are instead."""
         if self.adaptive and not inst.draining:
             self._keep_on_prefill(inst)
-        for req, target in inst.dispatcher.place_waiting(inst.dispatch_wait, self.config.policy.sort_window):
+        # One knob for two depths: the dispatcher scans as many waiting requests as the prefill
+        # queue sorts (`PolicyConfig.sort_window`), here and in the real cluster (`cluster.handoff`).
+        scan_depth = self.config.policy.sort_window
+        for req, target in inst.dispatcher.place_waiting(inst.dispatch_wait, scan_depth):
             decode = self.instances[target]
             decode.receive(req)
             self._kick(decode, now)
@@ -344,7 +353,7 @@ class ClusterSim:
         prefill_loads = {i.instance_id: i.load_tokens for i in active if i.role != DECODE}
         decode_loads = tuple(i.decode_load() for i in active if i.role == DECODE)
         waiting = sum(len(i.dispatch_wait) for i in self.instances.values() if i.role == PREFILL)
-        snapshot = self.monitor.publish(ClusterSnapshot(now, tuple(statuses), prefill_loads, decode_loads, waiting))
+        snapshot = ClusterSnapshot(now, tuple(statuses), prefill_loads, decode_loads, waiting)
         self.result.peak_dispatch_waiting = max(self.result.peak_dispatch_waiting, waiting)
         self.global_scheduler.update(snapshot.prefill_loads)
         if self.router is not None:

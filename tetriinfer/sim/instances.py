@@ -229,7 +229,6 @@ class DecodeInstance(BatchInstance):
         self.enqueue(req)
 
     def _assign(self, req: SimRequest) -> None:
-        req.decode_instance = self.instance_id
         self.assigned_need_blocks += req.need_blocks
         if req.heavy:
             self.num_heavy += 1

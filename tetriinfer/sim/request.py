@@ -12,7 +12,6 @@ class SimRequest:
         "prefill_start_s", "first_token_s", "finish_s",
         "bucket", "heavy", "need_blocks", "reserve_blocks", "predicted_output",  # set once predicted
         "kv_len", "decode_left", "recomputing", "kv_local",  # decode progress
-        "decode_instance",
         "hash_ids", "cached_tokens",  # prefix blocks (full ones only) and the prompt tokens a cache served
         # RunningBatch bookkeeping
         "batch_epoch", "batch_step0", "batch_kv0", "batch_reserve",
@@ -39,7 +38,6 @@ class SimRequest:
         self.decode_left = output_tokens - 1
         self.recomputing = False
         self.kv_local = False  # its KV already sits on the decode instance (it was prefilled there)
-        self.decode_instance = None
         self.hash_ids = hash_ids
         self.cached_tokens = 0
         self.batch_epoch = 0
