@@ -28,6 +28,7 @@ from serve_utils import start_server, wait_until
 from tetriinfer.cluster import messages as msg
 from tetriinfer.cluster.zmq_io import Inbox, Outboxes, Wire
 from tetriinfer.config import CacheConfig, EngineConfig, FlipConfig, PolicyConfig
+from tetriinfer.engine.serving import RequestState
 from tetriinfer.sampling_params import SamplingParams
 
 ARGS = ["--num-blocks", "256", "--chunk-size", "64", "--max-model-len", "512", "--policy", "paper"]
@@ -182,7 +183,8 @@ def test_forged_messages_from_a_local_process_take_no_effect(tmp_path):
                 for path in inboxes:
                     forge(f"ipc://{path}", msg.InstanceDied(0, "forged"), msg.InstanceDied(1, "forged"),
                           msg.TokenBatch(0, [msg.TokenDelta.ended(first["id"], "error", "forged")]),
-                          msg.KVPush(first["id"], 0, 1 << 32 | 1, [1], [2], [], sampling, None, descriptor),
+                          msg.KVPush(RequestState(first["id"], None, [1], [2], [], sampling, 0.0, None), 0, 1 << 32 | 1,
+                                     descriptor, 0.0),
                           msg.Shutdown())
                 chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
             finish = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
@@ -294,8 +296,8 @@ def test_a_decode_instance_refuses_a_kv_push_it_never_issued_even_from_a_key_hol
     try:
         descriptor = {"transport": "shm", "shape": [1, 1, 1, 2], "dtype": "float32", "nbytes": 16,
                       "name": os.path.basename(canary)}
-        ours.send(instance.inbox.address, msg.KVPush("r", 1, 1 << 32 | 1, [1], [2], [], SamplingParams(), None,
-                                                     descriptor))
+        state = RequestState("r", None, [1], [2], [], SamplingParams(), 0.0, None)
+        ours.send(instance.inbox.address, msg.KVPush(state, 1, 1 << 32 | 1, descriptor, 0.0))
         wait_until(lambda: instance.kv_pushes_refused == 1, 10, "the push refused")
         assert os.path.exists(canary) and not instance._receives
     finally:

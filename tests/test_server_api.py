@@ -8,7 +8,8 @@ import pytest
 
 from api_utils import API_KEY, CHAT, MODEL, app, backend, call, expected_text, metric_value  # noqa: F401 (fixtures)
 from fake_backend import FakeBackend
-from tetriinfer.cluster.messages import ClusterStats, DecodeLoadMsg, InstanceStats
+from tetriinfer.cluster.messages import ClusterStats, InstanceStats
+from tetriinfer.sched.dispatcher import DecodeLoad
 from tetriinfer.server.app import create_app
 
 # ---- completions and chat, in-process -------------------------------------------------------------
@@ -247,7 +248,7 @@ def _instance(instance_id: int, role: str, used: int) -> InstanceStats:
     return InstanceStats(instance_id=instance_id, role=role, address=f"ipc://{instance_id}", pid=1000 + instance_id, draining=role == "decode",
                          load_fraction=0.5, queued_prompt_tokens=100 * instance_id, num_waiting=2, num_running=3,
                          num_dispatch_waiting=1, kv_blocks_total=64, kv_blocks_used=used,
-                         decode_load=DecodeLoadMsg(instance_id, 10, 1, 2, 3), kv_transfer_bytes=4096,
+                         decode_load=DecodeLoad(instance_id, 10, 1, 2, free_slots=3), kv_transfer_bytes=4096,
                          kv_transfer_seconds=0.5, kv_transfers=7, kv_transfer_failures=1)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from tetriinfer.cluster import messages as msg
 from tetriinfer.cluster.zmq_io import Inbox, Outboxes, Wire
 from tetriinfer.config import FlipConfig
+from tetriinfer.sched.dispatcher import DecodeLoad
 from tetriinfer.sched.flip import FlipPolicy
 from tetriinfer.sched.global_scheduler import GlobalScheduler
 from tetriinfer.sched.lengths import blocks_for
@@ -214,7 +215,8 @@ class Controller:
             return True
         return self.config.recovering and bool(self.live()) and now - self._start > self.config.dead_after_s
 
-    def _update_router(self, live: list[msg.InstanceStats], prefill_loads: dict, decode_loads: list) -> None:
+    def _update_router(self, live: list[msg.InstanceStats], prefill_loads: dict[int, int],
+                       decode_loads: list[DecodeLoad]) -> None:
         """Refit the step cost from every live instance's steps; price the KV move from the
         transfers measured so far; give the router the new loads."""
         self.step_cost = LinearStepCost.fit([StepStats.from_list(s.step_stats) for s in live if s.step_stats])
@@ -224,9 +226,9 @@ class Controller:
         # The KV move is priced at 0: the measured transfer seconds run from reservation to landing,
         # mostly both instances finishing a step, not the copy (on one H200 they priced a 1k-token
         # move at ~0.2 s, sending every prompt to the decode instance and leaving the prefill idle).
-        self.router.update(prefill_loads, [d.to_load() for d in decode_loads])
+        self.router.update(prefill_loads, decode_loads)
 
-    def _flip(self, now: float, live: list[msg.InstanceStats], decode_loads: list[msg.DecodeLoadMsg]) -> None:
+    def _flip(self, now: float, live: list[msg.InstanceStats], decode_loads: list[DecodeLoad]) -> None:
         if not self.config.flip.enabled or not live or any(s.role == COLOCATED for s in live):
             return
         statuses = tuple(InstanceStatus(s.instance_id, s.role, s.load_fraction,
@@ -234,7 +236,7 @@ class Controller:
         snapshot = ClusterSnapshot(
             now - self._start, statuses,
             {s.instance_id: s.queued_prompt_tokens for s in live if s.role == PREFILL},
-            tuple(d.to_load() for d in decode_loads),
+            tuple(decode_loads),
             sum(s.num_dispatch_waiting for s in live),
         )
         for order in self.flip_policy.decide(snapshot):

@@ -6,17 +6,12 @@ DECODE admits offered requests (admission policy), reserves their blocks, receiv
 decodes them; COLOCATED (the baselines) runs whole requests. PREFILL and DECODE flip into each
 other on the controller's order, in the same process with the same weights.
 
-Hand-off, prefill P -> decode D (messages in cluster.messages, bytes through cluster.kv; the code
-in cluster.handoff):
-    P: prefill done -> predict -> dispatcher picks D -> KVOffer(offer_id)
-    D: queue it for admission -> KVHold (renewed every kv_timeout/3 while it waits: a lease)
-    D: admission allows -> reserve blocks -> KVReady(transfer_id, offer_id)
-    P: export KV (frees P's blocks) -> start_send -> KVPush(descriptor)
-    D: recv into the reserved blocks -> import -> KVDone; tokens now stream from D.
-    P, no KVReady yet and D gone from the address book or its lease lapsed: KVCancel(-1) to D, stop
-       offering to D for 2 x kv_timeout, place the request again (another D; adaptive: maybe P).
-Any failure (timeout, dead peer, abort, a message that cannot be sent) frees what each side holds
-and ends the request with an error delta to the API; nothing waits forever.
+The hand-off, prefill P -> decode D, is `cluster.handoff` (its protocol in its docstring; P's half
+and D's mixed in here). This file keeps the loop, the prompts in, the tokens out, aborts, flips and
+the reports. The engine is used through its serving facade only (`engine.serving`), and the
+policies' inputs are built from plain counts (`sched.instance_view`). Any failure (timeout, dead
+peer, abort, a message that cannot be sent) frees what each side holds and ends the request with an
+error delta to the API; nothing waits forever.
 """
 
 from __future__ import annotations
@@ -32,14 +27,14 @@ from dataclasses import dataclass, field
 import zmq
 
 from tetriinfer.cluster import messages as msg
-from tetriinfer.cluster.handoff import Assigned, DecodeHandoff, Incoming, Issued, Parked, PrefillHandoff, Queued
+from tetriinfer.cluster.handoff import TransferCounters
+from tetriinfer.cluster.handoff.decode import Assigned, DecodeHandoff, Incoming, Issued, Queued, Receiving
+from tetriinfer.cluster.handoff.prefill import Parked, PrefillHandoff
 from tetriinfer.cluster.zmq_io import Inbox, Outboxes, Wire
 from tetriinfer.config import EngineConfig, FlipConfig, PolicyConfig
 from tetriinfer.sched.dispatcher import Dispatcher
-from tetriinfer.sched.lengths import blocks_for
-from tetriinfer.sched.monitor import (
-    COLOCATED, DECODE, PREFILL, decode_load_fraction, decode_room_blocks, prefill_load_fraction,
-)
+from tetriinfer.sched.dispatcher import DecodeLoad
+from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL, decode_load_fraction, prefill_load_fraction
 from tetriinfer.sched.prefill_queue import PrefillQueue
 from tetriinfer.sched.step_cost import LinearStepCost, StepStats
 
@@ -76,14 +71,6 @@ class Pending:
     prompt_len: int
     num_prefilled: int = 0
     prediction: Future | None = None
-
-
-@dataclass
-class TransferCounters:
-    bytes: int = 0
-    seconds: float = 0.0
-    count: int = 0
-    failures: int = 0
 
 
 @dataclass
@@ -128,16 +115,16 @@ class Instance(PrefillHandoff, DecodeHandoff):
         prefill_policy = "fcfs" if config.role == COLOCATED else config.policy.prefill_policy
         self.queue = PrefillQueue(prefill_policy, config.policy.sort_window)
         self.sent_tokens: dict[str, int] = {}  # output tokens already streamed, per engine request
-        # prefill role (cluster.handoff.PrefillHandoff)
+        # prefill role (cluster.handoff.prefill)
         self.parked: dict[str, Parked] = {}
         self.dispatch_wait: deque[Parked] = deque()
         self.sending: dict[int, Parked] = {}  # transfer id -> request whose KV is on its way out
-        self.decode_loads: list[msg.DecodeLoadMsg] = []  # the last snapshot's
+        self.decode_loads: list[DecodeLoad] = []  # the last snapshot's
         self.avoided: dict[int, float] = {}  # decode instance -> offer nothing to it until then
         self.num_redispatches = 0
         self._next_offer = 0
         self._no_decode_since: float | None = None
-        # decode role (cluster.handoff.DecodeHandoff)
+        # decode role (cluster.handoff.decode)
         self.offers: deque[Queued] = deque()
         self.incoming: dict[str, Incoming] = {}
         self.issued: dict[int, Issued] = {}  # transfer id -> its sender, until a KVPush is due
@@ -145,7 +132,7 @@ class Instance(PrefillHandoff, DecodeHandoff):
         self.kv_pushes_refused = 0
         self.transfers_out = TransferCounters()
         self.transfers_in = TransferCounters()
-        self._receives: dict[int, tuple[Future, msg.KVPush]] = {}
+        self._receives: dict[int, Receiving] = {}  # transfer id -> its KV being received
         self.label_to: dict[str, int] = {}  # request -> the prefill instance whose predictor gets its length
         self._recv_pool = ThreadPoolExecutor(1, thread_name_prefix="kv-recv")  # one at a time: p2p order
         self._next_transfer = 0
@@ -241,10 +228,8 @@ class Instance(PrefillHandoff, DecodeHandoff):
         prompt = len(submit.prompt_token_ids)
         if self.role == PREFILL and self.predictor is not None:
             prediction = self.predictor.submit([submit.prompt_token_ids])  # runs beside the prefill
-        elif self.role == DECODE:  # routed here to prefill in place (adaptive): it decodes here too
-            self.num_local_prefills += 1
-            need = blocks_for(prompt + 1, self.block_size)
-            self.assigned[submit.request_id] = Assigned(need, False, need, prompt + submit.sampling.max_tokens)
+        elif self.role == DECODE:
+            self._assign_local(submit)
         self.queue.add(Pending(submit.request_id, submit, prompt, prediction=prediction))
 
     def _feed_engine(self) -> None:
@@ -338,17 +323,8 @@ class Instance(PrefillHandoff, DecodeHandoff):
     def _on_abort(self, request_id: str) -> None:
         self.queue.remove(request_id)
         self.label_to.pop(request_id, None)
-        parked = self.parked.pop(request_id, None)
-        if parked is not None:
-            if parked in self.dispatch_wait:
-                self.dispatch_wait.remove(parked)
-            if parked.transfer_id is not None:
-                self.sending.pop(parked.transfer_id, None)
-                self.transport.cancel_send(parked.transfer_id)
-            if parked.dst is not None and parked.dst in self.addresses:
-                self._send_to(parked.dst, msg.KVCancel(request_id, parked.transfer_id or -1, "aborted"))
-        if request_id in self.engine.requests:
-            self.engine.abort_request(request_id)
+        self._withdraw_parked(request_id)
+        self.engine.abort_request(request_id)
         self.sent_tokens.pop(request_id, None)
         self._give_up_incoming(request_id, "aborted")
         self.assigned.pop(request_id, None)
@@ -361,28 +337,16 @@ class Instance(PrefillHandoff, DecodeHandoff):
         self._update_dispatcher()
 
     def _on_cancel(self, cancel: msg.KVCancel) -> None:
-        rid = cancel.request_id
-        if self.role == PREFILL or rid in self.parked:
-            parked = self.parked.get(rid)
-            if parked is None:
-                return
-            if cancel.transfer_id == -1 and parked.transfer_id is None:
-                if parked.dst is not None:  # the decode instance declined: place it again
-                    self._take_back(parked, cancel.reason, time.monotonic(), withdraw=False)
-                return
-            self._transfer_failed(parked, f"decode instance gave up the transfer: {cancel.reason}")
-            return
-        self._give_up_incoming(rid, cancel.reason, cancel.transfer_id)
+        if self.role == PREFILL or cancel.request_id in self.parked:
+            self._on_decode_cancel(cancel)
+        else:
+            self._give_up_incoming(cancel.request_id, cancel.reason, cancel.transfer_id)
 
     def _on_flip(self, flip: msg.Flip) -> None:
         if flip.to_role == self.role or self.role == COLOCATED:
             return
         self.flip = FlipState(flip.to_role, time.monotonic())
-        # Offers not yet admitted go back to their prefill instances, to be placed elsewhere.
-        while self.offers:
-            offer = self.offers.popleft().offer
-            self.assigned.pop(offer.request_id, None)
-            self._send_to(offer.src_instance, msg.KVCancel(offer.request_id, -1, "instance is flipping"))
+        self._decline_offers("instance is flipping")
 
     def _maybe_finish_flip(self) -> None:
         if self.flip is None:
@@ -398,13 +362,7 @@ class Instance(PrefillHandoff, DecodeHandoff):
             return
         drained_at = time.monotonic()
         if self.role == PREFILL:
-            # Prefilled requests still waiting for a decode instance decode right here.
-            while self.dispatch_wait:
-                parked = self.dispatch_wait.popleft()
-                self.parked.pop(parked.request_id, None)
-                req = self.engine.decode_here(parked.request_id)
-                self.assigned[req.request_id] = Assigned(parked.need_blocks, parked.heavy, parked.reserve_blocks,
-                                                         req.num_tokens + parked.predicted_decode_tokens)
+            self._decode_waiting_here()
         self.role = self.flip.to_role
         switched_at = time.monotonic()
         self.out.send(self.config.controller_address, msg.FlipDone(
@@ -414,13 +372,6 @@ class Instance(PrefillHandoff, DecodeHandoff):
         self._last_stats = 0.0  # report the new role now
 
     # ---- reporting -------------------------------------------------------------------------------
-    def _decode_load(self, load) -> msg.DecodeLoadMsg:
-        need = sum(a.need_blocks for a in self.assigned.values())
-        heavy = sum(1 for a in self.assigned.values() if a.heavy)
-        return msg.DecodeLoadMsg(self.instance_id, decode_room_blocks(self.capacity_blocks, load.used_blocks, need),
-                                 heavy, len(self.assigned) - heavy, self.max_num_seqs - len(self.assigned),
-                                 self.queue.pending_tokens + load.waiting_tokens, load.num_running, load.running_context)
-
     def _stats(self) -> msg.InstanceStats:
         load = self.engine.load()
         used = load.used_blocks

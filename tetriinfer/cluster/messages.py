@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import msgspec
 
+from tetriinfer.engine.serving import RequestState
 from tetriinfer.sampling_params import SamplingParams
 from tetriinfer.sched.dispatcher import DecodeLoad
 
@@ -76,23 +77,6 @@ class TokenBatch(msgspec.Struct, tag=True):
     deltas: list[TokenDelta]
 
 
-class DecodeLoadMsg(msgspec.Struct, array_like=True):
-    """sched.dispatcher.DecodeLoad on the wire."""
-
-    instance_id: int
-    room_blocks: int
-    num_heavy: int
-    num_light: int
-    free_slots: int
-    queued_prompt_tokens: int = 0
-    num_running: int = 0
-    context_tokens: int = 0
-
-    def to_load(self) -> DecodeLoad:
-        return DecodeLoad(self.instance_id, self.room_blocks, self.num_heavy, self.num_light, 0, self.free_slots,
-                          self.queued_prompt_tokens, self.num_running, self.context_tokens)
-
-
 class PredictorStats(msgspec.Struct, array_like=True):
     """An instance's online length predictor (predictor.online.OnlineStats), for /metrics."""
 
@@ -116,7 +100,7 @@ class InstanceStats(msgspec.Struct, tag=True):
     num_dispatch_waiting: int  # prefilled, no decode instance with room yet
     kv_blocks_total: int
     kv_blocks_used: int
-    decode_load: DecodeLoadMsg | None
+    decode_load: DecodeLoad | None  # decode role: what the dispatchers place by (sched.dispatcher)
     kv_transfer_bytes: int  # totals since start (counters)
     kv_transfer_seconds: float
     kv_transfers: int
@@ -154,7 +138,7 @@ class Snapshot(msgspec.Struct, tag=True):
     """The monitor's broadcast: decode loads for the dispatchers, and the address book."""
 
     time_s: float
-    decode_loads: list[DecodeLoadMsg]
+    decode_loads: list[DecodeLoad]
     addresses: dict[int, str]
     step_cost: list[float] = msgspec.field(default_factory=list)  # sched.step_cost.LinearStepCost coefficients
 
@@ -227,17 +211,18 @@ class KVCancel(msgspec.Struct, tag=True):
 
 
 class KVPush(msgspec.Struct, tag=True):
-    """Prefill -> decode: the request's state; the K/V travel through the transport per `descriptor`."""
+    """Prefill -> decode: the request's state; the K/V travel through the transport per `descriptor`.
+    `sent_at`: the sender's clock when sent, to move the state's times onto the receiver's."""
 
-    request_id: str
+    state: RequestState
     src_instance: int
     transfer_id: int
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    output_logprobs: list[float]
-    sampling: SamplingParams
-    prompt: str | None
     descriptor: dict  # the transport's description of the sent tensors
+    sent_at: float
+
+    @property
+    def request_id(self) -> str:
+        return self.state.request_id
 
 
 class LengthLabel(msgspec.Struct, tag=True):

@@ -1,5 +1,6 @@
 """One engine instance: validates requests, asks the scheduler for a step, has the runner execute it,
-samples, and updates request state. Also the per-request KV export/import (the disaggregation seam)."""
+samples, and updates request state. A serving instance's view of it, and the per-request KV
+export/import (the disaggregation seam), are `engine.serving`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tetriinfer.config import EngineConfig
 from tetriinfer.engine.block_manager import BlockManager
 from tetriinfer.engine.detokenizer import IncrementalDetokenizer
 from tetriinfer.engine.model_runner import ModelRunner, TokensOnDevice
-from tetriinfer.engine.load import EngineLoad, StepLoad
+from tetriinfer.engine.load import StepLoad
 from tetriinfer.engine.prefix_cache import PrefixCache
 from tetriinfer.engine.request import (
     CompletionOutput,
@@ -25,6 +26,7 @@ from tetriinfer.engine.request import (
 )
 from tetriinfer.engine.sampler import SampledTokens, Sampler
 from tetriinfer.engine.scheduler import EngineScheduler, StepPlan
+from tetriinfer.engine.serving import ServingFacade
 from tetriinfer.engine.tp_worker import RunnerSpec, TPWorkers
 from tetriinfer.model.loader import TORCH_DTYPES, load_model
 from tetriinfer.model.parallel import SINGLE
@@ -40,30 +42,6 @@ class NoProgress(RuntimeError):
 
 
 @dataclass
-class RequestKV:
-    """A request's state and its K/V for every layer, as moved from a prefill to a decode engine."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    output_logprobs: list[float]
-    sampling: SamplingParams
-    arrival_time: float
-    first_token_time: float | None
-    k: torch.Tensor  # [num_layers, num_cached_tokens, kv_heads, head_dim]
-    v: torch.Tensor
-
-    @property
-    def num_cached_tokens(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-
-@dataclass
 class LaunchedStep:
     """A step queued on the device: the requests it samples a token for, and those tokens."""
 
@@ -76,7 +54,7 @@ class LaunchedStep:
         return {id(r): i for i, r in enumerate(self.sampled)}
 
 
-class LLMEngine:
+class LLMEngine(ServingFacade):
     def __init__(self, config: EngineConfig, stream_text: bool = False):
         """`stream_text`: keep every request's text up to date token by token (a server streams it);
         otherwise text is decoded once when a request finishes, unless it has stop strings."""
@@ -224,32 +202,6 @@ class LLMEngine:
         """Stop the tensor-parallel workers (also done when the engine is collected, and at exit)."""
         if self.workers is not None:
             self.workers.stop()
-
-    # ---- the serving instance's view (no reaching into the scheduler or the block manager) --------
-    def load(self) -> EngineLoad:
-        blocks, sched = self.block_manager, self.scheduler
-        return EngineLoad(blocks.num_blocks, blocks.num_free_blocks, blocks.num_cached_blocks, len(sched.waiting),
-                          sched.waiting_tokens, len(sched.running), sum(r.num_computed_tokens for r in sched.running))
-
-    @property
-    def free_blocks(self) -> int:
-        """Allocatable KV blocks (what `load()` says, without summing over the queues)."""
-        return self.block_manager.num_free_blocks
-
-    @property
-    def waiting_tokens(self) -> int:
-        return self.scheduler.waiting_tokens
-
-    def running_requests(self) -> tuple[Request, ...]:
-        return tuple(self.scheduler.running)
-
-    def reserve_blocks(self, num_tokens: int) -> list[int]:
-        """KV blocks for `num_tokens` arriving from another engine (`import_request` takes them)."""
-        return self.block_manager.allocate(self.block_manager.blocks_for_tokens(num_tokens))
-
-    def release_blocks(self, block_ids: list[int]) -> None:
-        """Give back blocks reserved for KV that never arrived (or did not fit)."""
-        self.block_manager.free(block_ids)
 
     # ---- stepping ------------------------------------------------------------------------------
     def step(self, final_only: bool = False) -> list[RequestOutput]:
@@ -406,59 +358,3 @@ class LLMEngine:
             **({} if req.sampling.prompt_logprobs is None else  # the first prompt token has none
                {"prompt_logprobs": [None, *req.prompt_logprobs], "prompt_top_logprobs": [[], *req.prompt_top_logprobs]}),
         )
-
-    def decode_here(self, request_id: str, park_at: int = 0) -> Request:
-        """A prefilled request parked for export decodes in this engine instead (its KV is here).
-        `park_at`: it parks again once it has that many output tokens, unless it ends first."""
-        req = self.requests[request_id]
-        if req.status != RequestStatus.PREFILLED:
-            raise ValueError(f"request {request_id!r} is {req.status.value}, not prefilled")
-        if park_at and park_at <= len(req.output_token_ids):
-            raise ValueError(f"request {request_id!r} already has {len(req.output_token_ids)} output tokens")
-        req.status, req.prefill_only, req.park_at = RequestStatus.RUNNING, False, park_at
-        self.scheduler.add_running(req)
-        return req
-
-    # ---- KV export / import ----------------------------------------------------------------------
-    def export_request(self, request_id: str) -> RequestKV:
-        """Take a prefilled (or running) request out of this engine with its KV; its blocks are freed."""
-        req = self.requests.get(request_id)
-        if req is None:
-            raise KeyError(f"no live request {request_id!r} to export")
-        if req.status not in (RequestStatus.PREFILLED, RequestStatus.RUNNING):
-            raise ValueError(f"request {request_id!r} is {req.status.value}; only prefilled or running requests can be exported")
-        if req.num_pending:
-            raise ValueError(f"request {request_id!r} has a token still on the device; export it after the next step")
-        k, v = self.runner.read_kv(req.block_ids, req.num_computed_tokens)
-        exported = RequestKV(req.request_id, req.prompt, list(req.prompt_token_ids), list(req.output_token_ids),
-                             list(req.output_logprobs), req.sampling, req.arrival_time, req.first_token_time, k, v)
-        del self.requests[request_id]
-        self.scheduler.remove(req)
-        return exported
-
-    def import_request(self, kv: RequestKV, block_ids: list[int] | None = None) -> Request:
-        """Place an exported request into this engine; it continues decoding here. `block_ids`:
-        blocks reserved for it beforehand (taken over by the request); else fresh ones."""
-        if kv.request_id in self.requests:
-            raise ValueError(f"request id {kv.request_id!r} is already in use")
-        expected = (self.arch.num_layers, kv.num_cached_tokens, self.arch.num_kv_heads, self.arch.head_dim)
-        if tuple(kv.k.shape) != expected or tuple(kv.v.shape) != expected:
-            raise ValueError(f"KV of shape {tuple(kv.k.shape)} does not fit this model {expected}")
-        req = Request(kv.request_id, kv.prompt_token_ids, kv.sampling, kv.arrival_time, prompt=kv.prompt,
-                      output_token_ids=list(kv.output_token_ids), output_logprobs=list(kv.output_logprobs),
-                      first_token_time=kv.first_token_time)
-        req.detokenizer = self.new_detokenizer(req, already_streamed=True)
-        if kv.num_cached_tokens != req.num_tokens - 1:
-            raise ValueError(f"KV holds {kv.num_cached_tokens} tokens, expected {req.num_tokens - 1}")
-        need = self.block_manager.blocks_for_tokens(kv.num_cached_tokens)
-        if block_ids is None:
-            block_ids = self.block_manager.allocate(need)  # raises OutOfBlocks with nothing taken
-        elif len(block_ids) < need:
-            raise ValueError(f"{len(block_ids)} reserved blocks cannot hold {kv.num_cached_tokens} tokens")
-        req.block_ids = block_ids
-        self.runner.write_kv(req.block_ids, kv.k, kv.v)
-        req.num_computed_tokens = kv.num_cached_tokens
-        req.status = RequestStatus.RUNNING
-        self.requests[req.request_id] = req
-        self.scheduler.add_running(req)
-        return req
