@@ -7,8 +7,8 @@ decodes them; COLOCATED (the baselines) runs whole requests. PREFILL and DECODE 
 other on the controller's order, in the same process with the same weights.
 
 The hand-off, prefill P -> decode D, is `cluster.handoff` (its protocol in its docstring; P's half
-and D's mixed in here). This file keeps the loop, the prompts in, the tokens out, aborts, flips and
-the reports. The engine is used through its serving facade only (`engine.serving`), and the
+and D's mixed in here). This file keeps the loop, the prompts in, the tokens out, aborts and flips;
+the reports are `cluster.reports`. The engine is used through its serving facade only (`engine.serving`), and the
 policies' inputs are built from plain counts (`sched.instance_view`). Any failure (timeout, dead
 peer, abort, a message that cannot be sent) frees what each side holds and ends the request with an
 error delta to the API; nothing waits forever.
@@ -32,9 +32,9 @@ from tetriinfer.cluster.handoff.decode import Assigned, DecodeHandoff, Incoming,
 from tetriinfer.cluster.handoff.prefill import Parked, PrefillHandoff
 from tetriinfer.cluster.zmq_io import Inbox, Outboxes, Wire
 from tetriinfer.config import EngineConfig, FlipConfig, PolicyConfig
-from tetriinfer.sched.dispatcher import Dispatcher
-from tetriinfer.sched.dispatcher import DecodeLoad
-from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL, decode_load_fraction, prefill_load_fraction
+from tetriinfer.cluster.reports import InstanceReports
+from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
+from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
 from tetriinfer.sched.prefill_queue import PrefillQueue
 from tetriinfer.sched.step_cost import LinearStepCost, StepStats
 
@@ -79,7 +79,7 @@ class FlipState:
     ordered_at: float
 
 
-class Instance(PrefillHandoff, DecodeHandoff):
+class Instance(PrefillHandoff, DecodeHandoff, InstanceReports):
     def __init__(self, config: InstanceConfig) -> None:
         import torch
 
@@ -370,36 +370,6 @@ class Instance(PrefillHandoff, DecodeHandoff):
         log.info("instance %d flipped to %s (drain %.3f s)", self.instance_id, self.role, drained_at - self.flip.ordered_at)
         self.flip = None
         self._last_stats = 0.0  # report the new role now
-
-    # ---- reporting -------------------------------------------------------------------------------
-    def _stats(self) -> msg.InstanceStats:
-        load = self.engine.load()
-        used = load.used_blocks
-        queued = self.queue.pending_tokens + load.waiting_tokens
-        running = load.num_running
-        if self.role == DECODE:
-            fraction = decode_load_fraction(used, self.capacity_blocks, len(self.assigned), self.max_num_seqs)
-            waiting = len(self.offers)
-        else:
-            fraction = prefill_load_fraction(queued, self.chunk_size, self.config.flip.prefill_pressure_chunks)
-            waiting = len(self.queue) + load.num_waiting
-        out, into = self.transfers_out, self.transfers_in
-        return msg.InstanceStats(
-            self.instance_id, self.role, self.inbox.address, os.getpid(), self.flip is not None, fraction, queued, waiting,
-            running, len(self.dispatch_wait), self.capacity_blocks, used,
-            self._decode_load(load) if self.role == DECODE else None,
-            out.bytes + into.bytes, out.seconds + into.seconds, out.count + into.count, out.failures + into.failures,
-            self.num_local_prefills, self.num_kept_decodes, self.step_stats.to_list(), self.num_redispatches,
-            self.kv_pushes_refused, self.out.failures, self.prefix_queried_tokens, self.prefix_hit_tokens,
-            load.cached_blocks, self._predictor_stats(),
-        )
-
-    def _predictor_stats(self) -> msg.PredictorStats | None:
-        stats = getattr(self.predictor, "stats", None)  # online predictors only
-        if stats is None:
-            return None
-        s = stats()
-        return msg.PredictorStats(s.num_labels, s.online_accuracy, s.predicted_buckets)
 
     def _send_to(self, instance_id: int, message) -> bool:
         """Send to another instance; False (logged) when it has no address or its queue stays full:

@@ -70,8 +70,8 @@ def admission_view(capacity_blocks: int, free_blocks: int, max_num_seqs: int, ru
 def decode_load(instance_id: Hashable, *, capacity_blocks: int, used_blocks: int, assigned_need_blocks: int,
                 num_heavy: int, num_light: int, max_num_seqs: int, queued_prompt_tokens: int, num_running: int,
                 context_tokens: int) -> DecodeLoad:
-    """What a decode instance reports to the monitor: room past what its assigned requests need,
-    and a sequence slot per request not yet assigned."""
+    """What a decode instance reports to the monitor: the blocks it can still promise
+    (`sched.monitor.decode_room_blocks`) and its sequence slots not yet assigned."""
     return DecodeLoad(instance_id, decode_room_blocks(capacity_blocks, used_blocks, assigned_need_blocks),
                       num_heavy, num_light, free_slots=max_num_seqs - num_heavy - num_light,
                       queued_prompt_tokens=queued_prompt_tokens, num_running=num_running,
