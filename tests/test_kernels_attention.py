@@ -49,9 +49,17 @@ class PagedBatch:
     keys: list[Tensor]  # per sequence, [seq_len, num_kv_heads, head_dim], positions in order
     values: list[Tensor]
     scale: float
+    k_scale: float = 1.0  # an FP8 cache's per-tensor scales (tests/test_fp8_kv_triton.py)
+    v_scale: float = 1.0
 
     def attention_args(self) -> tuple:
         return (self.q, self.k_cache, self.v_cache, self.block_tables, self.query_start_loc, self.seq_lens, self.scale)
+
+    def kv_scales(self) -> dict:
+        """The scale keywords of paged_attention: none for the default 1.0 (16/32-bit caches)."""
+        if (self.k_scale, self.v_scale) == (1.0, 1.0):
+            return {}
+        return dict(k_scale=self.k_scale, v_scale=self.v_scale)
 
 
 def make_batch(
@@ -63,7 +71,13 @@ def make_batch(
     dtype: torch.dtype = torch.float32,
     num_padding: int = 0,
     seed: int = 0,
+    kv_dtype: torch.dtype | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> PagedBatch:
+    """kv_dtype: the cache's (default: dtype); with torch.float8_e4m3fn, K/V are stored quantized with
+    k_scale, v_scale, and keys/values keep the unquantized inputs."""
+    kv_dtype = kv_dtype or dtype
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [cached + new for cached, new in seqs]
     pages_per_seq = [-(-n // block_size) for n in seq_lens]
@@ -73,8 +87,8 @@ def make_batch(
     spare = free_blocks[-num_spare:]
 
     cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
+    k_cache = torch.full(cache_shape, float("nan"), dtype=kv_dtype)
+    v_cache = torch.full(cache_shape, float("nan"), dtype=kv_dtype)
     max_pages = max(pages_per_seq) + 1
     # Entries past a sequence's last page are arbitrary: point them at NaN-filled spare blocks.
     block_tables = torch.tensor(spare[:1] * (len(seqs) * max_pages), dtype=torch.int32).view(len(seqs), max_pages)
@@ -87,7 +101,7 @@ def make_batch(
         k = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
         v = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
         slots = torch.tensor([pages[p // block_size] * block_size + p % block_size for p in range(n)])
-        attention_ref.store_kv(k, v, k_cache, v_cache, slots)
+        attention_ref.store_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale)
         keys.append(k)
         values.append(v)
         q_lens.append(new)
@@ -105,6 +119,8 @@ def make_batch(
         keys=[k.to(DEVICE) for k in keys],
         values=[v.to(DEVICE) for v in values],
         scale=head_dim**-0.5,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
 
 
@@ -202,10 +218,11 @@ def test_strided_query_view(backend):
 def triton_vs_reference(batch: PagedBatch, rtol: float, atol: float, **split_options) -> None:
     from tetriinfer.kernels import attention_triton
 
-    expected = attention_ref.paged_attention(*batch.attention_args())
+    expected = attention_ref.paged_attention(*batch.attention_args(), **batch.kv_scales())
     # A NaN-filled `out` shows any row the kernel forgets to write (padding rows included).
     out = torch.full_like(batch.q, float("nan"))
-    returned = attention_triton.paged_attention(*batch.attention_args(), out=out, **split_options)
+    returned = attention_triton.paged_attention(*batch.attention_args(), out=out, **split_options,
+                                                **batch.kv_scales())
     assert returned is out
     torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
 
@@ -340,7 +357,7 @@ def compile_sm90(kernel, constexprs, pointer_types, num_warps, num_stages=3):
         elif name in pointer_types:
             signature[name] = pointer_types[name]
         else:
-            signature[name] = "fp32" if name == "scale_log2" else "i32"
+            signature[name] = "fp32" if name in ("scale_log2", "v_scale") else "i32"
     # What a GPU launch specialises on: 16-byte aligned tensors, strides that are multiples of 16
     # (head_dim is) except block-table rows. Without it loads are not vectorised and use 2x registers.
     aligned = {
@@ -352,16 +369,19 @@ def compile_sm90(kernel, constexprs, pointer_types, num_warps, num_stages=3):
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     assert compiled.asm["cubin"], "no cubin"
 
-for dtype_name, head_dim, group, decode_heavy, splits in json.loads(sys.argv[1]):
-    dtype = getattr(torch, dtype_name)
-    elem = "*" + {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype_name]
+ELEM = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float8_e4m3fn": "*fp8e4nv"}
+for dtype_name, head_dim, group, decode_heavy, splits, *kv_dtype_name in json.loads(sys.argv[1]):
+    # An optional sixth entry is the cache's dtype (an FP8 cache); by default q's.
+    kv_dtype_name = kv_dtype_name[0] if kv_dtype_name else dtype_name
+    dtype, kv_dtype = getattr(torch, dtype_name), getattr(torch, kv_dtype_name)
+    elem, kv_elem = ELEM[dtype_name], ELEM[kv_dtype_name]
     tiles = at.choose_tiles(decode_heavy, head_dim, group, dtype)
-    pointers = dict(q_ptr=elem, k_cache_ptr=elem, v_cache_ptr=elem, out_ptr=elem if splits == 1 else "*fp32",
+    pointers = dict(q_ptr=elem, k_cache_ptr=kv_elem, v_cache_ptr=kv_elem, out_ptr=elem if splits == 1 else "*fp32",
                     lse_ptr="*fp32", block_tables_ptr="*i32", query_start_loc_ptr="*i32", seq_lens_ptr="*i32")
-    constexprs = at.kernel_constexprs(group, head_dim, 16, tiles, dtype, splits)
+    constexprs = at.kernel_constexprs(group, head_dim, 16, tiles, dtype, splits, kv_dtype)
     compile_sm90(at._paged_attention_kernel, constexprs, pointers, tiles.num_warps, tiles.num_stages)
-    print("CONFIG attention", dtype_name, head_dim, group, decode_heavy, splits, tiles, flush=True)
-    if splits > 1:
+    print("CONFIG attention", dtype_name, kv_dtype_name, head_dim, group, decode_heavy, splits, tiles, flush=True)
+    if splits > 1 and kv_dtype == dtype:  # the merge reads float32 partials, whatever the cache holds
         pointers = dict(partial_ptr="*fp32", lse_ptr="*fp32", out_ptr=elem)
         compile_sm90(at._merge_kv_splits_kernel, at.merge_constexprs(head_dim, splits), pointers, at.MERGE_NUM_WARPS)
         print("CONFIG merge", dtype_name, head_dim, splits, flush=True)
@@ -380,6 +400,13 @@ SM90_CONFIGS = [
     ("float32", 128, 1, False, 1),
     ("bfloat16", 256, 2, False, 1),
     ("float32", 256, 1, False, 1),
+    # FP8 caches (kv_cache_dtype='fp8'): the same tiles, e4m3 K/V widened to q's dtype.
+    ("bfloat16", 128, 4, True, 1, "float8_e4m3fn"),
+    ("bfloat16", 128, 4, True, 32, "float8_e4m3fn"),
+    ("float16", 80, 8, True, 8, "float8_e4m3fn"),
+    ("bfloat16", 128, 1, False, 1, "float8_e4m3fn"),
+    ("bfloat16", 256, 2, False, 1, "float8_e4m3fn"),
+    ("float32", 128, 4, True, 1, "float8_e4m3fn"),
 ]
 
 
@@ -399,7 +426,7 @@ def test_triton_kernel_compiles_for_sm90_without_spills(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)  # registers per configuration, for `pytest -s -k sm90`
-    num_compiles = len(SM90_CONFIGS) + sum(1 for *_, splits in SM90_CONFIGS if splits > 1)
+    num_compiles = len(SM90_CONFIGS) + sum(1 for config in SM90_CONFIGS if config[4] > 1 and len(config) == 5)
     assert result.stdout.count("CONFIG") == num_compiles
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stdout)]
     assert len(spills) == num_compiles, result.stdout[-3000:]

@@ -19,6 +19,16 @@ log-sum-exp to a float32 workspace, and _merge_kv_splits_kernel combines them. T
 depends only on host-known values (batch shape, an upper bound of the context length), never on
 device data, and any split count gives the same attention (up to float rounding); the bound only
 decides how many splits pay.
+
+FP8 cache (torch.float8_e4m3fn = tl.float8e4nv, per-tensor k_scale and v_scale; semantics in
+attention_ref): K/V tiles are loaded as e4m3 (half the bytes of a 16-bit cache) and widened to the
+query's dtype for tl.dot, which is exact (every e4m3 value is a bfloat16/float16 value). The scales
+never touch the tiles: k_scale is folded into the softmax scale on the host (q . (k * k_scale) =
+(q . k) * k_scale) and v_scale multiplies each row's normalised output once (softmax weights are
+linear in v), before the split-KV workspace, so the merge needs nothing. Same result as the
+reference's float32(cache) * scale up to float32 rounding (float32 queries use TF32 dots over an
+FP8 cache: see kernel_constexprs), and 16/32-bit caches run the code they always did (KV_FP8 is a
+constexpr).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from tetriinfer.kernels.attention_ref import store_kv
+from tetriinfer.kernels.attention_ref import FP8, check_kv_scales, store_kv
 
 __all__ = ["store_kv", "paged_attention"]
 
@@ -60,7 +70,7 @@ def _paged_attention_kernel(
     block_tables_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
-    scale_log2,  # softmax scale times log2(e): the kernel uses exp2
+    scale_log2,  # softmax scale times log2(e) (times k_scale with an FP8 cache): the kernel uses exp2
     num_seqs,
     num_tokens,
     stride_q_token,
@@ -75,6 +85,7 @@ def _paged_attention_kernel(
     stride_v_offset,
     stride_v_head,
     stride_block_table,
+    v_scale,  # with KV_FP8: the V cache's per-tensor scale
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_P2: tl.constexpr,  # GROUP rounded up to a power of two
     HEAD_DIM: tl.constexpr,
@@ -83,8 +94,9 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,  # rows per program: BLOCK_Q tokens x GROUP_P2 heads
     BLOCK_N: tl.constexpr,  # keys per step of the KV walk
     SPLIT_KV: tl.constexpr,  # several programs share a tile's keys (the grid's third axis)
-    DOT_DTYPE: tl.constexpr,  # operand type of tl.dot: the cache dtype, except under the interpreter
-    DOT_PRECISION: tl.constexpr,  # "ieee" keeps float32 exact (no TF32); 16-bit inputs ignore it
+    DOT_DTYPE: tl.constexpr,  # operand type of tl.dot: the query dtype, except under the interpreter
+    DOT_PRECISION: tl.constexpr,  # "ieee" keeps float32 exact (no TF32), except over an FP8 cache; 16-bit inputs ignore it
+    KV_FP8: tl.constexpr,  # the cache is e4m3: values times v_scale (k_scale is in scale_log2)
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P2
     tile_id = tl.program_id(0)
@@ -162,6 +174,8 @@ def _paged_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        out = out * v_scale
     row_offsets = q_token * stride_out_token + q_head * stride_out_head + split * stride_out_split
     out_offsets = row_offsets[:, None] + dims[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
@@ -248,14 +262,24 @@ def choose_tiles(decode_heavy: bool, head_dim: int, group: int, dtype: torch.dty
 
 
 def kernel_constexprs(
-    group: int, head_dim: int, page_size: int, tiles: TileConfig, dtype: torch.dtype, num_kv_splits: int
+    group: int,
+    head_dim: int,
+    page_size: int,
+    tiles: TileConfig,
+    dtype: torch.dtype,
+    num_kv_splits: int,
+    kv_dtype: torch.dtype | None = None,
 ) -> dict:
-    """The compile-time parameters of _paged_attention_kernel."""
+    """The compile-time parameters of _paged_attention_kernel; dtype is the query's, kv_dtype the
+    cache's (default: the same; torch.float8_e4m3fn for an FP8 cache, whose tiles are widened to
+    dtype for tl.dot)."""
     dot_dtype = TL_DTYPES[dtype]
     # The interpreter multiplies bfloat16 as raw uint16 bits in tl.dot (triton-lang/triton#11584;
     # its docs say to compute bfloat16 in float32), so there the operands are upcast first.
     if dtype == torch.bfloat16 and INTERPRETED:
         dot_dtype = tl.float32
+    # float32 queries over an FP8 cache take TF32: its 2**-11 rounding of q and p is far below e4m3's
+    # 2**-4, and an "ieee" (FMA) float32 dot over widened e4m3 tiles spills hundreds of bytes on sm_90.
     return dict(
         GROUP=group,
         GROUP_P2=triton.next_power_of_2(group),
@@ -266,7 +290,8 @@ def kernel_constexprs(
         BLOCK_N=tiles.block_n,
         SPLIT_KV=num_kv_splits > 1,
         DOT_DTYPE=dot_dtype,
-        DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+        DOT_PRECISION="ieee" if dot_dtype == tl.float32 and kv_dtype != FP8 else "tf32",
+        KV_FP8=kv_dtype == FP8,
     )
 
 
@@ -312,9 +337,11 @@ def paged_attention(
     max_seq_len: int | None = None,
     num_kv_splits: int | None = None,
     tiles: TileConfig | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> Tensor:
-    """Same contract as tetriinfer.kernels.attention_ref.paged_attention, plus two tuning knobs that
-    never change the result.
+    """Same contract as tetriinfer.kernels.attention_ref.paged_attention (k_scale, v_scale: an FP8
+    cache's per-tensor scales), plus tuning knobs that never change the result.
 
     max_seq_len: a host-known upper bound of seq_lens (default: what the block table can address,
     block_tables.shape[1] * block_size); decode-heavy batches split each sequence's keys over
@@ -329,6 +356,9 @@ def paged_attention(
         raise ValueError(f"KV cache block size must be a power of two, got {page_size}")
     if num_kv_splits is not None and num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"K cache {k_cache.dtype} and V cache {v_cache.dtype} differ")
+    check_kv_scales(k_cache.dtype, k_scale, v_scale)
     if out is None:
         out = torch.empty_like(q)
     # The kernel assumes unit stride along head_dim (true for every cache layout we allocate).
@@ -374,7 +404,7 @@ def paged_attention(
         block_tables,
         query_start_loc,
         seq_lens,
-        scale * LOG2_E,
+        scale * k_scale * LOG2_E,
         num_seqs,
         num_tokens,
         q.stride(0),
@@ -387,7 +417,8 @@ def paged_attention(
         v_cache.stride(1),
         v_cache.stride(2),
         block_tables.stride(0),
-        **kernel_constexprs(group, head_dim, page_size, tiles, q.dtype, num_kv_splits),
+        v_scale,
+        **kernel_constexprs(group, head_dim, page_size, tiles, q.dtype, num_kv_splits, k_cache.dtype),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )
