@@ -3,12 +3,14 @@ any device) and Triton ("triton": GPUs, or the CPU under TRITON_INTERPRET=1 in t
 
 | op | contract |
 |---|---|
-| `store_kv(k, v, k_cache, v_cache, slot_mapping)` | attention_ref.store_kv |
-| `paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, out=None)` | attention_ref.paged_attention |
+| `store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0)` | attention_ref.store_kv |
+| `paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, out=None, *, k_scale=1.0, v_scale=1.0)` | attention_ref.paged_attention |
 | `rope_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)` | rope.rope_store_kv_ref |
 | `rms_norm(x, weight, eps, residual=None)` | norm.rms_norm_ref |
 | `silu_and_mul(x)` | activation.silu_and_mul_ref |
 
+The KV cache may be FP8 (torch.float8_e4m3fn, kv_cache_dtype='fp8') in both backends, with per-tensor
+k_scale / v_scale (semantics in attention_ref; scales other than 1.0 need an FP8 cache).
 The Triton ops never synchronise with the host, so CUDA graphs can capture a whole forward pass.
 Importing this package never imports triton; only `get_kernels("triton")` does.
 """

@@ -74,6 +74,7 @@ def paged_attention(
     seq_lens: Tensor,
     scale: float,
     out: Tensor | None = None,
+    *,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> Tensor:
