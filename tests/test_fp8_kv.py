@@ -68,9 +68,20 @@ def test_exported_fp8_kv_is_half_the_bytes_and_decodes_on(llama_dir):  # noqa: F
     assert out == [whole]
 
 
-def test_fp8_kv_with_the_triton_backend_is_refused_by_name(llama_dir):  # noqa: F811
-    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' runs on the torch attention backend only"):
-        LLM(str(llama_dir), kv_cache_dtype="fp8", attention_backend="triton", num_blocks=8)
+def test_fp8_kv_on_the_triton_backend_matches_the_torch_backend(llama_dir):  # noqa: F811
+    """The Triton kernels (under TRITON_INTERPRET=1 on the CPU) write and read the same FP8 cache as
+    the torch reference: same greedy tokens, logits within float32 rounding of the attention."""
+    kwargs = dict(chunk_size=64, num_blocks=32, enable_prefix_caching=False, kv_cache_dtype="fp8")
+    logits, tokens = {}, {}
+    for backend in ("torch", "triton"):
+        llm = LLM(str(llama_dir), attention_backend=backend, **kwargs)
+        assert llm.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+        logits[backend] = all_logits(llm, prompts(2, 40))
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts(2, 20),
+                                                                         sampling_params=GREEDY)]
+    assert tokens["triton"] == tokens["torch"]
+    error = ((logits["triton"] - logits["torch"]).abs().max() / logits["torch"].abs().max()).item()
+    assert error <= 1e-3, error
 
 
 def test_kv_imported_into_an_fp8_cache_saturates_too(llama_dir):  # noqa: F811

@@ -282,6 +282,7 @@ from triton.compiler import ASTSource
 from tetriinfer.kernels import activation, norm, rope
 
 ELEM = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}
+FLOAT_ARGS = {"eps", "k_inv_scale", "v_inv_scale"}
 
 def compile_sm90(kernel, constexprs, pointer_types, num_warps, **options):
     signature = {}
@@ -289,7 +290,7 @@ def compile_sm90(kernel, constexprs, pointer_types, num_warps, **options):
         if name in constexprs:
             signature[name] = "constexpr"
         else:
-            signature[name] = pointer_types.get(name, "fp32" if name == "eps" else "i32")
+            signature[name] = pointer_types.get(name, "fp32" if name in FLOAT_ARGS else "i32")
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     options = {"num_warps": num_warps, **options}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
@@ -304,11 +305,13 @@ for kind, dtype_name, *shape in json.loads(sys.argv[1]):
     elif kind == "silu_and_mul":
         ptrs = {"x_ptr": elem, "out_ptr": elem}
         compiled = compile_sm90(activation.triton_kernel(), dict(BLOCK=activation.BLOCK), ptrs, 4)
-    else:
+    else:  # rope, or rope_fp8: the same kernel writing an e4m3 KV cache
         num_q_heads, num_kv_heads, head_dim = shape
         ptrs = dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr", "q_out_ptr"], elem)
         ptrs.update(positions_ptr="*i64", slot_mapping_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32")
-        constexprs = rope.kernel_constexprs(num_q_heads, num_kv_heads, head_dim, 16)
+        if kind == "rope_fp8":
+            ptrs.update(k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv")
+        constexprs = dict(rope.kernel_constexprs(num_q_heads, num_kv_heads, head_dim, 16), EMULATE_FP8_ROUNDING=False)
         compiled = compile_sm90(rope.triton_kernel(), constexprs, ptrs, 4, enable_fp_fusion=False)
         # Bit-exact float32 RoPE needs every product rounded on its own, as torch does.
         assert "fma.rn.f32" not in compiled.asm["ptx"], "RoPE kernel contracted to FMA"
@@ -326,6 +329,7 @@ SM90_CONFIGS = [
     ("rope", "bfloat16", 64, 8, 128),
     ("rope", "float32", 32, 8, 128),
     ("rope", "bfloat16", 4, 2, 32),
+    ("rope_fp8", "bfloat16", 32, 8, 128),
 ]
 
 

@@ -73,10 +73,7 @@ class LLMEngine(ServingFacade):
         num_blocks = self._num_blocks(loaded.model)
         backend = config.attention_backend
         if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" and config.kv_cache_dtype == "auto" else "torch"
-        if config.kv_cache_dtype == "fp8" and backend != "torch":
-            raise ValueError("kv_cache_dtype='fp8' runs on the torch attention backend only (the Triton kernels "
-                             "read 16-bit caches); pass attention_backend='torch'")
+            backend = "triton" if self.device.type == "cuda" else "torch"
         self.block_manager = BlockManager(num_blocks, config.cache.block_size)
         # CUDA graphs need kernels that never synchronise with the host: the Triton backend's.
         # (Not yet under tensor parallelism: its NCCL all-reduces are not captured.)

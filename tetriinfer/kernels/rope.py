@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
-from tetriinfer.kernels.attention_ref import store_kv
+from tetriinfer.kernels.attention_ref import check_kv_scales, store_kv
 
 __all__ = ["apply_rotary", "rope_store_kv_ref", "rope_store_kv_triton"]
 
@@ -40,12 +40,14 @@ def rope_store_kv_ref(
     v_cache: Tensor,
     slot_mapping: Tensor,
     out: Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], positions [T], cos/sin [max_pos, D/2] float32,
     caches [num_blocks, block_size, Hkv, D], slot_mapping [T]. Returns rotated q [T, Hq, D]."""
     cos_t = cos[positions].unsqueeze(1)  # [T, 1, D/2], broadcast over heads
     sin_t = sin[positions].unsqueeze(1)
-    store_kv(apply_rotary(k, cos_t, sin_t), v, k_cache, v_cache, slot_mapping)
+    store_kv(apply_rotary(k, cos_t, sin_t), v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     q_rot = apply_rotary(q, cos_t, sin_t)
     return q_rot if out is None else out.copy_(q_rot)
 
@@ -55,6 +57,10 @@ def triton_kernel():
     """The jitted kernel, built on first use so that importing this module needs no triton."""
     import triton
     import triton.language as tl
+
+    # A module global, so the jitted kernel (and the interpreter) can see it.
+    global quantize_kv
+    from tetriinfer.kernels.store_kv_triton import quantize_kv
 
     @triton.jit
     def rope_store_kv_kernel(
@@ -84,6 +90,8 @@ def triton_kernel():
         stride_v_cache_block,
         stride_v_cache_offset,
         stride_v_cache_head,
+        k_inv_scale,
+        v_inv_scale,
         NUM_Q_HEADS: tl.constexpr,
         NUM_KV_HEADS: tl.constexpr,
         HALF_DIM: tl.constexpr,
@@ -91,6 +99,7 @@ def triton_kernel():
         BLOCK_Q_HEADS: tl.constexpr,  # q heads per loop step
         BLOCK_KV_HEADS: tl.constexpr,  # k/v heads per loop step
         PAGE_SIZE: tl.constexpr,  # tokens per KV cache block
+        EMULATE_FP8_ROUNDING: tl.constexpr,  # an FP8 cache under TRITON_INTERPRET (store_kv_triton)
     ):
         token = tl.program_id(0).to(tl.int64)
         dims = tl.arange(0, HALF_DIM_P2)
@@ -128,8 +137,11 @@ def triton_kernel():
                 k1 = tl.load(k_ptr + k_offsets, mask=mask, other=0.0).to(tl.float32)
                 k2 = tl.load(k_ptr + k_offsets + HALF_DIM, mask=mask, other=0.0).to(tl.float32)
                 # Rounded to k's dtype first, then to the cache's, as rotation + store_kv do.
-                out1 = (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
-                out2 = (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+                cache_ty = k_cache_ptr.dtype.element_ty
+                out1 = quantize_kv((k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty), k_inv_scale, cache_ty,
+                                   EMULATE_FP8_ROUNDING)
+                out2 = quantize_kv((k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty), k_inv_scale, cache_ty,
+                                   EMULATE_FP8_ROUNDING)
                 k_cache_offsets = heads[:, None] * stride_k_cache_head + dims[None, :]
                 tl.store(k_cache_row + k_cache_offsets, out1, mask=mask)
                 tl.store(k_cache_row + k_cache_offsets + HALF_DIM, out2, mask=mask)
@@ -138,8 +150,10 @@ def triton_kernel():
                 v1 = tl.load(v_ptr + v_offsets, mask=mask, other=0.0)
                 v2 = tl.load(v_ptr + v_offsets + HALF_DIM, mask=mask, other=0.0)
                 v_cache_offsets = heads[:, None] * stride_v_cache_head + dims[None, :]
-                tl.store(v_cache_row + v_cache_offsets, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
-                tl.store(v_cache_row + v_cache_offsets + HALF_DIM, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+                v_ty = v_cache_ptr.dtype.element_ty
+                tl.store(v_cache_row + v_cache_offsets, quantize_kv(v1, v_inv_scale, v_ty, EMULATE_FP8_ROUNDING), mask=mask)
+                tl.store(v_cache_row + v_cache_offsets + HALF_DIM, quantize_kv(v2, v_inv_scale, v_ty, EMULATE_FP8_ROUNDING),
+                         mask=mask)
 
     return rope_store_kv_kernel
 
@@ -170,6 +184,8 @@ def rope_store_kv_triton(
     v_cache: Tensor,
     slot_mapping: Tensor,
     out: Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> Tensor:
     """Same contract as rope_store_kv_ref; one program per token, no host synchronisation.
 
@@ -194,6 +210,9 @@ def rope_store_kv_triton(
             raise ValueError(f"{name} must have unit stride along its last dim")
     if num_tokens == 0:
         return out
+    from tetriinfer.kernels import store_kv_triton
+
+    check_kv_scales(k_cache.dtype, k_scale, v_scale)
     triton_kernel()[(num_tokens,)](
         q,
         k,
@@ -221,7 +240,10 @@ def rope_store_kv_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        1.0 / k_scale,
+        1.0 / v_scale,
         **kernel_constexprs(num_q_heads, num_kv_heads, head_dim, k_cache.shape[1]),
+        EMULATE_FP8_ROUNDING=store_kv_triton.INTERPRETED and k_cache.dtype == torch.float8_e4m3fn,
         num_warps=4,
         # torch rounds each product of x1*cos - x2*sin separately; an FMA would not, so float32
         # results would differ from the reference in the last bit.
