@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tetriinfer.bench.workload import ALL_WORKLOADS, TRACE_FORMATS
+
 
 def add_parser(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks against a running server",
@@ -23,8 +25,8 @@ def add_parser(subparsers) -> None:
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server root (…/v1 is added)")
-    p.add_argument("--workload", default="mixed", help="lpld|lphd|hpld|hphd|mixed|azure-code|azure-conv")
-    p.add_argument("--trace", default=None, help="CSV with columns arrival_s,prompt_tokens,output_tokens")
+    p.add_argument("--workload", default="mixed", help="|".join(ALL_WORKLOADS))
+    p.add_argument("--trace", default=None, help=TRACE_FORMATS)
     p.add_argument("--num-requests", type=int, default=128, help="ignored with --trace (every row is sent)")
     p.add_argument("--rate", type=float, default=None,
                    help="Poisson arrivals at this many requests/s; None: closed batch (traces keep their timestamps)")

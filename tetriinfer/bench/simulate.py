@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from tetriinfer.bench.workload import ALL_WORKLOADS
+from tetriinfer.bench.workload import ALL_WORKLOADS, TRACE_FORMATS
 from tetriinfer.config import SYSTEMS, ClusterConfig, EngineSchedulerConfig, FlipConfig, PolicyConfig, SimConfig
 from tetriinfer.sched.admission import ADMISSION_POLICIES
 from tetriinfer.sched.dispatcher import DISPATCH_POLICIES
@@ -27,9 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--system", default=_CLUSTER.system, choices=SYSTEMS)
     p.add_argument("--compare", default=None, help="comma-separated systems run on the same requests")
     p.add_argument("--workload", default="mixed", help="|".join(ALL_WORKLOADS))
-    p.add_argument("--trace", default=None,
-                   help="CSV with columns arrival_s,prompt_tokens,output_tokens, or a Mooncake JSONL trace "
-                        "(timestamp ms, input_length, output_length, hash_ids)")
+    p.add_argument("--trace", default=None, help=TRACE_FORMATS)
     p.add_argument("--num-requests", type=int, default=128)
     p.add_argument("--rate", type=float, default=None,
                    help="Poisson arrivals at this many requests/s "

@@ -40,6 +40,9 @@ WORKLOADS = SHAREGPT_MIXES + TIMED_TRACES + tuple(LENGTH_TRACES)
 # Session workloads: turns follow each other in time, so they need an open-loop arrival.
 SESSION_WORKLOADS = ("conversation",)
 ALL_WORKLOADS = WORKLOADS + SESSION_WORKLOADS
+# What --trace reads (simulate and bench serve take the same files).
+TRACE_FORMATS = ("CSV with columns arrival_s,prompt_tokens,output_tokens, or a Mooncake JSONL trace "
+                 "(timestamp ms, input_length, output_length, hash_ids)")
 ARRIVALS = ("closed", "poisson", "trace", "bursty")
 
 # ShareGPT ships characters, not tokens (no tokenizer can be fetched here): ~4 characters per token

@@ -48,7 +48,8 @@ def add_parser(subparsers) -> None:
                    help="auto: shared memory on CPU, CUDA IPC between GPUs of one host")
     g.add_argument("--kv-timeout", type=float, default=serve.kv_timeout_s, help="seconds before a KV transfer fails")
     g.add_argument("--predictor", default=serve.predictor,
-                   help="trained length predictor directory; None: the shipped one; 'none': constant fallback")
+                   help="trained length predictor directory; None: the shipped one, adapting online; 'static' or "
+                        "'static:DIR': as trained, no online adaptation; 'none': constant fallback")
     g.add_argument("--launcher", default=serve.launcher, choices=LAUNCHERS, help="ray needs the [ray] extra")
     g.add_argument("--ray-address", default=None, help="with --launcher ray: the cluster to join; None: auto")
     g.add_argument("--monitor-interval", type=float, default=serve.monitor_interval_s, help="seconds")
