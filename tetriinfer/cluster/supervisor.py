@@ -245,6 +245,11 @@ def exit_now(code: int) -> None:
     operator) takes seconds on a busy CPU: that was most of a stopping server's time."""
     import atexit
 
+    # Already leaving: a SIGTERM now (the launcher's, after its grace) must not raise SystemExit
+    # inside an exit handler, such as the one stopping tensor-parallel ranks (each of its waits is
+    # bounded, and the launcher's SIGKILL still ends us).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
