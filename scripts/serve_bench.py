@@ -13,6 +13,12 @@ takes `--warmup-requests` unrecorded requests, and serves every workload and arr
 t=0; a number: Poisson at that many requests/s). With --profile, each run is also simulated with
 the same requests, the same `sched` policies and the system's own settings, priced by that profile.
 
+Instances that `serve` puts on one GPU (an explicit `--device cuda:0`) are simulated time-sliced
+on it (`ClusterConfig.instances_per_gpu`; `--sim-instances-per-gpu` overrides). `--resim OLD.json
+--out DIR` simulates a saved result's runs again with today's simulator, without serving: the same
+requests (rebuilt from OLD.json's args) and each system's flags; the previous `sim` is kept as
+`sim_before_resim`.
+
 Resource time of a real run is instances x makespan (the client cannot see when each instance last
 worked); perf/$ is relative to the system named `vllm` if there is one, else the first. Writes
 serve-bench.json (summaries, per-request records, KV transfers and flips per run) and serve-bench.md.
@@ -43,13 +49,28 @@ def serve_config(flags: list[str]):
     return to_config(build_parser().parse_args(["serve", *flags]))
 
 
-def sim_config(cfg, seed: int = 0):
+def instances_per_gpu(cfg) -> int:
+    """Instances the launcher puts on one GPU: all of them on an explicit `cuda:k`, one each on
+    `cuda` (it only ever does one or the other, so the largest count is the exact one). MPS runs them
+    concurrently instead, which the simulator does not model: time-slicing is the pessimistic side."""
+    from collections import Counter
+
+    from tetriinfer.cluster.launcher import instance_devices
+
+    # As if enough GPUs are visible: the placement, not this machine's GPU count, is asked.
+    devices = [d for d in instance_devices(cfg, num_gpus=1 << 20) if d.startswith("cuda")]
+    return max(Counter(devices).values(), default=1)
+
+
+def sim_config(cfg, seed: int = 0, gpu_sharing: int | None = None):
+    """The simulated twin of ServeConfig `cfg`; `gpu_sharing` overrides its instances per GPU."""
     from tetriinfer.config import ClusterConfig, SimConfig
 
     colocated = cfg.mode == "colocated"
     cluster = ClusterConfig(system=cfg.baseline if colocated else "tetriinfer", num_prefill=cfg.num_prefill,
                             num_decode=cfg.num_decode, num_instances=cfg.num_instances, model=cfg.engine.model,
-                            tp=cfg.engine.tensor_parallel_size, block_size=cfg.engine.cache.block_size)
+                            tp=cfg.engine.tensor_parallel_size, block_size=cfg.engine.cache.block_size,
+                            instances_per_gpu=instances_per_gpu(cfg) if gpu_sharing is None else gpu_sharing)
     return SimConfig(cluster, cfg.policy, cfg.flip, seed=seed, scheduler=cfg.engine.scheduler,
                      prefix_cache_fraction=1.0 if cfg.engine.cache.enable_prefix_caching else 0.0)
 
@@ -78,7 +99,7 @@ def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], a
             if load.records:
                 run["summary"] = dataclasses.asdict(load.summary(instances))
             if args.profile:
-                run["sim"] = dataclasses.asdict(_simulate(cfg, specs, args.profile))
+                run["sim"] = dataclasses.asdict(_simulate(cfg, specs, args.profile, args.sim_instances_per_gpu))
             result["runs"][f"{workload}/{arrival}"] = run
             save(result)  # a run cut short by a time limit keeps what it measured
             print(f"{name} {workload}/{arrival}: {len(load.records)} done, {len(load.failures)} failed", flush=True)
@@ -87,12 +108,47 @@ def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], a
     return result
 
 
-def _simulate(cfg, specs, profile: str) -> Summary:
+def _simulate(cfg, specs, profile: str, gpu_sharing: int | None = None) -> Summary:
     from tetriinfer.sim.cluster import simulate
     from tetriinfer.sim.cost import TableCostModel
 
-    config = sim_config(cfg)
+    config = sim_config(cfg, gpu_sharing=gpu_sharing)
     return simulate(specs, config, TableCostModel.from_file(profile)).summary()
+
+
+def build_runs(args) -> list[tuple[str, str, list]]:
+    """(workload, arrival, specs) of every run; deterministic, so a saved result's args rebuild them."""
+    runs = []
+    listed = getattr(args, "runs", None)  # older results' args have no --runs
+    pairs = ([tuple(item.split("@", 1)) for item in listed.split(",")] if listed else
+             [(w, a) for w in args.workloads.split(",") for a in args.arrivals.split(",")])
+    for workload, arrival in pairs:
+        rate = None if arrival == "closed" else float(arrival)
+        phases = [build_specs(mix, args.num_requests, rate=rate, seed=0, max_total_tokens=args.max_model_len)
+                  for mix in workload.split(">")]
+        runs.append((workload, arrival, back_to_back(*phases)))
+    return runs
+
+
+def resim(path: str, profile: str | None, gpu_sharing: int | None) -> dict:
+    """A saved result with every run simulated again (today's simulator, same requests and flags)."""
+    results = json.loads(Path(path).read_text())
+    saved = argparse.Namespace(**results["args"])
+    profile = profile or saved.profile
+    if not profile:
+        raise SystemExit(f"{path} was run without --profile: pass one")
+    runs = {f"{w}/{a}": specs for w, a, specs in build_runs(saved)}
+    for name, system in results["systems"].items():
+        if "flags" not in system:  # a system that failed to start has nothing to simulate
+            continue
+        cfg = serve_config(system["flags"])
+        for key, run in system.get("runs", {}).items():
+            if "sim" in run:
+                run["sim_before_resim"] = run["sim"]
+            run["sim"] = dataclasses.asdict(_simulate(cfg, runs[key], profile, gpu_sharing))
+            print(f"{name} {key}: simulated again", flush=True)
+    results["resim"] = {"of": path, "profile": profile, "commit": os.environ.get("TETRIINFER_COMMIT", "unknown")}
+    return results
 
 
 def _summary(d: dict) -> Summary:
@@ -138,7 +194,7 @@ def report(results: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--system", action="append", required=True, help="NAME=FLAGS of tetriinfer serve")
+    p.add_argument("--system", action="append", help="NAME=FLAGS of tetriinfer serve (required unless --resim)")
     p.add_argument("--common", default="--model llama3-8b --dtype bfloat16", help="flags every system gets first")
     p.add_argument("--workloads", default="mixed",
                    help="comma-separated: lpld,lphd,hpld,hphd,mixed,azure-conv,...; A>B runs mix A then mix B "
@@ -154,17 +210,24 @@ def main() -> None:
     p.add_argument("--warmup-requests", type=int, default=64,
                    help="unrecorded `mixed` requests sent to each server before its measured runs")
     p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument("--sim-instances-per-gpu", type=int, default=None,
+                   help="simulate this many instances time-sliced on one GPU (default: as serve places them)")
+    p.add_argument("--resim", default=None, metavar="JSON",
+                   help="serve nothing: simulate a saved serve-bench.json's runs again (its requests and flags; "
+                        "--profile overrides its profile) and write the result to --out")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    pairs = ([tuple(item.split("@", 1)) for item in args.runs.split(",")] if args.runs else
-             [(w, a) for w in args.workloads.split(",") for a in args.arrivals.split(",")])
-    for workload, arrival in pairs:
-        rate = None if arrival == "closed" else float(arrival)
-        phases = [build_specs(mix, args.num_requests, rate=rate, seed=0, max_total_tokens=args.max_model_len)
-                  for mix in workload.split(">")]
-        runs.append((workload, arrival, back_to_back(*phases)))
+    if args.resim:
+        results = resim(args.resim, args.profile, args.sim_instances_per_gpu)
+        (out / "serve-bench.json").write_text(json.dumps(results, indent=1))
+        text = report(results)
+        (out / "serve-bench.md").write_text(text)
+        print(text)
+        return
+    if not args.system:
+        p.error("--system is required (or --resim JSON)")
+    runs = build_runs(args)
     results = {"commit": os.environ.get("TETRIINFER_COMMIT", "unknown"), "device": _device(), "args": vars(args),
                "systems": {}}
     for item in args.system:

@@ -238,7 +238,9 @@ class FlipConfig:
 @dataclass
 class ClusterConfig:
     """Cluster shape and hardware. Disaggregated systems use `num_prefill` + `num_decode`
-    instances; the colocated baselines (`vllm`, `sarathi`) use `num_instances`."""
+    instances; the colocated baselines (`vllm`, `sarathi`) use `num_instances`. Instance ids are
+    prefill ids then decode ids (or the colocated ones), and instance `i` runs on GPU
+    `i // instances_per_gpu`: instances sharing a GPU are time-sliced, one forward step at a time."""
 
     system: str = "tetriinfer"
     num_prefill: int = 1
@@ -249,11 +251,14 @@ class ClusterConfig:
     tp: int = 1  # every instance's EngineConfig.tensor_parallel_size, as the simulator prices it
     block_size: int = 16
     monitor_interval_s: float = 0.1
+    # Instances per GPU (its TP group), time-sliced by the driver as `serve --device cuda:0` runs
+    # them; 1: each instance owns its GPU. MPS's concurrent sharing is not modelled.
+    instances_per_gpu: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("system", self.system, SYSTEMS)
         check_tensor_parallel_size(self.tp)
-        for name in ("num_prefill", "num_decode", "num_instances", "block_size"):
+        for name in ("num_prefill", "num_decode", "num_instances", "block_size", "instances_per_gpu"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.monitor_interval_s <= 0:

@@ -42,6 +42,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--decode-instances", type=int, default=_CLUSTER.num_decode)
     p.add_argument("--instances", type=int, default=None,
                    help="colocated baseline instances (default: prefill + decode instances, equal GPUs)")
+    p.add_argument("--instances-per-gpu", type=int, default=_CLUSTER.instances_per_gpu,
+                   help="instances sharing one GPU, time-sliced: one forward step at a time, in turn (instance i "
+                        "on GPU i // N; prefill ids come first), as `serve --device cuda:0` runs them")
     p.add_argument("--chunk-size", type=int, default=_STEP.chunk_size)
     p.add_argument("--policy", dest="disagg_policy", default=_POLICY.disagg_policy, choices=DISAGG_POLICIES,
                    help="tetriinfer: adaptive (a decode instance prefills a request itself, a prefill instance "
@@ -102,7 +105,7 @@ def build_config(args: argparse.Namespace, system: str):
     cluster = ClusterConfig(
         system=system, num_prefill=args.prefill_instances, num_decode=args.decode_instances,
         num_instances=args.instances or args.prefill_instances + args.decode_instances,
-        gpu=args.gpu, model=args.model, tp=args.tp,
+        gpu=args.gpu, model=args.model, tp=args.tp, instances_per_gpu=args.instances_per_gpu,
     )
     policy = PolicyConfig(
         disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,

@@ -26,6 +26,7 @@ from tetriinfer.sched.prefix_index import PrefixIndex
 from tetriinfer.sched.prefill_queue import PrefillQueue
 from tetriinfer.sched.router import AdaptiveRouter, keep_on_prefill
 from tetriinfer.sched.step_planner import StepShape
+from tetriinfer.sim.gpu import gpus_by_instance
 from tetriinfer.sim.instances import ColocatedInstance, DecodeInstance, PrefillInstance
 from tetriinfer.sim.length_oracle import OracleLengthPredictor
 from tetriinfer.sim.prefix_cache import SimPrefixCaches
@@ -81,6 +82,7 @@ class ClusterSim:
                 self.instances[i] = self._new_prefill(i)
             for i in range(cluster.num_prefill, cluster.total_instances):
                 self.instances[i] = self._new_decode(i)
+        self.gpu_of = gpus_by_instance(cluster.total_instances, cluster.instances_per_gpu)  # its GPU; they step in turn
         self.monitor = ClusterMonitor(cluster.monitor_interval_s)
         self.global_scheduler = GlobalScheduler(self._prefill_ids(), guess)
         self.router = None  # adaptive disaggregation: the router places each new request
@@ -194,6 +196,9 @@ class ClusterSim:
             inst.land_arrivals(now)
             for ready_s, _ in inst.admit_waiting(now, self._transfer_time):
                 self._push(ready_s, _KV_ARRIVAL, inst.instance_id)
+        gpu = self.gpu_of[inst.instance_id]
+        if not gpu.try_start(inst.instance_id):
+            return  # another instance is mid-step on this GPU: wait in its queue for `_on_step`
         duration = inst.start_step(now)
         if duration is None:
             if inst.draining and inst.is_drained() and inst.instance_id not in self._flip_pending:
@@ -201,6 +206,7 @@ class ClusterSim:
                 self._push(now + self.config.flip.flip_s, _FLIP, inst.instance_id)
             return
         inst.busy = True
+        gpu.holder = inst.instance_id
         self._push(now + duration, _STEP, inst.instance_id)
 
     def _transfer_time(self, kv_tokens: int) -> float:
@@ -265,6 +271,11 @@ class ClusterSim:
             inst.dispatch_wait.extend(inst.released)
             inst.released.clear()
             self._dispatch(inst, now)
+        # The GPU goes to the instances that waited for it, in order, and only then to this one.
+        gpu = self.gpu_of[instance_id]
+        gpu.holder = None
+        for waiter in gpu.take_waiting():
+            self._kick(self.instances[waiter], now)
         self._kick(inst, now)
 
     def _on_kv_arrival(self, now: float, instance_id: int) -> None:
