@@ -69,9 +69,11 @@ def test_exported_fp8_kv_is_half_the_bytes_and_decodes_on(llama_dir):  # noqa: F
 
 
 def test_fp8_kv_on_the_triton_backend_matches_the_torch_backend(llama_dir):  # noqa: F811
-    """The Triton kernels (under TRITON_INTERPRET=1 on the CPU) write and read the same FP8 cache as
-    the torch reference: same greedy tokens, logits within float32 rounding of the attention."""
-    kwargs = dict(chunk_size=64, num_blocks=32, enable_prefix_caching=False, kv_cache_dtype="fp8")
+    """The Triton kernels (under TRITON_INTERPRET=1 on the CPU, compiled on a GPU) write and read the
+    same FP8 cache as the torch reference: same greedy tokens, logits within float32 rounding of the
+    attention (TF32 dots on a GPU: a looser bound)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled Triton reads GPU tensors only
+    kwargs = dict(chunk_size=64, num_blocks=32, enable_prefix_caching=False, kv_cache_dtype="fp8", device=device)
     logits, tokens = {}, {}
     for backend in ("torch", "triton"):
         llm = LLM(str(llama_dir), attention_backend=backend, **kwargs)
@@ -81,7 +83,7 @@ def test_fp8_kv_on_the_triton_backend_matches_the_torch_backend(llama_dir):  # n
                                                                          sampling_params=GREEDY)]
     assert tokens["triton"] == tokens["torch"]
     error = ((logits["triton"] - logits["torch"]).abs().max() / logits["torch"].abs().max()).item()
-    assert error <= 1e-3, error
+    assert error <= (1e-2 if device == "cuda" else 1e-3), error
 
 
 def test_kv_imported_into_an_fp8_cache_saturates_too(llama_dir):  # noqa: F811

@@ -124,6 +124,19 @@ def test_global_scheduler_picks_least_loaded_counting_its_own_sends():
     assert [scheduler.pick(60) for _ in range(3)] == [0, 0, 1]
 
 
+def test_global_scheduler_breaks_equal_queues_by_the_fewest_running_requests():
+    scheduler = GlobalScheduler([0, 1, 2])
+    scheduler.update({0: 0, 1: 0, 2: 0}, running={0: 5, 1: 2, 2: 3})
+    assert scheduler.least_loaded() == (1, 0)
+    # Prompts that each prefill before the next snapshot still spread: every send counts as running.
+    scheduler.update({0: 0, 1: 0, 2: 0}, running={0: 3, 1: 3, 2: 3})
+    sent = [scheduler.pick(0) for _ in range(6)]
+    assert sorted(sent) == [0, 0, 1, 1, 2, 2]
+    # Queued tokens still come first; an instance missing from `running` counts 0.
+    scheduler.update({0: 10, 1: 0}, running={1: 50})
+    assert scheduler.pick(1) == 1
+
+
 def test_global_scheduler_with_no_instance_raises():
     scheduler = GlobalScheduler([])
     with pytest.raises(RuntimeError):

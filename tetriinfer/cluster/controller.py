@@ -78,6 +78,7 @@ class Controller:
         # The guess of what each instance caches; its capacity is set from the instances' reports.
         self.prefix_index = PrefixIndex(capacity_blocks=0) if config.cache_aware else None
         self.global_scheduler = GlobalScheduler([], self.prefix_index)
+        self._num_running: dict[int, int] = {}  # per live instance, from its last report
         self.step_cost = LinearStepCost()  # fitted from the instances' steps each tick
         self.router = AdaptiveRouter(self.step_cost, chunk_size=config.chunk_size,
                                      interference_weight=config.interference_weight,
@@ -191,8 +192,9 @@ class Controller:
         # The role each instance reports, unless it is draining for a flip the controller ordered.
         active = [s for s in live if s.instance_id not in self.draining and not s.draining]
         prefill_loads = {s.instance_id: s.queued_prompt_tokens for s in active if s.role in (PREFILL, COLOCATED)}
+        self._num_running = {s.instance_id: s.num_running for s in active}  # the global scheduler's tie-break
         decode_loads = [s.decode_load for s in active if s.role == DECODE and s.decode_load is not None]
-        self.global_scheduler.update(prefill_loads)
+        self.global_scheduler.update(prefill_loads, self._num_running)
         if self.prefix_index is not None and live:  # what one instance's cache can hold at most
             self.prefix_index.capacity_blocks = min(s.kv_blocks_total for s in live)
         self._update_router(live, prefill_loads, decode_loads)
@@ -242,7 +244,7 @@ class Controller:
         for order in self.flip_policy.decide(snapshot):
             self.draining.add(order.instance_id)
             self.global_scheduler.update({i: load for i, load in snapshot.prefill_loads.items()
-                                          if i != order.instance_id})
+                                          if i != order.instance_id}, self._num_running)
             self.out.send(self.ready[order.instance_id].address, msg.Flip(order.to_role))
             log.warning("flip: instance %s -> %s", order.instance_id, order.to_role)
 

@@ -8,6 +8,11 @@ tokens plus the prompt tokens it would still compute, i.e. less what it caches o
 long cached prefix beats a short queue and a long queue beats a small hit (Mooncake's conductor and
 SGLang's cache-aware router weigh the same two). The index is the scheduler's guess: what it routed
 where. Without an index or keys, this is least-loaded placement exactly.
+
+Ties (most often: every queue empty, a light load whose prompts prefill within one monitor
+interval) go to the instance running the fewest requests, then to snapshot order. Without that a
+colocated cluster sent two thirds of a conversation trace to its first instance and almost nothing
+to its last, each holding its requests' decodes to the end.
 """
 
 from __future__ import annotations
@@ -20,18 +25,22 @@ from tetriinfer.sched.prefix_index import PrefixIndex, cached_tokens
 class GlobalScheduler:
     def __init__(self, instance_ids: list[Hashable], prefix_index: PrefixIndex | None = None) -> None:
         self._load: dict[Hashable, int] = {i: 0 for i in instance_ids}
+        self._running: dict[Hashable, int] = {i: 0 for i in instance_ids}
         self.prefix_index = prefix_index
 
-    def update(self, loads: Mapping[Hashable, int]) -> None:
-        """Replace the view with a monitor snapshot; instances absent from it are no longer eligible."""
+    def update(self, loads: Mapping[Hashable, int], running: Mapping[Hashable, int] | None = None) -> None:
+        """Replace the view with a monitor snapshot (queued prompt tokens and, for ties, requests
+        running there; absent: 0); instances absent from `loads` are no longer eligible."""
         self._load = dict(loads)
+        running = running or {}
+        self._running = {i: running.get(i, 0) for i in self._load}
 
     def least_loaded(self) -> tuple[Hashable, int] | None:
         """(instance, queued prompt tokens) of the least-loaded instance; None when there is none.
-        Ties go to the first instance in snapshot order, which keeps runs deterministic."""
+        Ties go to the fewest running requests, then to the first in snapshot order (deterministic)."""
         if not self._load:
             return None
-        instance = min(self._load, key=self._load.__getitem__)
+        instance = min(self._load, key=lambda i: (self._load[i], self._running[i]))
         return instance, self._load[instance]
 
     def best(self, prompt_tokens: int, prefix_keys: Sequence[Hashable] = (),
@@ -44,8 +53,9 @@ class GlobalScheduler:
         best = None
         for instance, load in self._load.items():
             cached = cached_tokens(self.prefix_index, instance, prefix_keys, block_tokens, prompt_tokens)
-            if best is None or load - cached < best[1] - best[2]:
-                best = (instance, load, cached)
+            price = (load - cached, self._running[instance])
+            if best is None or price < best_price:
+                best, best_price = (instance, load, cached), price
         return best
 
     def pick(self, prompt_tokens: int, prefix_keys: Sequence[Hashable] = (), block_tokens: int = 0) -> Hashable:
@@ -56,6 +66,7 @@ class GlobalScheduler:
             raise RuntimeError("no prefill instance is available")
         instance, _, cached = best
         self._load[instance] += prompt_tokens - cached
+        self._running[instance] += 1
         if self.prefix_index is not None and prefix_keys:
             self.prefix_index.record(instance, prefix_keys)
         return instance

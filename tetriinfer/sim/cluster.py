@@ -366,7 +366,8 @@ class ClusterSim:
         waiting = sum(len(i.dispatch_wait) for i in self.instances.values() if i.role == PREFILL)
         snapshot = ClusterSnapshot(now, tuple(statuses), prefill_loads, decode_loads, waiting)
         self.result.peak_dispatch_waiting = max(self.result.peak_dispatch_waiting, waiting)
-        self.global_scheduler.update(snapshot.prefill_loads)
+        running = {i.instance_id: i.batch.num_running for i in active}  # the global scheduler's tie-break
+        self.global_scheduler.update(snapshot.prefill_loads, running)
         if self.router is not None:
             self.router.update(snapshot.prefill_loads, snapshot.decode_loads)
         self._broadcast_decode_loads(snapshot.decode_loads)
@@ -380,7 +381,7 @@ class ClusterSim:
                 gone = inst.instance_id
                 prefill_loads = {i: load for i, load in snapshot.prefill_loads.items() if i != gone}
                 decode_loads = tuple(load for load in snapshot.decode_loads if load.instance_id != gone)
-                self.global_scheduler.update(prefill_loads)
+                self.global_scheduler.update(prefill_loads, running)
                 if self.router is not None:
                     self.router.update(prefill_loads, decode_loads)
                 self._broadcast_decode_loads(decode_loads)
