@@ -124,6 +124,10 @@ class LLMEngine(ServingFacade):
         # Per rank: each holds its KV heads' share of a block.
         block_bytes = self.arch.kv_bytes_per_token * dtype_size * cache.block_size // self.config.tensor_parallel_size
         if self.device.type == "cuda":
+            # Memory freed while loading (the bf16 weights FP8 quantization replaced) stays in torch's
+            # allocator cache, invisible to mem_get_info: hand it back first (else FP8 weights left
+            # 3% fewer KV blocks than bf16 on an H100, not ~12% more).
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = cache.memory_fraction or GPU_DEFAULT_MEMORY_FRACTION
             budget = free - (1 - fraction) * total
