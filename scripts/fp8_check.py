@@ -2,15 +2,19 @@
 much faster is a llama3-8b decode step in FP8 than in bf16?
 
     python scripts/fp8_check.py --out fp8_check.json [--device cuda:0] [--batch-sizes 1 32 128 256]
+                                [--variants bf16 fp8 ...] [--w8a16-max-m 16]
 
 1. Kernel vs reference: `fp8_linear` through `_scaled_mm` and through the reference (dequantize to
    float32, multiply) on the llama3-8b projection shapes at each batch size; both get the same FP8
-   operands, so they differ only by accumulation order and the bf16 rounding of the output.
-2. Decode step time of the llama3-8b preset (random weights), bf16, `quantization="fp8"` and FP8
-   weights with the FP8 KV cache, at each batch size and `--context` tokens per sequence, as the
-   engine serves it (CUDA graphs, sampling included; engine.profiler), beside a bandwidth roofline:
-   the bytes the step must read (weights + KV) over the device-to-device copy bandwidth measured in
-   the same run.
+   operands, so they differ only by accumulation order and the bf16 rounding of the output. Then the
+   Triton kernels of kernels.fp8_quant against their torch references on the same shapes: the fused
+   per-token quantization bit for bit (scales and e4m3 bits), the W8A16 GEMM within two bf16 ulps.
+2. Decode step time of the llama3-8b preset (random weights) in each of VARIANTS (bf16; FP8 W8A8
+   with the fused Triton quantization; the same with the old torch quantization; W8A16 for batches
+   up to --w8a16-max-m, W8A8 above; W8A8 with the FP8 KV cache), at each batch size and `--context`
+   tokens per sequence, as the engine serves it (CUDA graphs, sampling included; engine.profiler),
+   beside a bandwidth roofline: the bytes the step must read (weights + KV) over the device-to-device
+   copy bandwidth measured in the same run.
 3. One `--chunk`-token prefill chunk in each precision, its linear-layer FLOP/s against the bf16
    and FP8 GEMM peaks measured in the same run (one 8192^3 torch.mm / torch._scaled_mm).
 Prints a short table; writes everything as JSON to `--out`.
@@ -30,12 +34,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, installed or not
-from tetriinfer.model.quant import fp8_linear, has_scaled_mm, quantize_weight  # noqa: E402
+from tetriinfer.model import quant  # noqa: E402
+from tetriinfer.model.quant import (fp8_linear, has_scaled_mm, quantize_per_token, quantize_weight,  # noqa: E402
+                                    w8a16_matmul_ref)
 
 # (name, in, out) of llama3-8b's projections as the engine fuses them
 LLAMA3_8B_SHAPES = (("qkv_proj", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up_proj", 4096, 28672),
                     ("down_proj", 14336, 4096))
 MAX_KERNEL_ERROR = 2e-2  # relative to the reference's largest |value|: a few bf16 ulps
+# label: (quantization, kv_cache_dtype, quant.ACT_QUANT, W8A16 on); the switches are set before the
+# engine is built, so its CUDA graphs capture that path.
+VARIANTS = {"bf16": (None, "auto", "triton", False), "fp8": ("fp8", "auto", "triton", False),
+            "fp8-torchquant": ("fp8", "auto", "torch", False), "fp8-w8a16": ("fp8", "auto", "triton", True),
+            "fp8+fp8kv": ("fp8", "fp8", "triton", False)}
 
 
 def check_kernel(device: torch.device, batch_sizes: list[int]) -> list[dict]:
@@ -49,6 +60,37 @@ def check_kernel(device: torch.device, batch_sizes: list[int]) -> list[dict]:
             ref = fp8_linear(x, w_q, w_scale, None, use_kernel=False).float()
             err = ((kernel - ref).abs().max() / ref.abs().max()).item()
             rows.append({"shape": name, "m": m, "k": k, "n": n, "rel_max_error": err, "ok": err <= MAX_KERNEL_ERROR})
+    return rows
+
+
+def check_triton_kernels(device: torch.device, batch_sizes: list[int], w8a16_max_m: int) -> list[dict]:
+    """kernels.fp8_quant against its references on the projection shapes: the fused quantization's
+    mismatched scales and e4m3 values (must be 0), and the W8A16 GEMM's largest error in bf16 ulps of
+    the reference (<= 2) at batch sizes up to its bound."""
+    from tetriinfer.kernels.fp8_quant import quantize_per_token_triton, w8a16_matmul
+
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(1)
+    w8a16_ms = sorted({1, w8a16_max_m, *(m for m in batch_sizes if m <= w8a16_max_m)} - {0})
+    for name, k, n in LLAMA3_8B_SHAPES:
+        w_q, w_scale = quantize_weight(torch.randn(n, k, device=device, generator=gen, dtype=torch.bfloat16) * 0.02)
+        for m in batch_sizes:
+            x = torch.randn(m, k, device=device, generator=gen, dtype=torch.bfloat16) * 4
+            x_q, s = quantize_per_token_triton(x)
+            ref_q, ref_s = quantize_per_token(x)
+            bits = int((x_q.view(torch.uint8) != ref_q.view(torch.uint8)).sum())
+            scales = int((s != ref_s).sum())
+            rows.append({"kernel": "quantize_per_token", "shape": name, "m": m, "k": k, "fp8_mismatches": bits,
+                         "scale_mismatches": scales, "ok": bits == 0 and scales == 0})
+        for m in w8a16_ms:
+            x = torch.randn(m, k, device=device, generator=gen, dtype=torch.bfloat16)
+            y, ref = w8a16_matmul(x, w_q, w_scale).float(), w8a16_matmul_ref(x, w_q, w_scale).float()
+            # a bf16 ulp is 2**-7 of the value's binade; values under 1/8 of the largest (sums that
+            # cancel) are measured in the ulp at 1/8 of it
+            binade = torch.floor(torch.log2(ref.abs().clamp(min=ref.abs().max().item() / 8)))
+            err = ((y - ref).abs() / torch.exp2(binade - 7)).max().item()
+            rows.append({"kernel": "w8a16", "shape": name, "m": m, "k": k, "n": n, "max_error_ulps": err,
+                         "rel_max_error": ((y - ref).abs().max() / ref.abs().max()).item(), "ok": err <= 2})
     return rows
 
 
@@ -91,7 +133,8 @@ def matmul_peaks(device: torch.device, n: int = 8192) -> dict:
 
 
 def time_steps(device: str, quantization: str | None, kv_cache_dtype: str, batch_sizes: list[int], context: int,
-               bandwidth: float, chunk: int, model: str = "llama3-8b") -> tuple[list[dict], dict]:
+               bandwidth: float, chunk: int, model: str = "llama3-8b",
+               label: str | None = None) -> tuple[list[dict], dict]:
     """Decode step times at each batch size beside their roofline, and one prefill chunk's time."""
     from tetriinfer import LLM
     from tetriinfer.engine.profiler import profile_steps
@@ -104,7 +147,7 @@ def time_steps(device: str, quantization: str | None, kv_cache_dtype: str, batch
     weight_bytes = sum(p.nbytes for p in engine.runner.model.parameters())
     linear_params = sum(p.numel() for n, p in engine.runner.model.named_parameters()
                         if p.dim() == 2 and "embed" not in n)
-    label = (quantization or "bf16") + ("+fp8kv" if kv_cache_dtype == "fp8" else "")
+    label = label or (quantization or "bf16") + ("+fp8kv" if kv_cache_dtype == "fp8" else "")
     try:
         times = profile_steps(engine, [chunk], [0], batch_sizes, [context], repeats=20)
     finally:
@@ -131,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128, 256])
     p.add_argument("--context", type=int, default=512, help="tokens per sequence before the decode step")
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk tokens")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="engine configurations to time (default: all)")
+    p.add_argument("--w8a16-max-m", type=int, default=16,
+                   help="fp8-w8a16: batches of at most this many tokens take the W8A16 GEMM (<= 64)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8_check needs a CUDA GPU (it compares torch._scaled_mm with the CPU-safe reference)", file=sys.stderr)
@@ -147,20 +194,33 @@ def main(argv: list[str] | None = None) -> int:
     for r in kernel:
         print(f"  {r['shape']:<13} m={r['m']:<4} rel_max_error={r['rel_max_error']:.2e} {'ok' if r['ok'] else 'FAIL'}")
 
+    triton_rows = check_triton_kernels(device, args.batch_sizes, args.w8a16_max_m)
+    print("Triton kernels vs torch references (quantization bit for bit; W8A16 within 2 bf16 ulps):")
+    for r in triton_rows:
+        detail = (f"fp8 mismatches {r['fp8_mismatches']}, scale mismatches {r['scale_mismatches']}"
+                  if r["kernel"] == "quantize_per_token" else
+                  f"max error {r['max_error_ulps']:.2f} ulp, rel_max_error={r['rel_max_error']:.2e}")
+        print(f"  {r['kernel']:<18} {r['shape']:<13} m={r['m']:<4} {detail} {'ok' if r['ok'] else 'FAIL'}")
+
     bandwidth = copy_bandwidth(device)
     peaks = matmul_peaks(device)
     print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s; GEMM peaks: bf16 {peaks['bf16'] / 1e12:.0f}, "
           f"fp8 {peaks['fp8'] / 1e12:.0f} TFLOP/s")
     decode, prefill, errors = [], [], {}
-    for quantization, kv in ((None, "auto"), ("fp8", "auto"), ("fp8", "fp8")):
+    for label in args.variants:
+        quantization, kv, act_quant, w8a16 = VARIANTS[label]
+        saved = quant.ACT_QUANT, quant.W8A16_MAX_M
+        quant.ACT_QUANT, quant.W8A16_MAX_M = act_quant, args.w8a16_max_m if w8a16 else 0
         try:
             rows, chunk = time_steps(args.device, quantization, kv, args.batch_sizes, args.context, bandwidth,
-                                     args.chunk)
+                                     args.chunk, label=label)
             decode += rows
             prefill.append(chunk)
         except Exception as e:  # record why, keep the rest of the run
-            errors[f"{quantization}/{kv}"] = f"{type(e).__name__}: {e}"
-    labels = [lab for lab in ("bf16", "fp8", "fp8+fp8kv") if any(r["weights"] == lab for r in decode)]
+            errors[label] = f"{type(e).__name__}: {e}"
+        finally:
+            quant.ACT_QUANT, quant.W8A16_MAX_M = saved
+    labels = [lab for lab in args.variants if any(r["weights"] == lab for r in decode)]
     print(f"llama3-8b decode step, context {args.context} per sequence (ms, and x the roofline = bytes read / "
           f"copy bandwidth)")
     print("  batch " + " ".join(f"{lab:>18}" for lab in labels))
@@ -171,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prefill, one {args.chunk}-token chunk (linear-layer FLOP/s against the GEMM peak of its precision)")
     for r in prefill:
         peak = peaks["fp8" if r["weights"].startswith("fp8") else "bf16"]
-        print(f"  {r['weights']:<10} {r['ms']:8.2f} ms {r['tokens_per_s']:9.0f} tok/s "
+        print(f"  {r['weights']:<14} {r['ms']:8.2f} ms {r['tokens_per_s']:9.0f} tok/s "
               f"{r['linear_flops_per_s'] / 1e12:6.0f} TFLOP/s = {r['linear_flops_per_s'] / peak:.2f} of peak")
     for what, err in errors.items():
         print(f"  {what}: {err}")
@@ -179,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "host": platform.node(),
               "commit": os.environ.get("TETRIINFER_COMMIT", "unknown"), "copy_bandwidth_bytes_per_s": bandwidth,
               "matmul_peaks_flops_per_s": peaks, "kernel_check": kernel, "decode": decode, "prefill": prefill,
-              "errors": errors, "kernel_ok": all(r["ok"] for r in kernel)}
+              "errors": errors, "triton_check": triton_rows, "w8a16_max_m": args.w8a16_max_m,
+              "kernel_ok": all(r["ok"] for r in kernel + triton_rows)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")

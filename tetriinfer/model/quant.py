@@ -4,8 +4,10 @@ quantized per token on the fly.
     y = (x_q * s_x) (W_q * s_w)^T = (x_q W_q^T) * s_x * s_w^T       x_q = x / s_x,  W_q = W / s_w
 
 On Hopper (and Ada) the product runs in `torch._scaled_mm`, which applies both scales in its
-epilogue; elsewhere a reference path dequantizes to float32 and multiplies, so CPU tests run the
-same numbers (up to float32 accumulation order).
+epilogue, with the activations quantized by one Triton kernel (kernels.fp8_quant; `ACT_QUANT`);
+elsewhere a reference path dequantizes to float32 and multiplies, so CPU tests run the same numbers
+(up to float32 accumulation order). Optionally (`W8A16_MAX_M`), batches of at most that many tokens
+skip activation quantization: a Triton GEMM upcasts the FP8 weights to bf16 tile by tile (W8A16).
 
 Weights come either from a higher-precision checkpoint (or random weights), quantized at load
 (`quantize_model_`, as vLLM's `--quantization fp8`), or from a checkpoint already in FP8 in the
@@ -17,6 +19,8 @@ or [1] (per tensor), dynamic per-token input activations, the LM head left in hi
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 
 import torch
 from torch import nn
@@ -24,6 +28,14 @@ from torch import nn
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 MIN_SCALE = 1e-12  # an all-zero row or token still gets a finite scale
+
+# Switches for the CUDA path, read by fp8_linear at each call (so set them before CUDA graphs are
+# captured); the environment gives the defaults, which reach tensor-parallel worker processes too.
+# ACT_QUANT: "triton" (one fused kernel) or "torch" (quantize_per_token, ~7 launches per linear).
+ACT_QUANT = os.environ.get("TETRIINFER_FP8_ACT_QUANT", "triton")
+# W8A16_MAX_M: token counts up to this run the W8A16 Triton GEMM instead of quantize + _scaled_mm;
+# 0 turns it off. Off by default until scripts/fp8_check.py has timed it on a GPU.
+W8A16_MAX_M = int(os.environ.get("TETRIINFER_FP8_W8A16_MAX_M", "0"))
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +46,10 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_q float8 [T, K], s_x float32 [T, 1]): dynamic scales, one per token (row)."""
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    # Multiplying by float32(1/448) is what `amax / 448` runs on CUDA (torch turns a division by a
+    # Python scalar into a product with its reciprocal there, not on the CPU); written out, the scales
+    # are the same on every device, and kernels.fp8_quant matches them bit for bit.
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() * (1.0 / FP8_MAX)).clamp(min=MIN_SCALE)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
@@ -42,6 +57,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def has_scaled_mm(device: torch.device) -> bool:
     """FP8 tensor cores with row-wise scales: CUDA compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@functools.cache
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def fp8_matmul_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -56,18 +76,41 @@ def fp8_matmul_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Te
     return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale[None, :], out_dtype=out_dtype)
 
 
+def w8a16_matmul_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """The W8A16 reference: activations as they are, weights dequantized, float32 product in x's dtype."""
+    return (x.float() @ (w_q.float() * w_scale[:, None]).t()).to(x.dtype)
+
+
+def fp8_matmul_cuda(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16 on a GPU with FP8 tensor cores, by the module's switches (no host sync)."""
+    if has_triton() and x.shape[0] <= min(W8A16_MAX_M, 64):  # 64: the GEMM's largest row tile
+        from tetriinfer.kernels.fp8_quant import w8a16_matmul
+
+        return w8a16_matmul(x, w_q, w_scale)
+    if has_triton() and ACT_QUANT == "triton":
+        from tetriinfer.kernels.fp8_quant import quantize_per_token_triton
+
+        x_q, x_scale = quantize_per_token_triton(x)
+    else:
+        x_q, x_scale = quantize_per_token(x)
+    return fp8_matmul_scaled_mm(x_q, x_scale, w_q, w_scale, x.dtype)
+
+
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                use_kernel: bool | None = None) -> torch.Tensor:
     """x [..., in] in bf16/fp16/fp32 through FP8 weights [out, in] -> [..., out] in x's dtype.
-    `use_kernel`: force `_scaled_mm` (True) or the reference (False); None picks by device and shape."""
+    `use_kernel`: force the GPU kernels (True: fp8_matmul_cuda) or the reference (False); None picks by
+    device and shape."""
     x2 = x.reshape(-1, x.shape[-1])
-    x_q, x_scale = quantize_per_token(x2)
     if use_kernel is None:
         # _scaled_mm wants K and N multiples of 16, and row-wise scales a bf16 output.
         use_kernel = (has_scaled_mm(x.device) and w_q.shape[0] % 16 == 0 and w_q.shape[1] % 16 == 0
                       and x.dtype == torch.bfloat16)
-    matmul = fp8_matmul_scaled_mm if use_kernel else fp8_matmul_ref
-    y = matmul(x_q, x_scale, w_q, w_scale, x.dtype)
+    if use_kernel:
+        y = fp8_matmul_cuda(x2, w_q, w_scale)
+    else:
+        x_q, x_scale = quantize_per_token(x2)
+        y = fp8_matmul_ref(x_q, x_scale, w_q, w_scale, x.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], w_q.shape[0])
