@@ -272,3 +272,28 @@ def test_the_openai_client_still_gets_through(app):
                                 http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=app)))
     out = asyncio.run(client.completions.create(model="fake-model", prompt="hello", max_tokens=3))
     assert out.choices[0].text == "oll"
+
+
+# ---- vLLM extensions that would change the output --------------------------------------------------
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/completions", "min_p", 0.1),
+    ("/v1/completions", "guided_json", {"type": "object"}),
+    ("/v1/chat/completions", "guided_choice", ["yes", "no"]),
+    ("/v1/completions", "use_beam_search", True),
+    ("/v1/chat/completions", "allowed_token_ids", [5, 6]),
+    ("/v1/completions", "prompt_logprobs", 1),
+    ("/v1/completions", "include_stop_str_in_output", True),
+])
+def test_a_vllm_extension_the_server_would_silently_ignore_is_a_400_naming_it(app, backend, path, field, value):
+    body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": CHAT}
+    assert_error(call(app, "POST", path, json={**body, field: value}), 400, f"'{field}' is not supported", param=field)
+    assert backend.started == []
+
+
+def test_vllm_extensions_at_their_no_op_values_and_unknown_fields_are_accepted(app, backend):
+    body = {"prompt": "hi", "max_tokens": 2, "min_p": 0.0, "guided_json": None, "bad_words": [],
+            "use_beam_search": False, "skip_special_tokens": False, "chat_template_kwargs": {"enable_thinking": False},
+            "some_future_field": 1}
+    r = call(app, "POST", "/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert len(backend.started) == 1

@@ -61,10 +61,30 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = None  # vLLM's: with include_usage, usage on every chunk too
 
 
+# vLLM's request extensions that change what is generated and that this server does not implement:
+# each is accepted at the value that changes nothing (null, empty, or the listed default) and
+# refused otherwise, so a client relying on one gets a 400 naming it instead of an answer that
+# silently ignored it. Other unknown fields (cosmetic ones such as skip_special_tokens or
+# chat_template_kwargs included) are ignored, as OpenAI's API does.
+UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value, what to do instead)
+    "guided_json": (None, "use response_format"),
+    "guided_regex": (None, "use response_format"),
+    "guided_choice": (None, "use response_format"),
+    "guided_grammar": (None, "use response_format"),
+    "prompt_logprobs": (None, "use echo: true with logprobs on /v1/completions"),
+    "min_p": (0.0, "use top_p or top_k"),
+    "use_beam_search": (False, "sample with n instead"),
+    "include_stop_str_in_output": (False, "append the stop string on the client"),
+    "truncate_prompt_tokens": (None, "truncate the prompt on the client"),
+    "allowed_token_ids": (None, "use logit_bias"),
+    "bad_words": (None, "use logit_bias"),
+}
+
+
 class _SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)  # extras kept for check_supported
 
     model: str | None = None  # absent: the served model
     max_tokens: int | None = None
@@ -106,6 +126,13 @@ class _SamplingRequest(BaseModel):
 
     def check_supported(self) -> None:
         """Values the server refuses before anything runs (ranges SamplingParams checks itself)."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED_VLLM_FIELDS:
+                no_op, instead = UNSUPPORTED_VLLM_FIELDS[name]
+                same = value == no_op and isinstance(value, bool) == isinstance(no_op, bool)
+                if value is not None and not same and value not in ([], {}, ""):
+                    raise APIError(400, f"'{name}' is not supported by this server ({instead}); remove it or send "
+                                        f"{json.dumps(no_op)}", param=name)
         if self.n is not None and not 1 <= self.n <= MAX_N:
             raise APIError(400, f"n must be in [1, {MAX_N}], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
