@@ -131,7 +131,28 @@ def test_top_logprobs_are_those_of_the_raw_logits():
     assert result.top_logprobs[1] == [] and result.top_logprobs[2] == []
 
 
-@pytest.mark.parametrize("bad", [dict(presence_penalty=2.5), dict(frequency_penalty=-3.0),
+def test_min_p_samples_only_tokens_within_min_p_of_the_likeliest_and_leaves_other_rows_alone():
+    vocab, temperature, min_p = 33, 0.7, 0.2
+    torch.manual_seed(4)
+    logits = torch.randn(2, vocab) * 3
+    probs = torch.softmax(logits[0] / temperature, dim=-1).tolist()  # plain reference: vLLM's order
+    allowed = {t for t, p in enumerate(probs) if p >= min_p * max(probs)}
+    assert 1 < len(allowed) < vocab
+    seen = set()
+    for seed in range(300):
+        row = make_request("m", [1], [], temperature=temperature, min_p=min_p, seed=seed)
+        plain = make_request("p", [1], [], temperature=temperature, seed=seed)
+        got = Sampler(torch.device("cpu"), 0, ())(logits.clone(), [row, plain]).result().token_ids
+        alone = Sampler(torch.device("cpu"), 0, ())(logits[1:].clone(), [plain]).result().token_ids[0]
+        seen.add(got[0])
+        assert got[1] == alone  # a min_p row in the batch changes nothing for the others
+    assert seen <= allowed and len(seen) > 1
+    greedy_like = make_request("g", [1], [], temperature=temperature, min_p=1.0, seed=0)
+    assert Sampler(torch.device("cpu"), 0, ())(logits[:1].clone(), [greedy_like]).result().token_ids == \
+        [int(logits[0].argmax())]
+
+
+@pytest.mark.parametrize("bad", [dict(min_p=1.5), dict(presence_penalty=2.5), dict(frequency_penalty=-3.0),
                                  dict(repetition_penalty=0.0), dict(logit_bias={3: 101.0}),
                                  dict(logprobs=21), dict(prompt_logprobs=-1)])
 def test_bad_values_name_the_field(bad):

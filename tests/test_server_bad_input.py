@@ -276,7 +276,7 @@ def test_the_openai_client_still_gets_through(app):
 
 # ---- vLLM extensions that would change the output --------------------------------------------------
 @pytest.mark.parametrize("path, field, value", [
-    ("/v1/completions", "min_p", 0.1),
+    ("/v1/completions", "truncate_prompt_tokens", 8),
     ("/v1/completions", "guided_json", {"type": "object"}),
     ("/v1/chat/completions", "guided_choice", ["yes", "no"]),
     ("/v1/completions", "use_beam_search", True),

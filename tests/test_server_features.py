@@ -153,11 +153,11 @@ def test_chat_top_logprobs(app):
 def test_penalties_logit_bias_and_response_format_reach_the_sampler(app, backend):
     r = call(app, "POST", "/v1/chat/completions", json={
         "messages": CHAT, "max_tokens": 2, "presence_penalty": 0.5, "frequency_penalty": -0.25,
-        "repetition_penalty": 1.2, "logit_bias": {"65": -100, "66": 3.5},
+        "repetition_penalty": 1.2, "logit_bias": {"65": -100, "66": 3.5}, "min_p": 0.05,
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}})
     assert r.status_code == 200, r.text
     s = backend.started[0].sampling
-    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -0.25, 1.2)
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.min_p) == (0.5, -0.25, 1.2, 0.05)
     assert s.logit_bias == {65: -100.0, 66: 3.5} and s.json_schema == '{"type": "object"}' and not s.json_object
     call(app, "POST", "/v1/completions", json={"prompt": "x", "response_format": {"type": "json_object"}})
     assert backend.started[-1].sampling.json_object

@@ -130,6 +130,8 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         temperature = to_device(torch.tensor([max(r.sampling.temperature, 1e-5) for r in requests]), logits.device)
         logits = logits / temperature.unsqueeze(1)
+        if any(r.sampling.min_p > 0 for r in requests):  # before top-k/top-p, as vLLM applies it
+            logits = _apply_min_p(logits, to_device(torch.tensor([r.sampling.min_p for r in requests]), logits.device))
         if any(r.sampling.top_k > 0 for r in requests):
             logits = _apply_top_k(logits, [r.sampling.top_k for r in requests])
         if any(r.sampling.top_p < 1.0 for r in requests):
@@ -166,6 +168,13 @@ def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     sorted_logits = logits.sort(dim=-1, descending=True).values
     kth = sorted_logits.gather(1, (ks - 1).unsqueeze(1))
     return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the likeliest token (after temperature)."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.to(probs.dtype).unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def _apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,6 @@ UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value,
     "guided_choice": (None, "use response_format"),
     "guided_grammar": (None, "use response_format"),
     "prompt_logprobs": (None, "use echo: true with logprobs on /v1/completions"),
-    "min_p": (0.0, "use top_p or top_k"),
     "use_beam_search": (False, "sample with n instead"),
     "include_stop_str_in_output": (False, "append the stop string on the client"),
     "truncate_prompt_tokens": (None, "truncate the prompt on the client"),
@@ -91,6 +90,7 @@ class _SamplingRequest(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # extension (vLLM's); -1 means off, as in vLLM
+    min_p: float | None = None  # extension (vLLM's)
     seed: int | None = None
     stop: Any = Field(default=None, validate_default=True)  # str or list[str]
     stop_token_ids: list[int] | None = None  # extension
@@ -199,6 +199,7 @@ class _SamplingRequest(BaseModel):
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_k=0 if top_k == -1 else top_k,
                 top_p=1.0 if self.top_p is None else self.top_p,
+                min_p=self.min_p or 0.0,
                 stop=list(self.stop),
                 stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=self.ignore_eos,
