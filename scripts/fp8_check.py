@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                                      args.chunk, label=label)
             decode += rows
             prefill.append(chunk)
+            # As each variant ends, so a run cut short by a time limit still shows what it timed.
+            print(f"  [{label}] decode " + ", ".join(f"b{r['batch']} {r['step_ms']:.2f} ms" for r in rows)
+                  + f"; prefill {chunk['ms']:.2f} ms", flush=True)
         except Exception as e:  # record why, keep the rest of the run
             errors[label] = f"{type(e).__name__}: {e}"
         finally:
