@@ -5,6 +5,7 @@ and stats log lines; and the official openai client on the same features."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import httpx
@@ -161,6 +162,21 @@ def test_penalties_logit_bias_and_response_format_reach_the_sampler(app, backend
     assert s.logit_bias == {65: -100.0, 66: 3.5} and s.json_schema == '{"type": "object"}' and not s.json_object
     call(app, "POST", "/v1/completions", json={"prompt": "x", "response_format": {"type": "json_object"}})
     assert backend.started[-1].sampling.json_object
+
+
+def test_vllms_guided_json_is_a_json_schema_constraint_and_cannot_be_given_with_response_format(app, backend):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for guided in (schema, json.dumps(schema)):
+        r = call(app, "POST", "/v1/completions", json={"prompt": "x", "max_tokens": 2, "guided_json": guided})
+        assert r.status_code == 200, r.text
+        assert json.loads(backend.started[-1].sampling.json_schema) == schema
+    started = len(backend.started)
+    both = call(app, "POST", "/v1/chat/completions", json={"messages": CHAT, "guided_json": schema,
+                                                         "response_format": {"type": "json_object"}})
+    bad = call(app, "POST", "/v1/completions", json={"prompt": "x", "guided_json": "{not json"})
+    assert (both.status_code, bad.status_code) == (400, 400)
+    assert both.json()["error"]["param"] == bad.json()["error"]["param"] == "guided_json"
+    assert len(backend.started) == started
 
 
 def test_structured_output_without_the_library_names_the_extra(app, monkeypatch):

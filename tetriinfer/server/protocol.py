@@ -67,7 +67,6 @@ class StreamOptions(BaseModel):
 # silently ignored it. Other unknown fields (cosmetic ones such as skip_special_tokens or
 # chat_template_kwargs included) are ignored, as OpenAI's API does.
 UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value, what to do instead)
-    "guided_json": (None, "use response_format"),
     "guided_regex": (None, "use response_format"),
     "guided_choice": (None, "use response_format"),
     "guided_grammar": (None, "use response_format"),
@@ -104,6 +103,7 @@ class _SamplingRequest(BaseModel):
     repetition_penalty: float | None = None  # extension (vLLM's)
     logit_bias: dict[str, float] | None = None
     response_format: dict | None = None
+    guided_json: dict | str | None = None  # vLLM's extension: a JSON schema, as response_format json_schema
     user: str | None = None
 
     @field_validator("stream", "ignore_eos", "min_tokens", "echo", "logprobs", "add_generation_prompt",
@@ -153,11 +153,28 @@ class _SamplingRequest(BaseModel):
     def continuous_usage(self) -> bool:
         return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
+    def _guided_schema(self) -> dict:
+        """vLLM's guided_json: a schema as an object or as a JSON string."""
+        schema = self.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise APIError(400, f"guided_json is not valid JSON: {e}", param="guided_json") from None
+        if not isinstance(schema, dict):
+            raise APIError(400, "guided_json must be a JSON schema object", param="guided_json")
+        return schema
+
     def structured(self) -> dict:
         """response_format as SamplingParams fields: {} (text), json_object, or json_schema (a JSON
         string). The grammar library is needed for the last two: a 400 names how to install it."""
         fmt = self.response_format
-        if not fmt or fmt.get("type", "text") == "text":
+        text = not fmt or fmt.get("type", "text") == "text"
+        if self.guided_json is not None:
+            if not text:
+                raise APIError(400, "give response_format or guided_json, not both", param="guided_json")
+            fmt = {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": self._guided_schema()}}
+        elif text:
             return {}
         kind = fmt.get("type")
         if kind == "json_object":
