@@ -5,6 +5,7 @@ structured JSON output, and the new fields surviving a KV export/import."""
 from __future__ import annotations
 
 import json
+import re
 
 import msgspec
 import pytest
@@ -92,6 +93,27 @@ def test_json_object_output_parses():
         assert isinstance(json.loads(out.text), dict)
     else:  # cut by max_tokens: still a JSON object's prefix
         assert out.text.startswith("{")
+
+
+def test_regex_and_choice_outputs_match():
+    pytest.importorskip("xgrammar")
+    from tetriinfer.engine.structured import choice_regex
+
+    llm = LLM("tiny", chunk_size=16, num_blocks=64)
+    for seed in range(3):
+        out = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0.9, seed=seed,
+                                                    regex="[0-9]{3}-[a-z]{2}"))[0].outputs[0]
+        assert out.finish_reason == "stop" and re.fullmatch("[0-9]{3}-[a-z]{2}", out.text), out.text
+    choices = ["yes", "no (maybe)", "a.b*c"]
+    seen = set()
+    for seed in range(6):
+        out = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=1.0, seed=seed,
+                                                    regex=choice_regex(choices)))[0].outputs[0]
+        assert out.text in choices, out.text
+        seen.add(out.text)
+    assert len(seen) > 1
+    with pytest.raises(ValueError, match="exclusive"):
+        SamplingParams(regex="a", json_object=True)
 
 
 def test_new_fields_survive_the_wire():

@@ -179,6 +179,24 @@ def test_vllms_guided_json_is_a_json_schema_constraint_and_cannot_be_given_with_
     assert len(backend.started) == started
 
 
+def test_vllms_guided_regex_and_guided_choice_become_a_regex_constraint(app, backend):
+    r = call(app, "POST", "/v1/completions", json={"prompt": "x", "max_tokens": 2, "guided_regex": "[0-9]{3}"})
+    assert r.status_code == 200, r.text
+    assert backend.started[-1].sampling.regex == "[0-9]{3}"
+    r = call(app, "POST", "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2,
+                                                      "guided_choice": ["yes", "no (maybe)"]})
+    assert r.status_code == 200, r.text
+    assert backend.started[-1].sampling.regex == r"(yes|no \(maybe\))"
+    started = len(backend.started)
+    for body, param, words in [({"guided_regex": "([a-z"}, "guided_regex", "unsupported regex"),
+                               ({"guided_choice": []}, "guided_choice", "non-empty"),
+                               ({"guided_choice": ["a"], "guided_json": {"type": "object"}}, "guided_choice",
+                                "give one output constraint")]:
+        r = call(app, "POST", "/v1/completions", json={"prompt": "x", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param and words in r.json()["error"]["message"]
+    assert len(backend.started) == started
+
+
 def test_structured_output_without_the_library_names_the_extra(app, monkeypatch):
     import builtins
 

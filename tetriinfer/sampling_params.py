@@ -25,7 +25,7 @@ class SamplingParams:
     distribution, before penalties and temperature (vLLM's default, `raw_logprobs`).
 
     `json_schema` / `json_object`: the output is constrained to JSON (matching the schema, a JSON
-    string) with the optional grammar library (`pip install 'tetriinfer[structured]'`)."""
+    string); `regex`: to a regular expression; with the optional grammar library (`pip install 'tetriinfer[structured]'`)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -45,6 +45,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     json_schema: str | None = None
     json_object: bool = False
+    regex: str | None = None  # the output matches this regular expression (xgrammar's dialect)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -85,8 +86,8 @@ class SamplingParams:
             bad_id = next((t for t in self.logit_bias if t < 0), None)
             if bad_id is not None:
                 raise ValueError(f"logit_bias token id {bad_id} is negative")
-        if self.json_schema is not None and self.json_object:
-            raise ValueError("json_schema and json_object are exclusive")
+        if (self.json_schema is not None) + self.json_object + (self.regex is not None) > 1:
+            raise ValueError("json_schema, json_object and regex are exclusive")
 
     @property
     def greedy(self) -> bool:
@@ -98,4 +99,4 @@ class SamplingParams:
 
     @property
     def structured(self) -> bool:
-        return self.json_schema is not None or self.json_object
+        return self.json_schema is not None or self.json_object or self.regex is not None

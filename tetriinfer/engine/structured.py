@@ -13,6 +13,7 @@ scheduling) reads it back first: structured requests make that step wait for the
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,22 @@ def check_json_schema(schema: str) -> None:
         raise ValueError(f"unsupported JSON schema: {str(e).splitlines()[-1][:300]}") from None
 
 
+def check_regex(regex: str) -> None:
+    """Raise ValueError when xgrammar cannot compile `regex` (ImportError when xgrammar is missing)."""
+    xgr = import_xgrammar()
+    try:
+        xgr.Grammar.from_regex(regex)
+    except Exception as e:  # xgrammar raises RuntimeError with the reason, after a time and a source line
+        reason = re.sub(r"^\[[0-9:]+\] \S+: ", "", str(e).splitlines()[-1])
+        raise ValueError(f"unsupported regex: {reason[:300]}") from None
+
+
+def choice_regex(choices: list[str]) -> str:
+    """A regex matching exactly one of `choices` (vLLM's guided_choice), metacharacters escaped."""
+    special = set("\\.^$|?*+()[]{}/")
+    return "(" + "|".join("".join("\\" + c if c in special else c for c in choice) for choice in choices) + ")"
+
+
 class GrammarCompiler:
     """xgrammar's compiler over one tokenizer's vocabulary (compiled grammars are cached by it)."""
 
@@ -66,13 +83,15 @@ class GrammarCompiler:
         self.compiler = xgr.GrammarCompiler(info, max_threads=1)
 
     @functools.lru_cache(maxsize=256)
-    def compile(self, json_schema: str | None):
+    def compile(self, json_schema: str | None, regex: str | None = None):
+        if regex is not None:
+            return self.compiler.compile_regex(regex)
         # json_object (no schema): any JSON object, as OpenAI means it (xgrammar's builtin JSON
         # grammar would also allow arrays and scalars).
         return self.compiler.compile_json_schema(json_schema if json_schema is not None else '{"type": "object"}')
 
     def new_state(self, sampling: SamplingParams) -> "GrammarState":
-        return GrammarState(self.xgr.GrammarMatcher(self.compile(sampling.json_schema)))
+        return GrammarState(self.xgr.GrammarMatcher(self.compile(sampling.json_schema, sampling.regex)))
 
 
 @dataclass

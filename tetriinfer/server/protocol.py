@@ -67,8 +67,6 @@ class StreamOptions(BaseModel):
 # silently ignored it. Other unknown fields (cosmetic ones such as skip_special_tokens or
 # chat_template_kwargs included) are ignored, as OpenAI's API does.
 UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value, what to do instead)
-    "guided_regex": (None, "use response_format"),
-    "guided_choice": (None, "use response_format"),
     "guided_grammar": (None, "use response_format"),
     "prompt_logprobs": (None, "use echo: true with logprobs on /v1/completions"),
     "use_beam_search": (False, "sample with n instead"),
@@ -104,6 +102,8 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     response_format: dict | None = None
     guided_json: dict | str | None = None  # vLLM's extension: a JSON schema, as response_format json_schema
+    guided_regex: str | None = None  # vLLM's: the output matches this regular expression
+    guided_choice: list[str] | None = None  # vLLM's: the output is exactly one of these strings
     user: str | None = None
 
     @field_validator("stream", "ignore_eos", "min_tokens", "echo", "logprobs", "add_generation_prompt",
@@ -153,6 +153,21 @@ class _SamplingRequest(BaseModel):
     def continuous_usage(self) -> bool:
         return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
+    def _regex(self) -> dict:
+        from tetriinfer.engine.structured import check_regex, choice_regex
+
+        param = "guided_regex" if self.guided_regex is not None else "guided_choice"
+        if self.guided_choice is not None and not (self.guided_choice and all(self.guided_choice)):
+            raise APIError(400, "guided_choice must be a non-empty list of non-empty strings", param=param)
+        regex = self.guided_regex if self.guided_regex is not None else choice_regex(self.guided_choice)
+        try:
+            check_regex(regex)
+        except ImportError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
+        return {"regex": regex}
+
     def _guided_schema(self) -> dict:
         """vLLM's guided_json: a schema as an object or as a JSON string."""
         schema = self.guided_json
@@ -166,13 +181,19 @@ class _SamplingRequest(BaseModel):
         return schema
 
     def structured(self) -> dict:
-        """response_format as SamplingParams fields: {} (text), json_object, or json_schema (a JSON
-        string). The grammar library is needed for the last two: a 400 names how to install it."""
+        """The output constraint as SamplingParams fields: {} (text), json_object, json_schema (a JSON
+        string; from response_format or vLLM's guided_json) or regex (vLLM's guided_regex and
+        guided_choice). The grammar library is needed for all but text: a 400 names how to install it."""
         fmt = self.response_format
         text = not fmt or fmt.get("type", "text") == "text"
+        given = [name for name, value in (("response_format", None if text else fmt), ("guided_json", self.guided_json),
+                                          ("guided_regex", self.guided_regex), ("guided_choice", self.guided_choice))
+                 if value is not None]
+        if len(given) > 1:
+            raise APIError(400, f"give one output constraint, not {' and '.join(given)}", param=given[1])
+        if self.guided_regex is not None or self.guided_choice is not None:
+            return self._regex()
         if self.guided_json is not None:
-            if not text:
-                raise APIError(400, "give response_format or guided_json, not both", param="guided_json")
             fmt = {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": self._guided_schema()}}
         elif text:
             return {}
