@@ -114,6 +114,11 @@ def test_regex_and_choice_outputs_match():
     assert len(seen) > 1
     with pytest.raises(ValueError, match="exclusive"):
         SamplingParams(regex="a", json_object=True)
+    with pytest.raises(ValueError, match="unsupported regex"):
+        llm.generate([PROMPT], SamplingParams(max_tokens=4, regex="([a-z"))
+    with pytest.raises(ValueError, match="unsupported JSON schema"):
+        llm.generate([PROMPT], SamplingParams(max_tokens=4, json_schema='{"type": "no-such-type"}'))
+    assert llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0))[0].outputs[0].token_ids  # still serves
 
 
 def test_new_fields_survive_the_wire():
