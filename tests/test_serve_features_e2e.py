@@ -6,6 +6,7 @@ offline engine's tokens: n > 1 with seeds, penalties and logit_bias, top-N and p
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
@@ -89,3 +90,14 @@ def test_json_schema_output_parses(server):
     choice = body["choices"][0]
     assert choice["finish_reason"] == "stop", choice
     assert isinstance(json.loads(choice["message"]["content"])["answer"], int)
+
+
+def test_guided_choice_and_guided_regex_constrain_a_served_request(server):
+    pytest.importorskip("xgrammar")
+    body = post(server, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "yes or no?"}], "max_tokens": 10, "temperature": 1.0, "seed": 5,
+        "guided_choice": ["yes", "no", "not sure"]})
+    assert body["choices"][0]["message"]["content"] in ("yes", "no", "not sure")
+    body = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0.8, "seed": 2,
+                                           "guided_regex": "[0-9]{2}:[0-9]{2}"})
+    assert re.fullmatch("[0-9]{2}:[0-9]{2}", body["choices"][0]["text"]), body
