@@ -114,6 +114,12 @@ def test_regex_and_choice_outputs_match():
     assert len(seen) > 1
     with pytest.raises(ValueError, match="exclusive"):
         SamplingParams(regex="a", json_object=True)
+    grammar = 'root ::= "yes" | "no" | "maybe"'
+    outs = {llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=1.0, seed=seed, grammar=grammar))[0]
+            .outputs[0].text for seed in range(4)}
+    assert outs <= {"yes", "no", "maybe"}, outs
+    with pytest.raises(ValueError, match="unsupported grammar"):
+        llm.generate([PROMPT], SamplingParams(max_tokens=4, grammar="root ::= ("))
     with pytest.raises(ValueError, match="unsupported regex"):
         llm.generate([PROMPT], SamplingParams(max_tokens=4, regex="([a-z"))
     with pytest.raises(ValueError, match="unsupported JSON schema"):

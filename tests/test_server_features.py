@@ -179,7 +179,7 @@ def test_vllms_guided_json_is_a_json_schema_constraint_and_cannot_be_given_with_
     assert len(backend.started) == started
 
 
-def test_vllms_guided_regex_and_guided_choice_become_a_regex_constraint(app, backend):
+def test_vllms_guided_regex_choice_and_grammar_reach_the_sampler_and_bad_ones_are_a_400(app, backend):
     r = call(app, "POST", "/v1/completions", json={"prompt": "x", "max_tokens": 2, "guided_regex": "[0-9]{3}"})
     assert r.status_code == 200, r.text
     assert backend.started[-1].sampling.regex == "[0-9]{3}"
@@ -187,8 +187,13 @@ def test_vllms_guided_regex_and_guided_choice_become_a_regex_constraint(app, bac
                                                       "guided_choice": ["yes", "no (maybe)"]})
     assert r.status_code == 200, r.text
     assert backend.started[-1].sampling.regex == r"(yes|no \(maybe\))"
+    r = call(app, "POST", "/v1/completions", json={"prompt": "x", "max_tokens": 2,
+                                                   "guided_grammar": 'root ::= "yes" | "no"'})
+    assert r.status_code == 200, r.text
+    assert backend.started[-1].sampling.grammar == 'root ::= "yes" | "no"'
     started = len(backend.started)
     for body, param, words in [({"guided_regex": "([a-z"}, "guided_regex", "unsupported regex"),
+                               ({"guided_grammar": "root ::= ("}, "guided_grammar", "unsupported grammar"),
                                ({"guided_choice": []}, "guided_choice", "non-empty"),
                                ({"guided_choice": ["a"], "guided_json": {"type": "object"}}, "guided_choice",
                                 "give one output constraint")]:

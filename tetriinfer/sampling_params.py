@@ -25,7 +25,7 @@ class SamplingParams:
     distribution, before penalties and temperature (vLLM's default, `raw_logprobs`).
 
     `json_schema` / `json_object`: the output is constrained to JSON (matching the schema, a JSON
-    string); `regex`: to a regular expression; with the optional grammar library (`pip install 'tetriinfer[structured]'`)."""
+    string); `regex`: to a regular expression; `grammar`: to an EBNF grammar; with the optional grammar library (`pip install 'tetriinfer[structured]'`)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -46,6 +46,7 @@ class SamplingParams:
     json_schema: str | None = None
     json_object: bool = False
     regex: str | None = None  # the output matches this regular expression (xgrammar's dialect)
+    grammar: str | None = None  # the output is a sentence of this EBNF grammar (GBNF, as xgrammar reads it)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -86,8 +87,8 @@ class SamplingParams:
             bad_id = next((t for t in self.logit_bias if t < 0), None)
             if bad_id is not None:
                 raise ValueError(f"logit_bias token id {bad_id} is negative")
-        if (self.json_schema is not None) + self.json_object + (self.regex is not None) > 1:
-            raise ValueError("json_schema, json_object and regex are exclusive")
+        if (self.json_schema is not None) + self.json_object + (self.regex is not None) + (self.grammar is not None) > 1:
+            raise ValueError("json_schema, json_object, regex and grammar are exclusive")
 
     @property
     def greedy(self) -> bool:
@@ -99,4 +100,4 @@ class SamplingParams:
 
     @property
     def structured(self) -> bool:
-        return self.json_schema is not None or self.json_object or self.regex is not None
+        return self.json_schema is not None or self.json_object or self.regex is not None or self.grammar is not None

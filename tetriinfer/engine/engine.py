@@ -187,11 +187,13 @@ class LLMEngine(ServingFacade):
         need = self.block_manager.blocks_for_tokens(total)
         if need > self.block_manager.num_blocks:
             raise ValueError(f"request needs {need} KV blocks but the cache has only {self.block_manager.num_blocks}")
-        if sampling.json_schema is not None or sampling.regex is not None:  # not mid-step, in the sampler
-            from tetriinfer.engine.structured import check_json_schema, check_regex
+        if sampling.structured and not sampling.json_object:  # here, not mid-step in the sampler
+            from tetriinfer.engine.structured import check_grammar, check_json_schema, check_regex
 
             if sampling.regex is not None:
                 check_regex(sampling.regex)
+            elif sampling.grammar is not None:
+                check_grammar(sampling.grammar)
             else:
                 check_json_schema(sampling.json_schema)
 

@@ -45,12 +45,21 @@ def check_json_schema(schema: str) -> None:
 
 def check_regex(regex: str) -> None:
     """Raise ValueError when xgrammar cannot compile `regex` (ImportError when xgrammar is missing)."""
+    _check(lambda xgr: xgr.Grammar.from_regex(regex), "unsupported regex")
+
+
+def check_grammar(ebnf: str) -> None:
+    """Raise ValueError when xgrammar cannot parse the EBNF grammar (ImportError when it is missing)."""
+    _check(lambda xgr: xgr.Grammar.from_ebnf(ebnf), "unsupported grammar")
+
+
+def _check(build, what: str) -> None:
     xgr = import_xgrammar()
     try:
-        xgr.Grammar.from_regex(regex)
+        build(xgr)
     except Exception as e:  # xgrammar raises RuntimeError with the reason, after a time and a source line
         reason = re.sub(r"^\[[0-9:]+\] \S+: ", "", str(e).splitlines()[-1])
-        raise ValueError(f"unsupported regex: {reason[:300]}") from None
+        raise ValueError(f"{what}: {reason[:300]}") from None
 
 
 def choice_regex(choices: list[str]) -> str:
@@ -83,15 +92,17 @@ class GrammarCompiler:
         self.compiler = xgr.GrammarCompiler(info, max_threads=1)
 
     @functools.lru_cache(maxsize=256)
-    def compile(self, json_schema: str | None, regex: str | None = None):
+    def compile(self, json_schema: str | None, regex: str | None = None, grammar: str | None = None):
         if regex is not None:
             return self.compiler.compile_regex(regex)
+        if grammar is not None:
+            return self.compiler.compile_grammar(grammar)
         # json_object (no schema): any JSON object, as OpenAI means it (xgrammar's builtin JSON
         # grammar would also allow arrays and scalars).
         return self.compiler.compile_json_schema(json_schema if json_schema is not None else '{"type": "object"}')
 
     def new_state(self, sampling: SamplingParams) -> "GrammarState":
-        return GrammarState(self.xgr.GrammarMatcher(self.compile(sampling.json_schema, sampling.regex)))
+        return GrammarState(self.xgr.GrammarMatcher(self.compile(sampling.json_schema, sampling.regex, sampling.grammar)))
 
 
 @dataclass

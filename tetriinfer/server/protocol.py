@@ -67,7 +67,6 @@ class StreamOptions(BaseModel):
 # silently ignored it. Other unknown fields (cosmetic ones such as skip_special_tokens or
 # chat_template_kwargs included) are ignored, as OpenAI's API does.
 UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value, what to do instead)
-    "guided_grammar": (None, "use response_format"),
     "prompt_logprobs": (None, "use echo: true with logprobs on /v1/completions"),
     "use_beam_search": (False, "sample with n instead"),
     "include_stop_str_in_output": (False, "append the stop string on the client"),
@@ -104,6 +103,7 @@ class _SamplingRequest(BaseModel):
     guided_json: dict | str | None = None  # vLLM's extension: a JSON schema, as response_format json_schema
     guided_regex: str | None = None  # vLLM's: the output matches this regular expression
     guided_choice: list[str] | None = None  # vLLM's: the output is exactly one of these strings
+    guided_grammar: str | None = None  # vLLM's: the output is a sentence of this EBNF grammar
     user: str | None = None
 
     @field_validator("stream", "ignore_eos", "min_tokens", "echo", "logprobs", "add_generation_prompt",
@@ -168,6 +168,15 @@ class _SamplingRequest(BaseModel):
             raise APIError(400, f"{param}: {e}", param=param) from None
         return {"regex": regex}
 
+    def _grammar(self) -> dict:
+        from tetriinfer.engine.structured import check_grammar
+
+        try:
+            check_grammar(self.guided_grammar)
+        except (ImportError, ValueError) as e:
+            raise APIError(400, f"guided_grammar: {e}", param="guided_grammar") from None
+        return {"grammar": self.guided_grammar}
+
     def _guided_schema(self) -> dict:
         """vLLM's guided_json: a schema as an object or as a JSON string."""
         schema = self.guided_json
@@ -187,12 +196,15 @@ class _SamplingRequest(BaseModel):
         fmt = self.response_format
         text = not fmt or fmt.get("type", "text") == "text"
         given = [name for name, value in (("response_format", None if text else fmt), ("guided_json", self.guided_json),
-                                          ("guided_regex", self.guided_regex), ("guided_choice", self.guided_choice))
+                                          ("guided_regex", self.guided_regex), ("guided_choice", self.guided_choice),
+                                          ("guided_grammar", self.guided_grammar))
                  if value is not None]
         if len(given) > 1:
             raise APIError(400, f"give one output constraint, not {' and '.join(given)}", param=given[1])
         if self.guided_regex is not None or self.guided_choice is not None:
             return self._regex()
+        if self.guided_grammar is not None:
+            return self._grammar()
         if self.guided_json is not None:
             fmt = {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": self._guided_schema()}}
         elif text:
