@@ -92,9 +92,9 @@ def engine_reference(tokenizer, ids: list[int], stop: list[str]) -> tuple[int, s
     return len(ids), tokenizer.decode(ids), None
 
 
-def stream(tokenizer, ids: list[int], stop: list[str], holdback: bool = True):
+def stream(tokenizer, ids: list[int], stop: list[str], holdback: bool = True, include_stop: bool = False):
     """Feed tokens one by one as the engine will, taking a delta after each; stop on a match."""
-    detok = IncrementalDetokenizer(tokenizer, stop, stream_holdback=holdback)
+    detok = IncrementalDetokenizer(tokenizer, stop, stream_holdback=holdback, include_stop=include_stop)
     deltas, consumed = [], 0
     for token_id in ids:
         consumed += 1
@@ -225,6 +225,16 @@ def test_stop_cut_releases_text_held_for_another_stop():
     assert detok.text == "axy"
     with pytest.raises(RuntimeError, match="after the request ended"):
         detok.append(ord("c"))
+
+
+def test_include_stop_keeps_the_matched_stop_string_and_streams_it():
+    detok = IncrementalDetokenizer(BYTE, ["xyz", "b"], include_stop=True)
+    assert feed(detok, "axy") == ["a", "", ""]
+    assert detok.append(ord("b")) == "b"
+    assert detok.take_delta() == "xyb"  # the held text, then the stop string itself
+    assert detok.finish() == "" and detok.text == "axyb"
+    consumed, detok, deltas = stream(BYTE, list("ab世界cd".encode()), ["b世界"], include_stop=True)
+    assert detok.text == "ab世界" == "".join(deltas)
 
 
 def test_stop_spanning_multibyte_tokens_cuts_inside_the_last_token():

@@ -68,6 +68,17 @@ def test_stop_token_text_is_stripped(llm):
     assert out.text == llm.engine.tokenizer.decode(greedy.token_ids[:first])
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string(llm):
+    greedy = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].outputs[0]
+    stop = greedy.text[4:6]
+    assert len(stop) == 2
+    cut = greedy.text.index(stop)
+    for include, text in ((False, greedy.text[:cut]), (True, greedy.text[:cut + 2])):
+        out = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop],
+                                                    include_stop_str_in_output=include))[0].outputs[0]
+        assert (out.text, out.finish_reason, out.stop_reason) == (text, "stop", stop)
+
+
 def test_penalties_break_greedy_repetition(llm):
     plain = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].outputs[0]
     assert len(set(plain.token_ids)) < 12  # the random tiny model repeats itself

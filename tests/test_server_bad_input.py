@@ -282,7 +282,6 @@ def test_the_openai_client_still_gets_through(app):
     ("/v1/completions", "use_beam_search", True),
     ("/v1/chat/completions", "allowed_token_ids", [5, 6]),
     ("/v1/completions", "prompt_logprobs", 1),
-    ("/v1/completions", "include_stop_str_in_output", True),
 ])
 def test_a_vllm_extension_the_server_would_silently_ignore_is_a_400_naming_it(app, backend, path, field, value):
     body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": CHAT}

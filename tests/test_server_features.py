@@ -159,6 +159,9 @@ def test_penalties_logit_bias_and_response_format_reach_the_sampler(app, backend
     assert r.status_code == 200, r.text
     s = backend.started[0].sampling
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.min_p) == (0.5, -0.25, 1.2, 0.05)
+    assert not s.include_stop_str_in_output
+    call(app, "POST", "/v1/completions", json={"prompt": "x", "stop": ["."], "include_stop_str_in_output": True})
+    assert backend.started[-1].sampling.include_stop_str_in_output
     assert s.logit_bias == {65: -100.0, 66: 3.5} and s.json_schema == '{"type": "object"}' and not s.json_object
     call(app, "POST", "/v1/completions", json={"prompt": "x", "response_format": {"type": "json_object"}})
     assert backend.started[-1].sampling.json_object

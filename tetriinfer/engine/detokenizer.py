@@ -31,9 +31,11 @@ MAX_PENDING_TOKENS = 16
 class IncrementalDetokenizer:
     """Per-request detokenizer: `append` each sampled token, `take_delta` the text safe to stream,
     `finish` at the end. `stream_holdback=False` releases text at once (a delta may then hold the
-    start of the stop string that ends the request; `text` is still cut)."""
+    start of the stop string that ends the request; `text` is still cut). `include_stop`: the text
+    keeps the stop string that ended it (vLLM's include_stop_str_in_output)."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], stream_holdback: bool = True):
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], stream_holdback: bool = True,
+                 include_stop: bool = False):
         if isinstance(stop, str):
             stop = [stop]
         bad = next((s for s in stop if not isinstance(s, str) or not s), None)
@@ -42,6 +44,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.stop = list(stop)
         self.stream_holdback = stream_holdback
+        self.include_stop = include_stop
         self._stop_overlap = max((len(s) for s in self.stop), default=1) - 1
         # decoding window: window[:read] is context whose text (prefix_text) was produced before;
         # window[read:] are the tokens not yet settled, of whose text `emitted` chars were released.
@@ -59,10 +62,10 @@ class IncrementalDetokenizer:
 
     @classmethod
     def replay(cls, tokenizer: Tokenizer, stop: list[str], output_token_ids: list[int],
-               stream_holdback: bool = True) -> IncrementalDetokenizer:
+               stream_holdback: bool = True, include_stop: bool = False) -> IncrementalDetokenizer:
         """Rebuild the state of a request that arrives mid-stream (KV import on a decode instance)
         whose producer took a delta after its last token: what that producer sent counts as taken."""
-        detok = cls(tokenizer, stop, stream_holdback)
+        detok = cls(tokenizer, stop, stream_holdback, include_stop)
         for token_id in output_token_ids:
             if detok.append(token_id) is not None:
                 raise ValueError(f"output tokens already end the request at stop string {detok.stop_reason!r}")
@@ -181,7 +184,7 @@ class IncrementalDetokenizer:
             for stop in self.stop:
                 idx = window.find(stop)
                 if idx >= 0:
-                    cut = self._len - len(tail) + idx
+                    cut = self._len - len(tail) + idx + (len(stop) if self.include_stop else 0)
                     kept = (self.text + new)[:cut]
                     self._pieces, self._len = [kept], cut
                     self.stop_reason = stop

@@ -322,8 +322,10 @@ class LLMEngine(ServingFacade):
         if self.tokenizer is None or not (self.stream_text or req.sampling.stop):
             return None
         if already_streamed:
-            return IncrementalDetokenizer.replay(self.tokenizer, req.sampling.stop, req.output_token_ids)
-        return IncrementalDetokenizer(self.tokenizer, req.sampling.stop)
+            return IncrementalDetokenizer.replay(self.tokenizer, req.sampling.stop, req.output_token_ids,
+                                                 include_stop=req.sampling.include_stop_str_in_output)
+        return IncrementalDetokenizer(self.tokenizer, req.sampling.stop,
+                                      include_stop=req.sampling.include_stop_str_in_output)
 
     def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus | None, str | int | None]:
         sp = req.sampling

@@ -69,7 +69,6 @@ class StreamOptions(BaseModel):
 UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value, what to do instead)
     "prompt_logprobs": (None, "use echo: true with logprobs on /v1/completions"),
     "use_beam_search": (False, "sample with n instead"),
-    "include_stop_str_in_output": (False, "append the stop string on the client"),
     "truncate_prompt_tokens": (None, "truncate the prompt on the client"),
     "allowed_token_ids": (None, "use logit_bias"),
     "bad_words": (None, "use logit_bias"),
@@ -91,6 +90,7 @@ class _SamplingRequest(BaseModel):
     stop: Any = Field(default=None, validate_default=True)  # str or list[str]
     stop_token_ids: list[int] | None = None  # extension
     ignore_eos: bool = False  # extension
+    include_stop_str_in_output: bool = False  # extension (vLLM's)
     min_tokens: int = 0  # extension
     n: int | None = None
     stream: bool = False
@@ -106,7 +106,7 @@ class _SamplingRequest(BaseModel):
     guided_grammar: str | None = None  # vLLM's: the output is a sentence of this EBNF grammar
     user: str | None = None
 
-    @field_validator("stream", "ignore_eos", "min_tokens", "echo", "logprobs", "add_generation_prompt",
+    @field_validator("stream", "ignore_eos", "include_stop_str_in_output", "min_tokens", "echo", "logprobs", "add_generation_prompt",
                      mode="before", check_fields=False)
     @classmethod
     def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
@@ -252,6 +252,7 @@ class _SamplingRequest(BaseModel):
                 min_p=self.min_p or 0.0,
                 stop=list(self.stop),
                 stop_token_ids=list(self.stop_token_ids or []),
+                include_stop_str_in_output=self.include_stop_str_in_output,
                 ignore_eos=self.ignore_eos,
                 min_tokens=self.min_tokens,
                 logprobs=logprobs,
