@@ -11,15 +11,10 @@ float8 cast rounds wrongly, so store_kv_triton rounds to the e4m3 grid itself th
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from sm90_utils import run_sm90_builds, spill_stores
 from test_kernels_attention import (
     BATCHES,
     DECODE_ONLY,
@@ -259,12 +254,6 @@ SM90_STORE_CONFIGS = [
                     "on a GPU the kernel itself runs in the tests above")
 def test_store_kv_kernel_compiles_for_sm90_with_an_fp8_cache(tmp_path):
     """The FP8 attention kernel's sm_90 build is in test_kernels_attention's SM90_CONFIGS."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DUMP_PTXAS_LOG"] = "1"
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-c", SM90_STORE, json.dumps(SM90_STORE_CONFIGS)], env=env,
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("CONFIG") == len(SM90_STORE_CONFIGS)
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stdout)]
-    assert spills == [0] * len(SM90_STORE_CONFIGS), result.stdout[-3000:]
+    stdout = run_sm90_builds(SM90_STORE, SM90_STORE_CONFIGS, tmp_path)
+    assert stdout.count("CONFIG") == len(SM90_STORE_CONFIGS)
+    assert spill_stores(stdout) == [0] * len(SM90_STORE_CONFIGS), stdout[-3000:]

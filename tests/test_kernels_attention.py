@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from sm90_utils import run_sm90_builds, spill_stores
 from tetriinfer.kernels import attention_ref, get_kernels
 
 # Batches are built on the CPU (seeded generator) and moved here: the GPU where there is one, else the
@@ -413,24 +414,12 @@ SM90_CONFIGS = [
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compile-only check for machines without a GPU; "
                     "on a GPU the kernel itself runs in the tests above")
 def test_triton_kernel_compiles_for_sm90_without_spills(tmp_path):
-    import json
-    import os
-    import re
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v output (registers, spills) goes to stdout
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cache hit would skip ptxas and its log
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-c", SM90_COMPILE, json.dumps(SM90_CONFIGS)], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    print(result.stdout)  # registers per configuration, for `pytest -s -k sm90`
+    stdout = run_sm90_builds(SM90_COMPILE, SM90_CONFIGS, tmp_path, TRITON_DEFAULT_FP_FUSION="1")
     num_compiles = len(SM90_CONFIGS) + sum(1 for config in SM90_CONFIGS if config[4] > 1 and len(config) == 5)
-    assert result.stdout.count("CONFIG") == num_compiles
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stdout)]
-    assert len(spills) == num_compiles, result.stdout[-3000:]
-    assert spills == [0] * num_compiles, f"register spills on sm_90: {result.stdout[-3000:]}"
+    assert stdout.count("CONFIG") == num_compiles
+    spills = spill_stores(stdout)
+    assert len(spills) == num_compiles, stdout[-3000:]
+    assert spills == [0] * num_compiles, f"register spills on sm_90: {stdout[-3000:]}"
 
 
 # ---------------------------------------------------------------- backend selection

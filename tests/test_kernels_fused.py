@@ -10,16 +10,11 @@ rounds to nearest: 16-bit results get a loose tolerance.
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from sm90_utils import run_sm90_builds, spill_stores
 from tetriinfer.kernels import attention_ref
 from tetriinfer.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from tetriinfer.kernels.norm import rms_norm_ref, rms_norm_triton
@@ -334,17 +329,9 @@ SM90_CONFIGS = [
 
 
 def test_fused_kernels_compile_for_sm90_without_spills(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v output (registers, spills) goes to stdout
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cache hit would skip ptxas and its log
-    result = subprocess.run(
-        [sys.executable, "-c", SM90_COMPILE, json.dumps(SM90_CONFIGS)], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    print(result.stdout)  # registers per configuration, for `pytest -s -k sm90`
-    assert result.stdout.count("CONFIG") == len(SM90_CONFIGS)
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stdout)]
-    assert spills == [0] * len(SM90_CONFIGS), f"register spills on sm_90: {result.stdout[-3000:]}"
+    stdout = run_sm90_builds(SM90_COMPILE, SM90_CONFIGS, tmp_path)
+    assert stdout.count("CONFIG") == len(SM90_CONFIGS)
+    assert spill_stores(stdout) == [0] * len(SM90_CONFIGS), f"register spills on sm_90: {stdout[-3000:]}"
 
 
 # ---------------------------------------------------------------- CUDA graph capture (GPU only)

@@ -187,15 +187,10 @@ class LLMEngine(ServingFacade):
         need = self.block_manager.blocks_for_tokens(total)
         if need > self.block_manager.num_blocks:
             raise ValueError(f"request needs {need} KV blocks but the cache has only {self.block_manager.num_blocks}")
-        if sampling.structured and not sampling.json_object:  # here, not mid-step in the sampler
-            from tetriinfer.engine.structured import check_grammar, check_json_schema, check_regex
+        if sampling.structured:  # here, not mid-step in the sampler
+            from tetriinfer.engine.structured import check_sampling
 
-            if sampling.regex is not None:
-                check_regex(sampling.regex)
-            elif sampling.grammar is not None:
-                check_grammar(sampling.grammar)
-            else:
-                check_json_schema(sampling.json_schema)
+            check_sampling(sampling)
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)

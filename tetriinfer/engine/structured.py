@@ -33,33 +33,48 @@ def import_xgrammar():
     return xgrammar
 
 
+# Each output constraint's parser in xgrammar, and what its error says. The checks need no tokenizer:
+# the server checks requests with them, and the engine again in add_request (an offline caller).
+_PARSERS = {"json_schema": ("from_json_schema", "unsupported JSON schema"),
+            "regex": ("from_regex", "unsupported regex"),
+            "grammar": ("from_ebnf", "unsupported grammar")}
+
+
+def _check(kind: str, text: str) -> None:
+    _parse(import_xgrammar(), kind, text)  # the import first: its error is not cached away
+
+
+@functools.lru_cache(maxsize=256)  # the same schema comes with request after request; failures recheck
+def _parse(xgr, kind: str, text: str) -> None:
+    parser, what = _PARSERS[kind]
+    try:
+        getattr(xgr.Grammar, parser)(text)
+    except Exception as e:  # RuntimeError / InvalidJSONError: the reason last, maybe after a time and a file
+        reason = re.sub(r"^\[[0-9:]+\] \S+: ", "", str(e).splitlines()[-1])
+        raise ValueError(f"{what}: {reason[:300]}") from None
+
+
 def check_json_schema(schema: str) -> None:
     """Raise ValueError when xgrammar cannot turn `schema` (a JSON string) into a grammar (ImportError
-    when xgrammar is missing). Needs no tokenizer: the server checks requests with it."""
-    xgr = import_xgrammar()
-    try:
-        xgr.Grammar.from_json_schema(schema)
-    except Exception as e:  # xgrammar raises RuntimeError / InvalidJSONError with the reason
-        raise ValueError(f"unsupported JSON schema: {str(e).splitlines()[-1][:300]}") from None
+    when xgrammar is missing)."""
+    _check("json_schema", schema)
 
 
 def check_regex(regex: str) -> None:
     """Raise ValueError when xgrammar cannot compile `regex` (ImportError when xgrammar is missing)."""
-    _check(lambda xgr: xgr.Grammar.from_regex(regex), "unsupported regex")
+    _check("regex", regex)
 
 
 def check_grammar(ebnf: str) -> None:
     """Raise ValueError when xgrammar cannot parse the EBNF grammar (ImportError when it is missing)."""
-    _check(lambda xgr: xgr.Grammar.from_ebnf(ebnf), "unsupported grammar")
+    _check("grammar", ebnf)
 
 
-def _check(build, what: str) -> None:
-    xgr = import_xgrammar()
-    try:
-        build(xgr)
-    except Exception as e:  # xgrammar raises RuntimeError with the reason, after a time and a source line
-        reason = re.sub(r"^\[[0-9:]+\] \S+: ", "", str(e).splitlines()[-1])
-        raise ValueError(f"{what}: {reason[:300]}") from None
+def check_sampling(sampling: SamplingParams) -> None:
+    """The request's output constraint compiles (json_object always does)."""
+    for kind in ("json_schema", "regex", "grammar"):
+        if getattr(sampling, kind) is not None:
+            _check(kind, getattr(sampling, kind))
 
 
 def choice_regex(choices: list[str]) -> str:

@@ -83,10 +83,11 @@ def w8a16_matmul_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) 
 
 def fp8_matmul_cuda(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] bf16 on a GPU with FP8 tensor cores, by the module's switches (no host sync)."""
-    if has_triton() and x.shape[0] <= min(W8A16_MAX_M, 64):  # 64: the GEMM's largest row tile
-        from tetriinfer.kernels.fp8_quant import w8a16_matmul
+    if has_triton() and x.shape[0] <= W8A16_MAX_M:
+        from tetriinfer.kernels.fp8_quant import W8A16_MAX_ROWS, w8a16_matmul
 
-        return w8a16_matmul(x, w_q, w_scale)
+        if x.shape[0] <= W8A16_MAX_ROWS:  # the GEMM's largest row tile
+            return w8a16_matmul(x, w_q, w_scale)
     if has_triton() and ACT_QUANT == "triton":
         from tetriinfer.kernels.fp8_quant import quantize_per_token_triton
 

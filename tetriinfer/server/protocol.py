@@ -75,6 +75,18 @@ UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value,
 }
 
 
+def _check_or_400(check, value: str, param: str, missing_prefix: str | None = None,
+                  invalid_prefix: str | None = None) -> None:
+    """Run a structured-output check; the grammar library missing (ImportError) or the value not
+    compiling (ValueError) is a 400 naming `param` (each message prefixed, by default with `param: `)."""
+    try:
+        check(value)
+    except ImportError as e:
+        raise APIError(400, f"{f'{param}: ' if missing_prefix is None else missing_prefix}{e}", param=param) from None
+    except ValueError as e:
+        raise APIError(400, f"{f'{param}: ' if invalid_prefix is None else invalid_prefix}{e}", param=param) from None
+
+
 class _SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -160,21 +172,13 @@ class _SamplingRequest(BaseModel):
         if self.guided_choice is not None and not (self.guided_choice and all(self.guided_choice)):
             raise APIError(400, "guided_choice must be a non-empty list of non-empty strings", param=param)
         regex = self.guided_regex if self.guided_regex is not None else choice_regex(self.guided_choice)
-        try:
-            check_regex(regex)
-        except ImportError as e:
-            raise APIError(400, f"{param}: {e}", param=param) from None
-        except ValueError as e:
-            raise APIError(400, f"{param}: {e}", param=param) from None
+        _check_or_400(check_regex, regex, param)
         return {"regex": regex}
 
     def _grammar(self) -> dict:
         from tetriinfer.engine.structured import check_grammar
 
-        try:
-            check_grammar(self.guided_grammar)
-        except (ImportError, ValueError) as e:
-            raise APIError(400, f"guided_grammar: {e}", param="guided_grammar") from None
+        _check_or_400(check_grammar, self.guided_grammar, "guided_grammar")
         return {"grammar": self.guided_grammar}
 
     def _guided_schema(self) -> dict:
@@ -224,12 +228,8 @@ class _SamplingRequest(BaseModel):
                                 "'json_schema'", param="response_format")
         from tetriinfer.engine.structured import check_json_schema
 
-        try:
-            check_json_schema(fields.get("json_schema", '{"type": "object"}'))
-        except ImportError as e:
-            raise APIError(400, f"response_format {kind!r}: {e}", param="response_format") from None
-        except ValueError as e:
-            raise APIError(400, str(e), param="response_format") from None
+        _check_or_400(check_json_schema, fields.get("json_schema", '{"type": "object"}'), "response_format",
+                      missing_prefix=f"response_format {kind!r}: ", invalid_prefix="")
         return fields
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
