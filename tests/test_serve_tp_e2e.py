@@ -81,6 +81,9 @@ def test_tensor_parallel_instances_serve_the_single_process_tokens_and_leave_no_
 
         with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
             served = list(pool.map(one, PROMPTS))
+        # The counters reach /metrics with the instances' next reports (stats are a few ticks stale).
+        server.wait_until(lambda: server.metric_sum("tetriinfer_kv_transfers_total") >= len(PROMPTS), 20,
+                          "every request's KV move in the transfer stats")
         assert server.metric_sum("tetriinfer_kv_transfer_bytes_total") > 0
         server.wait_until(lambda: server.metric_sum("tetriinfer_kv_blocks_used") == 0, 20, "every KV block freed")
     server.wait_until(lambda: not any(alive(w) for w in workers), 15, "every rank process gone")
