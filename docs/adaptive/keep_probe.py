@@ -1,0 +1,147 @@
+"""Probe: could a different "who decodes a request" rule give TetriInfer a lower TPOT p99 than the
+colocated baselines at equal GPUs? (docs/adaptive.md, "Where TPOT p99 comes from".)
+
+    python docs/adaptive/keep_probe.py            # about 3 minutes on 2 cores; one line per variant
+
+Each variant replaces one decision of the adaptive policy *inside this script only* (the shipped
+policy is the default row); the cells are 4 GPUs, H100 (measured profile) and H200 (roofline),
+seven workloads at 0.3 / 0.6 / 0.9 of capacity, 400 requests, Poisson:
+
+- `never keep`: a prefill instance decodes a request itself only when no decode instance has room;
+- `re-decide every 16`: a kept request is offered again after every 16 tokens (migration);
+- `marginal cost`: keep when the request's own step time plus what it adds to the other running
+  requests' steps is lower here than on the best decode instance, with the prefill instance's
+  prompt mix measured (moving averages of the share of steps with a chunk and the chunk's size);
+- `hand-off after 1`: move at once instead of after 8 tokens;
+- `prefill-first prefill role`: prefill instances run vLLM's whole-prompt, prefill-first steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import experiments  # noqa: E402
+
+from tetriinfer.sched import router  # noqa: E402
+from tetriinfer.sim import cluster as sim_cluster  # noqa: E402
+from tetriinfer.sim import instances as sim_instances  # noqa: E402
+
+WORKLOADS = ("lpld", "hphd", "mixed", "azure-code", "azure-conv", "vidur-arxiv", "vidur-sharegpt")
+VARIANTS = {  # name -> (knobs of this probe, PolicyConfig overrides)
+    "shipped (keep if faster now)": ({}, {}),
+    "never keep": ({"keep": "no_room_only"}, {}),
+    "re-decide every 16": ({"redecide": 16}, {}),
+    "marginal cost": ({"keep": "marginal"}, {}),
+    "hand-off after 1": ({}, {"handoff_after_tokens": 1}),
+    "prefill-first prefill role": ({"prefill_steps": "whole"}, {}),
+}
+KNOBS: dict = {}
+EWMA = 0.05  # the prompt-mix averages, per step
+
+
+def _track_prompt_mix(start_step):
+    def start(self, now):
+        seconds = start_step(self, now)
+        if seconds is not None:
+            size = self._plan.chunk.size
+            self.mix_share = (1 - EWMA) * getattr(self, "mix_share", 0.0) + EWMA * (size > 0)
+            self.mix_tokens = (1 - EWMA) * getattr(self, "mix_tokens", 0.0) + EWMA * size
+        return seconds
+    return start
+
+
+def _keep(shipped):
+    def keep(cost, here, there, need_blocks, kv_tokens, chunk_size):
+        rule = KNOBS.get("keep")
+        if rule is None:
+            return shipped(cost, here, there, need_blocks, kv_tokens, chunk_size)
+        if here.free_slots <= 0 or here.room_blocks < need_blocks:
+            return False
+        with_room = [d for d in there if d.room_blocks >= need_blocks and d.free_slots > 0]
+        if rule == "no_room_only" or not with_room:
+            return not with_room
+
+        def marginal(load, prompt):  # own step time + what one more decode adds to the others'
+            prompt = min(prompt, max(chunk_size - load.num_running - 1, 0))
+            with_it = cost.step_time(prompt, 0, load.num_running + 1, load.context_tokens + kv_tokens)
+            without = cost.step_time(prompt, 0, load.num_running, load.context_tokens) if load.num_running else with_it
+            return with_it + load.num_running * (with_it - without)
+
+        share, tokens = KNOBS["mix"]
+        chunk = int(tokens / share) if share > 0 else 0
+        if here.queued_prompt_tokens >= chunk_size:
+            share, chunk = 1.0, chunk_size
+        here_s = share * marginal(here, chunk) + (1 - share) * marginal(here, 0)
+        return here_s < min(marginal(d, d.queued_prompt_tokens) for d in with_room)
+    return keep
+
+
+def _keep_on_prefill(self, inst) -> None:  # the simulator's, with a re-decision period
+    KNOBS["mix"] = (getattr(inst, "mix_share", 0.0), getattr(inst, "mix_tokens", 0.0))
+    kept = []
+    for req in inst.dispatch_wait:
+        here = router.DecodeLoad(inst.instance_id, inst.free_blocks,
+                                 free_slots=self.config.scheduler.max_num_seqs - inst.batch.num_running,
+                                 queued_prompt_tokens=inst.queue.pending_tokens, num_running=inst.batch.num_running,
+                                 context_tokens=inst.batch.total_context)
+        if sim_cluster.keep_on_prefill(self.cost, here, inst.dispatcher.loads, req.need_blocks, req.kv_len,
+                                       self.chunk_size):
+            kept.append(req)
+            inst.start_decoding(req, release_after=KNOBS.get("redecide"))
+    for req in kept:
+        inst.dispatch_wait.remove(req)
+
+
+def _new_prefill(shipped):
+    def new(self, i, generation=0):
+        inst = shipped(self, i, generation)
+        if KNOBS.get("prefill_steps") and self.adaptive:
+            inst.shape = dataclasses.replace(inst.shape, policy=KNOBS["prefill_steps"],
+                                             token_budget=self.config.policy.max_num_batched_tokens)
+        return inst
+    return new
+
+
+sim_instances.BatchInstance.start_step = _track_prompt_mix(sim_instances.BatchInstance.start_step)
+sim_cluster.keep_on_prefill = _keep(router.keep_on_prefill)
+sim_cluster.ClusterSim._keep_on_prefill = _keep_on_prefill
+sim_cluster.ClusterSim._new_prefill = _new_prefill(sim_cluster.ClusterSim._new_prefill)
+
+
+def run(cell: tuple) -> dict:
+    out = None
+    for name, (knobs, policy) in VARIANTS.items():
+        KNOBS.clear()
+        KNOBS.update(knobs)
+        experiments.SYSTEMS = {} if out is not None else {"vllm": ("vllm", {}), "sarathi": ("sarathi", {})}
+        experiments.SYSTEMS[name] = ("tetriinfer", policy)
+        row = experiments.run_cell(cell)
+        out = row if out is None else {**out, "systems": {**out["systems"], **row["systems"]}}
+    return out
+
+
+def main() -> None:
+    cells = [c for c in experiments.cells(400) if c[1] == 4 and c[2] in WORKLOADS and c[3] == "poisson"]
+    with Pool(2) as pool:
+        rows = pool.map(run, cells)
+
+    def best(row, metric, pick):
+        return pick(row["systems"][s][metric] for s in ("vllm", "sarathi"))
+
+    print(f"{len(rows)} cells; each variant against the better of vllm and sarathi")
+    for name in VARIANTS:
+        jct = [r["systems"][name]["jct_mean"] / best(r, "jct_mean", min) for r in rows]
+        tpot = [r["systems"][name]["tpot_p99"] / best(r, "tpot_p99", min) for r in rows]
+        good = [r["systems"][name]["goodput_loose"] / best(r, "goodput_loose", max) for r in rows]
+        print(f"{name:30s} mean JCT median {statistics.median(jct):.3f}, {sum(x > 1.01 for x in jct):2d} worse "
+              f"| TPOT p99 median {statistics.median(tpot):.2f}, {sum(x < 1 for x in tpot):2d} lower "
+              f"| goodput worst {min(good):.2f}, {sum(x < 0.99 for x in good):2d} worse")
+
+
+if __name__ == "__main__":
+    main()
