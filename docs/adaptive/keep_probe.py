@@ -13,7 +13,12 @@ seven workloads at 0.3 / 0.6 / 0.9 of capacity, 400 requests, Poisson:
   requests' steps is lower here than on the best decode instance, with the prefill instance's
   prompt mix measured (moving averages of the share of steps with a chunk and the chunk's size);
 - `hand-off after 1`: move at once instead of after 8 tokens;
-- `prefill-first prefill role`: prefill instances run vLLM's whole-prompt, prefill-first steps.
+- `prefill-first prefill role`: prefill instances run vLLM's whole-prompt, prefill-first steps;
+- `idle flip`: the shipped `FlipPolicy` switched on (`FlipConfig(enabled=True)`: an instance idle
+  for 2 s flips while the other role is under pressure);
+- `utilization flip`: a flip on measured imbalance instead: each instance's busy fraction (seconds
+  of forward passes per second, averaged over 2 s); when one role's mean is >= 0.9 and the other's
+  <= 0.5 for 1 s, the least busy instance of the idle role flips (one at a time, 5 s apart).
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import experiments  # noqa: E402
 
+from tetriinfer.config import FlipConfig  # noqa: E402
 from tetriinfer.sched import router  # noqa: E402
+from tetriinfer.sched.flip import FlipOrder  # noqa: E402
+from tetriinfer.sched.monitor import DECODE, PREFILL  # noqa: E402
 from tetriinfer.sim import cluster as sim_cluster  # noqa: E402
 from tetriinfer.sim import instances as sim_instances  # noqa: E402
 
@@ -39,6 +47,8 @@ VARIANTS = {  # name -> (knobs of this probe, PolicyConfig overrides)
     "marginal cost": ({"keep": "marginal"}, {}),
     "hand-off after 1": ({}, {"handoff_after_tokens": 1}),
     "prefill-first prefill role": ({"prefill_steps": "whole"}, {}),
+    "idle flip": ({"flip": "idle"}, {}),
+    "utilization flip": ({"flip": "utilization"}, {}),
 }
 KNOBS: dict = {}
 EWMA = 0.05  # the prompt-mix averages, per step
@@ -51,6 +61,7 @@ def _track_prompt_mix(start_step):
             size = self._plan.chunk.size
             self.mix_share = (1 - EWMA) * getattr(self, "mix_share", 0.0) + EWMA * (size > 0)
             self.mix_tokens = (1 - EWMA) * getattr(self, "mix_tokens", 0.0) + EWMA * size
+            self.busy_s = getattr(self, "busy_s", 0.0) + seconds
         return seconds
     return start
 
@@ -107,10 +118,57 @@ def _new_prefill(shipped):
     return new
 
 
+class UtilizationFlip:
+    """Flip the least busy instance of a role averaging <= `low` busy while the other averages
+    >= `high`, once that has held for `hold_s`; `cooldown_s` between flips."""
+
+    def __init__(self, sim, high=0.9, low=0.5, hold_s=1.0, cooldown_s=5.0, average_s=2.0) -> None:
+        self.sim, self.high, self.low, self.hold_s, self.cooldown_s, self.average_s = sim, high, low, hold_s, cooldown_s, average_s
+        self.busy: dict = {}
+        self.seen: dict = {}
+        self.since = None
+        self.last_flip_s = -float("inf")
+
+    def decide(self, snapshot):
+        now = snapshot.time_s
+        for inst in self.sim.instances.values():
+            busy_s = getattr(inst, "busy_s", 0.0)
+            before, then = self.seen.get(inst.instance_id, (busy_s, now))
+            if now > then:
+                weight = min(1.0, (now - then) / self.average_s)
+                fraction = min(1.0, (busy_s - before) / (now - then))
+                self.busy[inst.instance_id] = (1 - weight) * self.busy.get(inst.instance_id, fraction) + weight * fraction
+            self.seen[inst.instance_id] = (busy_s, now)
+        if any(s.draining for s in snapshot.instances) or now - self.last_flip_s < self.cooldown_s:
+            return []
+        roles = {role: [s for s in snapshot.instances if s.role == role] for role in (PREFILL, DECODE)}
+        mean = {role: sum(self.busy.get(s.instance_id, 0.0) for s in pool) / max(len(pool), 1) for role, pool in roles.items()}
+        idle = next((r for r, other in ((PREFILL, DECODE), (DECODE, PREFILL))
+                     if mean[other] >= self.high and mean[r] <= self.low and len(roles[r]) > 1), None)
+        if idle is None:
+            self.since = None
+            return []
+        self.since = now if self.since is None else self.since
+        if now - self.since < self.hold_s:
+            return []
+        least = min(roles[idle], key=lambda s: self.busy.get(s.instance_id, 0.0))
+        self.last_flip_s, self.since = now, None
+        return [FlipOrder(least.instance_id, DECODE if idle == PREFILL else PREFILL)]
+
+
+def _with_flip(shipped_init):
+    def init(self, config, cost, predictor=None):
+        shipped_init(self, config, cost, predictor)
+        if KNOBS.get("flip") == "utilization" and self.flip_policy is not None:
+            self.flip_policy = UtilizationFlip(self)
+    return init
+
+
 sim_instances.BatchInstance.start_step = _track_prompt_mix(sim_instances.BatchInstance.start_step)
 sim_cluster.keep_on_prefill = _keep(router.keep_on_prefill)
 sim_cluster.ClusterSim._keep_on_prefill = _keep_on_prefill
 sim_cluster.ClusterSim._new_prefill = _new_prefill(sim_cluster.ClusterSim._new_prefill)
+sim_cluster.ClusterSim.__init__ = _with_flip(sim_cluster.ClusterSim.__init__)
 
 
 def run(cell: tuple) -> dict:
@@ -120,6 +178,7 @@ def run(cell: tuple) -> dict:
         KNOBS.update(knobs)
         experiments.SYSTEMS = {} if out is not None else {"vllm": ("vllm", {}), "sarathi": ("sarathi", {})}
         experiments.SYSTEMS[name] = ("tetriinfer", policy)
+        experiments.FlipConfig = (lambda: FlipConfig(enabled=True)) if knobs.get("flip") else FlipConfig
         row = experiments.run_cell(cell)
         out = row if out is None else {**out, "systems": {**out["systems"], **row["systems"]}}
     return out
