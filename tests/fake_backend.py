@@ -104,10 +104,12 @@ class FakeBackend:
 
     @classmethod
     def prompt_logprobs(cls, prompt_token_ids: list[int], n: int) -> dict:
-        """The fake's prompt logprobs: -0.5 * position (none for the first token)."""
+        """The fake's prompt logprobs: -0.5 * position (none for the first token), each prompt token
+        its position's likeliest (rank 1)."""
         values = [None] + [-0.5 * k for k in range(1, len(prompt_token_ids))]
         tops = [[]] + [cls.top(t, -0.5 * k, n) for k, t in enumerate(prompt_token_ids) if k]
-        return {"prompt_logprobs": values, "prompt_top_logprobs": tops}
+        ranks = [None] + [1] * (len(prompt_token_ids) - 1)
+        return {"prompt_logprobs": values, "prompt_top_logprobs": tops, "prompt_ranks": ranks}
 
     async def abort(self, request_id: str) -> None:
         await asyncio.sleep(0)  # a real backend's abort may suspend: the caller must not be cancelled there

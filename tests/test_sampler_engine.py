@@ -140,7 +140,8 @@ def test_regex_and_choice_outputs_match():
 
 def test_new_fields_survive_the_wire():
     sp = SamplingParams(max_tokens=3, logprobs=4, prompt_logprobs=2, presence_penalty=0.5, frequency_penalty=-0.5,
-                        repetition_penalty=1.1, logit_bias={5: -3.0, 17: 2.5}, json_schema='{"type": "object"}')
+                        repetition_penalty=1.1, logit_bias={5: -3.0, 17: 2.5}, json_schema='{"type": "object"}',
+                        allowed_token_ids=[3, 9], bad_words=["no", " not this"])
     frame = msg.encode(msg.Submit("r", [1, 2], sp))
     assert msg.decode(frame).sampling == sp
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(SamplingParams(logprobs=True)), type=SamplingParams).logprobs == 0

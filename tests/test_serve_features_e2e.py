@@ -1,7 +1,8 @@
 """End to end through `tetriinfer serve` (tiny model, CPU): the sampling features survive the
 cluster path (SamplingParams over msgspec, the KV hand-off from prefill to decode) and give the
 offline engine's tokens: n > 1 with seeds, penalties and logit_bias, top-N and prompt logprobs
-(echo, computed on the prefill side), stop_token_ids stripped, structured JSON output."""
+(echo, computed on the prefill side), stop_token_ids stripped, structured JSON output, vLLM's
+bad_words, allowed_token_ids and prompt_logprobs."""
 
 from __future__ import annotations
 
@@ -101,3 +102,27 @@ def test_guided_choice_and_guided_regex_constrain_a_served_request(server):
     body = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0.8, "seed": 2,
                                            "guided_regex": "[0-9]{2}:[0-9]{2}"})
     assert re.fullmatch("[0-9]{2}:[0-9]{2}", body["choices"][0]["text"]), body
+
+
+def test_vllm_bad_words_allowed_ids_and_prompt_logprobs_match_offline(server, llm):
+    """Across the KV hand-off (disagg): the decode side bans the word after the prefill side's
+    tokens; prompt_logprobs are computed on the prefill side and come with the first token."""
+    plain = offline(llm, max_tokens=16, temperature=0, ignore_eos=True).outputs[0].token_ids
+    word = chr(next(t for t in plain if 33 <= t < 127))  # a token the unconstrained run outputs
+    sampling = dict(max_tokens=16, temperature=0, ignore_eos=True, bad_words=[word], prompt_logprobs=2)
+    want = offline(llm, **sampling)
+    body = post(server, "/v1/completions", {"prompt": PROMPT, **sampling})
+    choice = body["choices"][0]
+    assert choice["text"] == want.outputs[0].text and word not in choice["text"]
+    assert choice["prompt_logprobs"][0] is None
+    for k in range(1, len(want.prompt_token_ids)):
+        entry = choice["prompt_logprobs"][k]
+        mine = entry[str(want.prompt_token_ids[k])]
+        assert mine["logprob"] == pytest.approx(want.prompt_logprobs[k], abs=1e-4)
+        assert mine["rank"] == want.prompt_ranks[k]
+        assert {str(t) for t, _ in want.prompt_top_logprobs[k]} <= set(entry)
+    allowed = list(range(97, 123))
+    body = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
+                                                 "temperature": 0, "ignore_eos": True, "allowed_token_ids": allowed})
+    content = body["choices"][0]["message"]["content"]
+    assert len(content) == 12 and set(content) <= {chr(t) for t in allowed}

@@ -109,10 +109,10 @@ def test_concurrent_requests_each_get_their_own_output(server):
 
 
 def test_non_finite_logprob_stays_valid_json():
-    from tetriinfer.server import protocol
+    from tetriinfer.server import responses
 
-    assert protocol.chat_logprobs(["a"], [float("-inf")])["content"][0]["logprob"] == -9999.0
-    assert protocol.completion_logprobs(["a", "b"], [float("-inf"), -1.0], 0)["token_logprobs"] == [-9999.0, -1.0]
+    assert responses.chat_logprobs(["a"], [float("-inf")])["content"][0]["logprob"] == -9999.0
+    assert responses.completion_logprobs(["a", "b"], [float("-inf"), -1.0], 0)["token_logprobs"] == [-9999.0, -1.0]
 
 
 # ---- the official openai client against the real server -----------------------------------------

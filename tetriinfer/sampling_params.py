@@ -24,6 +24,11 @@ class SamplingParams:
     for every prompt token (the first has none). Log-probabilities are those of the model's raw
     distribution, before penalties and temperature (vLLM's default, `raw_logprobs`).
 
+    `allowed_token_ids` (vLLM's): only these token ids may be sampled (None or [] for any).
+    `bad_words` (vLLM's): each word is tokenized as it is and with a leading space; a one-token word
+    is never sampled, and a longer one's last token is banned whenever the output so far ends with
+    its other tokens (engine.token_masks).
+
     `json_schema` / `json_object`: the output is constrained to JSON (matching the schema, a JSON
     string); `regex`: to a regular expression; `grammar`: to an EBNF grammar; with the optional grammar library (`pip install 'tetriinfer[structured]'`)."""
 
@@ -43,6 +48,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # None (or []): any token
+    bad_words: list[str] = field(default_factory=list)
     prompt_logprobs: int | None = None
     json_schema: str | None = None
     json_object: bool = False
@@ -52,6 +59,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.bad_words is None:  # vLLM's default
+            self.bad_words = []
+        elif isinstance(self.bad_words, str):  # one word, as `stop` takes one string
+            self.bad_words = [self.bad_words]
+        if not self.allowed_token_ids:  # [] restricts nothing (a client's "unset")
+            self.allowed_token_ids = None
         # Back-compat: logprobs=True meant "the chosen token's"; False meant none.
         if self.logprobs is True:
             self.logprobs = 0
@@ -88,6 +101,11 @@ class SamplingParams:
             bad_id = next((t for t in self.logit_bias if t < 0), None)
             if bad_id is not None:
                 raise ValueError(f"logit_bias token id {bad_id} is negative")
+        bad_id = next((t for t in self.allowed_token_ids or () if t < 0), None)
+        if bad_id is not None:
+            raise ValueError(f"allowed_token_ids token id {bad_id} is negative")
+        if any(not isinstance(w, str) or not w.lstrip() for w in self.bad_words):
+            raise ValueError("bad_words must be non-empty strings")
         if (self.json_schema is not None) + self.json_object + (self.regex is not None) + (self.grammar is not None) > 1:
             raise ValueError("json_schema, json_object, regex and grammar are exclusive")
 

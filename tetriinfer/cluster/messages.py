@@ -65,6 +65,7 @@ class TokenDelta(msgspec.Struct, array_like=True):
     # the first), its logprob and its N best.
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_ranks: list[int | None] | None = None  # each prompt token's rank (1: the likeliest), None first
 
     @classmethod
     def ended(cls, request_id: str, reason: str, error: str) -> "TokenDelta":

@@ -16,6 +16,7 @@ from tetriinfer.engine.block_manager import BlockManager
 from tetriinfer.engine.detokenizer import IncrementalDetokenizer
 from tetriinfer.engine.model_runner import ModelRunner, TokensOnDevice
 from tetriinfer.engine.load import StepLoad
+from tetriinfer.engine.mask_checks import check_token_masks
 from tetriinfer.engine.prefix_cache import PrefixCache
 from tetriinfer.engine.request import (
     CompletionOutput,
@@ -187,6 +188,7 @@ class LLMEngine(ServingFacade):
         need = self.block_manager.blocks_for_tokens(total)
         if need > self.block_manager.num_blocks:
             raise ValueError(f"request needs {need} KV blocks but the cache has only {self.block_manager.num_blocks}")
+        check_token_masks(sampling, vocab, self.tokenizer)
         if sampling.structured:  # here, not mid-step in the sampler
             from tetriinfer.engine.structured import check_sampling
 
@@ -363,5 +365,6 @@ class LLMEngine(ServingFacade):
             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time),
             num_cached_tokens=req.num_cached_tokens,
             **({} if req.sampling.prompt_logprobs is None else  # the first prompt token has none
-               {"prompt_logprobs": [None, *req.prompt_logprobs], "prompt_top_logprobs": [[], *req.prompt_top_logprobs]}),
+               {"prompt_logprobs": [None, *req.prompt_logprobs], "prompt_top_logprobs": [[], *req.prompt_top_logprobs],
+                "prompt_ranks": [None, *req.prompt_ranks]}),
         )

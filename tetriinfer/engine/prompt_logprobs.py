@@ -1,5 +1,6 @@
 """Prompt logprobs (`SamplingParams.prompt_logprobs`): the log-probability of every prompt token
-given the ones before it, and the top-N alternatives, as lm-eval's loglikelihood tasks need.
+given the ones before it, its rank, and the top-N alternatives, as lm-eval's loglikelihood tasks
+(echo + logprobs) and vLLM's `prompt_logprobs` field need.
 
 They need the logits of every prompt position, which a normal step never computes (it takes the
 logits of a prompt's last token only). The model runner calls `record_prompt_logprobs` after the
@@ -32,7 +33,10 @@ def record_prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor
                 rows = hidden[offset + first - piece.start: offset + last - piece.start]
                 logprobs = torch.log_softmax(compute_logits(rows).float(), dim=-1)
                 targets = torch.tensor(req.prompt_token_ids[first + 1: last + 1], device=logprobs.device)
-                req.prompt_logprobs.extend(logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist())
+                chosen = logprobs.gather(1, targets.unsqueeze(1))
+                req.prompt_logprobs.extend(chosen.squeeze(1).tolist())
+                # rank 1 is the likeliest token; ties rank as the best of them (as vLLM counts)
+                req.prompt_ranks.extend(((logprobs > chosen).sum(dim=1) + 1).tolist())
                 n = req.sampling.prompt_logprobs
                 if n:
                     top = logprobs.topk(n, dim=-1)

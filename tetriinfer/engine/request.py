@@ -62,7 +62,9 @@ class Request:
     # prompt_logprobs: one entry per prompt token from the second on, filled chunk by chunk.
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_ranks: list[int] = field(default_factory=list)  # each prompt token's rank (1: the likeliest)
     grammar: Any = None  # structured output: engine.structured.GrammarState, made on first use
+    bad_words_ids: list[list[int]] | None = None  # sampling.bad_words tokenized, made on first use
 
     def __post_init__(self) -> None:
         if self.sampling.logprobs and len(self.output_top_logprobs) < len(self.output_token_ids):
@@ -75,12 +77,14 @@ class Request:
                 and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1)
 
     def delta_logprobs(self, sent: int, first: bool) -> tuple:
-        """TokenDelta's (top_logprobs, prompt_logprobs, prompt_top_logprobs) for the output tokens
-        from `sent` on; the prompt's go with the `first` delta (that of the prefilling engine)."""
+        """TokenDelta's (top_logprobs, prompt_logprobs, prompt_top_logprobs, prompt_ranks) for the
+        output tokens from `sent` on; the prompt's go with the `first` delta (that of the prefilling
+        engine)."""
         top = self.output_top_logprobs[sent:] if self.sampling.logprobs else None
         if not first or self.sampling.prompt_logprobs is None:
-            return top, None, None
-        return top, [None, *self.prompt_logprobs], [[], *self.prompt_top_logprobs]
+            return top, None, None, None
+        return (top, [None, *self.prompt_logprobs], [[], *self.prompt_top_logprobs],
+                [None, *self.prompt_ranks])
 
     @property
     def num_tokens(self) -> int:
@@ -145,3 +149,4 @@ class RequestOutput:
     # With prompt_logprobs: per prompt token, its logprob (None for the first) and the top-N.
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[TopLogprobs] | None = None
+    prompt_ranks: list[int | None] | None = None  # each prompt token's rank in its distribution (1: the likeliest)

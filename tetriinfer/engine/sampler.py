@@ -1,6 +1,7 @@
-"""Turns the logits of a step into one token per request: logit_bias, min_tokens, penalties, grammar
-masks (structured output), then greedy or temperature, top-k, top-p. Log-probabilities (the chosen
-token's and the top-N) are read from the raw logits, before any of that (vLLM's default).
+"""Turns the logits of a step into one token per request: allowed_token_ids and bad_words masks,
+min_tokens, logit_bias, penalties, grammar masks (structured output), then greedy or temperature,
+top-k, top-p. Log-probabilities (the chosen token's and the top-N) are read from the raw logits,
+before any of that (vLLM's default).
 
 Sampling draws Gumbel-style exponential noise (argmax of p / q with q ~ Exp(1) samples from p). A
 request with a seed draws its noise from a generator seeded by (seed, output position), so its tokens
@@ -21,6 +22,7 @@ import torch
 from tetriinfer.engine.host_copy import to_device
 from tetriinfer.engine.penalties import apply_logit_bias, apply_penalties
 from tetriinfer.engine.request import Request, TopLogprobs
+from tetriinfer.engine.token_masks import apply_allowed_token_ids, apply_bad_words
 
 if TYPE_CHECKING:
     from tetriinfer.engine.model_runner import TokensOnDevice
@@ -88,11 +90,16 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # raw: before processing
         top = logprobs.topk(max(top_counts), dim=-1) if logprobs is not None and max(top_counts) else None
 
-        apply_logit_bias(logits, requests)
-        self._ban_early_stops(logits, requests)
         pending = None
-        if any(r.sampling.has_penalties or r.sampling.structured for r in requests):
+        if any(r.sampling.has_penalties or r.sampling.structured or r.sampling.bad_words for r in requests):
             pending = _pending_tokens(len(requests), on_device, first_decode_row, logits.device)
+        # vLLM's order: the allowed-token and bad-word masks, min_tokens, logit_bias, penalties
+        apply_allowed_token_ids(logits, requests)
+        if any(r.sampling.bad_words for r in requests):
+            pending_rows = set() if on_device is None else {first_decode_row + j for j in on_device.decodes}
+            apply_bad_words(logits, requests, self.tokenizer, pending, pending_rows)
+        self._ban_early_stops(logits, requests)
+        apply_logit_bias(logits, requests)
         apply_penalties(logits, requests, pending)
         if any(r.sampling.structured for r in requests):
             from tetriinfer.engine.structured import apply_grammar_masks

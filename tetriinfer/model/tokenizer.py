@@ -20,7 +20,8 @@ class Tokenizer:
     eos_token_id: int | None
     chat_template: str | None = None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`add_special_tokens=False`: the text's own tokens, no BOS (e.g. to tokenize a bad word)."""
         raise NotImplementedError
 
     def decode(self, token_ids: list[int]) -> str:
@@ -49,8 +50,8 @@ class ByteTokenizer(Tokenizer):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
 
-    def encode(self, text: str) -> list[int]:
-        return [self.bos_token_id, *text.encode("utf-8")]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [self.bos_token_id, *text.encode("utf-8")] if add_special_tokens else list(text.encode("utf-8"))
 
     def decode(self, token_ids: list[int]) -> str:
         return bytes(t for t in token_ids if 0 <= t < 256).decode("utf-8", errors="replace")
@@ -75,8 +76,8 @@ class HFTokenizer(Tokenizer):
             token = token.get("content")
         return None if token is None else self._tok.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)

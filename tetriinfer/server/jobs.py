@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from tetriinfer.engine.mask_checks import check_token_masks
 from tetriinfer.sampling_params import SamplingParams
 from tetriinfer.server.backend import Backend
 from tetriinfer.server.limits import ServerLimits, check_prompt, parse_request
@@ -44,6 +45,7 @@ class Job:
     timing: RequestTiming = field(default_factory=RequestTiming)
     echo: bool = False  # completions: the prompt goes before the text (and its logprobs before the output's)
     prompt_only: bool = False  # echo with max_tokens 0: the prompt (and its logprobs) alone
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: the body carries the prompt's top-N
     include_usage: bool = False  # stream: a last chunk with the usage (stream_options.include_usage)
     continuous_usage: bool = False  # stream: usage on every chunk too (continuous_usage_stats)
     path: str = ""  # for the access log
@@ -82,6 +84,10 @@ def _check_sampling(sampling: SamplingParams, param: str, backend: Backend) -> N
     if bad is not None:
         raise APIError(400, f"logit_bias token id {bad} is outside the vocabulary [0, {backend.vocab_size})",
                        param="logit_bias")
+    try:
+        check_token_masks(sampling, backend.vocab_size, backend.tokenizer)
+    except ValueError as e:  # its message starts with the field's name
+        raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
 
 def _fan_out(request_id: str, prompts: list[tuple[list[int], str | None]], n: int,
@@ -101,8 +107,10 @@ def completion_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: 
     max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
     prompt_only = req.echo and max_tokens == 0
     logprobs = req.logprobs
-    # echo + logprobs: the prompt's logprobs too (lm-eval's loglikelihood requests)
-    prompt_logprobs = logprobs if req.echo and logprobs is not None else None
+    # echo + logprobs: the prompt's logprobs too (lm-eval's loglikelihood requests); vLLM's
+    # prompt_logprobs field asks for them as well: the engine computes the larger top-N once
+    asked = [n for n in (logprobs if req.echo else None, req.answered_prompt_logprobs) if n is not None]
+    prompt_logprobs = max(asked) if asked else None
 
     def make_sampling(i: int) -> SamplingParams:
         # max_tokens 0 (echo): one token is still computed, then dropped
@@ -123,7 +131,8 @@ def completion_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: 
         check_prompt(sub.prompt_token_ids, sub.sampling, "prompt", backend)
     _check_sampling(subs[0].sampling, "prompt", backend)
     return Job(job_id, False, subs, req.stream, backend.model_name, timing=timing, echo=req.echo, prompt_only=prompt_only,
-               include_usage=req.include_usage, continuous_usage=req.continuous_usage, path="/v1/completions")
+               prompt_logprobs=req.answered_prompt_logprobs, include_usage=req.include_usage,
+               continuous_usage=req.continuous_usage, path="/v1/completions")
 
 
 def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: ServerLimits) -> Job:
@@ -141,9 +150,10 @@ def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: Server
 
     job_id = f"chatcmpl-{uuid.uuid4().hex}"
     subs = _fan_out(job_id, [(token_ids, prompt)], req.num_choices,
-                    lambda i: req.sampling_params(max_tokens, logprobs=logprobs, seed_offset=i))
+                    lambda i: req.sampling_params(max_tokens, logprobs=logprobs,
+                                                  prompt_logprobs=req.answered_prompt_logprobs, seed_offset=i))
     check_prompt(token_ids, subs[0].sampling, "messages", backend)
     _check_sampling(subs[0].sampling, "messages", backend)
     return Job(job_id, True, subs, req.stream, backend.model_name, timing=timing,
-               include_usage=req.include_usage, continuous_usage=req.continuous_usage, path="/v1/chat/completions")
+               prompt_logprobs=req.answered_prompt_logprobs, include_usage=req.include_usage, continuous_usage=req.continuous_usage, path="/v1/chat/completions")
 

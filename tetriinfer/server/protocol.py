@@ -1,5 +1,5 @@
 """The OpenAI wire format: request bodies (pydantic, strict types, unknown fields ignored like
-OpenAI does), the error body, and the response and stream-chunk shapes (plain dicts).
+OpenAI does) and the error body; the response and stream-chunk shapes are `server.responses`.
 
 Types are strict (no "16" for 16, no true for 1) so a wrong type is reported, naming the field,
 instead of being guessed at. Fields whose OpenAI type is a union (prompt, stop, message content)
@@ -67,11 +67,8 @@ class StreamOptions(BaseModel):
 # silently ignored it. Other unknown fields (cosmetic ones such as skip_special_tokens or
 # chat_template_kwargs included) are ignored, as OpenAI's API does.
 UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value, what to do instead)
-    "prompt_logprobs": (None, "use echo: true with logprobs on /v1/completions"),
     "use_beam_search": (False, "sample with n instead"),
     "truncate_prompt_tokens": (None, "truncate the prompt on the client"),
-    "allowed_token_ids": (None, "use logit_bias"),
-    "bad_words": (None, "use logit_bias"),
 }
 
 
@@ -116,6 +113,9 @@ class _SamplingRequest(BaseModel):
     guided_regex: str | None = None  # vLLM's: the output matches this regular expression
     guided_choice: list[str] | None = None  # vLLM's: the output is exactly one of these strings
     guided_grammar: str | None = None  # vLLM's: the output is a sentence of this EBNF grammar
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these token ids may be sampled ([]: any)
+    bad_words: list[str] | None = None  # vLLM's: words the output never contains (engine.token_masks)
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob, rank and top-N (not streamed)
     user: str | None = None
 
     @field_validator("stream", "ignore_eos", "include_stop_str_in_output", "min_tokens", "echo", "logprobs", "add_generation_prompt",
@@ -145,6 +145,12 @@ class _SamplingRequest(BaseModel):
                 if value is not None and not same and value not in ([], {}, ""):
                     raise APIError(400, f"'{name}' is not supported by this server ({instead}); remove it or send "
                                         f"{json.dumps(no_op)}", param=name)
+        if self.prompt_logprobs is not None:
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise APIError(400, f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
+                               param="prompt_logprobs")
+            if self.stream and self.prompt_logprobs > 0:  # as vLLM: stream chunks have no place for them
+                raise APIError(400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs")
         if self.n is not None and not 1 <= self.n <= MAX_N:
             raise APIError(400, f"n must be in [1, {MAX_N}], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
@@ -152,6 +158,12 @@ class _SamplingRequest(BaseModel):
         for key in self.logit_bias or {}:
             if not key.lstrip("-").isdigit():
                 raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+
+    @property
+    def answered_prompt_logprobs(self) -> int | None:
+        """The prompt_logprobs the response carries: none unless asked, nor in a stream (where 0 is
+        accepted and dropped, as vLLM does)."""
+        return None if self.stream else self.prompt_logprobs
 
     @property
     def num_choices(self) -> int:
@@ -263,6 +275,8 @@ class _SamplingRequest(BaseModel):
                 frequency_penalty=self.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+                allowed_token_ids=list(self.allowed_token_ids) if self.allowed_token_ids else None,
+                bad_words=list(self.bad_words or []),
                 **self.structured(),
             )
         except ValueError as e:
@@ -377,71 +391,3 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def message_dicts(self) -> list[dict]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
-
-
-# ---- responses ---------------------------------------------------------------------------------
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: prompt tokens the prefix cache served."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-def _finite(logprob: float | None) -> float | None:
-    """JSON has no -inf: a chosen token the model gave ~zero probability reads -9999 (as in vLLM)."""
-    return logprob if logprob is None or math.isfinite(logprob) else -9999.0
-
-
-TopTexts = list[tuple[str, float]]  # one position's best alternatives as (token text, logprob)
-
-
-def completion_logprobs(token_texts: list[str], logprobs: list[float | None], text_offset: int,
-                        tops: list[TopTexts | None] | None = None) -> dict:
-    """Completions' logprobs object. `tops` (logprobs=N): per token its N best as {text: logprob}
-    with the chosen token's own entry added (as vLLM does); None for a position without any (the
-    echoed prompt's first token)."""
-    offsets = []
-    for text in token_texts:
-        offsets.append(text_offset)
-        text_offset += len(text)
-    top_dicts = None
-    if tops is not None:
-        top_dicts = []
-        for text, lp, top in zip(token_texts, logprobs, tops):
-            if top is None or lp is None:
-                top_dicts.append(None)
-                continue
-            entry = {t: _finite(v) for t, v in top}
-            entry.setdefault(text, _finite(lp))
-            top_dicts.append(entry)
-    return {"tokens": token_texts, "token_logprobs": [_finite(lp) for lp in logprobs], "top_logprobs": top_dicts,
-            "text_offset": offsets}
-
-
-def chat_logprobs(token_texts: list[str], logprobs: list[float | None], tops: list[TopTexts] | None = None) -> dict:
-    tops = tops if tops is not None else [[] for _ in token_texts]
-    return {"content": [
-        {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8")),
-         "top_logprobs": [{"token": t, "logprob": _finite(v), "bytes": list(t.encode("utf-8"))} for t, v in top]}
-        for text, lp, top in zip(token_texts, logprobs, tops)
-    ]}
-
-
-def completion_choice(text: str, finish_reason: str | None, logprobs: dict | None = None,
-                      stop_reason: str | int | None = None, index: int = 0) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
-            "stop_reason": stop_reason}
-
-
-def chat_choice(message: dict, finish_reason: str | None, logprobs: dict | None = None,
-                stop_reason: str | int | None = None, *, delta: bool = False, index: int = 0) -> dict:
-    return {"index": index, "delta" if delta else "message": message, "logprobs": logprobs,
-            "finish_reason": finish_reason, "stop_reason": stop_reason}
-
-
-def response(request_id: str, object: str, created: int, model: str, choices: list[dict],
-             usage: dict | None = None) -> dict:
-    body = {"id": request_id, "object": object, "created": created, "model": model, "choices": choices}
-    if usage is not None:
-        body["usage"] = usage
-    return body

@@ -3,13 +3,15 @@
 
 Completions with `echo` put the prompt before the text, and with `logprobs` the prompt's logprobs
 before the output's (its first token has none: null, as in OpenAI's and vLLM's answers); with
-`max_tokens: 0` only the prompt is returned (lm-eval's loglikelihood requests).
+`max_tokens: 0` only the prompt is returned (lm-eval's loglikelihood requests). vLLM's
+`prompt_logprobs` field puts the prompt's logprobs, ranks and top-N on each completions choice, or
+once on a chat response (not streamed).
 """
 
 from __future__ import annotations
 
 from tetriinfer.cluster.messages import TokenDelta
-from tetriinfer.server import protocol
+from tetriinfer.server import responses
 from tetriinfer.server.jobs import Job, SubRequest
 from tetriinfer.server.streaming import Output, sse
 
@@ -29,7 +31,9 @@ class Renderer:
         if not self.top_n:
             return None
         tops = tops or []
-        return [[(self.texts([t])[0], lp) for t, lp in (tops[i] if i < len(tops) else [])] for i in range(count)]
+        # [:top_n]: the engine's prompt top-N may be longer (vLLM's prompt_logprobs asked for more)
+        return [[(self.texts([t])[0], lp) for t, lp in (tops[i][:self.top_n] if i < len(tops) else [])]
+                for i in range(count)]
 
     def prompt_text(self, sub: SubRequest) -> str:
         if sub.prompt is not None:
@@ -48,15 +52,27 @@ class Renderer:
         texts += self.texts(token_ids)
         values += list(logprobs) if logprobs is not None else [None] * len(token_ids)
         top_texts += self.tops(tops, len(token_ids)) or [None] * len(token_ids)
-        return protocol.completion_logprobs(texts, values, text_offset, top_texts if self.top_n else None)
+        return responses.completion_logprobs(texts, values, text_offset, top_texts if self.top_n else None)
+
+    def prompt_logprobs(self, sub: SubRequest, out: Output) -> list | None:
+        """vLLM's `prompt_logprobs` field (the engine computed them for echo's logprobs too: the
+        same top lists, cut to this field's N)."""
+        n = self.job.prompt_logprobs
+        if n is None or out.prompt_logprobs is None:
+            return None
+        ids, tops = sub.prompt_token_ids, out.prompt_top_logprobs or []
+        ranks = out.prompt_ranks or [None] * len(ids)
+        top_texts = [[(t, self.texts([t])[0], lp) for t, lp in (tops[k][:n] if k < len(tops) else [])]
+                     for k in range(len(ids))]
+        return responses.prompt_logprobs(ids, self.texts(ids), out.prompt_logprobs, ranks, top_texts)
 
     def _chat_logprobs(self, token_ids: list[int], logprobs: list | None, tops: list | None) -> dict:
         values = list(logprobs) if logprobs is not None else [None] * len(token_ids)
-        return protocol.chat_logprobs(self.texts(token_ids), values, self.tops(tops, len(token_ids)))
+        return responses.chat_logprobs(self.texts(token_ids), values, self.tops(tops, len(token_ids)))
 
     # ---- the whole body --------------------------------------------------------------------------
     def usage(self, completion_tokens: int, cached_tokens: int) -> dict:
-        return protocol.usage(self.job.prompt_tokens, completion_tokens, cached_tokens)
+        return responses.usage(self.job.prompt_tokens, completion_tokens, cached_tokens)
 
     def completion_tokens(self, outputs: dict[int, Output]) -> int:
         return 0 if self.job.prompt_only else sum(len(o.token_ids) for o in outputs.values())
@@ -75,8 +91,8 @@ class Renderer:
             if job.chat:
                 logprobs = None if job.sampling.logprobs is None else self._chat_logprobs(
                     out.token_ids, out.logprobs, out.top_logprobs)
-                choices.append(protocol.chat_choice({"role": "assistant", "content": out.text}, out.finish_reason,
-                                                    logprobs, out.stop_reason, index=sub.index))
+                choices.append(responses.chat_choice({"role": "assistant", "content": out.text}, out.finish_reason,
+                                                     logprobs, out.stop_reason, index=sub.index))
                 continue
             ids, lps, text, finish = out.token_ids, out.logprobs, out.text, out.finish_reason
             if job.prompt_only:
@@ -85,40 +101,45 @@ class Renderer:
                 text = self.prompt_text(sub) + text
             logprobs = None if job.sampling.logprobs is None else self._completion_logprobs(
                 sub, out, ids, lps, out.top_logprobs, job.echo, 0)
-            choices.append(protocol.completion_choice(text, finish, logprobs, None if job.prompt_only else out.stop_reason,
-                                                      index=sub.index))
-        return protocol.response(job.request_id, "chat.completion" if job.chat else "text_completion", job.created,
-                                 job.model, choices, self.usage(self.completion_tokens(outputs),
-                                                                self.cached_tokens(outputs)))
+            choices.append(responses.completion_choice(text, finish, logprobs,
+                                                       None if job.prompt_only else out.stop_reason, index=sub.index))
+            if job.prompt_logprobs is not None:  # vLLM's: per choice in completions
+                choices[-1]["prompt_logprobs"] = self.prompt_logprobs(sub, out)
+        body = responses.response(job.request_id, "chat.completion" if job.chat else "text_completion", job.created,
+                                  job.model, choices, self.usage(self.completion_tokens(outputs),
+                                                                 self.cached_tokens(outputs)))
+        if job.chat and job.prompt_logprobs is not None:  # vLLM's: once per chat response (one prompt)
+            body["prompt_logprobs"] = self.prompt_logprobs(job.subs[0], outputs[job.subs[0].index])
+        return body
 
     # ---- stream chunks ---------------------------------------------------------------------------
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         job = self.job
-        return sse(protocol.response(job.request_id, "chat.completion.chunk" if job.chat else "text_completion",
-                                     job.created, job.model, choices, usage))
+        return sse(responses.response(job.request_id, "chat.completion.chunk" if job.chat else "text_completion",
+                                      job.created, job.model, choices, usage))
 
     def role_choice(self, index: int) -> dict:
-        return protocol.chat_choice({"role": "assistant", "content": ""}, None, delta=True, index=index)
+        return responses.chat_choice({"role": "assistant", "content": ""}, None, delta=True, index=index)
 
     def echo_choice(self, sub: SubRequest, out: Output) -> dict:
         """Completions with echo: the prompt (and its logprobs) as the choice's first chunk."""
         logprobs = None if self.job.sampling.logprobs is None else self._completion_logprobs(
             sub, out, [], [], [], True, 0)
-        return protocol.completion_choice(self.prompt_text(sub), None, logprobs, index=sub.index)
+        return responses.completion_choice(self.prompt_text(sub), None, logprobs, index=sub.index)
 
     def content_choice(self, sub: SubRequest, delta: TokenDelta, text_offset: int) -> dict:
         job = self.job
         if job.chat:
             logprobs = None if job.sampling.logprobs is None else self._chat_logprobs(
                 delta.token_ids, delta.logprobs, delta.top_logprobs)
-            return protocol.chat_choice({"content": delta.text}, None, logprobs, delta=True, index=sub.index)
+            return responses.chat_choice({"content": delta.text}, None, logprobs, delta=True, index=sub.index)
         logprobs = None if job.sampling.logprobs is None else self._completion_logprobs(
             sub, Output(), delta.token_ids, delta.logprobs, delta.top_logprobs, False, text_offset)
-        return protocol.completion_choice(delta.text, None, logprobs, index=sub.index)
+        return responses.completion_choice(delta.text, None, logprobs, index=sub.index)
 
     def finish_choice(self, sub: SubRequest, out: Output) -> dict:
         if self.job.chat:
-            return protocol.chat_choice({}, out.finish_reason, None, out.stop_reason, delta=True, index=sub.index)
+            return responses.chat_choice({}, out.finish_reason, None, out.stop_reason, delta=True, index=sub.index)
         if self.job.prompt_only:
-            return protocol.completion_choice("", "length", None, index=sub.index)
-        return protocol.completion_choice("", out.finish_reason, None, out.stop_reason, index=sub.index)
+            return responses.completion_choice("", "length", None, index=sub.index)
+        return responses.completion_choice("", out.finish_reason, None, out.stop_reason, index=sub.index)

@@ -39,8 +39,9 @@ class Output:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # logprobs=N > 0
-    prompt_logprobs: list[float | None] | None = None  # echo + logprobs
+    prompt_logprobs: list[float | None] | None = None  # echo + logprobs, or vLLM's prompt_logprobs
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_ranks: list[int | None] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served
@@ -50,6 +51,7 @@ class Output:
             self.num_cached_tokens = delta.num_cached_tokens
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs, self.prompt_top_logprobs = delta.prompt_logprobs, delta.prompt_top_logprobs
+            self.prompt_ranks = delta.prompt_ranks
         if delta.top_logprobs is not None:
             self.top_logprobs.extend(delta.top_logprobs)
         self.text += delta.text
