@@ -6,7 +6,8 @@ Every shipped workload, Llama-3-8B on an H100 (the measured profile) and an H200
 4 and 8 GPUs, from light load to saturation: TetriInfer adaptive (the default) and the paper's
 fixed split against `vllm`, `sarathi` and `disagg` at equal GPU counts. A load is a fraction of a
 capacity estimate per GPU (one prompt token at the prefill rate of a full chunk plus one output
-token at the decode rate of a batch of 64); arrivals are Poisson, and `conversation` also bursty.
+token at the decode rate of a batch of 64); arrivals are Poisson, and `conversation` also bursty,
+with as many sessions as `SESSION_SPAN_S` seconds of session starts need to reach the rate.
 Writes raw JSON and a figure; prints the markdown tables.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tetriinfer.bench.workload import ALL_WORKLOADS, build_specs
+from tetriinfer.bench.workload import ALL_WORKLOADS, SESSION_WORKLOADS, build_specs
 from tetriinfer.config import ClusterConfig, FlipConfig, PolicyConfig, SimConfig, SLOConfig
 from tetriinfer.sim.cluster import simulate
 from tetriinfer.sim.cost import RooflineCostModel, TableCostModel
@@ -42,6 +43,10 @@ SYSTEMS = {  # name -> (system, policy overrides)
 }
 SLOS = {"loose": (1.0, 0.050), "tight": (0.5, 0.025)}
 MAX_TOTAL_TOKENS = 8192
+# Session workloads chain a user's turns (think time, reply time): a session lasts about a minute,
+# so a few hundred requests never overlap enough to reach the nominal rate. Their cells take as
+# many requests as `SESSION_SPAN_S` seconds of session starts need.
+SESSION_SPAN_S = 300.0
 
 
 def cost_model(gpu: str):
@@ -69,9 +74,11 @@ def run_cell(args: tuple) -> dict:
     cost = cost_model(gpu)
     probe = build_specs(workload, num_requests, rate=1.0, arrival="poisson", seed=0, max_total_tokens=MAX_TOTAL_TOKENS)
     rate = load * num_gpus * capacity_rps_per_gpu(cost, probe)
+    if workload in SESSION_WORKLOADS:
+        num_requests = max(num_requests, int(rate * SESSION_SPAN_S))
     specs = build_specs(workload, num_requests, rate=rate, arrival=arrival, seed=0, max_total_tokens=MAX_TOTAL_TOKENS)
     out = {"gpu": gpu, "num_gpus": num_gpus, "workload": workload, "arrival": arrival, "load": load,
-           "rate_rps": rate, "systems": {}}
+           "rate_rps": rate, "num_requests": num_requests, "systems": {}}
     for name, (system, policy) in SYSTEMS.items():
         cluster = ClusterConfig(system=system, num_prefill=num_gpus // 2, num_decode=num_gpus - num_gpus // 2,
                                 num_instances=num_gpus, gpu=gpu, model="llama3-8b")
