@@ -198,6 +198,25 @@ def scenario_round_trips(rank, t, peer: Peer):
             for msg in reversed(msgs):
                 check_kv(t.recv(0, msg["tid"], msg["desc"], 10.0), msg["seed"], ODD, torch.float32, "reversed")
             peer.send(0, {"acks": [m["tid"] for m in msgs]})
+    # Suffixes (prefix caching across the hand-off): the KV from a block boundary on, a strided
+    # view of a longer context's token dimension, down to its last token.
+    device = getattr(t, "device", "cpu")
+    full_k, full_v = make_kv(500, (3, 40, 2, 5), torch.bfloat16, device=device)
+    for i, start in enumerate((8, 32, 39)):
+        tid = 500 + i
+        if rank == 0:
+            k, v = full_k[:, start:], full_v[:, start:]
+            assert not k.is_contiguous()
+            desc = t.start_send(1, tid, k, v)
+            peer.send(1, {"tid": tid, "desc": desc})
+            assert t.finish_send(tid, 10.0).nbytes == 2 * k.numel() * k.element_size()
+            assert peer.get(1) == {"ack": tid}
+            t.release(tid)
+        else:
+            msg = peer.get(0)
+            got = t.recv(0, msg["tid"], msg["desc"], 10.0)
+            peer.send(0, {"ack": msg["tid"]})
+            assert bitwise_equal(got[0], full_k[:, start:]) and bitwise_equal(got[1], full_v[:, start:]), start
     if t.name == "shm":
         return shm_segments(t.name_prefix)
     return None

@@ -11,7 +11,7 @@ import torch
 
 from hf_models import build_hf_model
 from tetriinfer import LLM, SamplingParams
-from tetriinfer.config import EngineConfig
+from tetriinfer.config import CacheConfig, EngineConfig
 from tetriinfer.engine.engine import LLMEngine
 from tetriinfer.model.parallel import TensorParallelError
 
@@ -88,6 +88,34 @@ def test_kv_moves_from_a_tp2_engine_to_a_tp2_or_tp1_engine(model_dirs, decode_tp
         assert kv.k.shape[2] == prefill.arch.num_kv_heads
         decode.import_request(kv)
         assert finish(decode) == whole
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_a_tp2_decode_engine_holding_the_prefix_receives_only_the_suffix(model_dirs):
+    """Prefix caching across the hand-off (issue 14) under TP: the suffix is gathered from the
+    prefill engine's rank shards and scattered into the decode engine's, after its cached blocks."""
+    path = str(model_dirs["llama"])
+    ids = prompts()[2]  # 21 tokens
+    cfg = EngineConfig(model=path, tensor_parallel_size=2, cache=CacheConfig(16, 32))
+    prefill, decode = LLMEngine(cfg), LLMEngine(cfg)
+    try:
+        run_to_prefilled(prefill, "t1", ids)
+        decode.import_request(prefill.export_request("t1"))
+        turn2 = ids + finish(decode) + [7] * 10  # decode computed 26 tokens: one full block cached
+        run_to_prefilled(prefill, "t2", turn2)
+        res = decode.reserve_kv(prefill.parked_kv("t2").num_cached_tokens, prefill.kv_block_keys("t2"))
+        kv = prefill.export_request("t2", res.skip_tokens)
+        assert res.skip_tokens == 16 and kv.k.shape[1] == len(turn2) - 16
+        assert kv.k.shape[2] == prefill.arch.num_kv_heads
+        decode.import_request(kv, res.block_ids)
+        got = finish(decode)
+        whole = LLM(path, **SMALL).generate(prompt_token_ids=[turn2], sampling_params=GREEDY)[0].outputs[0].token_ids
+        assert got == whole
+        bm = decode.block_manager
+        bm.check()
+        assert bm.num_used_blocks == 0
     finally:
         prefill.close()
         decode.close()

@@ -116,6 +116,7 @@ class InstanceStats(msgspec.Struct, tag=True):
     prefix_hit_tokens: int = 0  # of those, served from its prefix cache (counter)
     kv_blocks_cached: int = 0  # blocks held by no request, kept for prefix hits (evictable)
     predictor: PredictorStats | None = None  # online length predictor (prefill-capable roles)
+    kv_transfer_skipped_tokens: int = 0  # decode role: KV tokens it held in its prefix cache, not moved (counter)
 
 
 class Ready(msgspec.Struct, tag=True):
@@ -181,6 +182,9 @@ class KVOffer(msgspec.Struct, tag=True):
     heavy: bool
     predicted_decode_tokens: int
     offer_id: int = 0
+    # The prefix cache's keys of its full KV blocks (engine.prefix_cache's hash chain, 32 bytes a
+    # block; [] with prefix caching off): the decode instance skips the run of them it holds.
+    block_keys: list[bytes] = msgspec.field(default_factory=list)
 
 
 class KVHold(msgspec.Struct, tag=True):
@@ -194,12 +198,14 @@ class KVHold(msgspec.Struct, tag=True):
 
 
 class KVReady(msgspec.Struct, tag=True):
-    """Decode -> prefill: blocks are reserved; push the KV."""
+    """Decode -> prefill: blocks are reserved; push the KV from token `skip_tokens` on (the decode
+    instance holds the blocks before it in its prefix cache, pinned for this request)."""
 
     request_id: str
     dst_instance: int
     transfer_id: int
     offer_id: int = 0
+    skip_tokens: int = 0
 
 
 class KVCancel(msgspec.Struct, tag=True):

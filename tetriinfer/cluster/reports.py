@@ -31,7 +31,7 @@ class InstanceReports:
             out.bytes + into.bytes, out.seconds + into.seconds, out.count + into.count, out.failures + into.failures,
             self.num_local_prefills, self.num_kept_decodes, self.step_stats.to_list(), self.num_redispatches,
             self.kv_pushes_refused, self.out.failures, self.prefix_queried_tokens, self.prefix_hit_tokens,
-            load.cached_blocks, self._predictor_stats(),
+            load.cached_blocks, self._predictor_stats(), kv_transfer_skipped_tokens=into.skipped_tokens,
         )
 
     def _predictor_stats(self) -> msg.PredictorStats | None:

@@ -114,6 +114,10 @@ class BlockManager:
             hits.append(block)
         return hits
 
+    def cached_key(self, block: int) -> bytes | None:
+        """The key a cached block is known by; None for a plain one."""
+        return self._key_of.get(block)
+
     def ref_count(self, block: int) -> int:
         return self._ref_counts[block]
 

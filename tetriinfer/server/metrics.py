@@ -117,6 +117,7 @@ class ClusterCollector:
         ("kv_transfer_seconds", "Seconds spent moving KV"),
         ("kv_transfers", "KV transfers done"),
         ("kv_transfer_failures", "KV transfers failed"),
+        ("kv_transfer_skipped_tokens", "KV tokens not moved: the decode instance held them in its prefix cache"),
         ("num_local_prefills", "Requests a decode instance prefilled itself (adaptive disaggregation)"),
         ("num_kept_decodes", "Requests a prefill instance decoded itself (adaptive disaggregation)"),
         ("kv_redispatches", "Offers a prefill instance took back from a decode instance that died or went silent"),

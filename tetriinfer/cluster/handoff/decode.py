@@ -39,6 +39,7 @@ class Incoming:
     transfer_id: int
     block_ids: list[int]
     deadline: float
+    skip_tokens: int = 0  # the KV before this token is in pinned prefix-cache blocks (block_ids' head)
     receiving: bool = False
     cancelled: bool = False
 
@@ -139,12 +140,15 @@ class DecodeHandoff:
             # Random start: a restarted instance does not reuse the ids of its predecessor's transfers.
             self._next_transfer = (self._next_transfer or secrets.randbits(31)) + 1
             transfer_id = self.instance_id << 32 | (self._next_transfer & 0xFFFFFFFF)
-            reserved = self.engine.reserve_blocks(offer.num_cached_tokens)
+            # The cached run of its blocks is pinned and not moved; `now_blocks` above counted it as
+            # new, so what admission allowed still fits.
+            reserved = self.engine.reserve_kv(offer.num_cached_tokens, offer.block_keys)
             deadline = time.monotonic() + self.config.kv_timeout_s
-            self.incoming[offer.request_id] = Incoming(offer, transfer_id, reserved, deadline)
+            self.incoming[offer.request_id] = Incoming(offer, transfer_id, reserved.block_ids, deadline,
+                                                       reserved.skip_tokens)
             self.issued[transfer_id] = Issued(offer.src_instance, deadline + self.config.kv_timeout_s)
             if not self._send_to(offer.src_instance, msg.KVReady(offer.request_id, self.instance_id, transfer_id,
-                                                                 offer.offer_id)):
+                                                                 offer.offer_id, reserved.skip_tokens)):
                 self.issued.pop(transfer_id, None)
                 self._drop_incoming(offer.request_id, f"could not reach instance {offer.src_instance}")
 
@@ -157,7 +161,7 @@ class DecodeHandoff:
             return
         incoming = self.incoming.get(push.request_id)
         if incoming is not None and incoming.transfer_id == push.transfer_id:
-            expected = incoming.offer.num_cached_tokens * self.engine.kv_bytes_per_token
+            expected = (incoming.offer.num_cached_tokens - incoming.skip_tokens) * self.engine.kv_bytes_per_token
             if not isinstance(push.descriptor, dict) or push.descriptor.get("nbytes") != expected:
                 self._give_up_incoming(push.request_id, "wrong KV size", push.transfer_id)
                 self._fail(push.request_id, f"KV from instance {push.src_instance} is not {expected} bytes")
@@ -200,7 +204,8 @@ class DecodeHandoff:
         del self.incoming[push.request_id]
         if error is None:
             try:
-                req = self.engine.import_request(RequestKV(receiving.state, k, v), incoming.block_ids)
+                req = self.engine.import_request(RequestKV(receiving.state, k, v, incoming.skip_tokens),
+                                                 incoming.block_ids)
             except ValueError as e:
                 error = f"KV from instance {push.src_instance} does not fit: {e}"
         if error is not None:
@@ -213,6 +218,7 @@ class DecodeHandoff:
         seconds = time.monotonic() - (incoming.deadline - self.config.kv_timeout_s)
         self.transfers_in.count += 1
         self.transfers_in.bytes += k.nbytes + v.nbytes
+        self.transfers_in.skipped_tokens += incoming.skip_tokens
         self.transfers_in.seconds += seconds
         self.sent_tokens[req.request_id] = len(req.output_token_ids)
         self._deltas.append(msg.TokenDelta(req.request_id, [], ""))  # ownership moves here

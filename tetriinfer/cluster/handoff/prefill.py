@@ -84,9 +84,10 @@ class PrefillHandoff:
         self._next_offer += 1
         parked.dst, parked.offer_id, parked.lease_until = dst, self._next_offer, now + self.config.kv_timeout_s
         kv = self.engine.parked_kv(parked.request_id)
+        keys = self.engine.kv_block_keys(parked.request_id)  # D skips the run of them it holds
         if not self._send_to(dst, msg.KVOffer(parked.request_id, self.instance_id, kv.num_cached_tokens,
                                               parked.need_blocks, parked.reserve_blocks, parked.heavy,
-                                              parked.predicted_decode_tokens, parked.offer_id)):
+                                              parked.predicted_decode_tokens, parked.offer_id, keys)):
             self._avoid(dst, now)
             self._take_back(parked, f"could not reach instance {dst}", now, withdraw=False)
 
@@ -172,10 +173,14 @@ class PrefillHandoff:
         if parked is None or not self.engine.has_request(ready.request_id):
             self._send_to(ready.dst_instance, msg.KVCancel(ready.request_id, ready.transfer_id, "request is gone"))
             return
-        kv = self.engine.export_request(ready.request_id)  # frees this side's blocks
-        self.sent_tokens.pop(ready.request_id, None)
         parked.transfer_id = ready.transfer_id
         parked.deadline = time.monotonic() + self.config.kv_timeout_s
+        self.sent_tokens.pop(ready.request_id, None)
+        try:  # only the KV D does not hold; frees this side's blocks
+            kv = self.engine.export_request(ready.request_id, ready.skip_tokens)
+        except ValueError as e:  # a skip that is no block boundary of this request: D's reply is wrong
+            self._transfer_failed(parked, f"cannot send the KV instance {ready.dst_instance} asked for: {e}")
+            return
         try:
             descriptor = self.transport.start_send(ready.dst_instance, ready.transfer_id, kv.k, kv.v)
         except Exception as e:  # noqa: BLE001 - any transport failure ends this request, not the instance
