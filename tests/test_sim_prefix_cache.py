@@ -59,6 +59,22 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
     assert by_id(run("sarathi", specs, instances=1))[1].cached_tokens == 1023
 
 
+def test_a_kv_move_skips_the_prompt_blocks_the_decode_instance_holds():
+    """The second turn's KV move sends only what the decode instance lacks: it decoded the first
+    turn and cached its three full prompt blocks (the paper's split moves every request)."""
+    ids = (1, 2, 3, 4)
+    specs = [RequestSpec(0, 0.0, 2000, 20, ids), RequestSpec(1, 5.0, 2000, 20, ids)]
+    on = run("tetriinfer-paper", specs, instances=2)
+    off = run("tetriinfer-paper", specs, instances=2, fraction=0.0)
+    assert on.kv_skipped_tokens == 3 * 512
+    assert off.kv_skipped_tokens == 0
+    decode_span = {name: by_id(result)[1].finish_s - by_id(result)[1].first_token_s
+                   for name, result in (("on", on), ("off", off))}
+    gpu = SmallGpu(0)
+    saved = gpu.transfer_time(2000 * 1000) - gpu.transfer_time((2000 - 3 * 512) * 1000)
+    assert decode_span["off"] - decode_span["on"] == pytest.approx(saved, rel=1e-6)
+
+
 def test_caching_off_or_no_hash_ids_simulates_exactly_as_before():
     specs = make_workload("conversation", 120, arrival="poisson", rate=4.0, seed=1)
     plain = [dataclasses.replace(s, hash_ids=None) for s in specs]

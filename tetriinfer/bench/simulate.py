@@ -148,13 +148,15 @@ def run(args: argparse.Namespace) -> int:
             "prefix_hit_rate": result.prefix_hit_rate,
             "prefix_hit_tokens": result.prefix_hit_tokens,
             "prefix_queried_tokens": result.prefix_queried_tokens,
+            "kv_skipped_tokens": result.kv_skipped_tokens,
         }
     hardware = f"profile {args.profile}" if args.profile else f"{args.gpu} / {args.model} (roofline)"
     print(f"{len(specs)} requests of {args.trace or args.workload} on {hardware}")
     print(format_table(summaries))
     for system, entry in report.items():
         if entry["prefix_queried_tokens"]:
-            print(f"{system}: prefix cache hit rate {entry['prefix_hit_rate']:.1%} of prompt tokens")
+            skipped = f"; KV moves skipped {entry['kv_skipped_tokens']:,} held tokens" if entry["kv_skipped_tokens"] else ""
+            print(f"{system}: prefix cache hit rate {entry['prefix_hit_rate']:.1%} of prompt tokens{skipped}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(report, f, indent=2)

@@ -182,6 +182,7 @@ class ClusterSim:
             cache = self.prefix_cache
             self.result.prefix_queried_tokens, self.result.prefix_hit_tokens = cache.queried_tokens, cache.hit_tokens
             self.result.prefix_evicted_blocks = cache.index.num_evicted
+            self.result.kv_skipped_tokens = cache.kv_skipped_tokens
         return self.result
 
     def _push(self, time: float, kind: int, payload) -> None:

@@ -262,7 +262,8 @@ class DecodeInstance(BatchInstance):
             # Pull the KV over this instance's inbound link (transfers queue on the link).
             self.incoming_blocks += blocks_for(req.kv_len, self.block_size)
             start = max(now, self.link_free_s)
-            self.link_free_s = start + transfer_time(req.kv_len)
+            held = self.prefix_cache.held_kv_tokens(self.instance_id, req) if self.prefix_cache is not None else 0
+            self.link_free_s = start + transfer_time(req.kv_len - held)
             self._seq += 1
             heapq.heappush(self.arriving, (self.link_free_s, self._seq, req))
             transfers.append((self.link_free_s, req))

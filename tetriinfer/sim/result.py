@@ -23,6 +23,7 @@ class SimResult:
     prefix_queried_tokens: int = 0  # prompt tokens looked up in a prefix cache (0: caching off)
     prefix_hit_tokens: int = 0  # of them, served from the cache (not prefilled)
     prefix_evicted_blocks: int = 0
+    kv_skipped_tokens: int = 0  # KV tokens transfers did not move: the decode instance's cache held them
 
     @property
     def prefix_hit_rate(self) -> float:
