@@ -67,8 +67,7 @@ def sim_config(cfg, seed: int = 0, gpu_sharing: int | None = None):
     from tetriinfer.config import ClusterConfig, SimConfig
 
     colocated = cfg.mode == "colocated"
-    cluster = ClusterConfig(system=cfg.baseline if colocated else "tetriinfer", num_prefill=cfg.num_prefill,
-                            num_decode=cfg.num_decode, num_instances=cfg.num_instances, model=cfg.engine.model,
+    cluster = ClusterConfig(system=cfg.baseline if colocated else "tetriinfer", shape=cfg.shape, model=cfg.engine.model,
                             tp=cfg.engine.tensor_parallel_size, block_size=cfg.engine.cache.block_size,
                             instances_per_gpu=instances_per_gpu(cfg) if gpu_sharing is None else gpu_sharing)
     return SimConfig(cluster, cfg.policy, cfg.flip, seed=seed, scheduler=cfg.engine.scheduler,

@@ -18,14 +18,14 @@ from tetriinfer.cluster.ray_launcher import (
     RAY_MISSING, NodeInfo, ProcessActor, RayCluster, assigned_devices, describe, instance_configs, plan_placement,
     reachable_address, remote_instances, start_ray,
 )
-from tetriinfer.config import EngineConfig, ServeConfig
+from tetriinfer.config import ClusterShape, EngineConfig, ServeConfig
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def serve_cfg(device: str = "cpu", prefill: int = 1, decode: int = 1, **kw) -> ServeConfig:
-    return ServeConfig(num_prefill=prefill, num_decode=decode, engine=EngineConfig(device=device), **kw)
+    return ServeConfig(shape=ClusterShape(prefill, decode), engine=EngineConfig(device=device), **kw)
 
 
 HEAD = NodeInfo("head", "10.0.0.1", num_cpus=8, num_gpus=0, is_driver=True)
@@ -85,7 +85,7 @@ def test_shm_cannot_span_nodes_but_colocated_instances_can():
     with pytest.raises(ValueError, match="'shm' needs all 3 instances on one node.*--kv-transport gloo"):
         plan_placement(serve_cfg(prefill=1, decode=2, kv_transport="shm"), nodes)
     # Colocated instances never move KV: the transport does not bind them to one node.
-    plan = plan_placement(ServeConfig(mode="colocated", num_instances=3, kv_transport="shm"), nodes)
+    plan = plan_placement(ServeConfig(mode="colocated", shape=ClusterShape(num_instances=3), kv_transport="shm"), nodes)
     assert [p.node_id for p in plan.instances] == ["a", "a", "b"]
     assert plan.controller.node_id == "b"
 
@@ -188,7 +188,7 @@ def test_instance_configs_carry_each_node_host_and_the_plan_transport():
                                kv_init_method="k")
     assert [c.host for c in configs] == ["10.0.0.1"] * 2 + ["10.0.0.2"] * 3  # the driver's node first
     assert {c.kv_transport for c in configs} == {"gloo"}
-    colocated = ServeConfig(mode="colocated", num_instances=2)
+    colocated = ServeConfig(mode="colocated", shape=ClusterShape(num_instances=2))
     configs = instance_configs(colocated, plan_placement(colocated, nodes), api_address="a", controller_address="c",
                                kv_init_method="k")
     assert [c.role for c in configs] == [COLOCATED, COLOCATED]
@@ -220,11 +220,11 @@ def test_assigned_devices_keep_each_tensor_parallel_instance_on_adjacent_positio
 
 def test_gpu_plan_gives_each_instance_its_tensor_parallel_gpus():
     nodes = [HEAD, gpu_node("g4", "10.0.1.1", 4), gpu_node("g8", "10.0.1.2", 8)]
-    cfg = ServeConfig(num_prefill=1, num_decode=2, engine=EngineConfig(device="cuda", tensor_parallel_size=2))
+    cfg = ServeConfig(shape=ClusterShape(1, 2), engine=EngineConfig(device="cuda", tensor_parallel_size=2))
     plan = plan_placement(cfg, nodes)
     assert all(p.num_gpus == 2 and p.node_id == "g8" for p in plan.instances)  # 3 x 2 GPUs fit g8 alone
     assert plan.bundles[1]["GPU"] == 2.0
-    cfg = ServeConfig(num_prefill=2, num_decode=2, engine=EngineConfig(device="cuda", tensor_parallel_size=4))
+    cfg = ServeConfig(shape=ClusterShape(2, 2), engine=EngineConfig(device="cuda", tensor_parallel_size=4))
     with pytest.raises(ValueError, match=r"4 instances need 16 GPUs \(tensor_parallel_size 4 each\), but the Ray "
                                          r"cluster has 12"):
         plan_placement(cfg, nodes)

@@ -71,9 +71,9 @@ def test_api_key_comes_from_the_environment_and_help_never_prints_it(monkeypatch
 
 def test_each_instance_gets_its_own_tensor_parallel_gpus():
     from tetriinfer.cluster.launcher import instance_devices
-    from tetriinfer.config import EngineConfig, ServeConfig
+    from tetriinfer.config import ClusterShape, EngineConfig, ServeConfig
 
-    cfg = ServeConfig(num_prefill=1, num_decode=2, engine=EngineConfig(device="cuda", tensor_parallel_size=2))
+    cfg = ServeConfig(shape=ClusterShape(1, 2), engine=EngineConfig(device="cuda", tensor_parallel_size=2))
     assert instance_devices(cfg, num_gpus=6) == ["cuda:0", "cuda:2", "cuda:4"]  # ranks: 0-1, 2-3, 4-5
     with pytest.raises(ValueError, match=r"3 instances need 6 GPUs \(one per tensor-parallel rank\), but 4"):
         instance_devices(cfg, num_gpus=4)
@@ -83,9 +83,9 @@ def test_each_instance_gets_its_own_tensor_parallel_gpus():
 
 def test_decode_instances_may_span_another_number_of_gpus():
     from tetriinfer.cluster.launcher import instance_devices, instance_engine, instance_roles
-    from tetriinfer.config import EngineConfig, ServeConfig
+    from tetriinfer.config import ClusterShape, EngineConfig, ServeConfig
 
-    cfg = ServeConfig(num_prefill=2, num_decode=1, engine=EngineConfig(device="cuda", tensor_parallel_size=1),
+    cfg = ServeConfig(shape=ClusterShape(2, 1), engine=EngineConfig(device="cuda", tensor_parallel_size=1),
                       decode_tensor_parallel_size=4)
     assert instance_devices(cfg, num_gpus=6) == ["cuda:0", "cuda:1", "cuda:2"]  # decode: GPUs 2-5
     assert [instance_engine(cfg, r, "cuda").tensor_parallel_size for r in instance_roles(cfg)] == [1, 1, 4]

@@ -18,7 +18,7 @@ def test_compare_prints_a_table_and_writes_json_and_plot(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report) == {"vllm", "sarathi", "tetriinfer"}
     assert all(r["summary"]["num_requests"] == 32 for r in report.values())
-    assert report["tetriinfer"]["config"]["cluster"]["num_prefill"] == 1
+    assert report["tetriinfer"]["config"]["cluster"]["shape"]["num_prefill"] == 1
     assert plot.stat().st_size > 0
 
 

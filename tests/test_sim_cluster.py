@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from tetriinfer.bench.workload import RequestSpec, make_workload
-from tetriinfer.config import SYSTEMS, ClusterConfig, FlipConfig, PolicyConfig, SimConfig
+from tetriinfer.config import SYSTEMS, ClusterConfig, ClusterShape, FlipConfig, PolicyConfig, SimConfig
 from tetriinfer.sim.cluster import ClusterSim, simulate
 from tetriinfer.sim.cost import RooflineCostModel
 from tetriinfer.sim.instances import DecodeInstance, PrefillInstance
@@ -38,7 +38,7 @@ class SmallGpu:
 def config(system, *, prefill=1, decode=2, flip=False, seed=0, **policy):
     if system == "tetriinfer-paper":
         system, policy = "tetriinfer", {"disagg_policy": "paper", **policy}
-    cluster = ClusterConfig(system=system, num_prefill=prefill, num_decode=decode, num_instances=prefill + decode)
+    cluster = ClusterConfig(system=system, shape=ClusterShape(prefill, decode, prefill + decode))
     return SimConfig(cluster, PolicyConfig(**policy), FlipConfig(enabled=flip, idle_s=0.2, cooldown_s=1.0), seed=seed)
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from tetriinfer.bench.workload import RequestSpec, make_workload
-from tetriinfer.config import ClusterConfig, PolicyConfig, SimConfig
+from tetriinfer.config import ClusterConfig, ClusterShape, PolicyConfig, SimConfig
 from tetriinfer.sim.cluster import ClusterSim
 from tetriinfer.sim.length_oracle import OracleLengthPredictor
 from test_sim_cluster import SmallGpu, assert_conserved
@@ -19,8 +19,7 @@ def sim_config(system, *, fraction=1.0, aware=True, instances=2):
     if system == "tetriinfer-paper":
         system, policy = "tetriinfer", {**policy, "disagg_policy": "paper"}
     prefill = max(1, instances // 2)
-    cluster = ClusterConfig(system=system, num_prefill=prefill, num_decode=max(1, instances - prefill),
-                            num_instances=instances)
+    cluster = ClusterConfig(system=system, shape=ClusterShape(prefill, max(1, instances - prefill), instances))
     return SimConfig(cluster, PolicyConfig(**policy), prefix_cache_fraction=fraction)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tetriinfer.bench.workload import RequestSpec, build_specs
-from tetriinfer.config import ClusterConfig, SimConfig
+from tetriinfer.config import ClusterConfig, ClusterShape, SimConfig
 from tetriinfer.sim.cluster import ClusterSim
 from tetriinfer.sim.cost import RooflineCostModel
 from tetriinfer.sim.gpu import SharedGpu
@@ -21,8 +21,8 @@ SYSTEMS = ("tetriinfer", "disagg", "vllm", "sarathi")
 
 
 def config(system: str, sharing: int, prefill: int = 1, decode: int = 1) -> SimConfig:
-    return SimConfig(ClusterConfig(system=system, num_prefill=prefill, num_decode=decode,
-                                   num_instances=prefill + decode, instances_per_gpu=sharing))
+    return SimConfig(ClusterConfig(system=system, shape=ClusterShape(prefill, decode, prefill + decode),
+                                   instances_per_gpu=sharing))
 
 
 def new_sim(cfg: SimConfig) -> ClusterSim:
@@ -116,7 +116,7 @@ def test_a_waiting_instance_is_never_overtaken():
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_one_instance_per_gpu_is_the_default_and_more_sharing_than_instances_is_harmless(system):
     specs = build_specs("mixed", 64, rate=8.0, seed=5, max_total_tokens=8192)
-    default = new_sim(SimConfig(ClusterConfig(system=system, num_prefill=1, num_decode=1, num_instances=2)))
+    default = new_sim(SimConfig(ClusterConfig(system=system, shape=ClusterShape(1, 1, 2))))
     assert ClusterConfig().instances_per_gpu == 1
     assert times(default.run(specs)) == times(run(system, specs, sharing=1)[1])
     # All instances on one GPU however large the number.

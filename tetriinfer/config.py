@@ -190,6 +190,9 @@ class PolicyConfig:
     # Prefix caching: place each request where its prefix is cached, weighed against queues
     # (sched.global_scheduler, sched.router); off: least-loaded placement, blind to caches.
     cache_aware_routing: bool = True
+    # How often the monitor collects instance loads and every policy above reads them (the paper
+    # polls every 100 ms): the simulator's monitor and the served cluster's controller tick.
+    monitor_interval_s: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.interference_weight >= 0:
@@ -205,6 +208,8 @@ class PolicyConfig:
         for name in ("sort_window", "bucket_size", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.monitor_interval_s > 0:
+            raise ValueError(f"monitor_interval_s must be > 0, got {self.monitor_interval_s}")
         if not 0.0 <= self.predictor_accuracy <= 1.0:
             raise ValueError(f"predictor_accuracy must be in [0, 1], got {self.predictor_accuracy}")
 
@@ -236,21 +241,37 @@ class FlipConfig:
 
 
 @dataclass
-class ClusterConfig:
-    """Cluster shape and hardware. Disaggregated systems use `num_prefill` + `num_decode`
-    instances; the colocated baselines (`vllm`, `sarathi`) use `num_instances`. Instance ids are
-    prefill ids then decode ids (or the colocated ones), and instance `i` runs on GPU
-    `i // instances_per_gpu`: instances sharing a GPU are time-sliced, one forward step at a time."""
+class ClusterShape:
+    """How many instances of each role: the one home of the cluster's shape, for the simulator
+    (`ClusterConfig.shape`) and the served cluster (`ServeConfig.shape`). A disaggregated cluster
+    runs `num_prefill` + `num_decode` instances, a colocated one `num_instances`; instance ids are
+    prefill ids then decode ids (or the colocated ones)."""
 
-    system: str = "tetriinfer"
     num_prefill: int = 1
     num_decode: int = 1
     num_instances: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_prefill", "num_decode", "num_instances"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def total(self, colocated: bool) -> int:
+        return self.num_instances if colocated else self.num_prefill + self.num_decode
+
+
+@dataclass
+class ClusterConfig:
+    """The simulated cluster: its system, its `shape`, and the hardware each instance is priced
+    on. Instance `i` runs on GPU `i // instances_per_gpu`: instances sharing a GPU are
+    time-sliced, one forward step at a time."""
+
+    system: str = "tetriinfer"
+    shape: ClusterShape = field(default_factory=ClusterShape)
     gpu: str = "h100"
     model: str = "llama3-8b"
     tp: int = 1  # every instance's EngineConfig.tensor_parallel_size, as the simulator prices it
     block_size: int = 16
-    monitor_interval_s: float = 0.1
     # Instances per GPU (its TP group), time-sliced by the driver as `serve --device cuda:0` runs
     # them; 1: each instance owns its GPU. MPS's concurrent sharing is not modelled.
     instances_per_gpu: int = 1
@@ -258,11 +279,9 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _check_choice("system", self.system, SYSTEMS)
         check_tensor_parallel_size(self.tp)
-        for name in ("num_prefill", "num_decode", "num_instances", "block_size", "instances_per_gpu"):
+        for name in ("block_size", "instances_per_gpu"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.monitor_interval_s <= 0:
-            raise ValueError(f"monitor_interval_s must be > 0, got {self.monitor_interval_s}")
 
     @property
     def colocated(self) -> bool:
@@ -270,7 +289,7 @@ class ClusterConfig:
 
     @property
     def total_instances(self) -> int:
-        return self.num_instances if self.colocated else self.num_prefill + self.num_decode
+        return self.shape.total(self.colocated)
 
 
 @dataclass
@@ -317,9 +336,9 @@ LAUNCHERS = ("local", "ray")
 class ServeConfig:
     """`tetriinfer serve`: the cluster's shape, its policies and the HTTP front.
 
-    `mode="disagg"`: `num_prefill` + `num_decode` instances running TetriInfer, with
+    `mode="disagg"`: `shape.num_prefill` + `shape.num_decode` instances running TetriInfer, with
     `policy.disagg_policy` `adaptive` or `paper` (not the simulator's `disagg` baseline system, see
-    `SYSTEMS`). `mode="colocated"`: `num_instances` instances each running whole requests with the
+    `SYSTEMS`). `mode="colocated"`: `shape.num_instances` instances each running whole requests with the
     `baseline` step policy (`vllm`: prefill first, whole prompts up to `policy.max_num_batched_tokens`
     per step; `sarathi`: decodes plus prompt chunks up to `engine.scheduler.chunk_size` tokens per
     step). `engine` is the template every instance's engine is built from (its device `cuda`
@@ -330,9 +349,7 @@ class ServeConfig:
     """
 
     mode: str = "disagg"
-    num_prefill: int = 1
-    num_decode: int = 1
-    num_instances: int = 1
+    shape: ClusterShape = field(default_factory=ClusterShape)
     baseline: str = "sarathi"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -342,7 +359,6 @@ class ServeConfig:
     kv_timeout_s: float = 30.0
     predictor: str | None = None  # directory of a trained predictor; None: the shipped one; "none": constant
     launcher: str = "local"
-    monitor_interval_s: float = 0.1
     dead_after_s: float = 5.0
     startup_timeout_s: float = 600.0
     torch_threads: int | None = None  # per CPU instance (default: cores / instances, at least 1)
@@ -368,13 +384,10 @@ class ServeConfig:
         _check_choice("baseline", self.baseline, COLOCATED_BASELINES)
         _check_choice("kv_transport", self.kv_transport, KV_TRANSPORTS)
         _check_choice("launcher", self.launcher, LAUNCHERS)
-        for name in ("num_prefill", "num_decode", "num_instances"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.kv_timeout_s <= 0 or self.dead_after_s <= 0 or self.monitor_interval_s <= 0:
-            raise ValueError("kv_timeout_s, dead_after_s and monitor_interval_s must be > 0")
+        if self.kv_timeout_s <= 0 or self.dead_after_s <= 0:
+            raise ValueError("kv_timeout_s and dead_after_s must be > 0")
         if self.max_waiting_requests < 1 or self.shutdown_timeout_s < 0 or self.request_idle_timeout_s <= 0:
             raise ValueError("max_waiting_requests must be >= 1, shutdown_timeout_s >= 0 and "
                              "request_idle_timeout_s > 0")
@@ -386,7 +399,7 @@ class ServeConfig:
 
     @property
     def total_instances(self) -> int:
-        return self.num_instances if self.mode == "colocated" else self.num_prefill + self.num_decode
+        return self.shape.total(self.mode == "colocated")
 
     def tensor_parallel_size(self, role: str) -> int:
         """The TP size of an instance started in `role` ("prefill", "decode" or "colocated")."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tetriinfer.bench.workload import ALL_WORKLOADS, SESSION_WORKLOADS, build_specs
-from tetriinfer.config import ClusterConfig, FlipConfig, PolicyConfig, SimConfig, SLOConfig
+from tetriinfer.config import ClusterConfig, ClusterShape, FlipConfig, PolicyConfig, SimConfig, SLOConfig
 from tetriinfer.sim.cluster import simulate
 from tetriinfer.sim.cost import RooflineCostModel, TableCostModel
 
@@ -80,8 +80,8 @@ def run_cell(args: tuple) -> dict:
     out = {"gpu": gpu, "num_gpus": num_gpus, "workload": workload, "arrival": arrival, "load": load,
            "rate_rps": rate, "num_requests": num_requests, "systems": {}}
     for name, (system, policy) in SYSTEMS.items():
-        cluster = ClusterConfig(system=system, num_prefill=num_gpus // 2, num_decode=num_gpus - num_gpus // 2,
-                                num_instances=num_gpus, gpu=gpu, model="llama3-8b")
+        shape = ClusterShape(num_gpus // 2, num_gpus - num_gpus // 2, num_gpus)
+        cluster = ClusterConfig(system=system, shape=shape, gpu=gpu, model="llama3-8b")
         config = SimConfig(cluster, PolicyConfig(**policy), FlipConfig(), SLOConfig(*SLOS["loose"]))
         result = simulate(specs, config, cost)
         loose = result.summary(*SLOS["loose"])

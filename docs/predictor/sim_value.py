@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from online_eval import alpaca_by_model, shuffled  # noqa: E402
 
-from tetriinfer.config import ClusterConfig, PolicyConfig, SimConfig  # noqa: E402
+from tetriinfer.config import ClusterConfig, ClusterShape, PolicyConfig, SimConfig  # noqa: E402
 from tetriinfer.predictor.artifact import DEFAULT_DIR, read_meta  # noqa: E402
 from tetriinfer.predictor.learner import Featured  # noqa: E402
 from tetriinfer.predictor.online import PriorFeaturizer  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
     report = {"requests": len(specs), "rate": args.rate, "prefill": args.prefill, "decode": args.decode,
               "mean_output_tokens": float(outputs.mean())}
     for name, (policy, predictor) in runs.items():
-        config = SimConfig(ClusterConfig(system="tetriinfer", num_prefill=args.prefill, num_decode=args.decode), policy)
+        config = SimConfig(ClusterConfig(system="tetriinfer", shape=ClusterShape(args.prefill, args.decode)), policy)
         result = simulate(specs, config, cost, predictor=predictor)
         summary = dataclasses.asdict(result.summary())
         summary["bucket_accuracy"] = None if predictor is None else predictor.accuracy()

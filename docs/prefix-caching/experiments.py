@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tetriinfer.bench.traces import HASH_BLOCK_TOKENS
 from tetriinfer.bench.workload import build_specs
-from tetriinfer.config import ClusterConfig, PolicyConfig, SimConfig
+from tetriinfer.config import ClusterConfig, ClusterShape, PolicyConfig, SimConfig
 from tetriinfer.sim.cluster import simulate
 from tetriinfer.sim.cost import TableCostModel
 
@@ -102,8 +102,8 @@ def run_cell(args: tuple) -> dict:
     if share:  # the cluster's total cache is `share` of the working set
         per_instance = share * working_set * HASH_BLOCK_TOKENS / NUM_GPUS
         fraction = min(1.0, per_instance / cost.kv_capacity_tokens())
-    cluster = ClusterConfig(system=system, num_prefill=NUM_GPUS // 2, num_decode=NUM_GPUS // 2,
-                            num_instances=NUM_GPUS, gpu="h100", model="llama3-8b")
+    cluster = ClusterConfig(system=system, shape=ClusterShape(NUM_GPUS // 2, NUM_GPUS // 2, NUM_GPUS), gpu="h100",
+                            model="llama3-8b")
     config = SimConfig(cluster, PolicyConfig(cache_aware_routing=setting != "blind"), prefix_cache_fraction=fraction)
     start = time.perf_counter()
     result = simulate(specs, config, cost)

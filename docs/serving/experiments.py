@@ -69,7 +69,7 @@ def compare() -> None:
     from tetriinfer.bench.report import plot_distributions
     from tetriinfer.bench.serve_client import run_load_sync
     from tetriinfer.bench.workload import build_specs
-    from tetriinfer.config import ClusterConfig, EngineSchedulerConfig, PolicyConfig, SimConfig
+    from tetriinfer.config import ClusterConfig, ClusterShape, EngineSchedulerConfig, PolicyConfig, SimConfig
     from tetriinfer.sim.cluster import simulate
     from tetriinfer.sim.cost import TableCostModel
 
@@ -94,7 +94,7 @@ def compare() -> None:
         if transfer["seconds"] > 0:
             link = transfer["bytes"] * 8 / transfer["seconds"] / 1e9
         cost = TableCostModel.from_file(PROFILE, **({"link_gbps": link} if link else {}))
-        cluster = ClusterConfig(system=system, gpu="h100", model="tiny", **shape)
+        cluster = ClusterConfig(system=system, shape=ClusterShape(**shape), gpu="h100", model="tiny")
         sim = simulate(specs, SimConfig(cluster, PolicyConfig(), scheduler=EngineSchedulerConfig(chunk_size=256)), cost)
         results["systems"][name] = {"real": dataclasses.asdict(real), "sim": dataclasses.asdict(sim.summary()),
                                     "kv_transfer": transfer}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tetriinfer.metrics import LatencyStats, Summary
 from tetriinfer.bench.workload import RequestSpec, make_workload
-from tetriinfer.config import ClusterConfig, EngineSchedulerConfig, FlipConfig, PolicyConfig, SimConfig
+from tetriinfer.config import ClusterConfig, ClusterShape, EngineSchedulerConfig, FlipConfig, PolicyConfig, SimConfig
 from tetriinfer.sim.cluster import simulate
 from tetriinfer.sim.cost import RooflineCostModel
 
@@ -34,7 +34,7 @@ H100 = ("h100", "llama3-8b")
 def config(system: str, hardware: tuple[str, str], prefill: int = 1, decode: int = 1, instances: int = 1,
            flip: FlipConfig | None = None, seed: int = 0, chunk_size: int = 512, **policy) -> SimConfig:
     gpu, model = hardware
-    cluster = ClusterConfig(system=system, num_prefill=prefill, num_decode=decode, num_instances=instances,
+    cluster = ClusterConfig(system=system, shape=ClusterShape(prefill, decode, instances),
                             gpu=gpu, model=model)
     policy.setdefault("disagg_policy", "paper")  # this page reproduces the paper's fixed split (docs/adaptive.md: the default)
     return SimConfig(cluster, PolicyConfig(**policy), flip or FlipConfig(), seed=seed,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from tetriinfer.bench.workload import ALL_WORKLOADS, TRACE_FORMATS
-from tetriinfer.config import SYSTEMS, ClusterConfig, EngineSchedulerConfig, FlipConfig, PolicyConfig, SimConfig
+from tetriinfer.config import SYSTEMS, ClusterConfig, ClusterShape, EngineSchedulerConfig, FlipConfig, PolicyConfig, SimConfig
 from tetriinfer.sched.admission import ADMISSION_POLICIES
 from tetriinfer.sched.dispatcher import DISPATCH_POLICIES
 from tetriinfer.sched.prefill_queue import PREFILL_POLICIES
@@ -38,8 +38,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--profile", default=None,
                    help="measured profile JSON (docs/profile-format.md) instead of the roofline")
     p.add_argument("--link-gbps", type=float, default=None, help="KV link bandwidth (default: the cost model's)")
-    p.add_argument("--prefill-instances", type=int, default=_CLUSTER.num_prefill)
-    p.add_argument("--decode-instances", type=int, default=_CLUSTER.num_decode)
+    p.add_argument("--prefill-instances", type=int, default=_CLUSTER.shape.num_prefill)
+    p.add_argument("--decode-instances", type=int, default=_CLUSTER.shape.num_decode)
     p.add_argument("--instances", type=int, default=None,
                    help="colocated baseline instances (default: prefill + decode instances, equal GPUs)")
     p.add_argument("--instances-per-gpu", type=int, default=_CLUSTER.instances_per_gpu,
@@ -103,8 +103,8 @@ def build_config(args: argparse.Namespace, system: str):
     from tetriinfer.config import SLOConfig
 
     cluster = ClusterConfig(
-        system=system, num_prefill=args.prefill_instances, num_decode=args.decode_instances,
-        num_instances=args.instances or args.prefill_instances + args.decode_instances,
+        system=system, shape=ClusterShape(args.prefill_instances, args.decode_instances,
+                                          args.instances or args.prefill_instances + args.decode_instances),
         gpu=args.gpu, model=args.model, tp=args.tp, instances_per_gpu=args.instances_per_gpu,
     )
     policy = PolicyConfig(

@@ -37,8 +37,8 @@ STOP_GRACE_S = 1.0  # children's clean exit after a Shutdown, before SIGTERM (Lo
 
 def instance_roles(cfg: ServeConfig) -> list[str]:
     if cfg.mode == "colocated":
-        return [COLOCATED] * cfg.num_instances
-    return [PREFILL] * cfg.num_prefill + [DECODE] * cfg.num_decode
+        return [COLOCATED] * cfg.shape.num_instances
+    return [PREFILL] * cfg.shape.num_prefill + [DECODE] * cfg.shape.num_decode
 
 
 def instance_engine(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
@@ -77,7 +77,7 @@ def instance_devices(cfg: ServeConfig, num_gpus: int) -> list[str]:
 def controller_config(cfg: ServeConfig, api_address: str, host: str, port: int | None,
                       remote_instances: frozenset[int] = frozenset(), wire: Wire | None = None) -> ControllerConfig:
     return ControllerConfig(
-        api_address, cfg.total_instances, host, port, cfg.monitor_interval_s, cfg.dead_after_s, cfg.flip,
+        api_address, cfg.total_instances, host, port, cfg.policy.monitor_interval_s, cfg.dead_after_s, cfg.flip,
         remote_instances, adaptive=cfg.mode == "disagg" and cfg.policy.disagg_policy == "adaptive",
         chunk_size=cfg.engine.scheduler.chunk_size, block_size=cfg.engine.cache.block_size,
         interference_weight=cfg.policy.interference_weight,

@@ -36,9 +36,9 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--mode", default=serve.mode, choices=SERVE_MODES,
                    help="disagg: prefill and decode instances (TetriInfer); colocated: the baselines")
-    g.add_argument("--prefill-instances", type=int, default=serve.num_prefill, help="disagg mode: prefill instances")
-    g.add_argument("--decode-instances", type=int, default=serve.num_decode, help="disagg mode: decode instances")
-    g.add_argument("--instances", type=int, default=serve.num_instances, help="colocated mode: instances")
+    g.add_argument("--prefill-instances", type=int, default=serve.shape.num_prefill, help="disagg mode: prefill instances")
+    g.add_argument("--decode-instances", type=int, default=serve.shape.num_decode, help="disagg mode: decode instances")
+    g.add_argument("--instances", type=int, default=serve.shape.num_instances, help="colocated mode: instances")
     g.add_argument("--baseline", default=serve.baseline, choices=COLOCATED_BASELINES,
                    help="colocated mode: vllm (prefill first, whole prompts) or sarathi (chunked, mixed steps)")
     g.add_argument("--decode-tensor-parallel-size", type=int, default=None,
@@ -52,7 +52,7 @@ def add_parser(subparsers) -> None:
                         "'static:DIR': as trained, no online adaptation; 'none': constant fallback")
     g.add_argument("--launcher", default=serve.launcher, choices=LAUNCHERS, help="ray needs the [ray] extra")
     g.add_argument("--ray-address", default=None, help="with --launcher ray: the cluster to join; None: auto")
-    g.add_argument("--monitor-interval", type=float, default=serve.monitor_interval_s, help="seconds")
+    g.add_argument("--monitor-interval", type=float, default=policy.monitor_interval_s, help="seconds")
     g.add_argument("--dead-after", type=float, default=serve.dead_after_s,
                    help="seconds without a heartbeat before an instance counts as dead")
     g.add_argument("--torch-threads", type=int, default=None, help="CPU threads per CPU instance")
@@ -110,7 +110,7 @@ def add_parser(subparsers) -> None:
 
 def serve_config(args: argparse.Namespace):
     from tetriinfer.cluster.mps import parse_sm_shares
-    from tetriinfer.config import EngineConfig, FlipConfig, PolicyConfig, ServeConfig
+    from tetriinfer.config import ClusterShape, EngineConfig, FlipConfig, PolicyConfig, ServeConfig
 
     engine = EngineConfig.from_flat(args.model, **engine_kwargs(args))
     policy = PolicyConfig(
@@ -118,15 +118,15 @@ def serve_config(args: argparse.Namespace):
         handoff_after_tokens=args.handoff_after_tokens, cache_aware_routing=args.cache_aware_routing,
         prefill_policy=args.prefill_policy, sort_window=args.sort_window,
         dispatch_policy=args.dispatch, admission_policy=args.admission,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens, monitor_interval_s=args.monitor_interval,
     )
     flip = FlipConfig(enabled=args.flip, idle_s=args.flip_idle, cooldown_s=args.flip_cooldown)
     return ServeConfig(
-        mode=args.mode, num_prefill=args.prefill_instances, num_decode=args.decode_instances,
-        num_instances=args.instances, baseline=args.baseline, host=args.host, port=args.port,
+        mode=args.mode, shape=ClusterShape(args.prefill_instances, args.decode_instances, args.instances),
+        baseline=args.baseline, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("TETRIINFER_API_KEY"),
         served_model_name=args.served_model_name, kv_transport=args.kv_transport, kv_timeout_s=args.kv_timeout,
-        predictor=args.predictor, launcher=args.launcher, monitor_interval_s=args.monitor_interval,
+        predictor=args.predictor, launcher=args.launcher,
         dead_after_s=args.dead_after, torch_threads=args.torch_threads, engine=engine, policy=policy, flip=flip,
         mps_sm_shares=parse_sm_shares(args.mps_sm_shares) if args.mps_sm_shares else None,
         max_waiting_requests=args.max_waiting_requests, shutdown_timeout_s=args.shutdown_timeout,
@@ -188,8 +188,8 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
         supervising = asyncio.get_running_loop().create_task(supervisor.run())
         app = create_app(client, api_key=cfg.api_key, **({} if logs is None else {"logs": logs}))
         app.state.server.metrics.registry.register(supervisor.collector())
-        shape = (f"{cfg.num_instances} colocated {cfg.baseline} instance(s)" if cfg.mode == "colocated"
-                 else f"{cfg.num_prefill} prefill + {cfg.num_decode} decode instance(s)")
+        shape = (f"{cfg.shape.num_instances} colocated {cfg.baseline} instance(s)" if cfg.mode == "colocated"
+                 else f"{cfg.shape.num_prefill} prefill + {cfg.shape.num_decode} decode instance(s)")
         print(f"TetriInfer serving {client.model_name} on http://{cfg.host}:{cfg.port} ({shape}, "
               f"{cfg.engine.device})", flush=True)
         server = _uvicorn_server(app, cfg)

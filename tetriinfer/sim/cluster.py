@@ -75,15 +75,15 @@ class ClusterSim:
         guess = PrefixIndex(cache_blocks) if cache_blocks and policy.cache_aware_routing else None
         self.instances: dict[int, PrefillInstance | DecodeInstance | ColocatedInstance] = {}
         if cluster.colocated:
-            for i in range(cluster.num_instances):
+            for i in range(cluster.shape.num_instances):
                 self.instances[i] = self._new_colocated(i)
         else:
-            for i in range(cluster.num_prefill):
+            for i in range(cluster.shape.num_prefill):
                 self.instances[i] = self._new_prefill(i)
-            for i in range(cluster.num_prefill, cluster.total_instances):
+            for i in range(cluster.shape.num_prefill, cluster.total_instances):
                 self.instances[i] = self._new_decode(i)
         self.gpu_of = gpus_by_instance(cluster.total_instances, cluster.instances_per_gpu)  # its GPU; they step in turn
-        self.monitor = ClusterMonitor(cluster.monitor_interval_s)
+        self.monitor = ClusterMonitor(policy.monitor_interval_s)
         self.global_scheduler = GlobalScheduler(self._prefill_ids(), guess)
         self.router = None  # adaptive disaggregation: the router places each new request
         if self.adaptive:
