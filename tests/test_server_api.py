@@ -290,6 +290,29 @@ def test_metrics_requests_latencies_and_cluster_view(app, backend):
     assert metric_value(text, "tetriinfer_dead_instances") == 1
 
 
+def test_metrics_also_answer_under_vllm_names_so_its_dashboards_work(app, backend):
+    for stream in (False, True):
+        call(app, "POST", "/v1/completions", json={"prompt": "hi there", "max_tokens": 3, "stream": stream})
+    instances = [_instance(0, "prefill", 10), _instance(1, "decode", 60)]
+    instances[1].prefix_queried_tokens, instances[1].prefix_hit_tokens = 400, 96
+    backend.stats = ClusterStats(instances=instances, num_flips=0, last_flip_s=None, dead_instances=[])
+    text = call(app, "GET", "/metrics").text
+    label = '{model_name="fake-model"}'
+    assert metric_value(text, f"vllm:num_requests_running{label}") == 3 + 3
+    assert metric_value(text, f"vllm:num_requests_waiting{label}") == (2 + 1) * 2  # queued + waiting for a decode
+    assert metric_value(text, f"vllm:kv_cache_usage_perc{label}") == (10 + 60) / 128
+    assert metric_value(text, f"vllm:prefix_cache_queries_total{label}") == 400
+    assert metric_value(text, f"vllm:prefix_cache_hits_total{label}") == 96
+    for ours, vllm in (("ttft_seconds", "time_to_first_token_seconds"), ("tpot_seconds", "time_per_output_token_seconds"),
+                       ("jct_seconds", "e2e_request_latency_seconds"), ("prompt_tokens", "request_prompt_tokens"),
+                       ("output_tokens", "request_generation_tokens")):
+        for part in ("count", "sum"):  # one observation, two names
+            assert metric_value(text, f"vllm:{vllm}_{part}{label}") == metric_value(text, f"tetriinfer_{ours}_{part}")
+    assert metric_value(text, f"vllm:request_success_total{label}") == 2
+    assert metric_value(text, f"vllm:generation_tokens_total{label}") == 6
+    assert metric_value(text, f"vllm:prompt_tokens_total{label}") == metric_value(text, "tetriinfer_prompt_tokens_sum") > 0
+
+
 def test_two_apps_in_one_process_have_their_own_metrics(backend):
     a, b = create_app(backend), create_app(FakeBackend())
     call(a, "POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 1})

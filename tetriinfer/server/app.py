@@ -60,7 +60,7 @@ class OpenAIServer:
         self.logs = logs
         self.requests_running = 0  # backend requests (choices) in flight
         self.started = int(time.time())
-        self.metrics = ServerMetrics(backend.cluster_stats, lambda: self.requests_running)
+        self.metrics = ServerMetrics(backend.cluster_stats, lambda: self.requests_running, backend.model_name)
         self.stats = StatsLogger(backend.cluster_stats, lambda: self.requests_running, logs.stats_interval_s)
 
     def check_auth(self, request: Request) -> None:

@@ -56,8 +56,11 @@ class RequestTiming:
 
 
 class ServerMetrics:
-    def __init__(self, cluster_stats: Callable[[], ClusterStats | None], requests_running: Callable[[], int]):
+    def __init__(self, cluster_stats: Callable[[], ClusterStats | None], requests_running: Callable[[], int],
+                 model_name: str = "tetriinfer"):
         from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        from tetriinfer.server.vllm_metrics import VllmClusterCollector, VllmRequestMetrics
 
         self.registry = CollectorRegistry()
         self.requests = Counter("tetriinfer_requests", "Generation requests by outcome (rejected = 4xx)",
@@ -78,6 +81,9 @@ class ServerMetrics:
         from tetriinfer.predictor.prom import PredictorCollector
 
         self.registry.register(PredictorCollector(cluster_stats))  # predicted buckets, online accuracy
+        # vLLM's names too (`vllm:...`), so a vLLM Grafana dashboard reads this endpoint unchanged
+        self.vllm = VllmRequestMetrics(self.registry, model_name, _LATENCY_BUCKETS, _TPOT_BUCKETS, _TOKEN_BUCKETS)
+        self.registry.register(VllmClusterCollector(cluster_stats, model_name))
 
     def count(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()
@@ -90,6 +96,7 @@ class ServerMetrics:
                 histogram.observe(value)
         self.prompt_tokens.observe(prompt_tokens)
         self.output_tokens.observe(timing.num_output_tokens)
+        self.vllm.finished_ok(timing.ttft, timing.tpot, timing.jct, prompt_tokens, timing.num_output_tokens)
 
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
