@@ -33,6 +33,21 @@ def test_bad_arguments(capsys, args, message):
     assert message in run_cli(capsys, *args)
 
 
+def test_the_model_may_come_first_as_vllm_serve_takes_it_but_only_once(capsys):
+    import argparse
+
+    from tetriinfer.entrypoints.serve import add_parser, serve_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    for args in (["tiny-llama", "--port", "8123"], ["--port", "8123", "--model", "tiny-llama"],
+                 ["tiny-llama", "--model", "tiny-llama", "--port", "8123"]):
+        cfg = serve_config(parser.parse_args(["serve", *args]))
+        assert (cfg.engine.model, cfg.port) == ("tiny-llama", 8123)
+    assert "the model is given twice" in run_cli(capsys, "tiny-llama", "--model", "tiny-qwen2")
+    assert "neither a preset" in run_cli(capsys, "no-such-model")
+
+
 @pytest.mark.parametrize("mode", [["--mode", "disagg"], ["--mode", "colocated", "--baseline", "vllm"],
                                   ["--mode", "colocated", "--baseline", "sarathi"]])
 def test_engine_flags_reach_every_instance(mode):

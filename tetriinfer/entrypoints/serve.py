@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
     serve, policy, flip = ServeConfig(), PolicyConfig(), FlipConfig()
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                               description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as `vllm serve MODEL` takes it (the same as --model)")
     add_engine_arguments(p)
     g = p.add_argument_group("cluster")
     g.add_argument("--mode", default=serve.mode, choices=SERVE_MODES,
@@ -112,7 +114,7 @@ def serve_config(args: argparse.Namespace):
     from tetriinfer.cluster.mps import parse_sm_shares
     from tetriinfer.config import ClusterShape, EngineConfig, FlipConfig, PolicyConfig, ServeConfig
 
-    engine = EngineConfig.from_flat(args.model, **engine_kwargs(args))
+    engine = EngineConfig.from_flat(_model(args), **engine_kwargs(args))
     policy = PolicyConfig(
         disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,
         handoff_after_tokens=args.handoff_after_tokens, cache_aware_routing=args.cache_aware_routing,
@@ -132,6 +134,15 @@ def serve_config(args: argparse.Namespace):
         max_waiting_requests=args.max_waiting_requests, shutdown_timeout_s=args.shutdown_timeout,
         request_idle_timeout_s=args.request_idle_timeout, decode_tensor_parallel_size=args.decode_tensor_parallel_size,
     )
+
+
+def _model(args: argparse.Namespace) -> str:
+    """The positional MODEL (vLLM's form) or --model; both naming different models is an error."""
+    if args.model_tag is None:
+        return args.model
+    if args.model not in (args.model_tag, "tiny"):  # "tiny": --model's default, i.e. not given
+        raise ValueError(f"the model is given twice, as {args.model_tag!r} and --model {args.model!r}: give it once")
+    return args.model_tag
 
 
 def run(args: argparse.Namespace) -> int:
