@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API over any `Backend` (the cluster client, or a fake in tests).
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /metrics, and those outside
+/v1 in utility_routes.py (/health, /ping, /tokenize, /detokenize, /version, /load).
 The server reads the body (limits.py: JSON only, bounded), then parses, validates and tokenizes it
 in a worker thread (jobs.py; bad input: 4xx with an OpenAI error body, before anything reaches the
 backend), then runs every choice on the backend and answers one JSON body or server-sent events
@@ -46,6 +47,7 @@ from tetriinfer.server.metrics import RequestTiming, ServerMetrics
 from tetriinfer.server.protocol import APIError
 from tetriinfer.server.serving import serve
 from tetriinfer.server.streaming import error_response
+from tetriinfer.server.utility_routes import add_utility_routes
 
 logger = logging.getLogger(__name__)
 
@@ -171,14 +173,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLi
             raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
         return server.model_card()
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        try:
-            ok = backend.healthy()
-        except Exception:
-            logger.exception("backend.healthy() failed")
-            ok = False
-        return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
+    add_utility_routes(app, server)  # /health, /ping, /tokenize, /detokenize, /version, /load
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -133,14 +133,16 @@ def _name(path: tuple) -> str:
 
 
 def check_lists(req, limits: ServerLimits) -> None:
-    """Caps on the lists whose length costs the server work per token or per request."""
-    long = next((s for s in req.stop if len(s) > limits.max_stop_chars), None)
+    """Caps on the lists whose length costs the server work per token or per request (a request
+    without such a field, e.g. /tokenize's, has nothing to cap)."""
+    stop = getattr(req, "stop", ())
+    long = next((s for s in stop if len(s) > limits.max_stop_chars), None)
     if long is not None:
         raise APIError(400, f"stop strings may be at most {limits.max_stop_chars} characters long, got one of "
                             f"{len(long)}", param="stop")
-    for param, items, cap in (("stop", req.stop, limits.max_stop),
-                              ("stop_token_ids", req.stop_token_ids or (), limits.max_stop_token_ids),
-                              ("messages", getattr(req, "messages", ()), limits.max_messages)):
+    for param, items, cap in (("stop", stop, limits.max_stop),
+                              ("stop_token_ids", getattr(req, "stop_token_ids", None) or (), limits.max_stop_token_ids),
+                              ("messages", getattr(req, "messages", None) or (), limits.max_messages)):
         if len(items) > cap:
             raise APIError(400, f"{param} may hold at most {cap} items, got {len(items)}", param=param)
 
