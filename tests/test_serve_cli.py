@@ -106,3 +106,20 @@ def test_decode_instances_may_span_another_number_of_gpus():
     assert [instance_engine(cfg, r, "cuda").tensor_parallel_size for r in instance_roles(cfg)] == [1, 1, 4]
     with pytest.raises(ValueError, match="needs the disagg mode"):
         ServeConfig(mode="colocated", decode_tensor_parallel_size=2)
+
+
+def test_dtype_auto_is_float32_on_a_cpu_and_the_checkpoints_16_bit_type_on_a_gpu(tmp_path):
+    import argparse
+    import json
+
+    from tetriinfer.config import EngineConfig
+    from tetriinfer.entrypoints.serve import add_parser, serve_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert serve_config(parser.parse_args(["serve", "--dtype", "auto"])).engine.dtype == "float32"
+    assert serve_config(parser.parse_args(["serve", "--dtype", "auto", "--device", "cuda"])).engine.dtype == "bfloat16"
+    for declared, expected in (("float16", "float16"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")):
+        (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": declared}))
+        assert EngineConfig(model=str(tmp_path), dtype="auto", device="cuda:1").dtype == expected
+        assert EngineConfig(model=str(tmp_path), dtype="auto", device="cpu").dtype == "float32"

@@ -17,6 +17,7 @@ from tetriinfer.sched.router import DISAGG_POLICIES
 from tetriinfer.sched.step_planner import STEP_POLICIES as ENGINE_STEP_POLICIES
 
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPES)  # "auto": `auto_dtype` picks one when the config is made
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 QUANTIZATIONS = (None, "fp8")
@@ -79,6 +80,23 @@ class EngineSchedulerConfig:
             raise ValueError(f"step_policy must be one of {ENGINE_STEP_POLICIES}, got {self.step_policy!r}")
 
 
+def auto_dtype(model: str, device: str) -> str:
+    """vLLM's `--dtype auto`: float32 on a CPU; on a GPU the checkpoint's 16-bit type (its
+    config.json `torch_dtype`), bfloat16 for presets, Hub ids not downloaded yet and float32
+    checkpoints (vLLM picks float16 for those; bfloat16 keeps float32's range)."""
+    if not device.startswith("cuda"):
+        return "float32"
+    import json
+    from pathlib import Path
+
+    config = Path(model) / "config.json"
+    if config.is_file():
+        declared = json.loads(config.read_text()).get("torch_dtype")
+        if declared in ("bfloat16", "float16"):
+            return declared
+    return "bfloat16"
+
+
 @dataclass
 class EngineConfig:
     """One engine instance: model, weights, device, cache and step policy.
@@ -106,8 +124,10 @@ class EngineConfig:
     scheduler: EngineSchedulerConfig = field(default_factory=EngineSchedulerConfig)
 
     def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            self.dtype = auto_dtype(self.model, self.device)
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

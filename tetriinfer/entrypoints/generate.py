@@ -24,13 +24,15 @@ def add_parser(subparsers) -> None:
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of EngineConfig; shared by every subcommand that starts an engine."""
-    from tetriinfer.config import ATTENTION_BACKENDS, DTYPES, ENGINE_STEP_POLICIES, KV_CACHE_DTYPES, LOAD_FORMATS
+    from tetriinfer.config import ATTENTION_BACKENDS, DTYPE_CHOICES, ENGINE_STEP_POLICIES, KV_CACHE_DTYPES, LOAD_FORMATS
     from tetriinfer.presets import preset_help
 
     p.add_argument("--model", default="tiny",
                    help=f"a preset with random weights ({preset_help()}), a Hugging Face style directory, or a "
                         "Hub id (ORG/NAME: the local HF cache, else downloaded; $HF_HUB_OFFLINE honoured)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
+                   help="weights and activations; auto: float32 on a CPU, the checkpoint's 16-bit type on a GPU "
+                        "(bfloat16 for presets)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                    help="auto: random weights for presets, safetensors for directories; dummy: random weights")
