@@ -14,6 +14,7 @@ SUBCOMMANDS = (
     "tetriinfer.entrypoints.generate",
     "tetriinfer.entrypoints.profile",
     "tetriinfer.entrypoints.serve",
+    "tetriinfer.entrypoints.top",
     "tetriinfer.predictor.cli",
     "tetriinfer.bench.simulate",
     "tetriinfer.bench.cli",
