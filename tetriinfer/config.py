@@ -350,6 +350,7 @@ SERVE_MODES = ("disagg", "colocated")
 COLOCATED_BASELINES = ("vllm", "sarathi")
 KV_TRANSPORTS = ("auto", "shm", "gloo", "nccl", "cuda_ipc")
 LAUNCHERS = ("local", "ray")
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 @dataclass
@@ -375,6 +376,7 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     served_model_name: str | None = None
+    uvicorn_log_level: str = "warning"
     kv_transport: str = "auto"
     kv_timeout_s: float = 30.0
     predictor: str | None = None  # directory of a trained predictor; None: the shipped one; "none": constant
@@ -404,6 +406,7 @@ class ServeConfig:
         _check_choice("baseline", self.baseline, COLOCATED_BASELINES)
         _check_choice("kv_transport", self.kv_transport, KV_TRANSPORTS)
         _check_choice("launcher", self.launcher, LAUNCHERS)
+        _check_choice("uvicorn_log_level", self.uvicorn_log_level, UVICORN_LOG_LEVELS)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.kv_timeout_s <= 0 or self.dead_after_s <= 0:

@@ -42,7 +42,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length (prompt + output) in tokens; None: the model's")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on GPUs")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks (GPUs from --device on, or CPU processes) one engine spans")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: FP8 W8A8 weights, quantized at load (FP8 checkpoints are detected by themselves)")
@@ -57,13 +57,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="queue step t+1 before reading back step t's tokens, so CPU work overlaps the GPU; "
                         "None: on for CUDA devices, off on the CPU")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks; None: from memory")
-    p.add_argument("--memory-fraction", type=float, default=None,
+    p.add_argument("--num-blocks", "--num-gpu-blocks-override", type=int, default=None,
+                   help="KV cache blocks; None: from memory")
+    p.add_argument("--memory-fraction", "--gpu-memory-utilization", type=float, default=None,
                    help="share of GPU memory (RAM on the CPU) for weights + KV cache; None: 0.9 on GPUs, 0.05 on CPU")
     p.add_argument("--enable-prefix-caching", action="store_true", default=True,
                    help="keep full KV blocks cached after their request and reuse shared prompt prefixes")
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="turn prefix caching off")
+    p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", help="turn prefix caching off")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

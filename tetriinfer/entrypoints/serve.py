@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     from tetriinfer.config import (
         ADMISSION_POLICIES, COLOCATED_BASELINES, DISAGG_POLICIES, DISPATCH_POLICIES, KV_TRANSPORTS, LAUNCHERS,
         PREFILL_POLICIES,
-        SERVE_MODES, FlipConfig, PolicyConfig, ServeConfig,
+        SERVE_MODES, UVICORN_LOG_LEVELS, FlipConfig, PolicyConfig, ServeConfig,
     )
 
     serve, policy, flip = ServeConfig(), PolicyConfig(), FlipConfig()
@@ -101,6 +101,8 @@ def add_parser(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1. A key given here is visible to other local "
                         "users in `ps`: prefer $TETRIINFER_API_KEY, which is used when this is not given")
     h.add_argument("--served-model-name", default=None, help="the name clients use; None: --model")
+    h.add_argument("--uvicorn-log-level", default=serve.uvicorn_log_level,
+                   choices=UVICORN_LOG_LEVELS, help="uvicorn's own log level")
     h.add_argument("--disable-log-requests", action="store_true",
                    help="no access line per request (printed by default, as vLLM does)")
     h.add_argument("--disable-log-stats", action="store_true",
@@ -129,7 +131,7 @@ def serve_config(args: argparse.Namespace):
         api_key=args.api_key or os.environ.get("TETRIINFER_API_KEY"),
         served_model_name=args.served_model_name, kv_transport=args.kv_transport, kv_timeout_s=args.kv_timeout,
         predictor=args.predictor, launcher=args.launcher,
-        dead_after_s=args.dead_after, torch_threads=args.torch_threads, engine=engine, policy=policy, flip=flip,
+        dead_after_s=args.dead_after, uvicorn_log_level=args.uvicorn_log_level, torch_threads=args.torch_threads, engine=engine, policy=policy, flip=flip,
         mps_sm_shares=parse_sm_shares(args.mps_sm_shares) if args.mps_sm_shares else None,
         max_waiting_requests=args.max_waiting_requests, shutdown_timeout_s=args.shutdown_timeout,
         request_idle_timeout_s=args.request_idle_timeout, decode_tensor_parallel_size=args.decode_tensor_parallel_size,
@@ -239,7 +241,7 @@ def _uvicorn_server(app, cfg):
     # uvicorn's 5 s a client reusing a connection as the server closes it saw "server disconnected".
     # `_Signals` ends the requests still running at the drain's deadline; uvicorn cancels what has
     # not answered FLUSH_S later (a stream nobody reads).
-    return Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+    return Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.uvicorn_log_level,
                                  timeout_graceful_shutdown=cfg.shutdown_timeout_s + FLUSH_S, timeout_keep_alive=75))
 
 
