@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tetriinfer.cli import build_parser, walk_subparsers
+from tetriinfer.cli import build_parser, main, walk_subparsers
 from tetriinfer.presets import PRESETS
 
 PARSER = build_parser()
@@ -52,3 +52,16 @@ def test_every_preset_is_listed_in_the_model_help_the_readme_and_the_error():
         assert name in model_help, name
         assert re.search(rf"`{re.escape(name)}`", readme), f"README does not list the preset {name}"
         assert name in str(e.value), name
+
+
+def test_an_unknown_flag_names_the_closest_one_and_an_abbreviation_is_not_taken(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--max-num-batched-token", "64", "--prefill-instance", "2", "--trust-remote-code"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-num-batched-token: did you mean --max-num-batched-tokens?" in err
+    assert "--prefill-instance: did you mean --prefill-instances?" in err
+    assert "--trust-remote-code: no such flag" in err
+    with pytest.raises(SystemExit):
+        main(["predictor", "train", "--data", "d", "--out", "o", "--epoch", "1"])  # a nested subcommand's flags are the ones searched
+    assert "--epoch: did you mean --epochs?" in capsys.readouterr().err

@@ -7,6 +7,7 @@ Each module listed in SUBCOMMANDS has `add_parser(subparsers)`, which adds its s
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -71,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name in SUBCOMMANDS:
         importlib.import_module(module_name).add_parser(subparsers)
+    parser.allow_abbrev = False
     for path, sub in walk_subparsers(parser):
+        sub.allow_abbrev = False  # `--max-num-batched-token` must not run as `--max-num-batched-tokens`
         # Every subcommand shows its defaults, whatever formatter its module chose.
         if sub.formatter_class is argparse.HelpFormatter:
             sub.formatter_class = argparse.ArgumentDefaultsHelpFormatter
@@ -92,9 +95,24 @@ def walk_subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ())
                 yield from walk_subparsers(sub, (*path, name))
 
 
+def unknown_flags_message(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """`unrecognized arguments: ...`, naming for each unknown flag the closest one `command` has."""
+    sub = dict(walk_subparsers(parser)).get((command,), parser)
+    known = [o for _, p in [((), sub), *walk_subparsers(sub)] for a in p._actions for o in a.option_strings]
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--"):
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            hints.append(f"{flag}: did you mean {close[0]}?" if close else f"{flag}: no such flag (--help lists them; docs/compatibility.md maps vLLM's)")
+    return f"unrecognized arguments: {' '.join(unknown)}" + ("".join(f"\n  {h}" for h in hints))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unknown_flags_message(parser, args.command, unknown))
     try:
         code = int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, not a traceback
