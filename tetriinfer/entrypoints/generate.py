@@ -27,43 +27,49 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     from tetriinfer.config import ATTENTION_BACKENDS, DTYPE_CHOICES, ENGINE_STEP_POLICIES, KV_CACHE_DTYPES, LOAD_FORMATS
     from tetriinfer.presets import preset_help
 
-    p.add_argument("--model", default="tiny",
+    # Grouped as vLLM's --help groups them (model, parallel, cache, scheduler)
+    m = p.add_argument_group("model")
+    t = p.add_argument_group("parallel")
+    c = p.add_argument_group("cache")
+    s = p.add_argument_group("scheduler")
+    k = p.add_argument_group("kernels")
+    m.add_argument("--model", default="tiny",
                    help=f"a preset with random weights ({preset_help()}), a Hugging Face style directory, or a "
                         "Hub id (ORG/NAME: the local HF cache, else downloaded; $HF_HUB_OFFLINE honoured)")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
+    m.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
                    help="weights and activations; auto: float32 on a CPU, the checkpoint's 16-bit type on a GPU "
                         "(bfloat16 for presets)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+    m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    m.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                    help="auto: random weights for presets, safetensors for directories; dummy: random weights")
-    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+    k.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="torch: the reference; triton: the kernels; auto: triton on GPUs")
-    p.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
-    p.add_argument("--max-model-len", type=int, default=None,
+    m.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
+    m.add_argument("--max-model-len", type=int, default=None,
                    help="context length (prompt + output) in tokens; None: the model's")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on GPUs")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+    k.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on GPUs")
+    t.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks (GPUs from --device on, or CPU processes) one engine spans")
-    p.add_argument("--quantization", default=None, choices=["fp8"],
+    m.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: FP8 W8A8 weights, quantized at load (FP8 checkpoints are detected by themselves)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+    c.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="auto: the model's dtype; fp8: FP8 KV cache with per-tensor scales")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill tokens per forward pass")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once at most")
-    p.add_argument("--step-policy", default="chunked", choices=ENGINE_STEP_POLICIES,
+    s.add_argument("--chunk-size", type=int, default=512, help="prefill tokens per forward pass")
+    s.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once at most")
+    s.add_argument("--step-policy", default="chunked", choices=ENGINE_STEP_POLICIES,
                    help="chunked: prefill-first fixed-size chunks (the paper's); whole: whole prompts first; "
                         "mixed: decodes plus prompt tokens up to --chunk-size per step")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+    s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="queue step t+1 before reading back step t's tokens, so CPU work overlaps the GPU; "
                         "None: on for CUDA devices, off on the CPU")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    p.add_argument("--num-blocks", "--num-gpu-blocks-override", type=int, default=None,
+    c.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    c.add_argument("--num-blocks", "--num-gpu-blocks-override", type=int, default=None,
                    help="KV cache blocks; None: from memory")
-    p.add_argument("--memory-fraction", "--gpu-memory-utilization", type=float, default=None,
+    c.add_argument("--memory-fraction", "--gpu-memory-utilization", type=float, default=None,
                    help="share of GPU memory (RAM on the CPU) for weights + KV cache; None: 0.9 on GPUs, 0.05 on CPU")
-    p.add_argument("--enable-prefix-caching", action="store_true", default=True,
+    c.add_argument("--enable-prefix-caching", action="store_true", default=True,
                    help="keep full KV blocks cached after their request and reuse shared prompt prefixes")
-    p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="enable_prefix_caching",
+    c.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", help="turn prefix caching off")
 
 
