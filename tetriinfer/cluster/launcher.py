@@ -23,7 +23,7 @@ from tetriinfer.cluster.instance import InstanceConfig, run_instance
 from tetriinfer.cluster.mps import MpsDaemon
 from tetriinfer.cluster.zmq_io import Wire
 from tetriinfer.cluster.supervisor import supervised_main
-from tetriinfer.config import EngineConfig, EngineSchedulerConfig, ServeConfig
+from tetriinfer.config import EngineConfig, ServeConfig
 from tetriinfer.net import free_port
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
 
