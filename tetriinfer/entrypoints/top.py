@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -209,6 +210,9 @@ def run(args: argparse.Namespace) -> int:
     if args.interval <= 0 or args.timeout <= 0:
         raise ValueError("--interval and --timeout must be positive")
     api_key = args.api_key or os.environ.get("TETRIINFER_API_KEY")
+    # Ctrl-C ends the view even when this process started with SIGINT ignored (a shell's
+    # background job, or a parent that ignores it): Python leaves an inherited SIG_IGN in place.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     poller, fancy = Poller(args.url, args.timeout, api_key), _use_rich(args.plain)
     try:
         if args.once:
