@@ -46,6 +46,9 @@ class _Live:
     waiting: bool = True  # no output token yet: counts against max_waiting_requests
     submitted_at: float = field(default_factory=time.monotonic)
     last_event: float = field(default_factory=time.monotonic)
+    received: int = 0  # output tokens delivered to `queue`
+    handoff_at: int | None = None  # the owner's deltas start after this many tokens (a KV hand-off)
+    held: list = field(default_factory=list)  # the new owner's deltas that overtook the old owner's last
 
 
 class ClusterClient:
@@ -124,10 +127,14 @@ class ClusterClient:
                 live.last_event = now
                 if not delta.token_ids and not delta.text and delta.finish_reason is None:
                     live.owner = message.instance_id  # its KV arrived on a decode instance
+                    live.handoff_at = delta.output_offset
                     continue
-                if delta.token_ids:
-                    self._not_waiting(live)
-                live.queue.put_nowait(delta)
+                if (message.instance_id == live.owner and live.handoff_at is not None
+                        and live.received < live.handoff_at and delta.finish_reason not in ("error", "abort")):
+                    # The prefill instance's last tokens are still on their way (another socket).
+                    live.held.append(delta)
+                    continue
+                self._deliver(live, delta)
         elif isinstance(message, msg.Routed):
             live = self._live.get(message.request_id)
             if live is not None and live.owner is None:
@@ -139,6 +146,10 @@ class ClusterClient:
                 if live.owner == message.instance_id:
                     live.queue.put_nowait(msg.TokenDelta.ended(
                         request_id, "error", f"instance {message.instance_id} died: {message.reason}"))
+                elif live.held:  # the tokens held back for may have died with it: wait no longer
+                    held, live.held, live.handoff_at = live.held, [], None
+                    for delta in held:
+                        self._deliver(live, delta)
         elif isinstance(message, msg.ClusterStats):
             self._stats = message
             self.last_heard = time.monotonic()
@@ -151,6 +162,17 @@ class ClusterClient:
                 self.out.send(self.controller_address, msg.Abort(request_id, "lost with the controller"))
             self._aborts_pending.clear()
             self._ready.set()
+
+    def _deliver(self, live: _Live, delta: msg.TokenDelta) -> None:
+        """Hand `delta` to the request's reader; then the held deltas, once their turn has come."""
+        if delta.token_ids:
+            self._not_waiting(live)
+        live.received += len(delta.token_ids)
+        live.queue.put_nowait(delta)
+        if live.held and (live.handoff_at is None or live.received >= live.handoff_at or delta.finish_reason):
+            held, live.held = live.held, []
+            for later in held:
+                self._deliver(live, later)
 
     def _not_waiting(self, live: _Live) -> None:
         if live.waiting:

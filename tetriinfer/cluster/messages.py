@@ -49,7 +49,7 @@ class Routed(msgspec.Struct, tag=True):
 class TokenDelta(msgspec.Struct, array_like=True):
     """New output of one request since its last delta. `finish_reason` ("stop", "length", "abort",
     "error") ends the request; `error` says why for "error". A delta without tokens only moves the
-    request's ownership to `instance_id` (its KV arrived there)."""
+    request's ownership to `instance_id` (its KV arrived there, after `output_offset` tokens)."""
 
     request_id: str
     token_ids: list[int]
@@ -66,6 +66,9 @@ class TokenDelta(msgspec.Struct, array_like=True):
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_ranks: list[int | None] | None = None  # each prompt token's rank (1: the likeliest), None first
+    # On an ownership delta: the output tokens the previous owner streamed before the hand-off (the
+    # API holds the new owner's deltas until it has them all: they travel on another socket).
+    output_offset: int | None = None
 
     @classmethod
     def ended(cls, request_id: str, reason: str, error: str) -> "TokenDelta":

@@ -221,7 +221,8 @@ class DecodeHandoff:
         self.transfers_in.skipped_tokens += incoming.skip_tokens
         self.transfers_in.seconds += seconds
         self.sent_tokens[req.request_id] = len(req.output_token_ids)
-        self._deltas.append(msg.TokenDelta(req.request_id, [], ""))  # ownership moves here
+        # Ownership moves here, after the tokens the prefill instance streamed
+        self._deltas.append(msg.TokenDelta(req.request_id, [], "", output_offset=len(req.output_token_ids)))
         self._send_to(push.src_instance, msg.KVDone(push.request_id, push.transfer_id, True, seconds, None))
 
     def _drop_incoming(self, request_id: str, reason: str) -> None:
