@@ -41,6 +41,9 @@ def two_texts(server):
     """/metrics before and after MAX_TOKENS's requests: (text, text)."""
     before = httpx.get(f"{server.url}/metrics", timeout=10).text
     send_requests(server.url, MAX_TOKENS)
+    # The cluster's gauges reach /metrics with the instances' next reports: wait until they are idle.
+    server.wait_until(lambda: server.metric_sum("tetriinfer_num_waiting") == 0
+                      and server.metric_sum("tetriinfer_num_running") == 0, 20, "the instances' idle report")
     return before, httpx.get(f"{server.url}/metrics", timeout=10).text
 
 
