@@ -149,6 +149,22 @@ def print_summary(rows: list[dict]) -> None:
               f"| {sum(t < 1 for t in tpot)} / {n} |")
 
 
+def print_variants(rows: list[dict], names) -> None:
+    """One line per TetriInfer variant (docs/adaptive/variants.py, keep_probe.py): mean JCT, TPOT p99
+    and goodput against the better of `vllm` and `sarathi`, cell by cell."""
+    def best(row, metric, pick):
+        return pick(row["systems"][s][metric] for s in ("vllm", "sarathi"))
+
+    print(f"{len(rows)} cells; each variant against the better of vllm and sarathi")
+    for name in names:
+        jct = [r["systems"][name]["jct_mean"] / best(r, "jct_mean", min) for r in rows]
+        tpot = [r["systems"][name]["tpot_p99"] / best(r, "tpot_p99", min) for r in rows]
+        good = [r["systems"][name]["goodput_loose"] / best(r, "goodput_loose", max) for r in rows]
+        print(f"{name:30s} mean JCT median {statistics.median(jct):.3f}, worst {max(jct):.2f}, "
+              f"{sum(x > 1.01 for x in jct):2d} worse | TPOT p99 median {statistics.median(tpot):.2f}, "
+              f"{sum(x < 1 for x in tpot):2d} lower | goodput worst {min(good):.2f}, {sum(x < 0.99 for x in good):2d} worse")
+
+
 def print_slice(rows: list[dict], gpu: str, num_gpus: int, load: float) -> None:
     """One hardware, GPU count and load: mean JCT of every system, then sarathi / TetriInfer."""
     print(f"\n**{gpu.upper()}, {num_gpus} GPUs, {load} of capacity**\n")

@@ -24,7 +24,6 @@ seven workloads at 0.3 / 0.6 / 0.9 of capacity, 400 requests, Poisson:
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import sys
 from multiprocessing import Pool
 from pathlib import Path
@@ -188,18 +187,7 @@ def main() -> None:
     cells = [c for c in experiments.cells(400) if c[1] == 4 and c[2] in WORKLOADS and c[3] == "poisson"]
     with Pool(2) as pool:
         rows = pool.map(run, cells)
-
-    def best(row, metric, pick):
-        return pick(row["systems"][s][metric] for s in ("vllm", "sarathi"))
-
-    print(f"{len(rows)} cells; each variant against the better of vllm and sarathi")
-    for name in VARIANTS:
-        jct = [r["systems"][name]["jct_mean"] / best(r, "jct_mean", min) for r in rows]
-        tpot = [r["systems"][name]["tpot_p99"] / best(r, "tpot_p99", min) for r in rows]
-        good = [r["systems"][name]["goodput_loose"] / best(r, "goodput_loose", max) for r in rows]
-        print(f"{name:30s} mean JCT median {statistics.median(jct):.3f}, {sum(x > 1.01 for x in jct):2d} worse "
-              f"| TPOT p99 median {statistics.median(tpot):.2f}, {sum(x < 1 for x in tpot):2d} lower "
-              f"| goodput worst {min(good):.2f}, {sum(x < 0.99 for x in good):2d} worse")
+    experiments.print_variants(rows, VARIANTS)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ copies, 400 requests per cell): does a later hand-off or another interference we
 
 from __future__ import annotations
 
-import statistics
 import sys
 from multiprocessing import Pool
 from pathlib import Path
@@ -31,18 +30,7 @@ def main() -> None:
              and not c[2].startswith("splitwise")]
     with Pool(2) as pool:
         rows = pool.map(experiments.run_cell, cells)
-
-    def best(row, metric, pick):
-        return pick(row["systems"][s][metric] for s in ("vllm", "sarathi"))
-
-    print(f"{len(rows)} cells; each variant against the better of vllm and sarathi")
-    for name in VARIANTS:
-        jct = [r["systems"][name]["jct_mean"] / best(r, "jct_mean", min) for r in rows]
-        tpot = [r["systems"][name]["tpot_p99"] / best(r, "tpot_p99", min) for r in rows]
-        good = [r["systems"][name]["goodput_loose"] / best(r, "goodput_loose", max) for r in rows]
-        print(f"{name:28s} mean JCT median {statistics.median(jct):.3f}, worst {max(jct):.2f}, "
-              f"{sum(x > 1.01 for x in jct)} worse | TPOT p99 median {statistics.median(tpot):.2f} | "
-              f"goodput worst {min(good):.2f}, {sum(x < 0.99 for x in good)} worse")
+    experiments.print_variants(rows, VARIANTS)
 
 
 if __name__ == "__main__":

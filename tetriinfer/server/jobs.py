@@ -72,7 +72,7 @@ def parse(raw: bytes, model: type, backend: Backend, limits: ServerLimits):
     return parsed
 
 
-def _tokenizer(backend: Backend):
+def require_tokenizer(backend: Backend):
     if backend.tokenizer is None:
         raise APIError(400, "this model has no tokenizer: send the prompt as token ids to /v1/completions",
                        param="prompt")
@@ -122,7 +122,7 @@ def completion_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: 
         if isinstance(prompt, str):
             if prompt == "":
                 raise APIError(400, "prompt is empty", param="prompt")
-            prompts.append((_tokenizer(backend).encode(prompt), prompt))
+            prompts.append((require_tokenizer(backend).encode(prompt), prompt))
         else:
             prompts.append((list(prompt), None))
     job_id = f"cmpl-{uuid.uuid4().hex}"
@@ -137,7 +137,7 @@ def completion_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: 
 
 def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: ServerLimits) -> Job:
     req: ChatCompletionRequest = parse(raw, ChatCompletionRequest, backend, limits)
-    tokenizer = _tokenizer(backend)
+    tokenizer = require_tokenizer(backend)
     try:
         prompt = tokenizer.apply_chat_template(req.message_dicts(), add_generation_prompt=req.add_generation_prompt)
     except Exception as e:  # the model's own jinja template may refuse a conversation (e.g. roles)

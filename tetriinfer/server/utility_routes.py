@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
 from tetriinfer import __version__
-from tetriinfer.server.jobs import _tokenizer, parse
+from tetriinfer.server.jobs import parse, require_tokenizer
 from tetriinfer.server.limits import read_body
 from tetriinfer.server.protocol import APIError, ChatMessage
+from tetriinfer.server.vllm_metrics import requests_running_and_waiting
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class DetokenizeRequest(BaseModel):
 
 def tokenize(raw: bytes, backend, limits) -> dict:
     req: TokenizeRequest = parse(raw, TokenizeRequest, backend, limits)
-    tokenizer = _tokenizer(backend)
+    tokenizer = require_tokenizer(backend)
     if req.messages is not None:
         try:
             text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in req.messages],
@@ -74,7 +75,7 @@ def detokenize(raw: bytes, backend, limits) -> dict:
     bad = next((t for t in req.tokens if not 0 <= t < backend.vocab_size), None)
     if bad is not None:
         raise APIError(400, f"token id {bad} is outside the vocabulary [0, {backend.vocab_size})", param="tokens")
-    return {"prompt": _tokenizer(backend).decode(req.tokens)}
+    return {"prompt": require_tokenizer(backend).decode(req.tokens)}
 
 
 def add_utility_routes(app: FastAPI, server) -> None:
@@ -108,11 +109,9 @@ def add_utility_routes(app: FastAPI, server) -> None:
     @app.get("/load")
     async def _load() -> dict:
         """vLLM's `server_load` (requests in flight in this API process), and the cluster's queues."""
-        stats = backend.cluster_stats()
-        instances = stats.instances if stats is not None else []
-        return {"server_load": server.requests_running,
-                "num_requests_running": sum(i.num_running for i in instances),
-                "num_requests_waiting": sum(i.num_waiting + i.num_dispatch_waiting for i in instances)}
+        running, waiting = requests_running_and_waiting(backend.cluster_stats())
+        return {"server_load": server.requests_running, "num_requests_running": running,
+                "num_requests_waiting": waiting}
 
 
 def health_response(backend) -> JSONResponse:

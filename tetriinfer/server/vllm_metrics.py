@@ -22,6 +22,14 @@ from typing import Callable, Iterable
 from tetriinfer.cluster.messages import ClusterStats
 
 
+def requests_running_and_waiting(stats: ClusterStats | None) -> tuple[int, int]:
+    """Requests running on the instances, and those waiting (queued for a prefill, or prefilled and
+    waiting for a decode instance), over all instances of the latest ClusterStats."""
+    instances = stats.instances if stats is not None else []
+    return (sum(i.num_running for i in instances),
+            sum(i.num_waiting + i.num_dispatch_waiting for i in instances))
+
+
 class VllmRequestMetrics:
     def __init__(self, registry, model_name: str, latency_buckets, tpot_buckets, token_buckets) -> None:
         from prometheus_client import Counter, Histogram
@@ -77,11 +85,11 @@ class VllmClusterCollector:
         insts = stats.instances
         labels, value = ["model_name"], [self._model_name]
         total_blocks = sum(i.kv_blocks_total for i in insts)
+        running, waiting = requests_running_and_waiting(stats)
         for name, doc, number, family in (
-            ("vllm:num_requests_running", "Requests running on the instances", sum(i.num_running for i in insts),
+            ("vllm:num_requests_running", "Requests running on the instances", running, GaugeMetricFamily),
+            ("vllm:num_requests_waiting", "Requests waiting for a prefill or for a decode instance", waiting,
              GaugeMetricFamily),
-            ("vllm:num_requests_waiting", "Requests waiting for a prefill or for a decode instance",
-             sum(i.num_waiting + i.num_dispatch_waiting for i in insts), GaugeMetricFamily),
             ("vllm:kv_cache_usage_perc", "KV cache blocks in use over all blocks (1 = full)",
              sum(i.kv_blocks_used for i in insts) / total_blocks if total_blocks else 0.0, GaugeMetricFamily),
             ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
