@@ -2,7 +2,8 @@
 
 1. ceiling: the same Llama shapes with plain cuBLAS GEMMs and PyTorch attention in CUDA graphs,
    no engine (scripts/measure_forward.py's LlamaStack);
-2. engine: our decode step and prefill chunk at the same shapes (scripts/bench_engine.py's method);
+2. engine: our decode step and prefill chunk at the same shapes (scripts/bench_engine.py's method),
+   in each `--precision`, each decode step beside its bandwidth roofline;
 3. offline throughput on ShareGPT-length requests (their real prompt and output lengths,
    ignore_eos): our engine, and Hugging Face transformers' continuous batching on the same requests.
 
@@ -26,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import timed_steps  # noqa: E402
+from fp8_check import copy_bandwidth  # noqa: E402
 from measure_forward import LlamaStack, time_graph  # noqa: E402
 
 from tetriinfer import LLM, SamplingParams  # noqa: E402
@@ -194,7 +196,7 @@ def main() -> None:
     ap.add_argument("--prefix-caching", nargs="+", default=["on"], choices=["on", "off"],
                     help="offline runs: one engine per value (random prompts: nothing hits, so on/off is the cost)")
     ap.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS),
-                    help="offline run: bf16 weights, FP8 weights (W8A8), or FP8 weights with the FP8 KV cache")
+                    help="steps and offline run: bf16 weights, FP8 weights (W8A8), or FP8 weights with the FP8 KV cache")
     ap.add_argument("--skip", nargs="*", default=[], choices=["ceiling", "steps", "throughput", "hf"])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -221,12 +223,24 @@ def main() -> None:
         gc.collect(); torch.cuda.empty_cache()  # noqa: E702
     if "steps" not in args.skip:
         # Step times in the paper's prefill-first policy: a decode step holds exactly the batch.
-        llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk, max_num_seqs=max(args.batches),
-                  async_scheduling=False)
-        res["engine"] = engine_steps(llm, args.batches, args.context, args.chunk, steps=32)
-        save()
-        del llm
-        gc.collect(); torch.cuda.empty_cache()  # noqa: E702
+        # One engine per precision; each decode step also beside its bandwidth roofline: the bytes it
+        # must read (weights + the batch's KV) over the copy bandwidth measured in this run.
+        bandwidth = copy_bandwidth(torch.device("cuda"))
+        res["copy_bandwidth_bytes_per_s"] = bandwidth
+        res["engine_by_precision"] = {}
+        for precision in args.precision:
+            llm = LLM(args.model, device="cuda", dtype="bfloat16", chunk_size=args.chunk,
+                      max_num_seqs=max(args.batches), async_scheduling=False, **PRECISIONS[precision])
+            steps = engine_steps(llm, args.batches, args.context, args.chunk, steps=32)
+            weight_bytes = sum(p.nbytes for p in llm.engine.runner.model.parameters())
+            steps["roofline_ms"] = {b: 1e3 * (weight_bytes + b * (args.context + 1) * llm.engine.kv_bytes_per_token)
+                                    / bandwidth for b in args.batches}
+            res["engine_by_precision"][precision] = steps
+            if precision == "bf16":
+                res["engine"] = steps  # the ceiling's comparison is bf16
+            save()
+            del llm
+            gc.collect(); torch.cuda.empty_cache()  # noqa: E702
     if "throughput" not in args.skip:
         # One engine per max_num_seqs (its CUDA graphs depend on it); each runs with and without
         # async scheduling, switched while the engine is idle.
@@ -260,6 +274,14 @@ def main() -> None:
         print(f"prefill {args.chunk}-token chunk: ceiling {c['tokens_per_s']:.0f} tok/s, engine "
               f"{e['tokens_per_s']:.0f} tok/s ({e['tokens_per_s'] / c['tokens_per_s']:.3f}x), async "
               f"{a['tokens_per_s']:.0f} tok/s ({a['tokens_per_s'] / c['tokens_per_s']:.3f}x)")
+    if res.get("engine_by_precision"):
+        print(f"decode step @ {args.context} ctx, against the roofline (bytes read / "
+              f"{res['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s copy bandwidth)")
+        print("  precision  batch   roofline ms   plain ms   async ms   async/roofline")
+        for precision, steps in res["engine_by_precision"].items():
+            for b in args.batches:
+                r, e, a = steps["roofline_ms"][b], steps["decode_ms"][b], steps["decode_ms_async"][b]
+                print(f"  {precision:<9} {b:>5}   {r:11.2f}   {e:8.2f}   {a:8.2f}   {a / r:6.2f}x")
     hf = res.get("hf", {})
     for run in res.get("offline", []):
         t = run["throughput"]

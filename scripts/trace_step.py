@@ -43,13 +43,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--async-scheduling", action="store_true")
+    ap.add_argument("--quantization", choices=["fp8"], default=None)
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
     sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
     out.mkdir(parents=True, exist_ok=True)
 
-    llm = LLM(args.model, device=args.device, dtype="bfloat16" if args.device != "cpu" else "float32", chunk_size=2048, max_num_seqs=args.batch, async_scheduling=args.async_scheduling)
+    llm = LLM(args.model, device=args.device, dtype="bfloat16" if args.device != "cpu" else "float32", chunk_size=2048, max_num_seqs=args.batch, async_scheduling=args.async_scheduling,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine
     g = torch.Generator().manual_seed(0)
     vocab = min(1000, engine.arch.vocab_size)
@@ -88,7 +91,8 @@ def main() -> None:
     }
     device_name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
     result = {"model": args.model, "batch": args.batch, "context": args.context, "device": device_name,
-              "async_scheduling": args.async_scheduling, "median_ms": median}
+              "async_scheduling": args.async_scheduling,
+              "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype, "median_ms": median}
     (out / "step_phases.json").write_text(json.dumps(result, indent=1))
 
     activities = [torch.profiler.ProfilerActivity.CPU]
