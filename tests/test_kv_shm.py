@@ -29,8 +29,7 @@ def test_shm_cancel_and_gone_segments_raise_and_leave_nothing():
         with pytest.raises(KVTransferError, match="gone"):
             t.recv(0, 7, desc, 5.0)
         assert time.monotonic() - start < 1.0
-        with pytest.raises(KVTransferError):
-            t.finish_send(7, 1.0)
+        assert 7 not in t._sends  # nothing kept for it
         # received once: the segment is gone, a second recv raises
         desc = t.start_send(1, 8, k, v)
         got = t.recv(0, 8, desc, 5.0)
@@ -122,7 +121,6 @@ from kv_utils import make_kv
 from tetriinfer.cluster.kv import ShmTransport
 t = ShmTransport(rank=0, cluster_id={cluster!r})
 desc = t.start_send(1, 5, *make_kv(5, dtype=torch.bfloat16))
-t.finish_send(5, 1.0)
 print(msgspec.msgpack.encode(desc).hex())
 """  # exits without release/close: the receiver owns the segment now
 

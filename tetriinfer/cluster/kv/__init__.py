@@ -25,7 +25,7 @@ def make_transport(kind: str, *, rank: int, world_size: int, init_method: str | 
     join the process group at `init_method` (e.g. tcp://host:port; every rank must call this, once,
     at instance start; init waits up to max(timeout_s, 300 s) for all ranks, which is also NCCL's
     watchdog timeout). `timeout_s` is the deadline of each gloo send, counted from start_send;
-    recv and finish_send take their own. shm names its segments after `cluster_id` (the same for
+    recv takes its own. shm names its segments after `cluster_id` (the same for
     every rank: cluster.zmq_io.Wire.cluster_id) and accepts no other name."""
     if kind not in TRANSPORTS:
         raise ValueError(f"unknown KV transport {kind!r}; choose one of {', '.join(TRANSPORTS)}")

@@ -5,13 +5,12 @@ tensor bytes travel through a `KVTransport`, one per instance process:
 
     decode : reserve blocks, send KVReady(transfer_id)
     prefill: descriptor = t.start_send(dst_rank, transfer_id, k, v); send KVPush(descriptor)
-             (optional) stats = t.finish_send(transfer_id, timeout_s)       # blocks: worker thread
     decode : k, v = t.recv(src_rank, transfer_id, descriptor, timeout_s)  # blocks: worker thread
              write k, v into the reserved blocks, then tell the prefill (KVDone)
     prefill: t.release(transfer_id) on KVDone;
              t.cancel_send(transfer_id) instead when it gives up (timeout, failure, abort)
 
-Every started send must end in finish_send, release or cancel_send (each frees what the transport
+Every started send must end in release or cancel_send (each frees what the transport
 keeps for it); until then the sender must not modify K and V. K and V are each [num_layers,
 num_tokens, kv_heads, head_dim] of one dtype, on the instance's device; the descriptor is plain
 msgpack data, checked before use (its transport, dtype, shape and size; shm: the segment name the
@@ -68,10 +67,6 @@ class KVTransport(ABC):
         """Begin sending K and V to rank `peer`; returns the descriptor the receiver's recv needs."""
 
     @abstractmethod
-    def finish_send(self, transfer_id: int, timeout_s: float) -> TransferStats:
-        """Block until the send is done as far as this backend can tell (see each backend)."""
-
-    @abstractmethod
     def recv(self, peer: int, transfer_id: int, descriptor: dict, timeout_s: float,
              device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Receive K and V sent by rank `peer`, on `device` (default: the transport's device)."""
@@ -82,7 +77,8 @@ class KVTransport(ABC):
 
     def release(self, transfer_id: int) -> None:
         """The receiver acknowledged the transfer: drop what the sender kept for it (shm: the
-        segment if still there; cuda_ipc: the staging tensor). Idempotent; a no-op for gloo/nccl."""
+        segment if still there; cuda_ipc: the staging tensor; gloo, nccl: the finished send's
+        tensors). Idempotent."""
 
     @abstractmethod
     def close(self) -> None:

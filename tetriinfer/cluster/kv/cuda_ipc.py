@@ -1,7 +1,7 @@
 """``cuda_ipc`` (GPUs of one host): start_send copies K and V into one staging tensor on the sender's
-GPU and shares it by CUDA IPC handle; recv opens it and copies to its own device. finish_send
-does not wait for the receiver: the staging tensor lives until `release(transfer_id)` (the lead
-calls it when the decode side acknowledges) or `cancel_send`. Every process must see all GPUs
+GPU and shares it by CUDA IPC handle; recv opens it and copies to its own device (torch makes the
+receiver's stream wait for the sender's copy). The staging tensor lives until `release(transfer_id)`
+(the lead calls it when the decode side acknowledges) or `cancel_send`. Every process must see all GPUs
 (pick one with device="cuda:i", not with CUDA_VISIBLE_DEVICES), because the handle names the
 sender's device index. The descriptor holds the handle's fields, not a pickle, so a receiver
 never unpickles bytes from the network.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -63,10 +62,7 @@ def decode_ipc(fields: dict) -> tuple:
 @dataclass
 class _IpcSend:
     peer: int
-    staging: torch.Tensor
-    copied: Any  # torch.cuda.Event after the copy into staging
-    nbytes: int
-    start: float
+    staging: torch.Tensor  # shared with the receiver until release or cancel_send
 
 
 class CudaIpcTransport(KVTransport):
@@ -89,29 +85,15 @@ class CudaIpcTransport(KVTransport):
         with self._lock:
             if transfer_id in self._sends:
                 raise ValueError(f"transfer {transfer_id} was already started")
-        start = time.perf_counter()
         n = layout.tensor_nbytes
         with torch.cuda.device(self.device):
             staging = torch.empty(2 * n, dtype=torch.uint8, device=self.device)
             staging[:n].copy_(as_bytes(k))
             staging[n:].copy_(as_bytes(v))
-            copied = torch.cuda.Event()
-            copied.record()
             ipc = encode_ipc(reduce_tensor(staging))  # records the event the receiver waits on
         with self._lock:
-            self._sends[transfer_id] = _IpcSend(peer, staging, copied, 2 * n, start)
+            self._sends[transfer_id] = _IpcSend(peer, staging)
         return make_descriptor(self.name, layout, ipc=ipc)
-
-    def finish_send(self, transfer_id: int, timeout_s: float) -> TransferStats:
-        """Waits for the copy into the staging tensor only; it stays shared until release()."""
-        with self._lock:
-            send = self._sends.get(transfer_id)
-        if send is None:
-            raise KVTransferError(f"cuda_ipc transfer {transfer_id} was not started, or was cancelled")
-        wait_event(send.copied, time.monotonic() + timeout_s, f"cuda_ipc transfer {transfer_id}: staging")
-        stats = TransferStats(send.nbytes, time.perf_counter() - send.start)
-        log_transfer(self.name, "staged for", send.peer, transfer_id, stats)
-        return stats
 
     def recv(self, peer: int, transfer_id: int, descriptor: dict, timeout_s: float,
              device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

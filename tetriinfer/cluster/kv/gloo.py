@@ -1,7 +1,7 @@
 """``gloo`` (torch.distributed over TCP): every instance process is a rank of one process group, made
 at instance start. start_send hands the send to a thread of the transport, which connects, posts
-and waits for the receiver until the transport's timeout_s; finish_send waits for that thread
-and is optional (release() after the receiver's acknowledgement does as well). The bytes of each
+and waits for the receiver until the transport's timeout_s; the sender learns the outcome from
+the receiver (KVDone) and then calls release(). The bytes of each
 direction src -> dst go over their own two-rank gloo group, built on first use through the
 default group's store (only the two processes take part).
 A gloo send or receive that times out closes the connection for good (gloo: "Application timeout
@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeoutError
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -153,7 +152,7 @@ class GlooTransport(KVTransport):
             self._sends[transfer_id] = send
         return make_descriptor(self.name, layout, gen=gen)
 
-    def _send(self, transfer_id: int, send: _GlooSend) -> TransferStats:
+    def _send(self, transfer_id: int, send: _GlooSend) -> None:
         """A sender thread: connect, post, wait for the receiver, until the send's deadline."""
         link = self._tx[send.peer]
         try:
@@ -175,22 +174,6 @@ class GlooTransport(KVTransport):
         finally:
             send.k = send.v = None
         log_transfer(self.name, "sent to", send.peer, transfer_id, stats)
-        return stats
-
-    def finish_send(self, transfer_id: int, timeout_s: float) -> TransferStats:
-        """Waits for the send's thread. Optional: a sender that learns of the transfer's end from the
-        receiver (KVDone) may call release() instead."""
-        with self._cond:
-            send = self._sends.pop(transfer_id, None)
-        if send is None:
-            raise KVTransferError(f"gloo transfer {transfer_id} was not started, or was cancelled")
-        try:
-            return send.future.result(timeout=timeout_s)
-        except FutureTimeoutError:
-            raise KVTransferError(f"gloo transfer {transfer_id} to rank {send.peer} is not done after {timeout_s} s; "
-                                  f"it goes on until its own deadline") from None
-        except CancelledError:
-            raise KVTransferError(f"gloo transfer {transfer_id} was cancelled") from None
 
     def recv(self, peer: int, transfer_id: int, descriptor: dict, timeout_s: float,
              device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
-"""``nccl`` (GPUs, one host or several): point-to-point over the default NCCL group (release() or
-finish_send drop the finished op and its tensors: call one of them); the constructor
+"""``nccl`` (GPUs, one host or several): point-to-point over the default NCCL group (release() drops
+the finished op and its tensors); the constructor
 connects every pair once (all ranks, same order) so that a send never blocks on a connection.
 NCCL ignores tags: sends and receives of one pair match in the order they are posted. start_send
 posts the sends and numbers them per destination; recv posts in that order (a recv waits for its
@@ -19,17 +19,15 @@ from dataclasses import dataclass
 import torch
 
 from tetriinfer.cluster.kv.base import (
-    KVTransferError, KVTransport, TransferStats, as_bytes, check_peer, check_transfer_id, init_process_group,
-    kv_layout, log_transfer, make_descriptor, parse_descriptor, wait_work,
+    KVTransferError, KVTransport, as_bytes, check_peer, check_transfer_id, init_process_group, kv_layout,
+    make_descriptor, parse_descriptor, wait_work,
 )
 
 
 @dataclass
 class _NcclSend:
     peer: int
-    works: list
-    nbytes: int
-    start: float
+    works: list  # the posted isends; they keep K and V alive until the receiver has them
 
 
 class NcclTransport(KVTransport):
@@ -81,7 +79,6 @@ class NcclTransport(KVTransport):
 
         check_transfer_id(transfer_id)
         layout = kv_layout(k, v)
-        start = time.perf_counter()
         kb, vb = as_bytes(k.to(self.device)), as_bytes(v.to(self.device))
         with self._cond:  # posting under the lock keeps the numbering in posting order
             self._check_usable(peer)
@@ -90,29 +87,13 @@ class NcclTransport(KVTransport):
             seq = self._send_seq.get(peer, 0)
             self._send_seq[peer] = seq + 1
             works = [dist.isend(kb, peer), dist.isend(vb, peer)]
-            self._sends[transfer_id] = _NcclSend(peer, works, 2 * layout.tensor_nbytes, start)
+            self._sends[transfer_id] = _NcclSend(peer, works)
         return make_descriptor(self.name, layout, seq=seq)
 
     def _fail(self, peer: int, why: str) -> None:
         with self._cond:
             self._broken.setdefault(peer, why)
             self._cond.notify_all()
-
-    def finish_send(self, transfer_id: int, timeout_s: float) -> TransferStats:
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            send = self._sends.pop(transfer_id, None)
-        if send is None:
-            raise KVTransferError(f"nccl transfer {transfer_id} was not started, or was cancelled")
-        try:
-            for work in send.works:
-                wait_work(work, deadline)  # with a timeout, NCCL's wait blocks until the op is done
-        except RuntimeError as e:
-            self._fail(send.peer, f"transfer {transfer_id} failed: {e}")
-            raise KVTransferError(f"nccl transfer {transfer_id} to rank {send.peer} failed: {e}") from e
-        stats = TransferStats(send.nbytes, time.perf_counter() - send.start)
-        log_transfer(self.name, "sent to", send.peer, transfer_id, stats)
-        return stats
 
     def recv(self, peer: int, transfer_id: int, descriptor: dict, timeout_s: float,
              device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,7 @@
 """``shm``: POSIX shared memory between instance processes of one host (CPU).
 
 start_send copies K and V into one shared-memory segment (Linux: a file in /dev/shm, allocated up
-front); recv maps it, unlinks it at once and copies out. finish_send returns at once (the copy is
-done). The segment belongs to nobody's `resource_tracker` (a tracker would unlink it when the
+front); recv maps it, unlinks it at once and copies out. The segment belongs to nobody's `resource_tracker` (a tracker would unlink it when the
 sender exits, before the receiver read it); cancel_send, release and close unlink it if the
 receiver has not.
 
@@ -93,7 +92,6 @@ def remove_segments(prefix: str) -> list[str]:
 class _ShmSend:
     peer: int
     name: str
-    stats: TransferStats
 
 
 class ShmTransport(KVTransport):
@@ -143,18 +141,10 @@ class ShmTransport(KVTransport):
             _unlink(shm)
             raise
         shm.close()  # the segment stays until someone unlinks it
-        stats = TransferStats(2 * n, time.perf_counter() - start)
+        log_transfer(self.name, "sent to", peer, transfer_id, TransferStats(2 * n, time.perf_counter() - start))
         with self._lock:
-            self._sends[transfer_id] = _ShmSend(peer, name, stats)
+            self._sends[transfer_id] = _ShmSend(peer, name)
         return make_descriptor(self.name, layout, name=name)
-
-    def finish_send(self, transfer_id: int, timeout_s: float) -> TransferStats:
-        with self._lock:
-            send = self._sends.get(transfer_id)
-        if send is None:
-            raise KVTransferError(f"shm transfer {transfer_id} was not started, or was cancelled")
-        log_transfer(self.name, "sent to", send.peer, transfer_id, send.stats)
-        return send.stats
 
     def recv(self, peer: int, transfer_id: int, descriptor: dict, timeout_s: float,
              device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
