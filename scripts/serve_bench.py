@@ -55,7 +55,7 @@ def instances_per_gpu(cfg) -> int:
     concurrently instead, which the simulator does not model: time-slicing is the pessimistic side."""
     from collections import Counter
 
-    from tetriinfer.cluster.launcher import instance_devices
+    from tetriinfer.cluster.plan import instance_devices
 
     # As if enough GPUs are visible: the placement, not this machine's GPU count, is asked.
     devices = [d for d in instance_devices(cfg, num_gpus=1 << 20) if d.startswith("cuda")]

@@ -381,7 +381,7 @@ def test_bandwidth_64mib_shm_and_gloo():
 
 
 def test_auto_transport_and_names():
-    from tetriinfer.cluster.launcher import resolve_transport
+    from tetriinfer.cluster.plan import resolve_transport
     from tetriinfer.config import ServeConfig
 
     auto = ServeConfig()

@@ -14,9 +14,9 @@ import pytest
 
 from serve_utils import start_server, wait_until
 from tetriinfer import LLM, SamplingParams
-from tetriinfer.cluster.ray_launcher import (
-    RAY_MISSING, NodeInfo, ProcessActor, RayCluster, assigned_devices, describe, instance_configs, plan_placement,
-    reachable_address, remote_instances, start_ray,
+from tetriinfer.cluster.ray_launcher import RAY_MISSING, ProcessActor, RayCluster, start_ray
+from tetriinfer.cluster.ray_plan import (
+    NodeInfo, assigned_devices, describe, instance_configs, plan_placement, reachable_address, remote_instances,
 )
 from tetriinfer.config import ClusterShape, EngineConfig, ServeConfig
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL

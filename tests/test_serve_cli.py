@@ -53,7 +53,7 @@ def test_the_model_may_come_first_as_vllm_serve_takes_it_but_only_once(capsys):
 def test_engine_flags_reach_every_instance(mode):
     import argparse
 
-    from tetriinfer.cluster.launcher import instance_engine, instance_roles
+    from tetriinfer.cluster.plan import instance_engine, instance_roles
     from tetriinfer.entrypoints.serve import add_parser, serve_config
 
     parser = argparse.ArgumentParser()
@@ -85,7 +85,7 @@ def test_api_key_comes_from_the_environment_and_help_never_prints_it(monkeypatch
 
 
 def test_each_instance_gets_its_own_tensor_parallel_gpus():
-    from tetriinfer.cluster.launcher import instance_devices
+    from tetriinfer.cluster.plan import instance_devices
     from tetriinfer.config import ClusterShape, EngineConfig, ServeConfig
 
     cfg = ServeConfig(shape=ClusterShape(1, 2), engine=EngineConfig(device="cuda", tensor_parallel_size=2))
@@ -97,7 +97,7 @@ def test_each_instance_gets_its_own_tensor_parallel_gpus():
 
 
 def test_decode_instances_may_span_another_number_of_gpus():
-    from tetriinfer.cluster.launcher import instance_devices, instance_engine, instance_roles
+    from tetriinfer.cluster.plan import instance_devices, instance_engine, instance_roles
     from tetriinfer.config import ClusterShape, EngineConfig, ServeConfig
 
     cfg = ServeConfig(shape=ClusterShape(2, 1), engine=EngineConfig(device="cuda", tensor_parallel_size=1),

@@ -1,9 +1,9 @@
 """The Ray launcher (`tetriinfer serve --launcher ray`): the controller and every instance run as
 Ray actors, their resources reserved at once by one placement group.
 
-The plan (which node each process runs on, the host it binds, its bundle, the placement strategy,
-the KV transport and the rendezvous host) is pure Python over a list of `NodeInfo`, so it is tested
-without Ray; the Ray calls in `start_ray` stay thin. Every bundle is pinned to its planned node with
+The plan (`cluster.ray_plan`: which node each process runs on, the host it binds, its bundle, the
+placement strategy, the KV transport and the rendezvous host, over the launchers' shared
+`cluster.plan`) is pure Python over a list of `NodeInfo`, so it is tested without Ray; the Ray calls in `start_ray` stay thin. Every bundle is pinned to its planned node with
 Ray's per-node resource `node:<ip>`, so hosts and the transport are known before anything starts.
 
 GPU instances take one GPU each. Ray would hide every other GPU of the node from an actor
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 from tetriinfer.cluster.controller import ControllerConfig, run_controller
 from tetriinfer.cluster.instance import InstanceConfig, run_instance
-from tetriinfer.cluster.launcher import controller_config, restartable
-from tetriinfer.cluster.ray_plan import (  # noqa: F401 (the plan's names, re-exported)
-    GPU_TRANSPORTS, NODE_PIN, ONE_HOST_TRANSPORTS, WILDCARD_HOSTS, NodeInfo, Placement, RayPlan, assigned_devices,
-    describe, instance_configs, plan_placement, reachable_address, remote_instances,
+from tetriinfer.cluster.plan import controller_config, restartable
+from tetriinfer.cluster.ray_plan import (
+    NodeInfo, Placement, RayPlan, assigned_devices, describe, instance_configs, plan_placement, reachable_address,
+    remote_instances,
 )
 from tetriinfer.cluster.zmq_io import Wire
 from tetriinfer.config import ServeConfig

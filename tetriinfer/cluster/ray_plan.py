@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from tetriinfer.cluster.instance import InstanceConfig
-from tetriinfer.cluster.launcher import plan_instances, resolve_transport
+from tetriinfer.cluster.plan import plan_instances, resolve_transport
 from tetriinfer.cluster.zmq_io import Wire
 from tetriinfer.config import ServeConfig
 
@@ -181,7 +181,7 @@ def reachable_address(address: str, host: str) -> str:
 
 def instance_configs(cfg: ServeConfig, plan: RayPlan, *, api_address: str, controller_address: str,
                      kv_init_method: str, wire: Wire | None = None) -> list[InstanceConfig]:
-    """The local launcher's plan (roles, engines, transport), with each instance's host and threads."""
+    """The cluster's plan (`cluster.plan`: roles, engines, transport), with each instance's host and threads."""
     configs = plan_instances(cfg, api_address=api_address, controller_address=controller_address,
                              kv_init_method=kv_init_method, devices=[p.device for p in plan.instances],
                              multi_node=plan.multi_node, wire=wire)
