@@ -1,4 +1,4 @@
-"""Attention kernel on a CUDA GPU (not a test; for tuning tetriinfer/kernels/attention_triton.py).
+"""Attention kernel on a CUDA GPU (not a test; for tuning tetriinfer/kernels/attention_launch.py).
 
 Decode (default): time per layer against batch and context, for the split count paged_attention
 picks and for a sweep of forced ones (tunes PROGRAMS_PER_SM and MIN_SPLIT_TOKENS).
@@ -29,7 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 from measure_forward import time_graph  # noqa: E402
 
-from tetriinfer.kernels import attention_triton  # noqa: E402
+from tetriinfer.kernels import attention_launch, attention_triton  # noqa: E402
 
 STREAMED_BYTES = 512 << 20  # K/V per graph replay, about 10x the H100's L2
 MAX_LAYERS = 64
@@ -54,7 +54,7 @@ def decode_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim:
 
 
 def time_layer(inputs: dict, head_dim: int, max_seq_len: int, num_kv_splits: int | None,
-               tiles: attention_triton.TileConfig | None = None) -> float:
+               tiles: attention_launch.TileConfig | None = None) -> float:
     """Median seconds of one layer's decode attention, over a graph of all layers."""
     out = torch.empty_like(inputs["q"])
 
@@ -73,8 +73,8 @@ def prefill_tiles(chunk: int, contexts: list[int], heads: int, kv_heads: int, he
     """Microseconds per layer of one `chunk`-token prompt piece over `context` cached tokens, per tile shape."""
     device, gen = torch.device("cuda"), torch.Generator().manual_seed(0)
     group = heads // kv_heads
-    default = attention_triton.choose_tiles(False, head_dim, group, torch.bfloat16)
-    candidates = {default} | {attention_triton.TileConfig(m, n, w, st) for m in (64, 128) for n in (32, 64, 128)
+    default = attention_launch.choose_tiles(False, head_dim, group, torch.bfloat16)
+    candidates = {default} | {attention_launch.TileConfig(m, n, w, st) for m in (64, 128) for n in (32, 64, 128)
                               for w in (4, 8) for st in (2, 3, 4)}
     rows = []
     for context in contexts:
@@ -118,8 +118,8 @@ def decode_tiles(batches: list[int], contexts: list[int], heads: int, kv_heads: 
                  page: int) -> list[dict]:
     """Microseconds per layer of decode attention per tile shape, each with the split count chosen for it."""
     device, gen = torch.device("cuda"), torch.Generator().manual_seed(0)
-    default = attention_triton.choose_tiles(True, head_dim, heads // kv_heads, torch.bfloat16)
-    candidates = {default} | {attention_triton.TileConfig(16, n, w, st) for n in (16, 32, 64, 128)
+    default = attention_launch.choose_tiles(True, head_dim, heads // kv_heads, torch.bfloat16)
+    candidates = {default} | {attention_launch.TileConfig(16, n, w, st) for n in (16, 32, 64, 128)
                               for w in (2, 4, 8) for st in (2, 3, 4, 5)}
     rows = []
     for context in contexts:
@@ -193,8 +193,8 @@ def main() -> int:
             layers = max(1, min(MAX_LAYERS, -(-STREAMED_BYTES // layer_bytes)))
             inputs = decode_inputs(batch, context, args.heads, args.kv_heads, args.head_dim, args.page, layers,
                                    "cuda", gen)
-            auto = attention_triton.choose_num_kv_splits(batch, args.kv_heads, context,
-                                                         attention_triton.num_sms(device))
+            auto = attention_launch.choose_num_kv_splits(batch, args.kv_heads, context,
+                                                        attention_launch.num_sms(device))
             for splits in sorted(set(args.splits) | {auto}):
                 seconds = time_layer(inputs, args.head_dim, context, splits)
                 rows.append(dict(batch=batch, context=context, splits=splits, chosen=splits == auto,

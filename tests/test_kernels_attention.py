@@ -310,7 +310,7 @@ def test_triton_split_count_bound_never_changes_the_result(max_seq_len):
 
 
 def test_split_count_fills_the_gpu_only_where_it_pays():
-    from tetriinfer.kernels.attention_triton import (
+    from tetriinfer.kernels.attention_launch import (
         MAX_KV_SPLITS,
         MIN_SPLIT_TOKENS,
         PROGRAMS_PER_SM,
@@ -349,6 +349,7 @@ import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tetriinfer.kernels import attention_triton as at
+from tetriinfer.kernels.attention_launch import choose_tiles
 
 def compile_sm90(kernel, constexprs, pointer_types, num_warps, num_stages=3):
     signature = {}
@@ -376,7 +377,7 @@ for dtype_name, head_dim, group, decode_heavy, splits, *kv_dtype_name in json.lo
     kv_dtype_name = kv_dtype_name[0] if kv_dtype_name else dtype_name
     dtype, kv_dtype = getattr(torch, dtype_name), getattr(torch, kv_dtype_name)
     elem, kv_elem = ELEM[dtype_name], ELEM[kv_dtype_name]
-    tiles = at.choose_tiles(decode_heavy, head_dim, group, dtype)
+    tiles = choose_tiles(decode_heavy, head_dim, group, dtype)
     pointers = dict(q_ptr=elem, k_cache_ptr=kv_elem, v_cache_ptr=kv_elem, out_ptr=elem if splits == 1 else "*fp32",
                     lse_ptr="*fp32", block_tables_ptr="*i32", query_start_loc_ptr="*i32", seq_lens_ptr="*i32")
     constexprs = at.kernel_constexprs(group, head_dim, 16, tiles, dtype, splits, kv_dtype)
