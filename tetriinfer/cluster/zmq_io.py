@@ -1,6 +1,6 @@
 """ZeroMQ plumbing: every process binds one PULL inbox and PUSHes to the inboxes of others.
 
-Who may send (issue 13, item 9). Every inbox is a CURVE server, and the ZAP handler of its process
+Who may send. Every inbox is a CURVE server, and the ZAP handler of its process
 (`zmq.auth`) admits only clients that hold the cluster's key pair (`Wire`): a process without the
 cluster's secret key cannot finish the handshake, so nothing it sends is ever read. The keys are
 made by the API process and reach the others inside their configs (spawn or Ray), never on a
@@ -8,7 +8,7 @@ command line. On one host the inboxes are ipc sockets in a private 0700 director
 is open at all; across hosts (Ray) they are tcp, under the same CURVE keys. A frame is at most
 `MAX_MESSAGE_BYTES` (ZMQ_MAXMSGSIZE): a bigger one drops the sender's connection.
 
-Sends (item 8). A send never drops a message silently: when the destination's queue is full (the
+Sends. A send never drops a message silently: when the destination's queue is full (the
 high-water mark: the peer died or froze) it waits up to `send_timeout_s` once, then gives up,
 counts the failure in `Outboxes.failures`, logs it and returns False, so the caller fails the
 request the message was about. While a destination stays full, further sends to it fail at once
