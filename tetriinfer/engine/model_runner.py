@@ -26,9 +26,8 @@ from tetriinfer.engine.host_copy import pinned, to_device
 from tetriinfer.engine.prompt_logprobs import record_prompt_logprobs
 from tetriinfer.engine.scheduler import StepPlan
 from tetriinfer.kernels import get_kernels
-from tetriinfer.kernels.attention_ref import to_cache_dtype
 from tetriinfer.model.arch import ModelArch
-from tetriinfer.model.layers import ForwardContext
+from tetriinfer.model.layers import ForwardContext, imported_kv, kv_cache_scales
 from tetriinfer.model.parallel import SINGLE, TensorParallel
 from tetriinfer.sched.lengths import blocks_for
 
@@ -327,7 +326,9 @@ class ModelRunner:
 
     # ---- KV export / import -------------------------------------------------------------------------
     def read_kv(self, block_ids: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of a request's first `num_tokens` tokens: [num_layers, num_tokens, kv_heads, head_dim] each."""
+        """K and V of a request's first `num_tokens` tokens: [num_layers, num_tokens, kv_heads, head_dim] each,
+        as the cache holds them (an FP8 cache: x / the layer's scale; the receiver loads the same
+        checkpoint, so it has the same scales: layers.imported_kv)."""
         slots = torch.from_numpy(self._slots(block_ids, np.arange(num_tokens))).to(self.device)
         ks = torch.stack([k.flatten(0, 1)[slots] for k, _ in self.kv_caches])
         vs = torch.stack([v.flatten(0, 1)[slots] for _, v in self.kv_caches])
@@ -339,6 +340,8 @@ class ModelRunner:
         if self.workers is not None:  # the workers take their heads; this rank keeps its own
             k, v = self.workers.scatter_kv(block_ids, k, v)
         slots = torch.from_numpy(self._slots(block_ids, np.arange(k.shape[1]))).to(self.device)
+        scales = kv_cache_scales(self.model)
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
-            k_cache.flatten(0, 1)[slots] = to_cache_dtype(k[layer].to(self.device), k_cache.dtype)
-            v_cache.flatten(0, 1)[slots] = to_cache_dtype(v[layer].to(self.device), v_cache.dtype)
+            k_scale, v_scale = scales[layer]
+            k_cache.flatten(0, 1)[slots] = imported_kv(k[layer].to(self.device), k_cache.dtype, k_scale)
+            v_cache.flatten(0, 1)[slots] = imported_kv(v[layer].to(self.device), v_cache.dtype, v_scale)

@@ -5,7 +5,7 @@ any device) and Triton ("triton": GPUs, or the CPU under TRITON_INTERPRET=1 in t
 |---|---|
 | `store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0)` | attention_ref.store_kv |
 | `paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, out=None, *, k_scale=1.0, v_scale=1.0)` | attention_ref.paged_attention |
-| `rope_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)` | rope.rope_store_kv_ref |
+| `rope_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, out=None, k_scale=1.0, v_scale=1.0)` | rope.rope_store_kv_ref |
 | `rms_norm(x, weight, eps, residual=None)` | norm.rms_norm_ref |
 | `silu_and_mul(x)` | activation.silu_and_mul_ref |
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tetriinfer.kernels import Kernels
+from tetriinfer.kernels.attention_ref import FP8, to_cache_dtype
 
 
 @dataclass
@@ -26,13 +27,39 @@ class ForwardContext:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache)
     kernels: Kernels  # the ops every layer calls: one backend for the whole pass
 
-    def attend(self, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+    def kv_scales(self, layer_idx: int, k_scale: float, v_scale: float) -> dict[str, float]:
+        """The k_scale / v_scale keywords of layer `layer_idx`'s KV store and attention: the
+        checkpoint's scales for an FP8 cache; none for any other cache, which holds real values
+        (vLLM ignores calibrated scales there too, and the kernels refuse scales other than 1.0)."""
+        if self.kv_caches[layer_idx][0].dtype != FP8:
+            return {}
+        return {"k_scale": k_scale, "v_scale": v_scale}
+
+    def attend(self, layer_idx: int, q: torch.Tensor, scale: float, **kv_scales: float) -> torch.Tensor:
         """Paged attention of q [T, heads, head_dim] over layer `layer_idx`'s cache (this step's K/V
-        already stored), flattened to [T, heads * head_dim]."""
+        already stored), flattened to [T, heads * head_dim]. `kv_scales`: from `kv_scales`."""
         k_cache, v_cache = self.kv_caches[layer_idx]
         out = self.kernels.paged_attention(q, k_cache, v_cache, self.block_tables, self.query_start_loc,
-                                           self.seq_lens, scale)
+                                           self.seq_lens, scale, **kv_scales)
         return out.flatten(1)
+
+
+def kv_cache_scales(model: nn.Module) -> dict[int, tuple[float, float]]:
+    """Each attention layer's (k_scale, v_scale) by layer index: the checkpoint's calibrated FP8 KV
+    cache scales (model.loader), 1.0 where it has none."""
+    return {m.layer_idx: (m.k_scale, m.v_scale) for m in model.modules() if hasattr(m, "k_scale")}
+
+
+def imported_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """K or V exported by another instance (its raw cache values) in this cache's type. Both load the
+    same checkpoint, so share its scales: FP8 KV holds x / scale and goes into an FP8 cache byte for
+    byte; into any other cache it is read as float32(x) * scale, and real values into an FP8 cache
+    are stored as x / scale."""
+    if x.dtype == cache_dtype:
+        return x
+    if x.dtype == FP8:
+        x = x.float() * scale
+    return to_cache_dtype(x, cache_dtype, scale if cache_dtype == FP8 else 1.0)
 
 
 class RMSNorm(nn.Module):

@@ -41,6 +41,9 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(arch.head_dim, arch.norm_eps)
             self.k_norm = RMSNorm(arch.head_dim, arch.norm_eps)
         self.rotary = rotary
+        # The FP8 KV cache's per-tensor scales, from the checkpoint (model.loader); Python floats, so
+        # CUDA graphs capture them as constants. The same on every tensor-parallel rank.
+        self.k_scale = self.v_scale = 1.0
 
     def shard_offsets(self) -> dict:
         return {"q": (0, self.q_size), "k": (self.q_size, self.kv_size), "v": (self.q_size + self.kv_size, self.kv_size)}
@@ -52,9 +55,10 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(q.flatten(0, 1), ctx).view_as(q)
             k = self.k_norm(k.flatten(0, 1), ctx).view_as(k)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        kv_scales = ctx.kv_scales(self.layer_idx, self.k_scale, self.v_scale)
         q = ctx.kernels.rope_store_kv(q, k, v, positions, self.rotary.cos, self.rotary.sin,
-                                      k_cache, v_cache, ctx.slot_mapping)
-        return self.o_proj(ctx.attend(self.layer_idx, q, self.scale))
+                                      k_cache, v_cache, ctx.slot_mapping, **kv_scales)
+        return self.o_proj(ctx.attend(self.layer_idx, q, self.scale, **kv_scales))
 
 
 class LlamaMLP(nn.Module):

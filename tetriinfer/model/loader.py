@@ -19,6 +19,17 @@ from tetriinfer.model.tokenizer import Tokenizer, load_tokenizer
 from tetriinfer.presets import PRESETS, get_preset
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Checkpoint names of the FP8 KV cache's per-tensor scales (one scalar per layer), by suffix of the
+# attention module's name -> the attributes they set: compressed-tensors / llm-compressor
+# (`self_attn.k_scale`, `self_attn.v_scale`), older llm-compressor and AutoFP8 (`self_attn.kv_scale`,
+# both), and the projections' output scales some exporters write.
+KV_SCALE_NAMES = {
+    "k_scale": ("k_scale",),
+    "v_scale": ("v_scale",),
+    "kv_scale": ("k_scale", "v_scale"),
+    "k_proj.output_scale": ("k_scale",),
+    "v_proj.output_scale": ("v_scale",),
+}
 
 
 @dataclass
@@ -63,7 +74,8 @@ def model_class(arch: ModelArch) -> type[nn.Module]:
 def load_model(name_or_path: str, dtype: str, device: str, load_format: str, seed: int = 0,
                tp: TensorParallel = SINGLE, quantization: str | None = None) -> LoadedModel:
     """The model (this rank's shard under tensor parallelism `tp`) with its weights; with
-    `quantization="fp8"` or an FP8 checkpoint, its projections in FP8 (model.quant)."""
+    `quantization="fp8"` or an FP8 checkpoint, its projections in FP8 (model.quant); with the FP8
+    KV cache scales the checkpoint holds (KV_SCALE_NAMES) on its attention modules."""
     hf_config, model_dir = resolve_model(name_or_path)
     arch = ModelArch.from_hf_config(hf_config)
     fp8_weights_in_checkpoint = model_dir is not None and load_format != "dummy" and fp8_checkpoint(hf_config)
@@ -124,7 +136,7 @@ def load_safetensors(model: nn.Module, files: list[Path], tp: TensorParallel = S
         with safe_open(str(file), framework="pt") as f:
             for ckpt_name in f.keys():
                 name = _normalize_name(ckpt_name, model)
-                if name is None:
+                if name is None or _load_kv_scale(name, f, ckpt_name, model):
                     continue
                 target, rows = _locate(name, model)
                 if target not in params:
@@ -149,6 +161,23 @@ def load_safetensors(model: nn.Module, files: list[Path], tp: TensorParallel = S
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint lacks weights: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+
+
+def _load_kv_scale(name: str, f, ckpt_name: str, model: nn.Module) -> bool:
+    """Whether `name` is an FP8 KV cache scale (KV_SCALE_NAMES); if so, set it on its attention
+    module as a Python float. Per tensor, so every tensor-parallel rank takes the whole value."""
+    module_name, dot, rest = name.rpartition(".self_attn.")
+    attrs = KV_SCALE_NAMES.get(rest) if dot else None
+    if attrs is None:
+        return False
+    tensor = f.get_tensor(ckpt_name).float().reshape(-1)
+    if tensor.numel() != 1 or not 0 < tensor.item() < float("inf"):
+        raise ValueError(f"{ckpt_name!r}: a KV cache scale must be one positive finite number (per tensor), "
+                         f"got {tensor[:8].tolist()}{' ...' if tensor.numel() > 8 else ''}")
+    attention = model.get_submodule(module_name + ".self_attn")
+    for attr in attrs:
+        setattr(attention, attr, tensor.item())
+    return True
 
 
 def _normalize_name(ckpt_name: str, model: nn.Module) -> str | None:

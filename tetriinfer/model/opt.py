@@ -27,6 +27,7 @@ class OPTAttention(nn.Module):
         self.scale = arch.head_dim**-0.5
         self.qkv_proj = Linear(arch.hidden_size, 3 * arch.hidden_size, True, tp, "column")
         self.out_proj = Linear(arch.hidden_size, arch.hidden_size, True, tp, "row")
+        self.k_scale = self.v_scale = 1.0  # the FP8 KV cache's scales, as in llama.LlamaAttention
 
     def shard_offsets(self) -> dict:
         n = self.local_size
@@ -35,8 +36,9 @@ class OPTAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv_proj(x).chunk(3, dim=-1))
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        ctx.kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-        return self.out_proj(ctx.attend(self.layer_idx, q, self.scale))
+        kv_scales = ctx.kv_scales(self.layer_idx, self.k_scale, self.v_scale)
+        ctx.kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, **kv_scales)
+        return self.out_proj(ctx.attend(self.layer_idx, q, self.scale, **kv_scales))
 
 
 class OPTDecoderLayer(nn.Module):

@@ -170,8 +170,10 @@ def prepare_fp8_(model: nn.Module) -> None:
 
 
 def fp8_checkpoint(hf_config: dict) -> bool:
-    """Whether a checkpoint's `quantization_config` says FP8 W8A8 in a layout we load (False for an
-    unquantized checkpoint); a quantized layout we cannot run raises ValueError naming it."""
+    """Whether a checkpoint's `quantization_config` says FP8 W8A8 weights in a layout we load (False
+    for unquantized weights, with or without KV cache scales); a quantized layout we cannot run
+    raises ValueError naming it. A `kv_cache_scheme` must be static 8-bit float per tensor: the
+    checkpoint then holds per-layer k_scale / v_scale (model.loader), which an FP8 KV cache uses."""
     q = hf_config.get("quantization_config")
     if not q:
         return False
@@ -180,6 +182,13 @@ def fp8_checkpoint(hf_config: dict) -> bool:
         raise ValueError(f"checkpoint quantization {method!r} is not supported; FP8 checkpoints must be in the "
                          f"compressed-tensors layout (per-channel or per-tensor weight scales, dynamic per-token "
                          f"activations), or load a bf16 checkpoint with quantization='fp8'")
+    kv = q.get("kv_cache_scheme")
+    if kv and not (kv.get("type") == "float" and kv.get("num_bits") == 8 and kv.get("strategy") == "tensor"
+                   and not kv.get("dynamic") and kv.get("symmetric", True)):
+        raise ValueError(f"compressed-tensors kv_cache_scheme {kv} is not supported: only static 8-bit float "
+                         f"scales, one per tensor (strategy 'tensor'), for the FP8 KV cache")
+    if not q.get("config_groups"):
+        return False  # the KV cache scales alone: the weights are in high precision
     ignored = [name for name in q.get("ignore") or () if name != "lm_head"]
     if ignored:
         raise ValueError(f"compressed-tensors checkpoint leaves {ignored[:4]} unquantized; only the LM head may be")
@@ -197,6 +206,8 @@ def fp8_checkpoint(hf_config: dict) -> bool:
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
     """The KV cache's element type: the model's dtype ("auto") or FP8 e4m3 ("fp8"). The FP8 cache
-    has one scale per tensor, fixed at 1.0 (vLLM's default for checkpoints without calibrated
-    k/v scales): values are stored as they are, saturated at +-448 (attention_ref.store_kv)."""
+    has one scale per tensor and layer for K and one for V: calibrated ones from a compressed-tensors
+    checkpoint (its `kv_cache_scheme`; model.loader sets them on the attention modules), else 1.0
+    (vLLM's default): x is stored as x / scale, saturated at +-448 (attention_ref.store_kv). A cache
+    of the model's dtype ignores the checkpoint's scales (layers.ForwardContext.kv_scales)."""
     return FP8 if kv_cache_dtype == "fp8" else dtype
