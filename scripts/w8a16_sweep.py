@@ -1,0 +1,153 @@
+"""Decode GEMMs with FP8 weights at a few tokens (not a test): which launch of which kernel streams
+llama3-8b's FP8 projections nearest the copy bandwidth? docs/benchmarks/gpu.md found cuBLAS's FP8
+GEMMs at m = 1 far from it (qkv 25 MB in 19 us) and each call costing at least ~13 us.
+
+    PYTHONPATH=. python scripts/w8a16_sweep.py --out sweep.json [--ms 1 16]
+
+Paths, each timed as the mean of 100 launches captured in one CUDA graph (launch overhead left out):
+- `bf16`: torch.mm on the bf16 weights; `fp8`: quantized activations through torch._scaled_mm;
+- `w8a16`: kernels.fp8_quant's W8A16 GEMM at its shipped launch config and at every config of a grid;
+- `gemv`: the kernel below, for M <= 4: no tensor cores, each program multiplies BLOCK_N weight rows
+  by the tokens and reduces along K, optionally split over SPLIT_K programs whose float32 partials
+  are summed by atomics (the output buffer zeroed in the same graph).
+Every candidate is checked against model.quant.w8a16_matmul_ref before it is timed. Prints the best
+config per shape and m, and the GB/s it reaches; writes every timing to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tetriinfer.kernels.fp8_quant import _w8a16_kernel, w8a16_launch_config, w8a16_matmul  # noqa: E402
+from tetriinfer.model.quant import (fp8_matmul_scaled_mm, quantize_per_token, quantize_weight,  # noqa: E402
+                                    w8a16_matmul_ref)
+
+SHAPES = (("qkv_proj", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up_proj", 4096, 28672),
+          ("down_proj", 14336, 4096))
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, K_PER_SPLIT,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_MAX: tl.constexpr, ATOMIC: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(1) * K_PER_SPLIT
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    for row in tl.static_range(M_MAX):
+        if row < M:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+                in_k = offs_k + k < K
+                w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k + offs_k)[None, :],
+                            mask=mask_n[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + row * stride_xm + k + offs_k, mask=in_k, other=0.0).to(tl.float32)
+                acc += tl.sum(w * x[None, :], axis=1)
+            y = acc * w_scale
+            if ATOMIC:
+                tl.atomic_add(out_ptr + row * N + offs_n, y, mask=mask_n)
+            else:
+                tl.store(out_ptr + row * N + offs_n, y, mask=mask_n)
+
+
+def gemv(x, w_q, w_scale, block_n, block_k, split_k, num_warps, num_stages):
+    m, k = x.shape
+    n = w_q.shape[0]
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, k_per_split))
+    _gemv_kernel[grid](x, w_q, w_scale, out, m, n, k, x.stride(0), w_q.stride(0), k_per_split,
+                       BLOCK_N=block_n, BLOCK_K=block_k, M_MAX=4, ATOMIC=grid[1] > 1,
+                       num_warps=num_warps, num_stages=num_stages)
+    return out.to(x.dtype)
+
+
+def w8a16_at(x, w_q, w_scale, block_n, block_k, num_warps, num_stages):
+    m, k = x.shape
+    n = w_q.shape[0]
+    cfg = w8a16_launch_config(m, k, x.dtype)
+    cfg.update(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=num_warps,
+               num_stages=num_stages)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _w8a16_kernel[(triton.cdiv(n, block_n),)](x, w_q, w_scale, out, m, n, k, x.stride(0), w_q.stride(0),
+                                               out.stride(0), **cfg)
+    return out
+
+
+def graph_us(fn, reps: int = 100) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - start) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows, best = [], []
+    for name, k, n in SHAPES:
+        w = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02
+        w_q, w_scale = quantize_weight(w)
+        for m in args.ms:
+            x = torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16)
+            x_q, x_s = quantize_per_token(x)
+            ref = w8a16_matmul_ref(x, w_q, w_scale).float()
+            cands = {"bf16": lambda: x @ w.t(),
+                     "fp8": lambda: fp8_matmul_scaled_mm(x_q, x_s, w_q, w_scale, torch.bfloat16),
+                     "w8a16 shipped": lambda: w8a16_matmul(x, w_q, w_scale)}
+            for bn, bk, nw, ns in itertools.product((16, 32, 64), (256, 512), (4, 8), (4,)):
+                cands[f"w8a16 n{bn} k{bk} w{nw} s{ns}"] = (
+                    lambda bn=bn, bk=bk, nw=nw, ns=ns: w8a16_at(x, w_q, w_scale, bn, bk, nw, ns))
+            if m <= 4:
+                for bn, bk, sk, nw in itertools.product((8, 16, 32), (512, 1024), (1, 2, 4), (4, 8)):
+                    cands[f"gemv n{bn} k{bk} split{sk} w{nw}"] = (
+                        lambda bn=bn, bk=bk, sk=sk, nw=nw: gemv(x, w_q, w_scale, bn, bk, sk, nw, 3))
+            timings = {}
+            for label, fn in cands.items():
+                try:
+                    y = fn().float()
+                    if label != "bf16":  # bf16 multiplies the unquantized weights
+                        err = ((y - ref).abs().max() / ref.abs().max()).item()
+                        if err > 2e-2:
+                            timings[label] = {"error": f"rel error {err:.3g}"}
+                            continue
+                    timings[label] = {"us": graph_us(fn)}
+                except Exception as e:  # a config that does not compile or fit: record, go on
+                    timings[label] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+            ok = {lab: t["us"] for lab, t in timings.items() if "us" in t}
+            fastest = min((lab for lab in ok if lab.startswith(("w8a16 n", "gemv"))), key=ok.get, default=None)
+            row = {"shape": name, "m": m, "k": k, "n": n, "timings": timings, "fastest_kernel": fastest}
+            rows.append(row)
+            gbs = (n * k) / (ok[fastest] * 1e3) if fastest else float("nan")
+            best.append(f"  {name:<13} m={m:<3} bf16 {ok.get('bf16', float('nan')):6.1f}  fp8 {ok.get('fp8', float('nan')):6.1f}"
+                        f"  w8a16 shipped {ok.get('w8a16 shipped', float('nan')):6.1f}  best {ok.get(fastest, float('nan')):6.1f} us"
+                        f" ({gbs:5.0f} GB/s) {fastest}")
+            print(best[-1], flush=True)
+            Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    print("\n".join(["best per shape (us; GB/s of FP8 weights)"] + best))
+
+
+if __name__ == "__main__":
+    main()
