@@ -11,7 +11,7 @@ much faster is a llama3-8b decode step in FP8 than in bf16?
    per-token quantization bit for bit (scales and e4m3 bits), the W8A16 GEMM within two bf16 ulps.
 2. Decode step time of the llama3-8b preset (random weights) in each of VARIANTS (bf16; FP8 W8A8
    with the fused Triton quantization; the same with the old torch quantization; W8A16 for batches
-   up to --w8a16-max-m, W8A8 above; W8A8 with the FP8 KV cache), at each batch size and `--context`
+   up to --w8a16-max-m and the GEMV up to --gemv-max-m, W8A8 above; W8A8 with the FP8 KV cache), at each batch size and `--context`
    tokens per sequence, as the engine serves it (CUDA graphs, sampling included; engine.profiler),
    beside a bandwidth roofline: the bytes the step must read (weights + KV) over the device-to-device
    copy bandwidth measured in the same run.
@@ -42,8 +42,9 @@ from tetriinfer.model.quant import (fp8_linear, has_scaled_mm, quantize_per_toke
 LLAMA3_8B_SHAPES = (("qkv_proj", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up_proj", 4096, 28672),
                     ("down_proj", 14336, 4096))
 MAX_KERNEL_ERROR = 2e-2  # relative to the reference's largest |value|: a few bf16 ulps
-# label: (quantization, kv_cache_dtype, quant.ACT_QUANT, W8A16 on, swap AB on); the switches are set
-# before the engine is built, so its CUDA graphs capture that path.
+# label: (quantization, kv_cache_dtype, quant.ACT_QUANT, W8A16 GEMV and GEMM on, swap AB on); the switches
+# are set before the engine is built, so its CUDA graphs capture that path. `fp8` is W8A8 throughout;
+# `fp8-w8a16` is what the engine runs by default (GEMV / W8A16 GEMM for small batches, W8A8 above).
 VARIANTS = {"bf16": (None, "auto", "triton", False, False), "fp8": ("fp8", "auto", "triton", False, False),
             "fp8-torchquant": ("fp8", "auto", "torch", False, False),
             "fp8-w8a16": ("fp8", "auto", "triton", True, False),
@@ -222,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="engine configurations to time (default: all)")
     p.add_argument("--w8a16-max-m", type=int, default=16,
                    help="fp8-w8a16: batches of at most this many tokens take the W8A16 GEMM (<= 64)")
+    p.add_argument("--gemv-max-m", type=int, default=1,
+                   help="fp8-w8a16: batches of at most this many tokens take the W8A16 GEMV (<= 4)")
     p.add_argument("--swap-ab-max-m", type=int, default=64,
                    help="fp8-swapab: batches of at most this many tokens take the swapped _scaled_mm")
     p.add_argument("--gemm-ms", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256],
@@ -264,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     decode, prefill, errors = [], [], {}
     for label in args.variants:
         quantization, kv, act_quant, w8a16, swap_ab = VARIANTS[label]
-        saved = quant.ACT_QUANT, quant.W8A16_MAX_M, quant.SWAP_AB_MAX_M
+        saved = quant.ACT_QUANT, quant.W8A16_MAX_M, quant.SWAP_AB_MAX_M, quant.GEMV_MAX_M
         quant.ACT_QUANT, quant.W8A16_MAX_M = act_quant, args.w8a16_max_m if w8a16 else 0
+        quant.GEMV_MAX_M = args.gemv_max_m if w8a16 else 0
         quant.SWAP_AB_MAX_M = args.swap_ab_max_m if swap_ab else 0
         try:
             rows, chunk = time_steps(args.device, quantization, kv, args.batch_sizes, args.context, bandwidth,
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # record why, keep the rest of the run
             errors[label] = f"{type(e).__name__}: {e}"
         finally:
-            quant.ACT_QUANT, quant.W8A16_MAX_M, quant.SWAP_AB_MAX_M = saved
+            quant.ACT_QUANT, quant.W8A16_MAX_M, quant.SWAP_AB_MAX_M, quant.GEMV_MAX_M = saved
     labels = [lab for lab in args.variants if any(r["weights"] == lab for r in decode)]
     print(f"llama3-8b decode step, context {args.context} per sequence (ms, and x the roofline = bytes read / "
           f"copy bandwidth)")

@@ -7,9 +7,9 @@ GEMMs at m = 1 far from it (qkv 25 MB in 19 us) and each call costing at least ~
 Paths, each timed as the mean of 100 launches captured in one CUDA graph (launch overhead left out):
 - `bf16`: torch.mm on the bf16 weights; `fp8`: quantized activations through torch._scaled_mm;
 - `w8a16`: kernels.fp8_quant's W8A16 GEMM at its shipped launch config and at every config of a grid;
-- `gemv`: the kernel below, for M <= 4: no tensor cores, each program multiplies BLOCK_N weight rows
-  by the tokens and reduces along K, optionally split over SPLIT_K programs whose float32 partials
-  are summed by atomics (the output buffer zeroed in the same graph).
+- `gemv`: kernels.fp8_quant.w8a16_gemv over a grid of configs, for M <= 4: no tensor cores, each
+  program multiplies BLOCK_N weight rows by the tokens and reduces along K, optionally split over
+  SPLIT_K programs whose float32 partials are summed by atomics (the buffer zeroed in the graph).
 Every candidate is checked against model.quant.w8a16_matmul_ref before it is timed. Prints the best
 config per shape and m, and the GB/s it reaches; writes every timing to --out.
 """
@@ -25,51 +25,14 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tetriinfer.kernels.fp8_quant import _w8a16_kernel, w8a16_launch_config, w8a16_matmul  # noqa: E402
+from tetriinfer.kernels.fp8_quant import _w8a16_kernel, w8a16_gemv, w8a16_launch_config, w8a16_matmul  # noqa: E402
 from tetriinfer.model.quant import (fp8_matmul_scaled_mm, quantize_per_token, quantize_weight,  # noqa: E402
                                     w8a16_matmul_ref)
 
 SHAPES = (("qkv_proj", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up_proj", 4096, 28672),
           ("down_proj", 14336, 4096))
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, K_PER_SPLIT,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_MAX: tl.constexpr, ATOMIC: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = tl.program_id(1) * K_PER_SPLIT
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
-    for row in tl.static_range(M_MAX):
-        if row < M:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-                in_k = offs_k + k < K
-                w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k + offs_k)[None, :],
-                            mask=mask_n[:, None] & in_k[None, :], other=0.0).to(tl.float32)
-                x = tl.load(x_ptr + row * stride_xm + k + offs_k, mask=in_k, other=0.0).to(tl.float32)
-                acc += tl.sum(w * x[None, :], axis=1)
-            y = acc * w_scale
-            if ATOMIC:
-                tl.atomic_add(out_ptr + row * N + offs_n, y, mask=mask_n)
-            else:
-                tl.store(out_ptr + row * N + offs_n, y, mask=mask_n)
-
-
-def gemv(x, w_q, w_scale, block_n, block_k, split_k, num_warps, num_stages):
-    m, k = x.shape
-    n = w_q.shape[0]
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, k_per_split))
-    _gemv_kernel[grid](x, w_q, w_scale, out, m, n, k, x.stride(0), w_q.stride(0), k_per_split,
-                       BLOCK_N=block_n, BLOCK_K=block_k, M_MAX=4, ATOMIC=grid[1] > 1,
-                       num_warps=num_warps, num_stages=num_stages)
-    return out.to(x.dtype)
 
 
 def w8a16_at(x, w_q, w_scale, block_n, block_k, num_warps, num_stages):
@@ -123,7 +86,8 @@ def main() -> None:
             if m <= 4:
                 for bn, bk, sk, nw in itertools.product((8, 16, 32), (512, 1024), (1, 2, 4), (4, 8)):
                     cands[f"gemv n{bn} k{bk} split{sk} w{nw}"] = (
-                        lambda bn=bn, bk=bk, sk=sk, nw=nw: gemv(x, w_q, w_scale, bn, bk, sk, nw, 3))
+                        lambda bn=bn, bk=bk, sk=sk, nw=nw: w8a16_gemv(x, w_q, w_scale, split_k=sk, BLOCK_N=bn, BLOCK_K=bk,
+                                                              num_warps=nw, num_stages=3))
             timings = {}
             for label, fn in cands.items():
                 try:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sm90_utils import run_sm90_builds, spill_stores
-from tetriinfer.kernels.fp8_quant import quantize_per_token_triton, w8a16_matmul
+from tetriinfer.kernels.fp8_quant import quantize_per_token_triton, w8a16_gemv, w8a16_matmul
 from tetriinfer.model import quant
 from tetriinfer.model.quant import FP8, fp8_linear, quantize_per_token, quantize_weight, w8a16_matmul_ref
 
@@ -127,6 +127,45 @@ def test_w8a16_gemm_rejects_large_batches_and_float32():
     assert w8a16_matmul(x[:0], w_q, w_scale).shape == (0, 16)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 33, 17, 1), (2, 100, 1500, 1), (3, 9, 3000, 2), (4, 64, 2048, 3),
+                                           (1, 4096, 4096, 1), (1, 48, 5000, 4)])
+def test_w8a16_gemv_matches_the_dequantized_reference(dtype, m, n, k, split_k):
+    """Odd sizes: columns past a BLOCK_N, K past a BLOCK_K, K split over programs (atomics)."""
+    x, w_q, w_scale = w8a16_operands(m, n, k, dtype)
+    y = w8a16_gemv(x, w_q, w_scale, split_k=split_k)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert_w8a16_close(y, w8a16_matmul_ref(x, w_q, w_scale))
+
+
+def test_w8a16_gemv_rejects_more_rows_than_it_serves_and_handles_empty_shapes():
+    x, w_q, w_scale = w8a16_operands(5, 16, 32, torch.bfloat16)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        w8a16_gemv(x, w_q, w_scale)
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        w8a16_gemv(x[:1].float(), w_q, w_scale)
+    assert w8a16_gemv(x[:0], w_q, w_scale).shape == (0, 16)
+    assert not w8a16_gemv(x[:2, :0], w_q[:, :0], w_scale).any()
+
+
+def test_one_token_takes_the_gemv_and_a_few_the_w8a16_gemm(monkeypatch):
+    """fp8_linear's dispatch by token count: <= GEMV_MAX_M the GEMV, <= W8A16_MAX_M the W8A16 GEMM,
+    above both quantize + _scaled_mm (swapped here for the reference, as on the CPU)."""
+    taken = []
+    monkeypatch.setattr(quant, "has_triton", lambda: True)
+    monkeypatch.setattr(quant, "GEMV_MAX_M", 1)
+    monkeypatch.setattr(quant, "W8A16_MAX_M", 4)
+    import tetriinfer.kernels.fp8_quant as kernels
+    monkeypatch.setattr(kernels, "w8a16_gemv", lambda *a: taken.append("gemv") or w8a16_matmul_ref(*a))
+    monkeypatch.setattr(kernels, "w8a16_matmul", lambda *a: taken.append("w8a16") or w8a16_matmul_ref(*a))
+    monkeypatch.setattr(quant, "fp8_matmul_scaled_mm", lambda *a: taken.append("w8a8") or quant.fp8_matmul_ref(*a))
+    _, w_q, w_scale = w8a16_operands(1, 16, 32, torch.bfloat16)
+    for m in (1, 2, 4, 5):
+        y = fp8_linear(torch.randn(m, 32, dtype=torch.bfloat16, device=DEVICE), w_q, w_scale, None, use_kernel=True)
+        assert y.shape == (m, 16)
+    assert taken == ["gemv", "w8a16", "w8a16", "w8a8"]
+
+
 # ---------------------------------------------------------------- fp8_linear's GPU path
 
 
@@ -142,6 +181,7 @@ def test_fp8_linear_gpu_path_uses_the_fused_quantization_and_w8a16_below_its_bou
     reference = fp8_linear(x3, w_q, w_scale, bias, use_kernel=False)
     monkeypatch.setattr(quant, "ACT_QUANT", "triton")
     monkeypatch.setattr(quant, "W8A16_MAX_M", 0)
+    monkeypatch.setattr(quant, "GEMV_MAX_M", 0)
     assert torch.equal(fp8_linear(x3, w_q, w_scale, bias, use_kernel=True), reference)
     calls = []
     monkeypatch.setattr(quant, "quantize_per_token", lambda t: calls.append(t) or quantize_per_token(t))
@@ -173,7 +213,7 @@ def test_fp8_linear_kernels_capture_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
     finally:
-        quant.W8A16_MAX_M = int(os.environ.get("TETRIINFER_FP8_W8A16_MAX_M", "0"))
+        quant.W8A16_MAX_M = int(os.environ.get("TETRIINFER_FP8_W8A16_MAX_M", "16"))
     expected = fp8_linear(x, w_q, w_scale, None, use_kernel=False).float()
     assert ((outs[0].float() - expected).abs().max() / expected.abs().max()) < 2e-2
     assert_w8a16_close(outs[16], w8a16_matmul_ref(x, w_q, w_scale))
@@ -205,6 +245,12 @@ for kind, dtype, *shape in json.loads(sys.argv[1]):
         # IEEE division, as torch's x.float() / scale; div.full / div.approx would move e4m3 ties.
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx, "inexact division"
         assert "cvt.rn.satfinite.e4m3x2" in ptx, "no saturating e4m3 conversion"
+    elif kind == "gemv":
+        cfg = fp8_quant.gemv_launch_config()
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        pointers = {"x_ptr": ELEM[dtype], "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "out_ptr": ELEM[dtype]}
+        compiled = compile_sm90(fp8_quant._w8a16_gemv_kernel, dict(cfg, MAX_ROWS=fp8_quant.GEMV_MAX_ROWS, ATOMIC=False),
+                                pointers, num_warps, num_stages)
     else:
         m, k = shape
         cfg = fp8_quant.w8a16_launch_config(m, k, getattr(torch, dtype))
@@ -227,6 +273,8 @@ SM90_CONFIGS = [
     ("w8a16", "bfloat16", 32, 4096),
     ("w8a16", "bfloat16", 64, 4096),
     ("w8a16", "float16", 5, 4096),
+    ("gemv", "bfloat16", 1, 4096),
+    ("gemv", "float16", 3, 14335),  # K not a multiple of BLOCK_K
 ]
 
 

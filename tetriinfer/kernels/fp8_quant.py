@@ -8,6 +8,10 @@
 - `w8a16_matmul`: y = (x @ W_q^T) * s_w for a few rows of bf16/fp16 x (decode): FP8 weights
   [N, K] upcast tile by tile (e4m3 is exact in bf16 and fp16), no activation quantization, half the
   weight bytes of bf16. Reference: model.quant.w8a16_matmul_ref.
+- `w8a16_gemv`: the same product for at most GEMV_MAX_ROWS rows without tensor cores: each program
+  multiplies BLOCK_N weight rows by the tokens in float32 and reduces along K. At one token it
+  streams llama3-8b's FP8 projections at 2.2-2.8 TB/s on an H100, where cuBLAS's FP8 GEMM and the
+  tensor-core W8A16 GEMM reach 1.3-2.5 (scripts/w8a16_sweep.py, docs/benchmarks/gpu.md).
 
 Neither wrapper synchronises with the host, so both capture in CUDA graphs.
 """
@@ -21,12 +25,14 @@ from torch import Tensor
 
 from tetriinfer.kernels.store_kv_triton import INTERPRETED, quantize_kv
 
-__all__ = ["quantize_per_token_triton", "w8a16_matmul", "quant_launch_config", "w8a16_launch_config"]
+__all__ = ["quantize_per_token_triton", "w8a16_matmul", "w8a16_gemv", "quant_launch_config", "w8a16_launch_config",
+           "gemv_launch_config"]
 
 FP8 = torch.float8_e4m3fn
 MAX_ONE_BLOCK = 16384  # a row up to this many columns is loaded once and kept in registers
 LOOP_BLOCK = 4096  # longer rows: one pass for the amax, a second (from L2) to quantize
 W8A16_MAX_ROWS = 64  # the GEMM's largest BLOCK_M; model.quant gates it much lower
+GEMV_MAX_ROWS = 4  # the GEMV re-reads each weight tile once per row (from L2): a few rows only
 
 
 @triton.jit
@@ -125,15 +131,19 @@ def _w8a16_kernel(x_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride
 
 
 def w8a16_launch_config(m: int, k: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Constexprs and launch options. BLOCK_N 16 keeps >= 256 programs on llama3-8b's N >= 4096 (132 SMs
-    on an H100); BLOCK_K 256 with 4 stages keeps ~16 KB of weights in flight per program. Guesses until
-    measured (scripts/fp8_check.py times them); warps per BLOCK_M chosen so that sm_90 builds do not
-    spill (4 warps at BLOCK_M 32 spill, tests/test_fp8_quant_triton.py)."""
+    """Constexprs and launch options. Up to 16 rows: BLOCK_N 32, BLOCK_K 512, 4 warps, 4 stages, the
+    fastest of a 12-config grid on every llama3-8b projection at 16 rows on an H100 (w8a16_sweep.py:
+    104 us a layer against 152 at the former BLOCK_N 16, BLOCK_K 256 and 126 for cuBLAS FP8). Larger
+    BLOCK_M keeps the former guesses (unmeasured); warps per BLOCK_M chosen so that sm_90 builds do
+    not spill (4 warps at BLOCK_M 32 spill, tests/test_fp8_quant_triton.py)."""
     block_m = max(16, 1 << (m - 1).bit_length())
-    block_k = 256 if block_m <= 32 else 128
     # The interpreter multiplies bfloat16 as raw bits in tl.dot (see attention_triton): float32 there.
     dot_dtype = tl.float32 if INTERPRETED else tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=block_k, EVEN_K=k % block_k == 0, DOT_DTYPE=dot_dtype,
+    if block_m == 16:
+        block_n, block_k = 32, 512
+    else:
+        block_n, block_k = 16, 256 if block_m <= 32 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, DOT_DTYPE=dot_dtype,
                 num_warps=4 if block_m == 16 else 8, num_stages=4)
 
 
@@ -159,3 +169,61 @@ def w8a16_matmul(x: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _w8a16_kernel[grid](x, w_q, w_scale, out, m, n, k, x.stride(0), w_q.stride(0), out.stride(0), **cfg)
     return out
+
+
+@triton.jit
+def _w8a16_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, K_PER_SPLIT,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAX_ROWS: tl.constexpr, ATOMIC: tl.constexpr):
+    # Program (i, j): output columns [i * BLOCK_N, +BLOCK_N) over K slice j. With ATOMIC the slices'
+    # float32 partials are summed into a zeroed float32 `out` (order-dependent rounding); else one slice.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(1) * K_PER_SPLIT
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    for row in tl.static_range(MAX_ROWS):
+        if row < M:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+                in_k = offs_k + k < K
+                w = tl.load(w_rows + (k + offs_k)[None, :], mask=mask_n[:, None] & in_k[None, :], other=0.0)
+                x = tl.load(x_ptr + row * stride_xm + k + offs_k, mask=in_k, other=0.0)
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+            y = acc * w_scale
+            if ATOMIC:
+                tl.atomic_add(out_ptr + row * stride_om + offs_n, y, mask=mask_n)
+            else:
+                tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+def gemv_launch_config() -> dict:
+    """BLOCK_N 8, BLOCK_K 1024, 4 warps, no split of K: the config with the smallest sum over
+    llama3-8b's four projections at one token among 36 on an H100 (w8a16_sweep.py: 87 us a layer,
+    within 3% of each projection's own best; cuBLAS FP8 130, bf16 157)."""
+    return dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=3)
+
+
+def w8a16_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, split_k: int = 1, **config) -> Tensor:
+    """x [M, K] bf16/fp16 (M <= GEMV_MAX_ROWS), w_q float8 [N, K], w_scale float32 [N] -> [M, N] in x's
+    dtype, as w8a16_matmul. `split_k` > 1 splits K over programs summed by float32 atomics (a zeroed
+    buffer and a cast more); `config` overrides gemv_launch_config (scripts/w8a16_sweep.py sweeps it)."""
+    m, k = x.shape
+    n = w_q.shape[0]
+    if m > GEMV_MAX_ROWS:
+        raise ValueError(f"w8a16_gemv takes at most {GEMV_MAX_ROWS} rows, got {m}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or w_q.dtype != FP8 or w_q.shape[1] != k:
+        raise ValueError(f"expected bf16/fp16 x [M, K] and float8_e4m3fn w [N, K], got {x.dtype} {tuple(x.shape)} "
+                         f"and {w_q.dtype} {tuple(w_q.shape)}")
+    x, w_q = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w_q))
+    cfg = {**gemv_launch_config(), **config}
+    atomic = split_k > 1
+    out = (torch.zeros if atomic else torch.empty)(m, n, dtype=torch.float32 if atomic else x.dtype, device=x.device)
+    if m and n and k:
+        k_per_split = triton.cdiv(triton.cdiv(k, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, k_per_split))
+        _w8a16_gemv_kernel[grid](x, w_q, w_scale, out, m, n, k, x.stride(0), w_q.stride(0), out.stride(0), k_per_split,
+                                 MAX_ROWS=GEMV_MAX_ROWS, ATOMIC=atomic, **cfg)
+    elif m and n:
+        out.zero_()
+    return out.to(x.dtype)

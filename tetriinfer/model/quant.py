@@ -6,8 +6,9 @@ quantized per token on the fly.
 On Hopper (and Ada) the product runs in `torch._scaled_mm`, which applies both scales in its
 epilogue, with the activations quantized by one Triton kernel (kernels.fp8_quant; `ACT_QUANT`);
 elsewhere a reference path dequantizes to float32 and multiplies, so CPU tests run the same numbers
-(up to float32 accumulation order). Optionally (`W8A16_MAX_M`), batches of at most that many tokens
-skip activation quantization: a Triton GEMM upcasts the FP8 weights to bf16 tile by tile (W8A16).
+(up to float32 accumulation order). Batches of at most `W8A16_MAX_M` tokens skip activation
+quantization: a Triton GEMM upcasts the FP8 weights to bf16 tile by tile (W8A16), and at most
+`GEMV_MAX_M` tokens a Triton GEMV without tensor cores does (decode at batch 1).
 Batches of at most `SWAP_AB_MAX_M` tokens run the product transposed, (W_q x_q^T)^T ("swap AB", as
 vLLM's and TensorRT-LLM's FP8 GEMMs do for small M): cuBLAS then tiles the thousands of output
 channels rather than the few tokens, and streams the weights from many more SMs.
@@ -36,9 +37,12 @@ MIN_SCALE = 1e-12  # an all-zero row or token still gets a finite scale
 # captured); the environment gives the defaults, which reach tensor-parallel worker processes too.
 # ACT_QUANT: "triton" (one fused kernel) or "torch" (quantize_per_token, ~7 launches per linear).
 ACT_QUANT = os.environ.get("TETRIINFER_FP8_ACT_QUANT", "triton")
-# W8A16_MAX_M: token counts up to this run the W8A16 Triton GEMM instead of quantize + _scaled_mm;
-# 0 turns it off. Off by default until scripts/fp8_check.py has timed it on a GPU.
-W8A16_MAX_M = int(os.environ.get("TETRIINFER_FP8_W8A16_MAX_M", "0"))
+# GEMV_MAX_M: token counts up to this (<= kernels.fp8_quant.GEMV_MAX_ROWS) run the W8A16 GEMV;
+# W8A16_MAX_M: token counts up to this run the W8A16 tensor-core GEMM instead of quantize + _scaled_mm;
+# 0 turns either off. At 1 and 16 tokens both beat cuBLAS's FP8 GEMM on every llama3-8b projection
+# on an H100 (scripts/w8a16_sweep.py: 87 and 104 us a layer against 130 and 126; gpu.md).
+GEMV_MAX_M = int(os.environ.get("TETRIINFER_FP8_GEMV_MAX_M", "1"))
+W8A16_MAX_M = int(os.environ.get("TETRIINFER_FP8_W8A16_MAX_M", "16"))
 # SWAP_AB_MAX_M: token counts up to this run `fp8_matmul_scaled_mm_swapped`; 0 turns it off.
 SWAP_AB_MAX_M = int(os.environ.get("TETRIINFER_FP8_SWAP_AB_MAX_M", "0"))
 
@@ -103,6 +107,11 @@ def w8a16_matmul_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) 
 
 def fp8_matmul_cuda(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] bf16 on a GPU with FP8 tensor cores, by the module's switches (no host sync)."""
+    if has_triton() and x.shape[0] <= GEMV_MAX_M:
+        from tetriinfer.kernels.fp8_quant import GEMV_MAX_ROWS, w8a16_gemv
+
+        if x.shape[0] <= GEMV_MAX_ROWS:
+            return w8a16_gemv(x, w_q, w_scale)
     if has_triton() and x.shape[0] <= W8A16_MAX_M:
         from tetriinfer.kernels.fp8_quant import W8A16_MAX_ROWS, w8a16_matmul
 
