@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from langchain_openai import ChatOpenAI
 
@@ -184,6 +185,33 @@ def test_lm_eval_local_completions_scores_a_local_loglikelihood_task_and_a_gener
                         sampling_params=SamplingParams(max_tokens=8, temperature=0, stop=["\n", "<eos>"]))
     assert "\n" in stop
     assert [s["resps"][0][0] for s in gen] == [o.outputs[0].text for o in outs]
+
+
+@pytest.fixture(scope="module")
+def server_with_tokenizer_info(tmp_path_factory):
+    with start_server([*SERVER_ARGS, "--enable-tokenizer-info-endpoint"], tmp_path_factory.mktemp("serve-info")) as s:
+        yield s
+
+
+def test_lm_eval_remote_tokenizer_reads_tokenizer_info_and_tokenizes_through_the_server(
+        server_with_tokenizer_info, tmp_path):
+    """With --enable-tokenizer-info-endpoint, lm-eval's `tokenizer_backend=remote` needs no tokenizer
+    folder: it reads GET /tokenizer_info and tokenizes through /tokenize and /detokenize."""
+    server = server_with_tokenizer_info
+    assert httpx.get(f"{server.url}/tokenizer_info").json()["eos_token"] == "<eos>"
+    tasks, out = write_tasks(tmp_path / "tasks"), tmp_path / "out"
+    done = run_client(["lm_eval", "--model", "local-completions",
+                       "--model_args", f"model={MODEL},base_url={server.url}/v1/completions,tokenizer_backend=remote,"
+                                       "max_length=512,max_retries=1",
+                       "--tasks", "tetri_gen", "--include_path", str(tasks), "--limit", "2",
+                       "--output_path", str(out), "--log_samples"], tmp_path)
+    assert "Using remote tokenizer" in done.stdout + done.stderr
+    gen = read_samples(out, "tetri_gen")
+    llm = LLM("tiny", num_blocks=256, chunk_size=64, max_model_len=512)
+    prompts = [s["arguments"]["gen_args_0"]["arg_0"] for s in gen]
+    outs = llm.generate(prompt_token_ids=[list(p.encode()) for p in prompts],
+                        sampling_params=SamplingParams(max_tokens=8, temperature=0, stop=["\n", "<eos>"]))
+    assert len(gen) == 2 and [s["resps"][0][0] for s in gen] == [o.outputs[0].text for o in outs]
 
 
 # --- LangChain -------------------------------------------------------------------------------------

@@ -117,11 +117,14 @@ def test_a_vllm_serve_command_line_runs_with_the_command_name_changed():
     add_parser(parser.add_subparsers())
     line = ("tiny --host 0.0.0.0 --port 8123 --dtype auto -tp 2 --max-model-len 256 --max-num-seqs 32 "
             "--gpu-memory-utilization 0.5 --num-gpu-blocks-override 77 --no-enable-prefix-caching --seed 3 "
-            "--served-model-name served --api-key k --disable-log-requests --uvicorn-log-level info")
+            "--served-model-name served --api-key k --disable-log-requests --uvicorn-log-level info "
+            "--enable-tokenizer-info-endpoint")
     cfg = serve_config(parser.parse_args(["serve", *line.split()]))
     engine = cfg.engine
     assert (cfg.host, cfg.port, cfg.served_model_name, cfg.api_key, cfg.uvicorn_log_level) == (
         "0.0.0.0", 8123, "served", "k", "info")
+    assert cfg.enable_tokenizer_info_endpoint
+    assert not serve_config(parser.parse_args(["serve", "tiny"])).enable_tokenizer_info_endpoint  # off, as in vLLM
     assert (engine.model, engine.dtype, engine.tensor_parallel_size, engine.max_model_len, engine.seed) == (
         "tiny", "float32", 2, 256, 3)
     assert (engine.scheduler.max_num_seqs, engine.cache.memory_fraction, engine.cache.num_blocks,

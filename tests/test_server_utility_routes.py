@@ -73,3 +73,47 @@ def test_the_api_key_guards_v1_only_as_in_vllm(backend):
     assert call(guarded, "POST", "/v1/completions", json={"prompt": "a"}).status_code == 401
     assert call(guarded, "POST", "/tokenize", json={"prompt": "a"}).status_code == 200
     assert call(guarded, "GET", "/version").status_code == 200
+
+
+# ---- /tokenizer_info ------------------------------------------------------------------------------
+def test_tokenizer_info_is_a_404_unless_enabled_as_in_vllm(app):
+    assert call(app, "GET", "/tokenizer_info").status_code == 404
+
+
+def test_tokenizer_info_of_the_byte_tokenizer_has_its_class_special_tokens_and_the_chat_template(backend):
+    from tetriinfer.model.tokenizer import SIMPLE_CHAT_TEMPLATE
+
+    app = create_app(backend, enable_tokenizer_info_endpoint=True, api_key=API_KEY)  # outside /v1: no key needed
+    r = call(app, "GET", "/tokenizer_info")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"tokenizer_class": "ByteTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
+                        "pad_token": "<pad>", "model_max_length": backend.max_model_len,
+                        "chat_template": SIMPLE_CHAT_TEMPLATE}
+
+
+def test_tokenizer_info_serves_the_tokenizer_config_as_vllm_does(backend):
+    """vLLM's TokenizerInfoResponse: the config's settings, file paths left out, added tokens as their
+    text; the chat template and tokenizer_class are the ones in use."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": {"content": "<s>", "lstrip": False,
+                                                                          "__type": "AddedToken"},
+              "eos_token": "</s>", "model_max_length": 4096, "vocab_file": "/models/x/vocab.json",
+              "merges_file": "/models/x/merges.txt", "clean_up_tokenization_spaces": False,
+              "added_tokens_decoder": {"0": {"content": "<unk>", "lstrip": False, "normalized": False,
+                                             "rstrip": False, "single_word": False, "special": True}},
+              "chat_template": [{"name": "default", "template": "{{ messages }}"}]}
+    backend.tokenizer.chat_template = "{{ messages }}"
+    app = create_app(backend, enable_tokenizer_info_endpoint=True, tokenizer_config=config)
+    got = call(app, "GET", "/tokenizer_info").json()
+    assert got == {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "model_max_length": 4096, "clean_up_tokenization_spaces": False,
+                   "added_tokens_decoder": {"0": "<unk>"}, "chat_template": "{{ messages }}",
+                   "pad_token": "<pad>"}
+
+
+def test_tokenizer_info_without_a_tokenizer_is_the_400_tokenize_gets(backend):
+    backend.tokenizer = None
+    app = create_app(backend, enable_tokenizer_info_endpoint=True)
+    info, tokenize = call(app, "GET", "/tokenizer_info"), call(app, "POST", "/tokenize", json={"prompt": "a"})
+    assert info.status_code == tokenize.status_code == 400
+    assert info.json() == tokenize.json()
+    assert "this model has no tokenizer" in info.json()["error"]["message"]

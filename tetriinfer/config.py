@@ -376,6 +376,7 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     served_model_name: str | None = None
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (vLLM's flag, off there too)
     uvicorn_log_level: str = "warning"
     kv_transport: str = "auto"
     kv_timeout_s: float = 30.0

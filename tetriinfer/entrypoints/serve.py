@@ -101,6 +101,9 @@ def add_parser(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1. A key given here is visible to other local "
                         "users in `ps`: prefer $TETRIINFER_API_KEY, which is used when this is not given")
     h.add_argument("--served-model-name", default=None, help="the name clients use; None: --model")
+    h.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="serve GET /tokenizer_info (vLLM's: the tokenizer's config, special tokens and chat "
+                        "template, which lm-eval's remote tokenizer reads); off by default, as in vLLM")
     h.add_argument("--uvicorn-log-level", default=serve.uvicorn_log_level,
                    choices=UVICORN_LOG_LEVELS, help="uvicorn's own log level")
     h.add_argument("--disable-log-requests", action="store_true",
@@ -129,7 +132,8 @@ def serve_config(args: argparse.Namespace):
         mode=args.mode, shape=ClusterShape(args.prefill_instances, args.decode_instances, args.instances),
         baseline=args.baseline, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("TETRIINFER_API_KEY"),
-        served_model_name=args.served_model_name, kv_transport=args.kv_transport, kv_timeout_s=args.kv_timeout,
+        served_model_name=args.served_model_name, enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        kv_transport=args.kv_transport, kv_timeout_s=args.kv_timeout,
         predictor=args.predictor, launcher=args.launcher,
         dead_after_s=args.dead_after, uvicorn_log_level=args.uvicorn_log_level, torch_threads=args.torch_threads, engine=engine, policy=policy, flip=flip,
         mps_sm_shares=parse_sm_shares(args.mps_sm_shares) if args.mps_sm_shares else None,
@@ -166,6 +170,7 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
     from tetriinfer.cluster.zmq_io import WILDCARD_HOSTS, AsyncInbox, Wire
     from tetriinfer.model.loader import load_arch_and_tokenizer
     from tetriinfer.server.app import create_app
+    from tetriinfer.server.utility_routes import read_tokenizer_config
 
     arch, tokenizer = load_arch_and_tokenizer(cfg.engine.model)  # bad model names fail here, before any process
     _check_port_free(cfg.host, cfg.port)
@@ -199,7 +204,9 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
             silent_after_s=cfg.dead_after_s, controller_startup_s=cfg.dead_after_s + 30,
             instance_startup_s=cfg.startup_timeout_s))
         supervising = asyncio.get_running_loop().create_task(supervisor.run())
-        app = create_app(client, api_key=cfg.api_key, **({} if logs is None else {"logs": logs}))
+        info = ({"enable_tokenizer_info_endpoint": True, "tokenizer_config": read_tokenizer_config(cfg.engine.model)}
+                if cfg.enable_tokenizer_info_endpoint else {})
+        app = create_app(client, api_key=cfg.api_key, **info, **({} if logs is None else {"logs": logs}))
         app.state.server.metrics.registry.register(supervisor.collector())
         shape = (f"{cfg.shape.num_instances} colocated {cfg.baseline} instance(s)" if cfg.mode == "colocated"
                  else f"{cfg.shape.num_prefill} prefill + {cfg.shape.num_decode} decode instance(s)")

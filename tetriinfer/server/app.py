@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over any `Backend` (the cluster client, or a fake in tests).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /metrics, and those outside
-/v1 in utility_routes.py (/health, /ping, /tokenize, /detokenize, /version, /load).
+/v1 in utility_routes.py (/health, /ping, /tokenize, /detokenize, /version, /load, and /tokenizer_info when
+enabled).
 The server reads the body (limits.py: JSON only, bounded), then parses, validates and tokenizes it
 in a worker thread (jobs.py; bad input: 4xx with an OpenAI error body, before anything reaches the
 backend), then runs every choice on the backend and answers one JSON body or server-sent events
@@ -55,8 +56,11 @@ logger = logging.getLogger(__name__)
 class OpenAIServer:
     """Auth, the job intake, the request bookkeeping (metrics, logs); create_app wires it to routes."""
 
-    def __init__(self, backend: Backend, api_key: str | None, limits: ServerLimits, logs: LogConfig = LogConfig()):
+    def __init__(self, backend: Backend, api_key: str | None, limits: ServerLimits, logs: LogConfig = LogConfig(),
+                 tokenizer_info_endpoint: bool = False, tokenizer_config: dict | None = None):
         self.backend = backend
+        self.tokenizer_info_endpoint = tokenizer_info_endpoint  # GET /tokenizer_info exists
+        self.tokenizer_config = tokenizer_config  # the model's tokenizer_config.json, for /tokenizer_info
         self.api_key = api_key
         self.limits = limits
         self.logs = logs
@@ -103,11 +107,14 @@ class OpenAIServer:
 
 
 def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLimits = ServerLimits(),
-               logs: LogConfig = LogConfig()) -> FastAPI:
+               logs: LogConfig = LogConfig(), enable_tokenizer_info_endpoint: bool = False,
+               tokenizer_config: dict | None = None) -> FastAPI:
     """The HTTP app over `backend`. With `api_key`, every /v1 route wants 'Authorization: Bearer <key>'
     (/health and /metrics stay open). `limits`: body size, nesting and list caps (limits.py). `logs`:
-    the access line per request and the periodic stats line (logs.py)."""
-    server = OpenAIServer(backend, api_key, limits, logs)
+    the access line per request and the periodic stats line (logs.py). `enable_tokenizer_info_endpoint`:
+    serve GET /tokenizer_info (vLLM's, off by default as there), from `tokenizer_config` (the model's
+    tokenizer_config.json) and the backend's tokenizer."""
+    server = OpenAIServer(backend, api_key, limits, logs, enable_tokenizer_info_endpoint, tokenizer_config)
     server_logger = logging.getLogger("tetriinfer.server")
     if (logs.log_requests or logs.log_stats) and server_logger.level == logging.NOTSET:
         server_logger.setLevel(logging.INFO)  # printed by default (as vLLM's), whatever the root level
@@ -173,7 +180,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLi
             raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
         return server.model_card()
 
-    add_utility_routes(app, server)  # /health, /ping, /tokenize, /detokenize, /version, /load
+    add_utility_routes(app, server)  # /health, /ping, /tokenize, /detokenize, /version, /load, /tokenizer_info
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -3,7 +3,9 @@ choice (prompts x n, as vLLM numbers them: choice index = prompt_index * n + i).
 its own backend (cluster) request; the server gathers them and sums their usage.
 
 Parsing, checking and tokenizing run here, in a worker thread (app.py), before anything reaches the
-backend: bad input is an APIError (4xx).
+backend: bad input is an APIError (4xx). vLLM's `truncate_prompt_tokens` is applied here too, once
+per prompt right after it becomes token ids (for chat, after the chat template), so every choice,
+the usage, echo and the prompt logprobs all see the same kept tokens.
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ def _check_sampling(sampling: SamplingParams, param: str, backend: Backend) -> N
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
 
+def _truncated(token_ids: list[int], text: str | None, keep: int | None,
+               backend: Backend) -> tuple[list[int], str | None]:
+    """The prompt's last `keep` tokens, and its text: the kept tokens decoded when some were cut (so
+    echo shows what the model saw), else unchanged."""
+    if keep is None or len(token_ids) <= keep:
+        return token_ids, text
+    kept = token_ids[-keep:]
+    return kept, (backend.tokenizer.decode(kept) if backend.tokenizer is not None else None)
+
+
 def _fan_out(request_id: str, prompts: list[tuple[list[int], str | None]], n: int,
              make_sampling) -> list[SubRequest]:
     single = len(prompts) * n == 1
@@ -117,14 +129,15 @@ def completion_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: 
         return req.sampling_params(max(max_tokens, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                    seed_offset=i)
 
+    keep = req.prompt_tokens_kept(backend.max_model_len)
     prompts = []
     for prompt in req.prompt:
         if isinstance(prompt, str):
             if prompt == "":
                 raise APIError(400, "prompt is empty", param="prompt")
-            prompts.append((require_tokenizer(backend).encode(prompt), prompt))
+            prompts.append(_truncated(require_tokenizer(backend).encode(prompt), prompt, keep, backend))
         else:
-            prompts.append((list(prompt), None))
+            prompts.append(_truncated(list(prompt), None, keep, backend))
     job_id = f"cmpl-{uuid.uuid4().hex}"
     subs = _fan_out(job_id, prompts, req.num_choices, make_sampling)
     for sub in subs[:: req.num_choices]:
@@ -138,11 +151,12 @@ def completion_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: 
 def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: ServerLimits) -> Job:
     req: ChatCompletionRequest = parse(raw, ChatCompletionRequest, backend, limits)
     tokenizer = require_tokenizer(backend)
+    keep = req.prompt_tokens_kept(backend.max_model_len)
     try:
         prompt = tokenizer.apply_chat_template(req.message_dicts(), add_generation_prompt=req.add_generation_prompt)
     except Exception as e:  # the model's own jinja template may refuse a conversation (e.g. roles)
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
-    token_ids = tokenizer.encode(prompt)
+    token_ids, prompt = _truncated(tokenizer.encode(prompt), prompt, keep, backend)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:  # as vLLM: the rest of the context (too little room is reported below)
         max_tokens = max(backend.max_model_len - len(token_ids), 1)

@@ -68,7 +68,6 @@ class StreamOptions(BaseModel):
 # chat_template_kwargs included) are ignored, as OpenAI's API does.
 UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value, what to do instead)
     "use_beam_search": (False, "sample with n instead"),
-    "truncate_prompt_tokens": (None, "truncate the prompt on the client"),
 }
 
 
@@ -116,6 +115,7 @@ class _SamplingRequest(BaseModel):
     allowed_token_ids: list[int] | None = None  # vLLM's: only these token ids may be sampled ([]: any)
     bad_words: list[str] | None = None  # vLLM's: words the output never contains (engine.token_masks)
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob, rank and top-N (not streamed)
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: max_model_len)
     user: str | None = None
 
     @field_validator("stream", "ignore_eos", "include_stop_str_in_output", "min_tokens", "echo", "logprobs", "add_generation_prompt",
@@ -151,6 +151,11 @@ class _SamplingRequest(BaseModel):
                                param="prompt_logprobs")
             if self.stream and self.prompt_logprobs > 0:  # as vLLM: stream chunks have no place for them
                 raise APIError(400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+        if self.truncate_prompt_tokens is not None and not (self.truncate_prompt_tokens == -1
+                                                            or self.truncate_prompt_tokens >= 1):
+            raise APIError(400, "truncate_prompt_tokens must be an integer >= 1 (keep the prompt's last k tokens) or "
+                                f"-1 (keep the last max_model_len), got {self.truncate_prompt_tokens}",
+                           param="truncate_prompt_tokens")
         if self.n is not None and not 1 <= self.n <= MAX_N:
             raise APIError(400, f"n must be in [1, {MAX_N}], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
@@ -243,6 +248,18 @@ class _SamplingRequest(BaseModel):
         _check_or_400(check_json_schema, fields.get("json_schema", '{"type": "object"}'), "response_format",
                       missing_prefix=f"response_format {kind!r}: ", invalid_prefix="")
         return fields
+
+    def prompt_tokens_kept(self, max_model_len: int) -> int | None:
+        """How many of the prompt's last tokens truncate_prompt_tokens keeps (None: all of them); -1
+        is the model's context, as vLLM's max_model_len. More than the context is a 400, as in vLLM."""
+        keep = self.truncate_prompt_tokens
+        if keep == -1:
+            return max_model_len
+        if keep is not None and keep > max_model_len:
+            raise APIError(400, f"truncate_prompt_tokens ({keep}) cannot be greater than this model's maximum context "
+                                f"length ({max_model_len}); give a smaller value, or -1 for the whole context",
+                           param="truncate_prompt_tokens")
+        return keep
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
                         seed_offset: int = 0) -> SamplingParams:

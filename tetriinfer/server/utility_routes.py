@@ -1,15 +1,21 @@
 """The routes outside /v1: GET /health, and those vLLM users script against: POST /tokenize and
-/detokenize, GET /version, GET|POST /ping (SageMaker's health check) and GET /load.
+/detokenize, GET /version, GET|POST /ping (SageMaker's health check), GET /load, and, with
+`--enable-tokenizer-info-endpoint` (off by default, as in vLLM), GET /tokenizer_info.
 
 As in vLLM they sit outside /v1, so the API key does not guard them. /tokenize counts a prompt the
 way a generation request would: a completion prompt encoded as /v1/completions encodes it, or chat
-`messages` through the model's chat template as /v1/chat/completions does. Bad input is a 400 with
-an OpenAI-style error body.
+`messages` through the model's chat template as /v1/chat/completions does. /tokenizer_info is vLLM's
+`TokenizerInfoResponse`: the tokenizer's configuration (the model's tokenizer_config.json, file paths
+left out, added tokens as their text) with `tokenizer_class`, the special tokens' text and the chat
+template the server applies; lm-eval's `tokenizer_backend=remote` (and `auto`) reads it. Bad input
+is a 400 with an OpenAI-style error body; a model without a tokenizer gets the 400 /tokenize gets.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -17,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
 from tetriinfer import __version__
+from tetriinfer.model.tokenizer import SIMPLE_CHAT_TEMPLATE, ByteTokenizer
 from tetriinfer.server.jobs import parse, require_tokenizer
 from tetriinfer.server.limits import read_body
 from tetriinfer.server.protocol import APIError, ChatMessage
@@ -78,6 +85,57 @@ def detokenize(raw: bytes, backend, limits) -> dict:
     return {"prompt": require_tokenizer(backend).decode(req.tokens)}
 
 
+# vLLM leaves these out of /tokenizer_info: paths on the server's disk
+_TOKENIZER_FILE_KEYS = ("vocab_file", "merges_file")
+# The byte tokenizer's special tokens (ids 256, 257, 258): names only, their text does not encode to them
+_BYTE_SPECIAL_TOKENS = {256: "<bos>", 257: "<eos>", 258: "<pad>"}
+# The keys of a Hugging Face AddedToken as tokenizer_config.json stores it
+_ADDED_TOKEN_KEYS = {"content", "lstrip", "rstrip", "normalized", "single_word", "special", "__type"}
+
+
+def read_tokenizer_config(model: str) -> dict:
+    """The model directory's tokenizer_config.json ({} for a preset or a directory without one)."""
+    from tetriinfer.model.loader import resolve_model
+
+    _, model_dir = resolve_model(model)
+    path = None if model_dir is None else model_dir / "tokenizer_config.json"
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def _plain(value: Any) -> Any:
+    """vLLM's JSON form of a tokenizer setting: an added token is its text."""
+    if isinstance(value, dict):
+        if "content" in value and set(value) <= _ADDED_TOKEN_KEYS:
+            return value["content"]
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def tokenizer_info(backend, tokenizer_config: dict | None) -> dict:
+    """vLLM's TokenizerInfoResponse: the tokenizer's configuration (`tokenizer_config`, the model's
+    tokenizer_config.json) and `tokenizer_class`, with the special tokens' text and the chat template
+    filled in from the tokenizer the server uses where the file lacks them."""
+    tokenizer = require_tokenizer(backend)
+    info = {k: _plain(v) for k, v in (tokenizer_config or {}).items() if k not in _TOKENIZER_FILE_KEYS}
+    if not isinstance(info.get("tokenizer_class"), str):
+        info["tokenizer_class"] = type(tokenizer).__name__
+    byte = isinstance(tokenizer, ByteTokenizer)
+    specials = [("bos_token", tokenizer.bos_token_id), ("eos_token", tokenizer.eos_token_id)]
+    if byte:
+        specials.append(("pad_token", 258 if backend.vocab_size > 258 else None))
+        info.setdefault("model_max_length", backend.max_model_len)
+    for name, token_id in specials:
+        if not isinstance(info.get(name), str) and token_id is not None:
+            text = _BYTE_SPECIAL_TOKENS.get(token_id, "") if byte else tokenizer.special_token_text(token_id)
+            if text:
+                info[name] = text
+    # the template /v1/chat/completions applies (a named-template list in the file: its default one)
+    info["chat_template"] = tokenizer.chat_template or SIMPLE_CHAT_TEMPLATE
+    return info
+
+
 def add_utility_routes(app: FastAPI, server) -> None:
     """`server`: the app's `ApiServer` (its backend, limits and requests in flight)."""
     backend, limits = server.backend, server.limits
@@ -93,6 +151,11 @@ def add_utility_routes(app: FastAPI, server) -> None:
     @app.post("/detokenize")
     async def _detokenize(request: Request) -> dict:
         return await _run(request, detokenize)
+
+    if server.tokenizer_info_endpoint:  # as vLLM: the route exists only when asked for
+        @app.get("/tokenizer_info")
+        async def _tokenizer_info() -> dict:
+            return tokenizer_info(backend, server.tokenizer_config)
 
     @app.get("/version")
     async def _version() -> dict:
