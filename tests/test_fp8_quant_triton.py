@@ -283,3 +283,18 @@ def test_fp8_kernels_compile_for_sm90_without_spills(tmp_path):
     stdout = run_sm90_builds(SM90_COMPILE, SM90_CONFIGS, tmp_path)
     assert stdout.count("CONFIG") == len(SM90_CONFIGS)
     assert spill_stores(stdout) == [0] * len(SM90_CONFIGS), f"register spills on sm_90: {stdout[-3000:]}"
+
+
+@pytest.mark.gpu
+def test_w8a16_gemv_captures_in_a_cuda_graph():
+    """The decode path at one token: no host synchronisation, so a graph replays it with new inputs."""
+    x, w_q, w_scale = w8a16_operands(1, 256, 4096, torch.bfloat16)
+    out = {}
+    w8a16_gemv(x, w_q, w_scale)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out["y"] = w8a16_gemv(x, w_q, w_scale)
+    x.copy_(w8a16_operands(1, 256, 4096, torch.bfloat16, seed=1)[0])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_w8a16_close(out["y"], w8a16_matmul_ref(x, w_q, w_scale))
