@@ -9,6 +9,7 @@ FP8 cache with scale 1.0 saturates and one with calibrated scales (amax / 448) d
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -95,6 +96,22 @@ def test_a_checkpoints_kv_scales_reach_every_layer_in_each_form(llama_dir, tmp_p
     loaded = kv_cache_scales(LLM(str(path), kv_cache_dtype="fp8", num_blocks=8).engine.runner.model)
     expected = {i: (max(s), max(s)) for i, s in scales.items()} if form == "kv_scale" else scales
     assert loaded == expected
+
+
+def test_a_declared_scheme_without_some_layers_scales_warns_and_uses_one(llama_dir, tmp_path, caplog):  # noqa: F811
+    """Layer 1's scales are missing: it keeps 1.0, and the load says so, naming it; a full set is silent."""
+    full = write_checkpoint(llama_dir, tmp_path / "full", {0: (0.5, 0.25), 1: (3.0, 1.5)})
+    with caplog.at_level(logging.WARNING, logger="tetriinfer.model.loader"):
+        LLM(str(full), kv_cache_dtype="fp8", num_blocks=8)
+    assert "kv_cache_scheme" not in caplog.text
+    partial = write_checkpoint(llama_dir, tmp_path / "partial", {0: (0.5, 0.25), 1: (3.0, 1.5)})
+    tensors = {n: t for n, t in load_file(str(partial / "model.safetensors")).items()
+               if not (".layers.1.self_attn." in n and n.endswith("_scale"))}
+    save_file(tensors, str(partial / "model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="tetriinfer.model.loader"):
+        model = LLM(str(partial), kv_cache_dtype="fp8", num_blocks=8).engine.runner.model
+    assert kv_cache_scales(model) == {0: (0.5, 0.25), 1: (1.0, 1.0)}
+    assert "1 of 2 attention layers have no k/v scale" in caplog.text and "layers.1.self_attn" in caplog.text
 
 
 def test_calibrated_scales_bring_a_saturating_fp8_cache_back_to_the_float32_logits(loud):

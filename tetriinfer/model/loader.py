@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tetriinfer.model.quant import fp8_checkpoint, prepare_fp8_, quantize_model_
 from tetriinfer.model.tokenizer import Tokenizer, load_tokenizer
 from tetriinfer.presets import PRESETS, get_preset
 
+log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Checkpoint names of the FP8 KV cache's per-tensor scales (one scalar per layer), by suffix of the
 # attention module's name -> the attributes they set: compressed-tensors / llm-compressor
@@ -102,7 +104,9 @@ def load_model(name_or_path: str, dtype: str, device: str, load_format: str, see
     if load_format == "dummy":
         init_random_weights(model, seed)
     else:
-        load_safetensors(model, weight_files, tp)
+        scaled = load_safetensors(model, weight_files, tp)
+        if (hf_config.get("quantization_config") or {}).get("kv_cache_scheme"):
+            _warn_missing_kv_scales(model, scaled, name_or_path)
     if quantization == "fp8":
         quantize_model_(model)
     model.eval().requires_grad_(False)
@@ -125,18 +129,23 @@ def init_random_weights(model: nn.Module, seed: int) -> None:
             param.data.normal_(0.0, 0.02, generator=gen)
 
 
-def load_safetensors(model: nn.Module, files: list[Path], tp: TensorParallel = SINGLE) -> None:
+def load_safetensors(model: nn.Module, files: list[Path], tp: TensorParallel = SINGLE) -> set[str]:
     """Copy checkpoint tensors into the model, fusing q/k/v and gate/up into their stacked params;
-    under tensor parallelism, this rank's slice of each split tensor."""
+    under tensor parallelism, this rank's slice of each split tensor. Returns the names of the
+    attention modules that got a KV cache scale."""
     from safetensors import safe_open
 
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    scaled: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for ckpt_name in f.keys():
                 name = _normalize_name(ckpt_name, model)
-                if name is None or _load_kv_scale(name, f, ckpt_name, model):
+                if name is None:
+                    continue
+                if _load_kv_scale(name, f, ckpt_name, model):
+                    scaled.add(name.rpartition(".self_attn.")[0] + ".self_attn")
                     continue
                 target, rows = _locate(name, model)
                 if target not in params:
@@ -161,6 +170,18 @@ def load_safetensors(model: nn.Module, files: list[Path], tp: TensorParallel = S
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint lacks weights: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    return scaled
+
+
+def _warn_missing_kv_scales(model: nn.Module, scaled: set[str], name: str) -> None:
+    """A checkpoint that declares a kv_cache_scheme but lacks some layers' scales: those layers
+    keep 1.0, which an FP8 cache saturates at +-448 (vLLM warns likewise)."""
+    attention = [n for n, m in model.named_modules() if n.endswith(".self_attn") and hasattr(m, "k_scale")]
+    lacking = [n for n in attention if n not in scaled]
+    if lacking:
+        log.warning("%s declares a kv_cache_scheme but %d of %d attention layers have no k/v scale (%s%s); "
+                    "they use 1.0, which may cost accuracy with --kv-cache-dtype fp8", name, len(lacking),
+                    len(attention), ", ".join(lacking[:3]), " ..." if len(lacking) > 3 else "")
 
 
 def _load_kv_scale(name: str, f, ckpt_name: str, model: nn.Module) -> bool:
