@@ -39,6 +39,8 @@ class FakeBackend:
     delay_s: float = 0.0
     fail_after: int | None = None  # tokens before failing; None never fails
     fail_with: str = "error"  # "error", "abort" (finish reasons) or "raise" (an exception)
+    abort_delay_s: float = 0.0  # how long abort() suspends before it takes effect (all but the first)
+    aborts_begun: int = 0
     error_message: str = "fake backend failure"
     is_healthy: bool = True
     stats: ClusterStats | None = None
@@ -112,7 +114,9 @@ class FakeBackend:
         return {"prompt_logprobs": values, "prompt_top_logprobs": tops, "prompt_ranks": ranks}
 
     async def abort(self, request_id: str) -> None:
-        await asyncio.sleep(0)  # a real backend's abort may suspend: the caller must not be cancelled there
+        # a real backend's abort may suspend (a socket send): the caller must not be cancelled there
+        self.aborts_begun += 1
+        await asyncio.sleep(self.abort_delay_s if self.aborts_begun > 1 else 0)
         self.aborted.append(request_id)
         self._live.discard(request_id)
 

@@ -99,6 +99,18 @@ def test_one_failing_choice_aborts_its_siblings(server):
     wait_until(lambda: len(backend.aborted) == 3)
 
 
+def test_choices_failing_together_are_all_aborted_even_when_an_abort_suspends(server):
+    """Every choice raises at the same token; the first abort returns at once, the others suspend in
+    the backend, and the first error cancels those choices meanwhile: each abort must still reach
+    the backend (CI once lost two)."""
+    backend, url = server
+    backend.delay_s, backend.fail_after, backend.fail_with, backend.abort_delay_s = 0.01, 2, "raise", 0.05
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "n": 3, "max_tokens": 40})
+    assert r.status_code == 500
+    wait_until(lambda: len(backend.aborted) == 3)
+    assert sorted(backend.aborted) == sorted(s.request_id for s in backend.started)
+
+
 def test_completion_top_logprobs_and_echo_as_lm_eval_sends_it(app, backend):
     """lm-eval local-completions loglikelihood: token-id prompts, echo, logprobs=1, max_tokens=1,
     temperature 0; it reads token_logprobs[ctxlen:-1] and the top_logprobs dicts."""

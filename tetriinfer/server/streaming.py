@@ -119,19 +119,33 @@ class BackendRun:
 
     async def __aexit__(self, *exc) -> None:
         self.server.requests_running -= 1
-        # Shielded: under a cancelled scope (client gone) every await would be cancelled again.
+        # The cleanup runs in its own task and is awaited to its end: the anyio shield keeps a
+        # cancelled scope (client gone) from cancelling each await again, and the loop outlasts a
+        # plain task.cancel(), which run_choices sends every choice when one fails, possibly while
+        # this one is already aborting (a lost abort leaves the request running on the backend).
+        cleanup = asyncio.ensure_future(self._close_and_abort())
+        cancelled = False
         with anyio.CancelScope(shield=True):
-            aclose = getattr(self._iter, "aclose", None)
-            if aclose is not None:
+            while not cleanup.done():
                 try:
-                    await aclose()
-                except Exception:
-                    logger.exception("closing the backend stream of %s failed", self.sub.request_id)
-            if not self.finished:
-                try:
-                    await self.server.backend.abort(self.sub.request_id)
-                except Exception:
-                    logger.exception("aborting %s on the backend failed", self.sub.request_id)
+                    await asyncio.shield(cleanup)
+                except asyncio.CancelledError:
+                    cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _close_and_abort(self) -> None:
+        aclose = getattr(self._iter, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:
+                logger.exception("closing the backend stream of %s failed", self.sub.request_id)
+        if not self.finished:
+            try:
+                await self.server.backend.abort(self.sub.request_id)
+            except Exception:
+                logger.exception("aborting %s on the backend failed", self.sub.request_id)
 
 
 async def run_choices(server: "OpenAIServer", job: Job) -> AsyncIterator[tuple[int, TokenDelta]]:
