@@ -4,7 +4,7 @@ much faster is a llama3-8b decode step in FP8 than in bf16?
     python scripts/fp8_check.py --out fp8_check.json [--device cuda:0] [--batch-sizes 1 32 128 256]
                                 [--variants bf16 fp8 ...] [--w8a16-max-m 16]
 
-1. Kernel vs reference: `_scaled_mm` (plain and swapped) and the reference (dequantize to
+1. Kernel vs reference: `_scaled_mm` and the reference (dequantize to
    float32, multiply) on the llama3-8b projection shapes at each batch size; both get the same FP8
    operands, so they differ only by accumulation order and the bf16 rounding of the output. Then the
    Triton kernels of kernels.fp8_quant against their torch references on the same shapes: the fused
@@ -42,14 +42,12 @@ from tetriinfer.model.quant import (fp8_linear, has_scaled_mm, quantize_per_toke
 LLAMA3_8B_SHAPES = (("qkv_proj", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up_proj", 4096, 28672),
                     ("down_proj", 14336, 4096))
 MAX_KERNEL_ERROR = 2e-2  # relative to the reference's largest |value|: a few bf16 ulps
-# label: (quantization, kv_cache_dtype, quant.ACT_QUANT, W8A16 GEMV and GEMM on, swap AB on); the switches
-# are set before the engine is built, so its CUDA graphs capture that path. `fp8` is W8A8 throughout;
+# label: (quantization, kv_cache_dtype, quant.ACT_QUANT, W8A16 GEMV and GEMM on); the switches are set
+# before the engine is built, so its CUDA graphs capture that path. `fp8` is W8A8 throughout;
 # `fp8-w8a16` is what the engine runs by default (GEMV / W8A16 GEMM for small batches, W8A8 above).
-VARIANTS = {"bf16": (None, "auto", "triton", False, False), "fp8": ("fp8", "auto", "triton", False, False),
-            "fp8-torchquant": ("fp8", "auto", "torch", False, False),
-            "fp8-w8a16": ("fp8", "auto", "triton", True, False),
-            "fp8-swapab": ("fp8", "auto", "triton", False, True),
-            "fp8+fp8kv": ("fp8", "fp8", "triton", False, False)}
+VARIANTS = {"bf16": (None, "auto", "triton", False), "fp8": ("fp8", "auto", "triton", False),
+            "fp8-torchquant": ("fp8", "auto", "torch", False), "fp8-w8a16": ("fp8", "auto", "triton", True),
+            "fp8+fp8kv": ("fp8", "fp8", "triton", False)}
 
 
 def check_kernel(device: torch.device, batch_sizes: list[int]) -> list[dict]:
@@ -61,20 +59,34 @@ def check_kernel(device: torch.device, batch_sizes: list[int]) -> list[dict]:
             x = torch.randn(m, k, device=device, generator=gen, dtype=torch.bfloat16)
             ref = fp8_linear(x, w_q, w_scale, None, use_kernel=False).float()
             x_q, x_scale = quantize_per_token(x)
-            for path, matmul in (("_scaled_mm", quant.fp8_matmul_scaled_mm),
-                                 ("_scaled_mm swapped", quant.fp8_matmul_scaled_mm_swapped)):
-                kernel = matmul(x_q, x_scale, w_q, w_scale, torch.bfloat16).float()
-                err = ((kernel - ref).abs().max() / ref.abs().max()).item()
-                rows.append({"shape": name, "path": path, "m": m, "k": k, "n": n, "rel_max_error": err,
-                             "ok": err <= MAX_KERNEL_ERROR})
+            kernel = quant.fp8_matmul_scaled_mm(x_q, x_scale, w_q, w_scale, torch.bfloat16).float()
+            err = ((kernel - ref).abs().max() / ref.abs().max()).item()
+            rows.append({"shape": name, "m": m, "k": k, "n": n, "rel_max_error": err, "ok": err <= MAX_KERNEL_ERROR})
     return rows
 
 
-def time_gemms(device: torch.device, ms: list[int], w8a16_max_rows: int) -> list[dict]:
+def graph_us(fn, reps: int = 200) -> float:
+    """Microseconds per call of `fn`, the mean of `reps` calls captured in one CUDA graph (so launch
+    overhead is left out), after a warm-up call and a warm-up replay."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - start) / reps
+
+
+def time_gemms(device: torch.device, ms: list[int]) -> list[dict]:
     """Microseconds of one projection at each token count m, by each path: bf16 torch.mm, FP8
-    _scaled_mm (activations already quantized), the same swapped, and W8A16; each the mean of 200
-    launches captured in one CUDA graph, so launch overhead is left out."""
-    from tetriinfer.kernels.fp8_quant import w8a16_matmul
+    _scaled_mm (activations already quantized), the W8A16 GEMM and the W8A16 GEMV where they take m
+    rows (graph_us)."""
+    from tetriinfer.kernels.fp8_quant import GEMV_MAX_ROWS, W8A16_MAX_ROWS, w8a16_gemv, w8a16_matmul
 
     rows = []
     gen = torch.Generator(device=device).manual_seed(2)
@@ -85,26 +97,12 @@ def time_gemms(device: torch.device, ms: list[int], w8a16_max_rows: int) -> list
             x = torch.randn(m, k, device=device, generator=gen, dtype=torch.bfloat16)
             x_q, x_scale = quantize_per_token(x)
             paths = {"bf16": lambda: x @ w.t(),
-                     "fp8": lambda: quant.fp8_matmul_scaled_mm(x_q, x_scale, w_q, w_scale, torch.bfloat16),
-                     "fp8 swapped": lambda: quant.fp8_matmul_scaled_mm_swapped(x_q, x_scale, w_q, w_scale,
-                                                                               torch.bfloat16)}
-            if m <= w8a16_max_rows:
+                     "fp8": lambda: quant.fp8_matmul_scaled_mm(x_q, x_scale, w_q, w_scale, torch.bfloat16)}
+            if m <= W8A16_MAX_ROWS:
                 paths["w8a16"] = lambda: w8a16_matmul(x, w_q, w_scale)
-            row = {"shape": name, "m": m}
-            for path, fn in paths.items():
-                fn()
-                graph, reps = torch.cuda.CUDAGraph(), 200
-                with torch.cuda.graph(graph):
-                    for _ in range(reps):
-                        fn()
-                graph.replay()
-                torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                graph.replay()
-                torch.cuda.synchronize(device)
-                row[path] = 1e6 * (time.perf_counter() - start) / reps
-                del graph
-            rows.append(row)
+            if m <= GEMV_MAX_ROWS:
+                paths["gemv"] = lambda: w8a16_gemv(x, w_q, w_scale)
+            rows.append({"shape": name, "m": m, **{path: graph_us(fn) for path, fn in paths.items()}})
     return rows
 
 
@@ -225,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="fp8-w8a16: batches of at most this many tokens take the W8A16 GEMM (<= 64)")
     p.add_argument("--gemv-max-m", type=int, default=1,
                    help="fp8-w8a16: batches of at most this many tokens take the W8A16 GEMV (<= 4)")
-    p.add_argument("--swap-ab-max-m", type=int, default=64,
-                   help="fp8-swapab: batches of at most this many tokens take the swapped _scaled_mm")
     p.add_argument("--gemm-ms", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256],
                    help="token counts of the per-projection GEMM timing")
     args = p.parse_args(argv)
@@ -243,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     kernel = check_kernel(device, args.batch_sizes)
     print(f"_scaled_mm vs reference (max error allowed {MAX_KERNEL_ERROR:.0e} of the largest value):")
     for r in kernel:
-        print(f"  {r['shape']:<13} {r['path']:<18} m={r['m']:<4} rel_max_error={r['rel_max_error']:.2e} {'ok' if r['ok'] else 'FAIL'}")
+        print(f"  {r['shape']:<13} m={r['m']:<4} rel_max_error={r['rel_max_error']:.2e} {'ok' if r['ok'] else 'FAIL'}")
 
     triton_rows = check_triton_kernels(device, args.batch_sizes, args.w8a16_max_m)
     print("Triton kernels vs torch references (quantization bit for bit; W8A16 within 2 bf16 ulps):")
@@ -253,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"max error {r['max_error_ulps']:.2f} ulp, rel_max_error={r['rel_max_error']:.2e}")
         print(f"  {r['kernel']:<18} {r['shape']:<13} m={r['m']:<4} {detail} {'ok' if r['ok'] else 'FAIL'}")
 
-    from tetriinfer.kernels.fp8_quant import W8A16_MAX_ROWS
-
-    gemms = time_gemms(device, args.gemm_ms, W8A16_MAX_ROWS)
+    gemms = time_gemms(device, args.gemm_ms)
     print("one projection (us, CUDA graph, activations already quantized)")
     for r in gemms:
         print(f"  {r['shape']:<13} m={r['m']:<4} " + "  ".join(f"{k} {v:7.1f}" for k, v in r.items()
@@ -266,11 +260,10 @@ def main(argv: list[str] | None = None) -> int:
           f"fp8 {peaks['fp8'] / 1e12:.0f} TFLOP/s")
     decode, prefill, errors = [], [], {}
     for label in args.variants:
-        quantization, kv, act_quant, w8a16, swap_ab = VARIANTS[label]
-        saved = quant.ACT_QUANT, quant.W8A16_MAX_M, quant.SWAP_AB_MAX_M, quant.GEMV_MAX_M
+        quantization, kv, act_quant, w8a16 = VARIANTS[label]
+        saved = quant.ACT_QUANT, quant.W8A16_MAX_M, quant.GEMV_MAX_M
         quant.ACT_QUANT, quant.W8A16_MAX_M = act_quant, args.w8a16_max_m if w8a16 else 0
         quant.GEMV_MAX_M = args.gemv_max_m if w8a16 else 0
-        quant.SWAP_AB_MAX_M = args.swap_ab_max_m if swap_ab else 0
         try:
             rows, chunk = time_steps(args.device, quantization, kv, args.batch_sizes, args.context, bandwidth,
                                      args.chunk, label=label)
@@ -282,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # record why, keep the rest of the run
             errors[label] = f"{type(e).__name__}: {e}"
         finally:
-            quant.ACT_QUANT, quant.W8A16_MAX_M, quant.SWAP_AB_MAX_M, quant.GEMV_MAX_M = saved
+            quant.ACT_QUANT, quant.W8A16_MAX_M, quant.GEMV_MAX_M = saved
     labels = [lab for lab in args.variants if any(r["weights"] == lab for r in decode)]
     print(f"llama3-8b decode step, context {args.context} per sequence (ms, and x the roofline = bytes read / "
           f"copy bandwidth)")
@@ -303,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
               "commit": os.environ.get("TETRIINFER_COMMIT", "unknown"), "copy_bandwidth_bytes_per_s": bandwidth,
               "matmul_peaks_flops_per_s": peaks, "kernel_check": kernel, "decode": decode, "prefill": prefill,
               "errors": errors, "triton_check": triton_rows, "w8a16_max_m": args.w8a16_max_m,
-              "swap_ab_max_m": args.swap_ab_max_m, "gemms_us": gemms,
+              "gemv_max_m": args.gemv_max_m, "gemms_us": gemms,
               "kernel_ok": all(r["ok"] for r in kernel + triton_rows)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -4,7 +4,7 @@ GEMMs at m = 1 far from it (qkv 25 MB in 19 us) and each call costing at least ~
 
     PYTHONPATH=. python scripts/w8a16_sweep.py --out sweep.json [--ms 1 16]
 
-Paths, each timed as the mean of 100 launches captured in one CUDA graph (launch overhead left out):
+Paths, each timed by fp8_check.graph_us (200 launches in one CUDA graph, launch overhead left out):
 - `bf16`: torch.mm on the bf16 weights; `fp8`: quantized activations through torch._scaled_mm;
 - `w8a16`: kernels.fp8_quant's W8A16 GEMM at its shipped launch config and at every config of a grid;
 - `gemv`: kernels.fp8_quant.w8a16_gemv over a grid of configs, for M <= 4: no tensor cores, each
@@ -20,47 +20,17 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tetriinfer.kernels.fp8_quant import _w8a16_kernel, w8a16_gemv, w8a16_launch_config, w8a16_matmul  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
+sys.path.insert(0, str(Path(__file__).parent))  # fp8_check
+from fp8_check import LLAMA3_8B_SHAPES, graph_us  # noqa: E402
+
+from tetriinfer.kernels.fp8_quant import GEMV_MAX_ROWS, w8a16_gemv, w8a16_matmul  # noqa: E402
 from tetriinfer.model.quant import (fp8_matmul_ref, fp8_matmul_scaled_mm, quantize_per_token, quantize_weight,  # noqa: E402
                                     w8a16_matmul_ref)
-
-SHAPES = (("qkv_proj", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up_proj", 4096, 28672),
-          ("down_proj", 14336, 4096))
-
-
-def w8a16_at(x, w_q, w_scale, block_n, block_k, num_warps, num_stages):
-    m, k = x.shape
-    n = w_q.shape[0]
-    cfg = w8a16_launch_config(m, k, x.dtype)
-    cfg.update(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=num_warps,
-               num_stages=num_stages)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _w8a16_kernel[(triton.cdiv(n, block_n),)](x, w_q, w_scale, out, m, n, k, x.stride(0), w_q.stride(0),
-                                               out.stride(0), **cfg)
-    return out
-
-
-def graph_us(fn, reps: int = 100) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    graph.replay()
-    torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - start) / reps
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -70,7 +40,7 @@ def main() -> None:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     rows, best = [], []
-    for name, k, n in SHAPES:
+    for name, k, n in LLAMA3_8B_SHAPES:
         w = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02
         w_q, w_scale = quantize_weight(w)
         for m in args.ms:
@@ -83,8 +53,9 @@ def main() -> None:
                      "w8a16 shipped": lambda: w8a16_matmul(x, w_q, w_scale)}
             for bn, bk, nw, ns in itertools.product((16, 32, 64), (256, 512), (4, 8), (4,)):
                 cands[f"w8a16 n{bn} k{bk} w{nw} s{ns}"] = (
-                    lambda bn=bn, bk=bk, nw=nw, ns=ns: w8a16_at(x, w_q, w_scale, bn, bk, nw, ns))
-            if m <= 4:
+                    lambda bn=bn, bk=bk, nw=nw, ns=ns: w8a16_matmul(x, w_q, w_scale, BLOCK_N=bn, BLOCK_K=bk,
+                                                                    num_warps=nw, num_stages=ns))
+            if m <= GEMV_MAX_ROWS:
                 for bn, bk, sk, nw in itertools.product((8, 16, 32), (512, 1024), (1, 2, 4), (4, 8)):
                     cands[f"gemv n{bn} k{bk} split{sk} w{nw}"] = (
                         lambda bn=bn, bk=bk, sk=sk, nw=nw: w8a16_gemv(x, w_q, w_scale, split_k=sk, BLOCK_N=bn, BLOCK_K=bk,

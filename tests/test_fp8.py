@@ -175,35 +175,3 @@ def test_the_scaled_mm_path_agrees_with_the_reference_path(monkeypatch):
         pytest.skip(f"this torch has no CPU _scaled_mm: {e}")
     ref = fp8_linear(x, w_q, w_scale, None, use_kernel=False).float()
     assert (kernel - ref).abs().max() / ref.abs().max() < 1e-2
-
-
-@pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
-def test_the_swapped_scaled_mm_gives_the_plain_products_rows_for_any_token_count(m):
-    """(W_q x_q^T)^T pads the tokens to 16 and drops the padding: the same values as the plain
-    _scaled_mm, in a contiguous [m, out] tensor, and the switch routes small batches to it."""
-    torch.manual_seed(m)
-    w_q, w_scale = quantize_weight(torch.randn(48, 64) / 10)
-    x_q, x_scale = quantize_per_token(torch.randn(m, 64, dtype=torch.bfloat16) * torch.rand(m, 1) * 4)
-    try:
-        plain = quant.fp8_matmul_scaled_mm(x_q, x_scale, w_q, w_scale, torch.bfloat16)
-    except (RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"this torch has no CPU _scaled_mm: {e}")
-    swapped = quant.fp8_matmul_scaled_mm_swapped(x_q, x_scale, w_q, w_scale, torch.bfloat16)
-    assert swapped.shape == (m, 48) and swapped.is_contiguous()
-    ref = quant.fp8_matmul_ref(x_q, x_scale, w_q, w_scale, torch.float32)
-    assert (swapped.float() - ref).abs().max() / ref.abs().max() < 1e-2
-    assert (swapped.float() - plain.float()).abs().max() / ref.abs().max() < 1e-2
-
-
-def test_batches_up_to_the_swap_bound_take_the_swapped_product(monkeypatch):
-    taken = []
-    monkeypatch.setattr(quant, "fp8_matmul_scaled_mm", lambda *a: taken.append("plain") or quant.fp8_matmul_ref(*a))
-    monkeypatch.setattr(quant, "fp8_matmul_scaled_mm_swapped",
-                        lambda *a: taken.append("swapped") or quant.fp8_matmul_ref(*a))
-    monkeypatch.setattr(quant, "W8A16_MAX_M", 0)
-    monkeypatch.setattr(quant, "GEMV_MAX_M", 0)
-    monkeypatch.setattr(quant, "SWAP_AB_MAX_M", 8)
-    w_q, w_scale = quantize_weight(torch.randn(32, 64) / 10)
-    for m in (1, 8, 9):
-        quant.fp8_matmul_cuda(torch.randn(m, 64, dtype=torch.bfloat16), w_q, w_scale)
-    assert taken == ["swapped", "swapped", "plain"]

@@ -147,25 +147,30 @@ def w8a16_launch_config(m: int, k: int, dtype: torch.dtype = torch.bfloat16) -> 
                 num_warps=4 if block_m == 16 else 8, num_stages=4)
 
 
-def w8a16_matmul(x: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
-    """x [M, K] bf16/fp16 (M <= 64), w_q float8 [N, K], w_scale float32 [N] -> [M, N] in x's dtype."""
-    m, k = x.shape
-    n = w_q.shape[0]
-    if m > W8A16_MAX_ROWS:
-        raise ValueError(f"w8a16_matmul takes at most {W8A16_MAX_ROWS} rows, got {m}")
-    if x.dtype not in (torch.bfloat16, torch.float16) or w_q.dtype != FP8 or w_q.shape[1] != k:
+def _w8a16_operands(x: Tensor, w_q: Tensor, max_rows: int, name: str) -> tuple[Tensor, Tensor]:
+    """Both W8A16 wrappers' checks: at most `max_rows` bf16/fp16 rows against float8 [N, K] weights;
+    the two made unit-stride along K."""
+    if x.shape[0] > max_rows:
+        raise ValueError(f"{name} takes at most {max_rows} rows, got {x.shape[0]}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or w_q.dtype != FP8 or w_q.shape[1] != x.shape[1]:
         raise ValueError(f"expected bf16/fp16 x [M, K] and float8_e4m3fn w [N, K], got {x.dtype} {tuple(x.shape)} "
                          f"and {w_q.dtype} {tuple(w_q.shape)}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if w_q.stride(-1) != 1:
-        w_q = w_q.contiguous()
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (x, w_q))
+
+
+def w8a16_matmul(x: Tensor, w_q: Tensor, w_scale: Tensor, **config) -> Tensor:
+    """x [M, K] bf16/fp16 (M <= 64), w_q float8 [N, K], w_scale float32 [N] -> [M, N] in x's dtype.
+    `config` overrides w8a16_launch_config's BLOCK_N, BLOCK_K, num_warps, num_stages (scripts/w8a16_sweep.py)."""
+    x, w_q = _w8a16_operands(x, w_q, W8A16_MAX_ROWS, "w8a16_matmul")
+    m, k = x.shape
+    n = w_q.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     if k == 0:
         return out.zero_()
-    cfg = w8a16_launch_config(m, k, x.dtype)
+    cfg = {**w8a16_launch_config(m, k, x.dtype), **config}
+    cfg["EVEN_K"] = k % cfg["BLOCK_K"] == 0
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _w8a16_kernel[grid](x, w_q, w_scale, out, m, n, k, x.stride(0), w_q.stride(0), out.stride(0), **cfg)
     return out
@@ -208,14 +213,9 @@ def w8a16_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, split_k: int = 1, **conf
     """x [M, K] bf16/fp16 (M <= GEMV_MAX_ROWS), w_q float8 [N, K], w_scale float32 [N] -> [M, N] in x's
     dtype, as w8a16_matmul. `split_k` > 1 splits K over programs summed by float32 atomics (a zeroed
     buffer and a cast more); `config` overrides gemv_launch_config (scripts/w8a16_sweep.py sweeps it)."""
+    x, w_q = _w8a16_operands(x, w_q, GEMV_MAX_ROWS, "w8a16_gemv")
     m, k = x.shape
     n = w_q.shape[0]
-    if m > GEMV_MAX_ROWS:
-        raise ValueError(f"w8a16_gemv takes at most {GEMV_MAX_ROWS} rows, got {m}")
-    if x.dtype not in (torch.bfloat16, torch.float16) or w_q.dtype != FP8 or w_q.shape[1] != k:
-        raise ValueError(f"expected bf16/fp16 x [M, K] and float8_e4m3fn w [N, K], got {x.dtype} {tuple(x.shape)} "
-                         f"and {w_q.dtype} {tuple(w_q.shape)}")
-    x, w_q = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w_q))
     cfg = {**gemv_launch_config(), **config}
     atomic = split_k > 1
     out = (torch.zeros if atomic else torch.empty)(m, n, dtype=torch.float32 if atomic else x.dtype, device=x.device)

@@ -9,9 +9,6 @@ elsewhere a reference path dequantizes to float32 and multiplies, so CPU tests r
 (up to float32 accumulation order). Batches of at most `W8A16_MAX_M` tokens skip activation
 quantization: a Triton GEMM upcasts the FP8 weights to bf16 tile by tile (W8A16), and at most
 `GEMV_MAX_M` tokens a Triton GEMV without tensor cores does (decode at batch 1).
-Batches of at most `SWAP_AB_MAX_M` tokens run the product transposed, (W_q x_q^T)^T ("swap AB", as
-vLLM's and TensorRT-LLM's FP8 GEMMs do for small M): cuBLAS then tiles the thousands of output
-channels rather than the few tokens, and streams the weights from many more SMs.
 
 Weights come either from a higher-precision checkpoint (or random weights), quantized at load
 (`quantize_model_`, as vLLM's `--quantization fp8`), or from a checkpoint already in FP8 in the
@@ -43,8 +40,6 @@ ACT_QUANT = os.environ.get("TETRIINFER_FP8_ACT_QUANT", "triton")
 # on an H100 (scripts/w8a16_sweep.py: 87 and 104 us a layer against 130 and 126; gpu.md).
 GEMV_MAX_M = int(os.environ.get("TETRIINFER_FP8_GEMV_MAX_M", "1"))
 W8A16_MAX_M = int(os.environ.get("TETRIINFER_FP8_W8A16_MAX_M", "16"))
-# SWAP_AB_MAX_M: token counts up to this run `fp8_matmul_scaled_mm_swapped`; 0 turns it off.
-SWAP_AB_MAX_M = int(os.environ.get("TETRIINFER_FP8_SWAP_AB_MAX_M", "0"))
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,21 +80,6 @@ def fp8_matmul_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Te
     return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale[None, :], out_dtype=out_dtype)
 
 
-def fp8_matmul_scaled_mm_swapped(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
-                                 w_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """The same product as fp8_matmul_scaled_mm, computed as (W_q x_q^T)^T: the weights are the
-    row-major left operand, the tokens (padded to the 16 rows _scaled_mm needs) the column-major right
-    one, and the scales swap sides with them."""
-    m = x_q.shape[0]
-    pad = -m % 16
-    if pad:  # zero tokens with unit scales; their columns are dropped below
-        x_q = torch.cat([x_q, x_q.new_zeros(pad, x_q.shape[1])])
-        x_scale = torch.cat([x_scale, x_scale.new_ones(pad, 1)])
-    y_t = torch._scaled_mm(w_q, x_q.t(), scale_a=w_scale[:, None], scale_b=x_scale.reshape(1, -1),
-                           out_dtype=out_dtype)
-    return y_t[:, :m].t().contiguous()
-
-
 def w8a16_matmul_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """The W8A16 reference: activations as they are, weights dequantized, float32 product in x's dtype."""
     return (x.float() @ (w_q.float() * w_scale[:, None]).t()).to(x.dtype)
@@ -123,8 +103,6 @@ def fp8_matmul_cuda(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -
         x_q, x_scale = quantize_per_token_triton(x)
     else:
         x_q, x_scale = quantize_per_token(x)
-    if x.shape[0] <= SWAP_AB_MAX_M:
-        return fp8_matmul_scaled_mm_swapped(x_q, x_scale, w_q, w_scale, x.dtype)
     return fp8_matmul_scaled_mm(x_q, x_scale, w_q, w_scale, x.dtype)
 
 
