@@ -102,7 +102,8 @@ def test_tokenizer_info_serves_the_tokenizer_config_as_vllm_does(backend):
                                              "rstrip": False, "single_word": False, "special": True}},
               "chat_template": [{"name": "default", "template": "{{ messages }}"}]}
     backend.tokenizer.chat_template = "{{ messages }}"
-    app = create_app(backend, enable_tokenizer_info_endpoint=True, tokenizer_config=config)
+    backend.tokenizer.config = config
+    app = create_app(backend, enable_tokenizer_info_endpoint=True)
     got = call(app, "GET", "/tokenizer_info").json()
     assert got == {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
                    "model_max_length": 4096, "clean_up_tokenization_spaces": False,

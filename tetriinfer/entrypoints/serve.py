@@ -170,7 +170,6 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
     from tetriinfer.cluster.zmq_io import WILDCARD_HOSTS, AsyncInbox, Wire
     from tetriinfer.model.loader import load_arch_and_tokenizer
     from tetriinfer.server.app import create_app
-    from tetriinfer.server.utility_routes import read_tokenizer_config
 
     arch, tokenizer = load_arch_and_tokenizer(cfg.engine.model)  # bad model names fail here, before any process
     _check_port_free(cfg.host, cfg.port)
@@ -204,9 +203,8 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
             silent_after_s=cfg.dead_after_s, controller_startup_s=cfg.dead_after_s + 30,
             instance_startup_s=cfg.startup_timeout_s))
         supervising = asyncio.get_running_loop().create_task(supervisor.run())
-        info = ({"enable_tokenizer_info_endpoint": True, "tokenizer_config": read_tokenizer_config(cfg.engine.model)}
-                if cfg.enable_tokenizer_info_endpoint else {})
-        app = create_app(client, api_key=cfg.api_key, **info, **({} if logs is None else {"logs": logs}))
+        app = create_app(client, api_key=cfg.api_key, enable_tokenizer_info_endpoint=cfg.enable_tokenizer_info_endpoint,
+                         **({} if logs is None else {"logs": logs}))
         app.state.server.metrics.registry.register(supervisor.collector())
         shape = (f"{cfg.shape.num_instances} colocated {cfg.baseline} instance(s)" if cfg.mode == "colocated"
                  else f"{cfg.shape.num_prefill} prefill + {cfg.shape.num_decode} decode instance(s)")

@@ -19,6 +19,7 @@ class Tokenizer:
     bos_token_id: int | None
     eos_token_id: int | None
     chat_template: str | None = None
+    config: dict = {}  # the model's tokenizer_config.json, as read ({} for the byte tokenizer); never mutated
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """`add_special_tokens=False`: the text's own tokens, no BOS (e.g. to tokenize a bad word)."""
@@ -65,6 +66,7 @@ class HFTokenizer(Tokenizer):
         config = {}
         if (model_dir / "tokenizer_config.json").exists():
             config = json.loads((model_dir / "tokenizer_config.json").read_text())
+        self.config = config
         self.chat_template = config.get("chat_template")
         if isinstance(self.chat_template, list):  # named templates: take the default one
             self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)

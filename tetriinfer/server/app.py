@@ -57,10 +57,9 @@ class OpenAIServer:
     """Auth, the job intake, the request bookkeeping (metrics, logs); create_app wires it to routes."""
 
     def __init__(self, backend: Backend, api_key: str | None, limits: ServerLimits, logs: LogConfig = LogConfig(),
-                 tokenizer_info_endpoint: bool = False, tokenizer_config: dict | None = None):
+                 tokenizer_info_endpoint: bool = False):
         self.backend = backend
         self.tokenizer_info_endpoint = tokenizer_info_endpoint  # GET /tokenizer_info exists
-        self.tokenizer_config = tokenizer_config  # the model's tokenizer_config.json, for /tokenizer_info
         self.api_key = api_key
         self.limits = limits
         self.logs = logs
@@ -107,14 +106,12 @@ class OpenAIServer:
 
 
 def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLimits = ServerLimits(),
-               logs: LogConfig = LogConfig(), enable_tokenizer_info_endpoint: bool = False,
-               tokenizer_config: dict | None = None) -> FastAPI:
+               logs: LogConfig = LogConfig(), enable_tokenizer_info_endpoint: bool = False) -> FastAPI:
     """The HTTP app over `backend`. With `api_key`, every /v1 route wants 'Authorization: Bearer <key>'
     (/health and /metrics stay open). `limits`: body size, nesting and list caps (limits.py). `logs`:
     the access line per request and the periodic stats line (logs.py). `enable_tokenizer_info_endpoint`:
-    serve GET /tokenizer_info (vLLM's, off by default as there), from `tokenizer_config` (the model's
-    tokenizer_config.json) and the backend's tokenizer."""
-    server = OpenAIServer(backend, api_key, limits, logs, enable_tokenizer_info_endpoint, tokenizer_config)
+    serve GET /tokenizer_info (vLLM's, off by default as there), from the backend's tokenizer."""
+    server = OpenAIServer(backend, api_key, limits, logs, enable_tokenizer_info_endpoint)
     server_logger = logging.getLogger("tetriinfer.server")
     if (logs.log_requests or logs.log_stats) and server_logger.level == logging.NOTSET:
         server_logger.setLevel(logging.INFO)  # printed by default (as vLLM's), whatever the root level

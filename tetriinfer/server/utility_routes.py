@@ -13,7 +13,6 @@ is a 400 with an OpenAI-style error body; a model without a tokenizer gets the 4
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -93,15 +92,6 @@ _BYTE_SPECIAL_TOKENS = {256: "<bos>", 257: "<eos>", 258: "<pad>"}
 _ADDED_TOKEN_KEYS = {"content", "lstrip", "rstrip", "normalized", "single_word", "special", "__type"}
 
 
-def read_tokenizer_config(model: str) -> dict:
-    """The model directory's tokenizer_config.json ({} for a preset or a directory without one)."""
-    from tetriinfer.model.loader import resolve_model
-
-    _, model_dir = resolve_model(model)
-    path = None if model_dir is None else model_dir / "tokenizer_config.json"
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
-
-
 def _plain(value: Any) -> Any:
     """vLLM's JSON form of a tokenizer setting: an added token is its text."""
     if isinstance(value, dict):
@@ -113,12 +103,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def tokenizer_info(backend, tokenizer_config: dict | None) -> dict:
-    """vLLM's TokenizerInfoResponse: the tokenizer's configuration (`tokenizer_config`, the model's
-    tokenizer_config.json) and `tokenizer_class`, with the special tokens' text and the chat template
-    filled in from the tokenizer the server uses where the file lacks them."""
+def tokenizer_info(backend) -> dict:
+    """vLLM's TokenizerInfoResponse: the tokenizer's configuration (the model's tokenizer_config.json,
+    as the tokenizer read it) and `tokenizer_class`, with the special tokens' text and the chat
+    template filled in from the tokenizer the server uses where the file lacks them."""
     tokenizer = require_tokenizer(backend)
-    info = {k: _plain(v) for k, v in (tokenizer_config or {}).items() if k not in _TOKENIZER_FILE_KEYS}
+    info = {k: _plain(v) for k, v in tokenizer.config.items() if k not in _TOKENIZER_FILE_KEYS}
     if not isinstance(info.get("tokenizer_class"), str):
         info["tokenizer_class"] = type(tokenizer).__name__
     byte = isinstance(tokenizer, ByteTokenizer)
@@ -155,7 +145,7 @@ def add_utility_routes(app: FastAPI, server) -> None:
     if server.tokenizer_info_endpoint:  # as vLLM: the route exists only when asked for
         @app.get("/tokenizer_info")
         async def _tokenizer_info() -> dict:
-            return tokenizer_info(backend, server.tokenizer_config)
+            return tokenizer_info(backend)
 
     @app.get("/version")
     async def _version() -> dict:
