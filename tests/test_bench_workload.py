@@ -11,7 +11,7 @@ from tetriinfer.bench.workload import (
     RequestSpec,
     classify,
     data_dir,
-    load_trace_csv,
+    load_trace,
     make_workload,
 )
 
@@ -110,10 +110,10 @@ def test_unknown_workload_and_missing_data(tmp_path, monkeypatch):
         data_dir()
 
 
-def test_load_trace_csv(tmp_path):
+def test_load_trace_reads_our_csv_as_written(tmp_path):
     path = tmp_path / "trace.csv"
     path.write_text("arrival_s,prompt_tokens,output_tokens,note\n0.5,100,20,a\n0.5,7,1,b\n2.25,3000,400,c\n")
-    assert load_trace_csv(path) == [
+    assert load_trace(path) == [
         RequestSpec(0, 0.5, 100, 20),
         RequestSpec(1, 0.5, 7, 1),
         RequestSpec(2, 2.25, 3000, 400),
@@ -123,20 +123,20 @@ def test_load_trace_csv(tmp_path):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("arrival,prompt_tokens,output_tokens\n0,1,1\n", "missing arrival_s"),
-        ("arrival_s,prompt_tokens,output_tokens\n0,10,5\n1,ten,5\n", r"trace.csv:3: expected a number"),
+        ("arrival,prompt_tokens,output_tokens\n0,1,1\n", "unknown trace header"),
+        ("arrival_s,prompt_tokens,output_tokens\n0,10,5\n1,ten,5\n", r"trace.csv:3: expected a time and two integers"),
         ("arrival_s,prompt_tokens,output_tokens\n0,10,5\n1,10\n", r"trace.csv:3: expected"),
         ("arrival_s,prompt_tokens,output_tokens\n0,10,0\n", r"trace.csv:2: need .* token counts >= 1"),
-        ("arrival_s,prompt_tokens,output_tokens\n-1,10,5\n", r"trace.csv:2: need arrival_s >= 0"),
+        ("arrival_s,prompt_tokens,output_tokens\n-1,10,5\n", r"trace.csv:2: need arrivals >= 0"),
         ("arrival_s,prompt_tokens,output_tokens\n2,10,5\n1,10,5\n", r"trace.csv:3: .*sort the file"),
         ("arrival_s,prompt_tokens,output_tokens\n", "no requests"),
     ],
 )
-def test_load_trace_csv_names_the_bad_line(tmp_path, body, message):
+def test_load_trace_names_the_bad_line(tmp_path, body, message):
     path = tmp_path / "trace.csv"
     path.write_text(body)
     with pytest.raises(ValueError, match=message):
-        load_trace_csv(path)
+        load_trace(path)
 
 
 def test_real_data_gives_every_workload(monkeypatch):

@@ -184,7 +184,7 @@ def test_build_specs_takes_an_arrival_override(real, tmp_path):
     )
     path = tmp_path / "trace.csv"
     path.write_text("arrival_s,prompt_tokens,output_tokens\n0,10,5\n")
-    with pytest.raises(ValueError, match="keeps its own arrival_s"):
+    with pytest.raises(ValueError, match="keeps its own arrival times"):
         build_specs("mixed", 1, trace=str(path), arrival="poisson")
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tetriinfer.bench.workload import ALL_WORKLOADS, TRACE_FORMATS
+from tetriinfer.bench.trace_files import TRACE_FORMATS
+from tetriinfer.bench.workload import ALL_WORKLOADS
 
 
 def add_parser(subparsers) -> None:

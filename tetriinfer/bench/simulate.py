@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from tetriinfer.bench.workload import ALL_WORKLOADS, TRACE_FORMATS
+from tetriinfer.bench.trace_files import TRACE_FORMATS
+from tetriinfer.bench.workload import ALL_WORKLOADS
 from tetriinfer.config import SYSTEMS, ClusterConfig, ClusterShape, EngineSchedulerConfig, FlipConfig, PolicyConfig, SimConfig
 from tetriinfer.sched.admission import ADMISSION_POLICIES
 from tetriinfer.sched.dispatcher import DISPATCH_POLICIES

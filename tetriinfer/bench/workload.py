@@ -8,29 +8,31 @@ Workloads (docs/workloads.md):
 - `vidur-arxiv`, `vidur-sharegpt`, `vidur-bwb`: Vidur's lengths-only traces, rows drawn at random.
 - `conversation`: multi-turn ShareGPT sessions, each turn resending the history (conversation.py).
 Arrivals: `closed` (all at t=0: the paper's batch), `poisson` or `bursty` (at `rate` requests/s;
-arrivals.py) or `trace` (the timed traces' timestamps, rebased to 0). `load_trace_csv` reads any
-`arrival_s,prompt_tokens,output_tokens` CSV; `build_specs(trace="X.jsonl")` a Mooncake trace.
+arrivals.py) or `trace` (the timed traces' timestamps, rebased to 0). `load_trace` reads a user's
+trace file in any layout trace_files.py knows (ours, Azure, BurstGPT, Vidur CSV; Mooncake JSONL).
 Prefix block ids (`RequestSpec.hash_ids`) come with Mooncake traces and the `conversation` workload.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import csv
+import dataclasses
 import functools
+import logging
 import os
 import random
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from tetriinfer.bench.arrivals import OPEN_ARRIVALS, check_rate, open_arrivals, poisson_arrivals  # noqa: F401 (re-exported)
 from tetriinfer.bench.conversation import plan_conversations, turn_hash_ids
+from tetriinfer.bench.trace_files import read_trace
 from tetriinfer.bench.traces import (
-    HASH_BLOCK_TOKENS, LENGTH_TRACES, SPLITWISE_TRACES, VIDUR_DIR, open_text, read_mooncake_jsonl, read_vidur_csv,
+    HASH_BLOCK_TOKENS, LENGTH_TRACES, SPLITWISE_TRACES, VIDUR_DIR, open_text, read_vidur_csv,
 )
 from tetriinfer.config import PolicyConfig
+
+log = logging.getLogger(__name__)
 
 SHAREGPT_MIXES = ("lpld", "lphd", "hpld", "hphd", "mixed")
 AZURE_TRACES = {"azure-code": "AzureLLMInferenceTrace_code.csv", "azure-conv": "AzureLLMInferenceTrace_conv.csv"}
@@ -40,9 +42,6 @@ WORKLOADS = SHAREGPT_MIXES + TIMED_TRACES + tuple(LENGTH_TRACES)
 # Session workloads: turns follow each other in time, so they need an open-loop arrival.
 SESSION_WORKLOADS = ("conversation",)
 ALL_WORKLOADS = WORKLOADS + SESSION_WORKLOADS
-# What --trace reads (simulate and bench serve take the same files).
-TRACE_FORMATS = ("CSV with columns arrival_s,prompt_tokens,output_tokens, or a Mooncake JSONL trace "
-                 "(timestamp ms, input_length, output_length, hash_ids)")
 ARRIVALS = ("closed", "poisson", "trace", "bursty")
 
 # ShareGPT ships characters, not tokens (no tokenizer can be fetched here): ~4 characters per token
@@ -254,71 +253,7 @@ def _read_sharegpt_sessions(path: Path) -> tuple[tuple[tuple[int, int], ...], ..
 
 @functools.cache
 def _read_azure_trace(path: Path) -> tuple[tuple[float, int, int], ...]:
-    rows = []
-    with open_text(path) as f:
-        for row in csv.DictReader(f):
-            rows.append((_epoch_seconds(row["TIMESTAMP"]), int(row["ContextTokens"]), int(row["GeneratedTokens"])))
-    start = rows[0][0]
-    return tuple((t - start, p, o) for t, p, o in rows)
-
-
-_EPOCH = datetime(1970, 1, 1)  # the trace's clock has no time zone; only differences matter
-
-
-def _epoch_seconds(stamp: str) -> float:
-    """`2023-11-16 18:17:03.9799600` (7 fractional digits) as seconds, to the microsecond."""
-    whole, _, fraction = stamp.partition(".")
-    return (datetime.fromisoformat(whole) - _EPOCH).total_seconds() + float("0." + (fraction or "0"))
-
-
-TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
-
-
-def load_trace_csv(path: str | Path) -> list[RequestSpec]:
-    """Requests from a CSV with header `arrival_s,prompt_tokens,output_tokens` (more columns ignored).
-
-    Arrivals are seconds, non-decreasing, kept as written; token counts are integers >= 1. A bad row
-    raises ValueError naming the file and line.
-    """
-    path = Path(path)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(
-                f"{path}: header must name {','.join(TRACE_COLUMNS)}; missing {', '.join(missing)} "
-                f"(header read: {reader.fieldnames})"
-            )
-        requests: list[RequestSpec] = []
-        for row in reader:
-            line = reader.line_num
-            try:
-                arrival = float(row["arrival_s"])
-                prompt, output = int(row["prompt_tokens"]), int(row["output_tokens"])
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{path}:{line}: expected a number and two integers, got "
-                    f"{row['arrival_s']!r}, {row['prompt_tokens']!r}, {row['output_tokens']!r}"
-                ) from None
-            if not arrival >= 0 or prompt < 1 or output < 1:
-                raise ValueError(
-                    f"{path}:{line}: need arrival_s >= 0 and token counts >= 1, got {arrival}, {prompt}, {output}"
-                )
-            if requests and arrival < requests[-1].arrival_s:
-                raise ValueError(
-                    f"{path}:{line}: arrival_s {arrival} is earlier than the previous row's "
-                    f"{requests[-1].arrival_s}; sort the file by arrival_s"
-                )
-            requests.append(RequestSpec(len(requests), arrival, prompt, output))
-    if not requests:
-        raise ValueError(f"{path}: no requests after the header")
-    return requests
-
-
-def load_mooncake_trace(path: str | Path) -> list[RequestSpec]:
-    """Requests of a Mooncake JSONL trace (`traces.read_mooncake_jsonl`), with their hash ids;
-    arrivals in seconds as written."""
-    return [RequestSpec(i, t, p, o, h or None) for i, (t, p, o, h) in enumerate(read_mooncake_jsonl(path))]
+    return tuple((t, p, o) for t, p, o, _ in read_trace(path).rows)
 
 
 def build_specs(
@@ -331,24 +266,41 @@ def build_specs(
     max_total_tokens: int | None = None,
     arrival: str | None = None,
 ) -> list:
-    """The requests of `tetriinfer simulate`'s flags: a trace CSV or Mooncake JSONL as written, else the named workload
+    """The requests of `tetriinfer simulate`'s flags: a trace file (`load_trace`), else the named workload
     (`arrival` if given, else Poisson at `rate`; without it a closed batch, or a timed trace's
-    timestamps). `max_total_tokens` drops requests whose prompt + output exceed it (trace CSV rows
-    too; the rest are renumbered 0..n-1)."""
+    timestamps). `max_total_tokens` drops requests whose prompt + output exceed it."""
     if trace:
-        if arrival not in (None, "trace"):
-            raise ValueError(f"a trace CSV keeps its own arrival_s; {arrival} arrival does not apply to {trace}")
-        specs = load_mooncake_trace(trace) if str(trace).endswith((".jsonl", ".jsonl.gz")) else load_trace_csv(trace)
-        if max_total_tokens is not None:
-            kept = [s for s in specs if s.prompt_tokens + s.output_tokens <= max_total_tokens]
-            if not kept:
-                raise ValueError(f"{trace}: no row has prompt + output <= {max_total_tokens} tokens")
-            specs = [dataclasses.replace(s, request_id=i) for i, s in enumerate(kept)]
-        return specs
+        return load_trace(trace, arrival=arrival, rate=rate, seed=seed, max_total_tokens=max_total_tokens)
     if arrival is None:
         arrival = "poisson" if rate else ("trace" if workload in TIMED_TRACES else "closed")
     return make_workload(workload, num_requests, seed=seed, arrival=arrival, rate=rate,
                          max_total_tokens=max_total_tokens)
+
+
+def load_trace(path: str | Path, *, arrival: str | None = None, rate: float | None = None, seed: int = 0,
+               max_total_tokens: int | None = None) -> list[RequestSpec]:
+    """Every request of a trace file (trace_files.read_trace), renumbered 0..n-1 after dropping those
+    over `max_total_tokens`. A timed trace keeps its arrivals; a lengths-only one takes `arrival`
+    (Poisson at `rate` when only a rate is given, else a closed batch)."""
+    trace = read_trace(path)
+    if trace.skipped:
+        log.warning("%s: left out %d rows with zero tokens (failed requests)", path, trace.skipped)
+    rows = trace.rows
+    if max_total_tokens is not None:
+        rows = [row for row in rows if row[1] + row[2] <= max_total_tokens]
+        if not rows:
+            raise ValueError(f"{path}: no row has prompt + output <= {max_total_tokens} tokens")
+    if trace.timed:
+        if arrival not in (None, "trace"):
+            raise ValueError(f"{path} keeps its own arrival times; {arrival} arrival does not apply")
+        times = [row[0] for row in rows]
+    else:
+        if arrival == "trace":
+            raise ValueError(f"{path} has no arrival times (lengths only); use closed, poisson or bursty arrival")
+        arrival = arrival or ("poisson" if rate else "closed")
+        check_rate(arrival, rate)
+        times = [0.0] * len(rows) if arrival == "closed" else open_arrivals(len(rows), arrival, rate, random.Random(seed))
+    return [RequestSpec(i, t, p, o, h) for i, (t, (_, p, o, h)) in enumerate(zip(times, rows))]
 
 
 def back_to_back(*phases: list[RequestSpec]) -> list[RequestSpec]:
