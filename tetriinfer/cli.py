@@ -16,6 +16,7 @@ SUBCOMMANDS = (
     "tetriinfer.entrypoints.profile",
     "tetriinfer.entrypoints.serve",
     "tetriinfer.entrypoints.top",
+    "tetriinfer.entrypoints.dashboard",
     "tetriinfer.predictor.cli",
     "tetriinfer.bench.simulate",
     "tetriinfer.bench.cli",
