@@ -120,6 +120,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
+    # Keep each request's final hidden state at its last prompt token (`Request.prompt_hidden`, a
+    # CPU float32 row): the features of the online length probe (`serve --predictor probe`).
+    capture_prompt_hidden: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: EngineSchedulerConfig = field(default_factory=EngineSchedulerConfig)
 
@@ -376,11 +379,13 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     served_model_name: str | None = None
+    chat_template: str | None = None  # the template text replacing the model's (--chat-template)
     enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (vLLM's flag, off there too)
     uvicorn_log_level: str = "warning"
     kv_transport: str = "auto"
     kv_timeout_s: float = 30.0
-    predictor: str | None = None  # directory of a trained predictor; None: the shipped one; "none": constant
+    # Directory of a trained predictor; None: the shipped one; "static[:DIR]", "probe[:DIR]" (predictor.serving)
+    predictor: str | None = None
     launcher: str = "local"
     dead_after_s: float = 5.0
     startup_timeout_s: float = 600.0

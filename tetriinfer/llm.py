@@ -33,9 +33,17 @@ class LLM:
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        *,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation ([{"role": ..., "content": ...}, ...]) or a list of
-        them, formatted by the model's chat template (a simple documented one for the presets)."""
+        them, formatted by the model's chat template (a simple documented one for the presets), or
+        by `chat_template` (a file's path or the template itself); the other keywords are vLLM's
+        `LLM.chat` ones (`tools` are shown to the template; their calls are not parsed here)."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("this model directory has no tokenizer.json, so it has no chat template")
@@ -43,7 +51,14 @@ class LLM:
         for i, conv in enumerate(conversations):
             if not conv or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in conv):
                 raise ValueError(f"conversation {i}: give a non-empty list of {{'role': ..., 'content': ...}} messages")
-        prompts = [tokenizer.apply_chat_template(conv) for conv in conversations]
+        from tetriinfer.model.chat_template import resolve_chat_template
+
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message needs add_generation_prompt=False")
+        template = resolve_chat_template(chat_template) if chat_template else None
+        prompts = [tokenizer.apply_chat_template(conv, add_generation_prompt, continue_final_message=continue_final_message,
+                                                 tools=tools, template_kwargs=chat_template_kwargs, chat_template=template)
+                   for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def generate(

@@ -51,7 +51,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--kv-timeout", type=float, default=serve.kv_timeout_s, help="seconds before a KV transfer fails")
     g.add_argument("--predictor", default=serve.predictor,
                    help="trained length predictor directory; None: the shipped one, adapting online; 'static' or "
-                        "'static:DIR': as trained, no online adaptation; 'none': constant fallback")
+                        "'static:DIR': as trained, no online adaptation; 'probe' or 'probe:DIR': adapting online "
+                        "on the served model's own hidden state at the prompt's last token (kept from the prefill, "
+                        "no extra forward pass; TRAIL-style); 'none': constant fallback")
     g.add_argument("--launcher", default=serve.launcher, choices=LAUNCHERS, help="ray needs the [ray] extra")
     g.add_argument("--ray-address", default=None, help="with --launcher ray: the cluster to join; None: auto")
     g.add_argument("--monitor-interval", type=float, default=policy.monitor_interval_s, help="seconds")
@@ -101,6 +103,9 @@ def add_parser(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1. A key given here is visible to other local "
                         "users in `ps`: prefer $TETRIINFER_API_KEY, which is used when this is not given")
     h.add_argument("--served-model-name", default=None, help="the name clients use; None: --model")
+    h.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="a Jinja chat template replacing the model's: a file's path, or the template itself "
+                        "(as vLLM's flag); None: the model's own (tokenizer_config.json or chat_template.jinja)")
     h.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
                    help="serve GET /tokenizer_info (vLLM's: the tokenizer's config, special tokens and chat "
                         "template, which lm-eval's remote tokenizer reads); off by default, as in vLLM")
@@ -119,6 +124,8 @@ def serve_config(args: argparse.Namespace):
     from tetriinfer.cluster.mps import parse_sm_shares
     from tetriinfer.config import ClusterShape, EngineConfig, FlipConfig, PolicyConfig, ServeConfig
 
+    from tetriinfer.model.chat_template import resolve_chat_template
+
     engine = EngineConfig.from_flat(_model(args), **engine_kwargs(args))
     policy = PolicyConfig(
         disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,
@@ -133,6 +140,7 @@ def serve_config(args: argparse.Namespace):
         baseline=args.baseline, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("TETRIINFER_API_KEY"),
         served_model_name=args.served_model_name, enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        chat_template=resolve_chat_template(args.chat_template) if args.chat_template else None,
         kv_transport=args.kv_transport, kv_timeout_s=args.kv_timeout,
         predictor=args.predictor, launcher=args.launcher,
         dead_after_s=args.dead_after, uvicorn_log_level=args.uvicorn_log_level, torch_threads=args.torch_threads, engine=engine, policy=policy, flip=flip,
@@ -175,6 +183,8 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
     _check_port_free(cfg.host, cfg.port)
     if tokenizer is None:
         raise ValueError(f"model {cfg.engine.model!r} has no tokenizer.json; the server needs one")
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = cfg.chat_template
     signals = _Signals(asyncio.get_running_loop(), cfg.shutdown_timeout_s)  # a signal now stops the cluster too
     internal_host = "0.0.0.0" if cfg.launcher == "ray" else "127.0.0.1"
     # This process owns the wire (its ipc directory), not the inbox: it goes after the children,

@@ -12,6 +12,10 @@ SIMPLE_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# tokenizer_config.json's special tokens, which transformers hands every chat template by name.
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
 
 class Tokenizer:
     """What the engine needs of a tokenizer."""
@@ -28,17 +32,21 @@ class Tokenizer:
     def decode(self, token_ids: list[int]) -> str:
         raise NotImplementedError
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        import jinja2  # a dependency of torch
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            continue_final_message: bool = False, tools: list[dict] | None = None,
+                            template_kwargs: dict | None = None, chat_template: str | None = None) -> str:
+        """The prompt text (model.chat_template.render_chat) under `chat_template`, else the model's;
+        raises `ChatTemplateError` when the template refuses the conversation."""
+        from tetriinfer.model.chat_template import render_chat
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template or SIMPLE_CHAT_TEMPLATE)
-        return template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.special_token_text(self.bos_token_id),
-            eos_token=self.special_token_text(self.eos_token_id),
-        )
+        return render_chat(chat_template or self.chat_template or SIMPLE_CHAT_TEMPLATE, messages,
+                           add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                           tools=tools, special_tokens=self.special_tokens(), template_kwargs=template_kwargs)
+
+    def special_tokens(self) -> dict[str, str]:
+        """The special tokens' texts a template may name (`bos_token`, `eos_token`, ...)."""
+        return {"bos_token": self.special_token_text(self.bos_token_id),
+                "eos_token": self.special_token_text(self.eos_token_id)}
 
     def special_token_text(self, token_id: int | None) -> str:
         return ""
@@ -70,6 +78,8 @@ class HFTokenizer(Tokenizer):
         self.chat_template = config.get("chat_template")
         if isinstance(self.chat_template, list):  # named templates: take the default one
             self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
+        if (model_dir / CHAT_TEMPLATE_FILE).exists():  # newer repos keep it apart; transformers prefers it
+            self.chat_template = (model_dir / CHAT_TEMPLATE_FILE).read_text()
         self.bos_token_id = self._token_id(config.get("bos_token"))
         self.eos_token_id = self._token_id(config.get("eos_token"))
 
@@ -86,6 +96,14 @@ class HFTokenizer(Tokenizer):
 
     def special_token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else (self._tok.id_to_token(token_id) or "")
+
+    def special_tokens(self) -> dict[str, str]:
+        named = {key: _token_text(self.config.get(key)) for key in SPECIAL_TOKEN_KEYS if self.config.get(key)}
+        return {**named, **super().special_tokens()}
+
+
+def _token_text(token) -> str:
+    return token.get("content", "") if isinstance(token, dict) else str(token)
 
 
 def load_tokenizer(model_dir: Path | None, bos_token_id: int | None, eos_token_id: int | None) -> Tokenizer | None:

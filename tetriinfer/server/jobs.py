@@ -148,14 +148,24 @@ def completion_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: 
                continuous_usage=req.continuous_usage, path="/v1/completions")
 
 
+def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool, continue_final_message: bool = False,
+                template_kwargs: dict | None = None, tools: list[dict] | None = None) -> str:
+    """The chat template's prompt text; a template refusing the conversation is a 400."""
+    from tetriinfer.model.chat_template import ChatTemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt, continue_final_message=continue_final_message,
+                                             tools=tools, template_kwargs=template_kwargs)
+    except ChatTemplateError as e:  # the model's own template may refuse a conversation (e.g. roles)
+        raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+
+
 def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: ServerLimits) -> Job:
     req: ChatCompletionRequest = parse(raw, ChatCompletionRequest, backend, limits)
     tokenizer = require_tokenizer(backend)
     keep = req.prompt_tokens_kept(backend.max_model_len)
-    try:
-        prompt = tokenizer.apply_chat_template(req.message_dicts(), add_generation_prompt=req.add_generation_prompt)
-    except Exception as e:  # the model's own jinja template may refuse a conversation (e.g. roles)
-        raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+    prompt = chat_prompt(tokenizer, req.message_dicts(), add_generation_prompt=req.add_generation_prompt,
+                         continue_final_message=req.continue_final_message, template_kwargs=req.chat_template_kwargs)
     token_ids, prompt = _truncated(tokenizer.encode(prompt), prompt, keep, backend)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:  # as vLLM: the rest of the context (too little room is reported below)

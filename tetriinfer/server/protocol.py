@@ -64,8 +64,8 @@ class StreamOptions(BaseModel):
 # vLLM's request extensions that change what is generated and that this server does not implement:
 # each is accepted at the value that changes nothing (null, empty, or the listed default) and
 # refused otherwise, so a client relying on one gets a 400 naming it instead of an answer that
-# silently ignored it. Other unknown fields (cosmetic ones such as skip_special_tokens or
-# chat_template_kwargs included) are ignored, as OpenAI's API does.
+# silently ignored it. Other unknown fields (cosmetic ones such as skip_special_tokens included)
+# are ignored, as OpenAI's API does.
 UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value, what to do instead)
     "use_beam_search": (False, "sample with n instead"),
 }
@@ -366,6 +366,9 @@ class ChatMessage(BaseModel):
 
     role: str
     content: Any = None  # str, a list of {"type": "text", "text": ...} parts, or null
+    name: str | None = None
+    tool_call_id: str | None = None  # a "tool" message answers this call
+    tool_calls: list[dict] | None = None  # an assistant turn's calls, as the API returned them
 
     @field_validator("content")
     @classmethod
@@ -391,6 +394,8 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True  # extension
+    continue_final_message: bool = False  # vLLM's: the reply continues the last (assistant) message
+    chat_template_kwargs: dict | None = None  # vLLM's: template variables, e.g. Qwen3's enable_thinking
     tools: list | None = None
 
     def check_supported(self) -> None:
@@ -405,6 +410,40 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: "
+                                "send add_generation_prompt: false to continue the last message",
+                           param="continue_final_message")
+        if self.continue_final_message and not self.messages[-1].content:
+            raise APIError(400, "continue_final_message needs a last message with content", param="messages")
+        if getattr(self, "chat_template", None) is not None:  # vLLM refuses these too, unless trusted
+            raise APIError(400, "a chat_template in the request is not accepted: start the server with "
+                                "--chat-template FILE", param="chat_template")
 
     def message_dicts(self) -> list[dict]:
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+        return message_dicts(self.messages)
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as a chat template reads them. A tool call's `arguments` (a JSON string on the
+    wire) becomes a dict, as transformers' templates expect (vLLM does the same)."""
+    out = []
+    for m in messages:
+        message = {"role": m.role, "content": m.content}
+        message.update({k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v is not None})
+        if m.tool_calls is not None:
+            message["tool_calls"] = [_call_with_dict_arguments(call) for call in m.tool_calls]
+        out.append(message)
+    return out
+
+
+def _call_with_dict_arguments(call: dict) -> dict:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        raise APIError(400, f"tool call arguments must be a JSON object, got {function['arguments'][:80]!r}",
+                       param="messages") from None
+    return {**call, "function": {**function, "arguments": arguments}}

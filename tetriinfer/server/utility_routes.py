@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
 from tetriinfer import __version__
 from tetriinfer.model.tokenizer import SIMPLE_CHAT_TEMPLATE, ByteTokenizer
-from tetriinfer.server.jobs import parse, require_tokenizer
+from tetriinfer.server.jobs import chat_prompt, parse, require_tokenizer
 from tetriinfer.server.limits import read_body
-from tetriinfer.server.protocol import APIError, ChatMessage
+from tetriinfer.server.protocol import APIError, ChatMessage, message_dicts
 from tetriinfer.server.vllm_metrics import requests_running_and_waiting
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict | None = None
     add_special_tokens: StrictBool = True  # completion prompts only: the chat template has its own
     return_token_strs: StrictBool = False
 
@@ -46,6 +48,9 @@ class TokenizeRequest(BaseModel):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if self.messages is not None and not self.messages:
             raise APIError(400, "messages must be a non-empty list", param="messages")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                           param="continue_final_message")
 
 
 class DetokenizeRequest(BaseModel):
@@ -62,11 +67,8 @@ def tokenize(raw: bytes, backend, limits) -> dict:
     req: TokenizeRequest = parse(raw, TokenizeRequest, backend, limits)
     tokenizer = require_tokenizer(backend)
     if req.messages is not None:
-        try:
-            text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in req.messages],
-                                                 add_generation_prompt=req.add_generation_prompt)
-        except Exception as e:  # the model's own template may refuse a conversation
-            raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+        text = chat_prompt(tokenizer, message_dicts(req.messages), add_generation_prompt=req.add_generation_prompt,
+                           continue_final_message=req.continue_final_message, template_kwargs=req.chat_template_kwargs)
         tokens = tokenizer.encode(text)
     else:
         tokens = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
