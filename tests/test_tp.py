@@ -121,6 +121,23 @@ def test_a_tp2_decode_engine_holding_the_prefix_receives_only_the_suffix(model_d
         decode.close()
 
 
+def test_two_ranks_keep_the_prompt_hidden_state_of_one(model_dirs):
+    """Rank 0's final hidden state is the whole one (replicated by the last all-reduce)."""
+    path = str(model_dirs["llama"])
+    ids = prompts()[2]
+    states = []
+    for tp in (1, 2):
+        engine = LLMEngine(EngineConfig.from_flat(path, tensor_parallel_size=tp, capture_prompt_hidden=True, **SMALL))
+        try:
+            req = engine.add_request("r", prompt_token_ids=ids, sampling=GREEDY)
+            finish(engine)
+            states.append(req.prompt_hidden)
+        finally:
+            engine.close()
+    assert states[0].shape == (engine.arch.hidden_size,)
+    assert states[1] == pytest.approx(states[0], abs=1e-4)
+
+
 def test_a_dead_worker_is_a_clear_error_and_close_leaves_no_process(model_dirs):
     llm = LLM(str(model_dirs["llama"]), tensor_parallel_size=2, **SMALL)
     procs = llm.engine.workers.procs

@@ -48,6 +48,7 @@ class LaunchedStep:
 
     sampled: list[Request]
     tokens: SampledTokens | None  # None: the step completes no prompt and holds no decode
+    prompt_hidden: torch.Tensor | None = None  # capture on: final hidden rows of the prompts it completes
 
     @functools.cached_property
     def rows(self) -> dict[int, int]:
@@ -83,7 +84,8 @@ class LLMEngine(ServingFacade):
         self.runner = ModelRunner(loaded.model, loaded.arch, num_blocks, config.cache.block_size, backend,
                                   self.device, self.kv_dtype, self.max_model_len,
                                   config.scheduler.max_num_seqs, config.scheduler.chunk_size, use_graphs,
-                                  mixed_steps=config.scheduler.step_policy == "mixed", tp=tp)
+                                  mixed_steps=config.scheduler.step_policy == "mixed", tp=tp,
+                                  capture_prompt_hidden=config.capture_prompt_hidden)
         if self.workers is not None:
             self.workers.start_runners(RunnerSpec(num_blocks, self.max_model_len, backend))
             self.runner.workers = self.workers
@@ -254,7 +256,7 @@ class LLMEngine(ServingFacade):
             last = self._takes_last_token(req)
             req.num_pending += 1
             self.scheduler.on_sampled(req, last)
-        return LaunchedStep(sampled, tokens)
+        return LaunchedStep(sampled, tokens, self.runner.prompt_hidden)
 
     def _tokens_on_device(self, plan: StepPlan) -> TokensOnDevice | None:
         """Where decodes' input tokens were sampled by the step in flight and are not read back yet."""
@@ -276,10 +278,15 @@ class LLMEngine(ServingFacade):
         result = step.tokens.result()
         now = time.monotonic()
         stepped = []
+        hidden = step.prompt_hidden.cpu().numpy() if step.prompt_hidden is not None else None
         for i, req in enumerate(step.sampled):
             req.num_pending -= 1
             if self.requests.get(req.request_id) is not req:
                 continue  # aborted, or stopped by the step before (its row here was spent for nothing)
+            if hidden is not None and i < len(hidden) and not req.output_token_ids:
+                # Its first token: the row is its prompt's (a recompute after preemption, or an
+                # imported request, ends at an output token). A copy: the batch is not kept.
+                req.prompt_hidden = hidden[i].copy()
             if req.prefill_only and req.status == RequestStatus.WAITING:
                 req.status = RequestStatus.PREFILLED
             if result.top_logprobs is not None and req.sampling.logprobs:

@@ -88,13 +88,17 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch: ModelArch, num_blocks: int, block_size: int,
                  attention_backend: str, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, max_num_seqs: int, chunk_size: int, use_cuda_graphs: bool,
-                 mixed_steps: bool = False, tp: TensorParallel = SINGLE):
+                 mixed_steps: bool = False, tp: TensorParallel = SINGLE, capture_prompt_hidden: bool = False):
         self.model = model
         self.arch = arch
         self.block_size = block_size
         self.device = device
         self.kernels = get_kernels(attention_backend)
         self.tp = tp
+        # With `capture_prompt_hidden`, `execute` leaves the final hidden rows of the prompts its step
+        # completes (plan order, float32, on the device) in `prompt_hidden`; else it stays None.
+        self.capture_prompt_hidden = capture_prompt_hidden
+        self.prompt_hidden: torch.Tensor | None = None
         # Rank 0 of a tensor-parallel engine: its workers (engine.tp_worker.TPWorkers) run each step too.
         self.workers = None
         # Under tensor parallelism each rank caches the KV heads of its own attention heads.
@@ -193,11 +197,21 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.step(inputs, fed=feed is not None)
         hidden = self.run_model(inputs, feed)
+        if self.capture_prompt_hidden:
+            self._keep_prompt_hidden(hidden, inputs, plan)
         if any(p.request.wants_prompt_logprobs for p in plan.prefill):  # only requests that ask
             record_prompt_logprobs(self.model.compute_logits, hidden, plan)
         if all_logits or not plan.prefill:  # a decode-only step samples every real row, in order
             return self.model.compute_logits(hidden[: inputs.num_real_tokens])
         return self.model.compute_logits(hidden[to_device(inputs.sample_idx, self.device)])
+
+    def _keep_prompt_hidden(self, hidden: torch.Tensor, inputs: StepInputs, plan: StepPlan) -> None:
+        """`prompt_hidden`: the rows the LM head reads for the prompts this step completes (the
+        first sampled rows). Under tensor parallelism rank 0's rows are the whole state: the final
+        norm runs on activations the last all-reduce replicated."""
+        done = sum(p.completes_prompt for p in plan.prefill)
+        # A gather copies: a CUDA graph's output buffer is overwritten by the next step's replay.
+        self.prompt_hidden = hidden[to_device(inputs.sample_idx[:done], self.device)].float() if done else None
 
     def run_model(self, inputs: StepInputs, feed: tuple[torch.Tensor, torch.Tensor] | None = None,
                   fed: bool = False) -> torch.Tensor:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tetriinfer.engine.detokenizer import IncrementalDetokenizer
 from tetriinfer.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 TopLogprobs = list[tuple[int, float]]  # one position's N most likely (token id, logprob), best first
@@ -65,6 +68,9 @@ class Request:
     prompt_ranks: list[int] = field(default_factory=list)  # each prompt token's rank (1: the likeliest)
     grammar: Any = None  # structured output: engine.structured.GrammarState, made on first use
     bad_words_ids: list[list[int]] | None = None  # sampling.bad_words tokenized, made on first use
+    # EngineConfig.capture_prompt_hidden: the final hidden state at the last prompt token (the row
+    # the LM head read for the first token), float32 [hidden_size]; it goes with the request.
+    prompt_hidden: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.sampling.logprobs and len(self.output_top_logprobs) < len(self.output_token_ids):

@@ -2,6 +2,10 @@
 per-request KV seam that disaggregation runs on (park, decode here, export, reserve, import).
 
 The cluster goes through these methods only, never into the scheduler or the block manager.
+With `EngineConfig.capture_prompt_hidden`, a request that `step_requests` returns with its first
+token carries `prompt_hidden` (its final hidden state at the last prompt token: the length probe's
+features); the engine keeps it nowhere else, so it goes when the request is finished, aborted or
+exported (`RequestState` does not carry it: the prefilling instance keeps what it needs).
 `RequestState` is the one record of a request moving between engines: plain data without torch,
 so it travels as it is in `cluster.messages.KVPush` while its K/V go through `cluster.kv`.
 """
