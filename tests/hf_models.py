@@ -64,12 +64,40 @@ def _opt():
     return model
 
 
-FAMILIES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "opt": _opt}
+def _llama_biases_linear_rope():
+    """Llama with `attention_bias` (q/k/v and o) and `mlp_bias`, and linear RoPE scaling."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**COMMON, intermediate_size=96, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                      rope_scaling={"rope_type": "linear", "factor": 2.0})
+    return _random_biases(LlamaForCausalLM(cfg))
+
+
+def _qwen2_yarn():
+    """Qwen2.5 as its model cards extend it to long context: YaRN RoPE scaling."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**COMMON, intermediate_size=96, num_key_value_heads=2,
+                      rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512})
+    return _random_biases(Qwen2ForCausalLM(cfg))
+
+
+def _random_biases(model):
+    with torch.no_grad():  # HF initializes biases to zero; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)
+    return model
+
+
+FAMILIES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "opt": _opt,
+            "llama-biases": _llama_biases_linear_rope, "qwen2-yarn": _qwen2_yarn}
+SEEDS = {family: i for i, family in enumerate(("llama", "mistral", "opt", "qwen2", "qwen3", "llama-biases", "qwen2-yarn"))}
 
 
 def build_hf_model(family: str, out_dir: Path, max_shard_size: str | None = None):
     """Build, save (safetensors) and return the transformers model, in float32 eval mode."""
-    torch.manual_seed(sorted(FAMILIES).index(family))
+    torch.manual_seed(SEEDS[family])
     model = FAMILIES[family]().float().eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, safe_serialization=True, **kwargs)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = LLAMA_LIKE + ("opt",)
+ROPE_SCALINGS = ("linear", "llama3", "yarn")  # besides the default (model.layers.rope_inv_freq)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class ModelArch:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
     qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False  # Llama's: gate, up and down projections
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
@@ -95,8 +98,14 @@ class ModelArch:
             kind = scaling.get("rope_type", scaling.get("type", "default"))
             if kind == "default":
                 scaling = None
-            elif kind != "llama3":
-                raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, llama3)")
+            elif kind not in ROPE_SCALINGS:
+                raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, {', '.join(ROPE_SCALINGS)})")
+            else:
+                scaling["rope_type"] = kind
+                if kind == "yarn":  # transformers' defaults: the context given is the original one
+                    scaling.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+                    if scaling.get("factor") is None:
+                        scaling["factor"] = cfg["max_position_embeddings"] / scaling["original_max_position_embeddings"]
         sliding = cfg.get("sliding_window")
         if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             sliding = None
@@ -109,6 +118,9 @@ class ModelArch:
             rope_theta=float(rope_theta),
             rope_scaling=scaling,
             qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            # Qwen2 biases q/k/v only; Llama and Qwen3's `attention_bias` covers o_proj too
+            o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             sliding_window=sliding,
         )

@@ -74,12 +74,18 @@ class RMSNorm(nn.Module):
         return ctx.kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies of rotary embedding, with the llama3 long-context rescaling if asked."""
-    # float32 throughout, as Hugging Face computes it, so positions map to bit-identical angles.
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of rotary embedding and the factor cos/sin are scaled by, for Hugging
+    Face's `rope_scaling` kinds `default` (None), `linear`, `llama3` and `yarn`, computed as
+    transformers computes them (float32 throughout, so positions map to bit-identical angles)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    if scaling is None:
-        return inv_freq
+    kind = None if scaling is None else scaling["rope_type"]
+    if kind is None:
+        return inv_freq, 1.0
+    if kind == "linear":  # positions divided by `factor`
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
     factor = scaling["factor"]
     low_freq_factor = scaling["low_freq_factor"]
@@ -92,7 +98,38 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
+    return torch.where(is_medium, smoothed, scaled), 1.0
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(dim: int, base: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al., 2023): interpolate the low frequencies by `factor`, keep the high ones,
+    ramp linearly between the dimensions that turn `beta_slow` and `beta_fast` times over the
+    original context; cos/sin grow by the attention factor (`0.1 ln(factor) + 1` by default)."""
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else _yarn_mscale(factor))
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dimension(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension(beta_fast), dimension(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    keep = 1 - ramp  # 1: extrapolate (the high frequencies), 0: interpolate
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep, float(attention_factor)
 
 
 class RotaryEmbedding(nn.Module):
@@ -101,7 +138,8 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_positions, head_dim // 2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        # [max_positions, head_dim // 2]; YaRN scales both, i.e. q and k, by its attention factor
+        self.register_buffer("cos", freqs.cos() * attention_factor, persistent=False)
+        self.register_buffer("sin", freqs.sin() * attention_factor, persistent=False)

@@ -35,7 +35,7 @@ class LlamaAttention(nn.Module):
         self.kv_size = tp.split(arch.num_kv_heads, "KV heads") * arch.head_dim
         self.qkv_proj = Linear(arch.hidden_size, (self.q_size + 2 * self.kv_size) * tp.size, arch.qkv_bias,
                                tp, "column")
-        self.o_proj = Linear(self.q_size * tp.size, arch.hidden_size, False, tp, "row")
+        self.o_proj = Linear(self.q_size * tp.size, arch.hidden_size, arch.o_bias, tp, "row")
         self.qk_norm = arch.qk_norm
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.norm_eps)
@@ -65,8 +65,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, arch: ModelArch, tp: TensorParallel = SINGLE):
         super().__init__()
         self.intermediate_size = tp.split(arch.intermediate_size, "MLP features")
-        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, False, tp, "column")
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, False, tp, "row")
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, arch.mlp_bias, tp, "column")
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, arch.mlp_bias, tp, "row")
 
     def shard_offsets(self) -> dict:
         n = self.intermediate_size
