@@ -56,3 +56,53 @@ def test_a_random_weight_probe_learns_what_the_prompt_tokens_carry(tiny_llama_di
     report = score_stream(run_stream(rows, tokens, SPEC, 50), tokens, SPEC, 50)
     assert report.accuracy_after > report.majority_accuracy_after + 0.2
     assert report.kendall_tau_after > 0.5
+
+
+def test_the_online_predictor_given_hidden_states_learns_what_they_carry_and_serves_its_head():
+    """The served-model form: no forward pass of its own, the state comes with each prompt and label.
+    Lengths are a function of the state; the prior knows nothing (a constant)."""
+    from tetriinfer.predictor.online import online_predictor
+    from tetriinfer.predictor.serving import ConstantPredictor
+
+    predictor = online_predictor(ConstantPredictor(SPEC, 1), None, hidden_features=True)
+    rng = np.random.default_rng(0)
+    correct, majority = [], []
+    try:
+        for _ in range(12):
+            states = rng.normal(size=(40, 16)).astype(np.float32)
+            tokens = np.exp(5.0 + 0.8 * states[:, 0]).astype(int) + 1
+            prompts = [[7, 8, i] for i in range(40)]
+            got = predictor.predict(prompts, hidden=list(states))
+            correct += [p.bucket == SPEC.bucket_of(int(t)) for p, t in zip(got, tokens)]
+            majority += [SPEC.bucket_of(int(t)) == 0 for t in tokens]  # the traffic's majority bucket
+            for p, t, h in zip(prompts, tokens, states):
+                predictor.observe(p, int(t), hidden=h)
+            predictor.flush()
+        stats = predictor.stats()
+        assert stats.num_labels == 480 and stats.num_unpaired == 0
+        assert stats.bucket_source in ("head", "regress", "recent")
+        assert np.mean(correct[-160:]) > np.mean(majority[-160:]) + 0.15
+        predictor.observe([1, 2], 50)  # a label whose state was not kept: counted, not learned
+        predictor.flush()
+        assert predictor.stats().num_unpaired == 1 and predictor.stats().num_labels == 480
+        with pytest.raises(ValueError, match="hidden"):
+            predictor.predict([[1, 2]])
+    finally:
+        predictor.close()
+
+
+def test_load_predictor_probe_is_the_online_predictor_on_hidden_states():
+    from tetriinfer.predictor import load_predictor
+    from tetriinfer.predictor.online import OnlineLengthPredictor
+    from tetriinfer.predictor.serving import reads_prompt_hidden
+
+    assert reads_prompt_hidden("probe") and reads_prompt_hidden("probe:/some/dir")
+    assert not any(reads_prompt_hidden(s) for s in (None, "static", "none", "/a/probe"))
+    predictor = load_predictor("probe", online=False)  # the spec wins, as "static" does
+    try:
+        assert isinstance(predictor, OnlineLengthPredictor) and predictor.hidden_features
+        state = np.ones(8, np.float32)
+        [prediction] = predictor.submit(["Tell me about cats"], hidden=[state]).result()
+        assert 0 <= prediction.bucket < predictor.buckets.num_buckets
+    finally:
+        predictor.close()

@@ -5,6 +5,10 @@ Same interface as every `LengthPredictor` (`predict`, `submit`, `buckets`, `clos
 served model's tokens. `observe` only queues the label; featurising it and refitting the head
 (`learner.OnlineLearner`) happen on a separate learner thread, never on the request path. The head
 is fitted on a copy of the buffer, outside the lock `predict` takes, and swapped in when done.
+
+With `hidden_features` it is the probe (`predictor.probe`): the head's features are the served
+model's hidden states, given with each prompt (`predict(prompts, hidden=...)`) and each label
+(`observe(..., hidden=...)`); the prior still gives its candidates' probabilities and score.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from tetriinfer.predictor.learner import Featured, OnlineConfig, OnlineLearner, fit_head
+from tetriinfer.predictor.probe import probe_rows
 from tetriinfer.predictor.serving import LengthPrediction, LengthPredictor, ModelLengthPredictor, Prompts
 
 log = logging.getLogger("tetriinfer.predictor")
@@ -71,33 +76,49 @@ class OnlineStats:
     predicted_buckets: list[int]
     bucket_source: str
     score_source: str
+    num_unpaired: int = 0  # the probe: labels that came without their hidden state (not learned)
 
 
 class OnlineLengthPredictor(LengthPredictor):
     def __init__(self, featurize: Featurizer, prior: LengthPredictor, prior_shares: np.ndarray | None = None,
-                 config: OnlineConfig = OnlineConfig()) -> None:
+                 config: OnlineConfig = OnlineConfig(), hidden_features: bool = False) -> None:
         super().__init__(prior.buckets)
         self.prior = prior
         self.featurize = featurize
+        self.hidden_features = hidden_features
         self.learner = OnlineLearner(prior.buckets, prior_shares, config)
         self.predicted = [0] * prior.buckets.num_buckets
+        self.num_unpaired = 0
         self._lock = threading.Lock()  # the learner's state
-        self._pending: deque[tuple[Prompts, int]] = deque(maxlen=MAX_PENDING_LABELS)
+        self._pending: deque[tuple[Prompts, int, np.ndarray | None]] = deque(maxlen=MAX_PENDING_LABELS)
         self._learner_pool = ThreadPoolExecutor(1, thread_name_prefix="length-learner")
         self._draining = False
 
-    def predict(self, prompts: Prompts) -> list[LengthPrediction]:
+    def _rows(self, prompts: Prompts, hidden: Sequence | None) -> Featured:
         rows = self.featurize(prompts)
+        if not self.hidden_features:
+            return rows
+        if hidden is None or any(h is None for h in hidden):
+            raise ValueError("the probe's features are the served model's hidden states: pass hidden=")
+        return probe_rows(rows, hidden)
+
+    def predict(self, prompts: Prompts, hidden: Sequence | None = None) -> list[LengthPrediction]:
+        """`hidden`: the prompts' hidden states (the probe's features; others ignore them)."""
+        rows = self._rows(prompts, hidden)
         with self._lock:
             buckets, scores = self.learner.predict(rows)
             for b in buckets:
                 self.predicted[int(b)] += 1
         return [self._prediction(int(b), float(s)) for b, s in zip(buckets, scores)]
 
-    def observe(self, prompt, output_len: int) -> None:
-        """Queue one label (prompt text or token ids, true output tokens); returns at once."""
+    def observe(self, prompt, output_len: int, hidden: np.ndarray | None = None) -> None:
+        """Queue one label (prompt text or token ids, true output tokens, and the probe's hidden
+        state); returns at once. The probe cannot learn from a label without its state: counted."""
         with self._lock:
-            self._pending.append((prompt, int(output_len)))
+            if self.hidden_features and hidden is None:
+                self.num_unpaired += 1
+                return
+            self._pending.append((prompt, int(output_len), hidden))
             if self._draining:
                 return
             self._draining = True
@@ -111,7 +132,7 @@ class OnlineLengthPredictor(LengthPredictor):
         with self._lock:
             learner = self.learner
             return OnlineStats(learner.num_labels, learner.online_accuracy(), list(self.predicted),
-                               learner.bucket_source, learner.score_source)
+                               learner.bucket_source, learner.score_source, self.num_unpaired)
 
     def close(self) -> None:
         super().close()
@@ -127,9 +148,10 @@ class OnlineLengthPredictor(LengthPredictor):
                         return
                     batch = list(self._pending)
                     self._pending.clear()
-                rows = self.featurize([p for p, _ in batch])  # outside the lock: predict keeps going
+                # outside the lock: predict keeps going
+                rows = self._rows([p for p, _, _ in batch], [h for _, _, h in batch])
                 with self._lock:
-                    self.learner.observe(rows, np.array([n for _, n in batch]))
+                    self.learner.observe(rows, np.array([n for _, n, _ in batch]))
                     data = self.learner.training_set() if self.learner.due() else None
                     warm = self.learner.head
                 if data is not None:
@@ -143,9 +165,10 @@ class OnlineLengthPredictor(LengthPredictor):
 
 
 def online_predictor(prior: LengthPredictor, prior_shares: list[float] | None,
-                     config: OnlineConfig = OnlineConfig()) -> OnlineLengthPredictor:
+                     config: OnlineConfig = OnlineConfig(), hidden_features: bool = False) -> OnlineLengthPredictor:
     """The online form of a loaded prior: model features when it has a model, else the running
-    label distribution alone (the constant fallback has no features)."""
+    label distribution alone (the constant fallback has no features); with `hidden_features`, the
+    probe's (the served model's hidden states) instead."""
     if isinstance(prior, ModelLengthPredictor):
         featurize: Featurizer = PriorFeaturizer(prior)
     else:
@@ -159,4 +182,4 @@ def online_predictor(prior: LengthPredictor, prior_shares: list[float] | None,
             return Featured(np.zeros((n, 1)), probs, np.array([p.score for p in base]))
 
     shares = np.array(prior_shares) if prior_shares else None
-    return OnlineLengthPredictor(featurize, prior, shares, config)
+    return OnlineLengthPredictor(featurize, prior, shares, config, hidden_features)

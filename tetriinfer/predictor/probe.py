@@ -1,14 +1,16 @@
 """A TRAIL-style probe: the online head reads the served model's last prompt hidden state.
 
 TRAIL (Shahout et al., 2024) predicts output length from the LLM's own internal state. Here the
-features of `learner.OnlineLearner`'s head become the final-layer hidden state at the prompt's last
-token (and the mean over the prompt), taken from a causal LM; the prior's bucket probabilities and
-score still feed the other candidates (`majority`, `prior`, `shifted`), so the probe is only served
-where it beats them on recent labels.
+features of `learner.OnlineLearner`'s head become a causal LM's final-layer hidden state at the
+prompt's last token; the prior's bucket probabilities and score still feed the other candidates
+(`majority`, `prior`, `shifted`), so the probe is only served where it beats them on recent labels.
 
-The hidden state comes from `hidden(ids) -> [d]`: a Hugging Face causal LM here
-(`from_pretrained`, or any `transformers` model object), computed in the predictor. Serving would
-take it from the prefill the engine runs anyway; that needs an engine hook not built yet.
+Two sources of the state, one row layout (`probe_rows`):
+- serving (`serve --predictor probe`): the served model's own state, which the engine keeps from
+  the prefill it runs anyway (`EngineConfig.capture_prompt_hidden`), given to
+  `OnlineLengthPredictor.predict` / `observe` as `hidden=`: no forward pass of its own;
+- offline (`predictor eval --probe HF_DIR`): `HiddenStateProbe` runs a Hugging Face causal LM in the
+  predictor, and appends the mean over the prompt to the last token's state.
 
 With random weights (the tiny test models) a hidden state is a fixed random function of the prompt
 tokens: the probe can then learn only what the tokens themselves carry (which words, how many),
@@ -55,6 +57,10 @@ class HiddenStateProbe:
         return torch.cat([h[-1], h.mean(0)]).double().numpy()
 
     def __call__(self, prompts) -> Featured:
-        prior = self.prior_featurize(prompts)
         ids = [self.encode(p) if isinstance(p, str) else p for p in prompts]
-        return Featured(np.stack([self.hidden(x) for x in ids]), prior.probs, prior.score)
+        return probe_rows(self.prior_featurize(prompts), [self.hidden(x) for x in ids])
+
+
+def probe_rows(prior: Featured, hidden: Sequence[np.ndarray]) -> Featured:
+    """The probe's rows: hidden states as the features, the prior's probabilities and score beside."""
+    return Featured(np.stack(hidden).astype(np.float64), prior.probs, prior.score)

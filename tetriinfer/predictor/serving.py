@@ -4,6 +4,8 @@
 `LengthPrediction` each. It is thread-safe (one lock around the model), and `submit` runs it on
 the predictor's own worker thread and returns a future, so the prefill loop never waits on it.
 torch releases the GIL inside its kernels, so the prefill's Python keeps running meanwhile.
+The probe (`predictor.probe`) also takes each prompt's hidden state from the served model
+(`hidden=`); a predictor that reads none refuses it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tetriinfer.sched.lengths import BucketSpec
 Prompts = Sequence[str] | Sequence[Sequence[int]]
 DISABLED = "none"
 STATIC = "static"  # "static" / "static:DIR": the model as trained, no online adaptation
+PROBE = "probe"  # "probe" / "probe:DIR": online, its head on the served model's hidden state
 
 
 @dataclass(frozen=True)
@@ -47,15 +50,18 @@ class LengthPredictor(ABC):
     @abstractmethod
     def predict(self, prompts: Prompts) -> list[LengthPrediction]: ...
 
-    def submit(self, prompts: Prompts) -> Future:
-        """Predict on the predictor's worker thread; the future resolves to list[LengthPrediction]."""
+    def submit(self, prompts: Prompts, hidden: Sequence | None = None) -> Future:
+        """Predict on the predictor's worker thread; the future resolves to list[LengthPrediction].
+        `hidden`: the prompts' hidden states, for a predictor whose `predict` reads them (the probe)."""
+        args = (list(prompts),) if hidden is None else (list(prompts), list(hidden))
         with self._executor_lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="length-predictor")
-            return self._executor.submit(self.predict, list(prompts))
+            return self._executor.submit(self.predict, *args)
 
-    def observe(self, prompt, output_len: int) -> None:
-        """A finished request's prompt and true output length; a static predictor learns nothing."""
+    def observe(self, prompt, output_len: int, hidden=None) -> None:
+        """A finished request's prompt, true output length and (the probe's) hidden state; a static
+        predictor learns nothing."""
 
     def close(self) -> None:
         with self._executor_lock:
@@ -143,11 +149,16 @@ def load_predictor(
     `decode` turns the served model's token ids back into text, for callers that pass ids.
     `device`: where the model runs; the built-in model is meant for the CPU, beside the GPU prefill.
     `online`: wrap it in `online.OnlineLengthPredictor`, which learns from `observe(prompt, length)`;
-    a path `"static"` or `"static:DIR"` turns that off (what `serve --predictor static` asks for).
+    a path `"static"` or `"static:DIR"` turns that off (what `serve --predictor static` asks for),
+    `"probe"` or `"probe:DIR"` makes it the probe, whose head reads the served model's hidden state
+    (`hidden=` with every prompt and label: `serve --predictor probe`).
     """
     spec = str(path) if path is not None else ""
+    probe = reads_prompt_hidden(spec)
     if spec == STATIC or spec.startswith(STATIC + ":"):
         online, path = False, spec[len(STATIC) + 1 :] or None
+    elif probe:
+        online, path = True, spec[len(PROBE) + 1 :] or None
     if path is not None and str(path) == DISABLED:
         meta = read_meta(DEFAULT_DIR)
         return ConstantPredictor(meta.buckets, meta.majority_bucket)
@@ -158,4 +169,10 @@ def load_predictor(
         return prior
     from tetriinfer.predictor.online import online_predictor
 
-    return online_predictor(prior, meta.training.get("label_shares"))
+    return online_predictor(prior, meta.training.get("label_shares"), hidden_features=probe)
+
+
+def reads_prompt_hidden(spec: str | None) -> bool:
+    """Whether the predictor `spec` (a `load_predictor` path) learns on the served model's hidden
+    state: its engine must keep it (`EngineConfig.capture_prompt_hidden`)."""
+    return spec is not None and (spec == PROBE or spec.startswith(PROBE + ":"))
