@@ -8,7 +8,8 @@ other on the controller's order, in the same process with the same weights.
 
 The hand-off, prefill P -> decode D, is `cluster.handoff` (its protocol in its docstring; P's half
 and D's mixed in here). This file keeps the loop, the prompts in, the tokens out, aborts and flips;
-the reports are `cluster.reports`. The engine is used through its serving facade only (`engine.serving`), and the
+the reports are `cluster.reports`; the length predictor's labels (and the probe's hidden states)
+`cluster.length_labels`. The engine is used through its serving facade only (`engine.serving`), and the
 policies' inputs are built from plain counts (`sched.instance_view`). Any failure (timeout, dead
 peer, abort, a message that cannot be sent) frees what each side holds and ends the request with an
 error delta to the API; nothing waits forever.
@@ -30,6 +31,7 @@ from tetriinfer.cluster import messages as msg
 from tetriinfer.cluster.handoff import TransferCounters
 from tetriinfer.cluster.handoff.decode import Assigned, DecodeHandoff, Incoming, Issued, Queued, Receiving
 from tetriinfer.cluster.handoff.prefill import Parked, PrefillHandoff
+from tetriinfer.cluster.length_labels import LengthLabels, PromptStates
 from tetriinfer.cluster.zmq_io import Inbox, Outboxes, Wire
 from tetriinfer.config import EngineConfig, FlipConfig, PolicyConfig
 from tetriinfer.cluster.reports import InstanceReports
@@ -79,7 +81,7 @@ class FlipState:
     ordered_at: float
 
 
-class Instance(PrefillHandoff, DecodeHandoff, InstanceReports):
+class Instance(PrefillHandoff, DecodeHandoff, LengthLabels, InstanceReports):
     def __init__(self, config: InstanceConfig) -> None:
         import torch
 
@@ -134,6 +136,7 @@ class Instance(PrefillHandoff, DecodeHandoff, InstanceReports):
         self.transfers_in = TransferCounters()
         self._receives: dict[int, Receiving] = {}  # transfer id -> its KV being received
         self.label_to: dict[str, int] = {}  # request -> the prefill instance whose predictor gets its length
+        self.prompt_states = PromptStates()  # the probe: hidden states of requests predicted here, until labelled
         self._recv_pool = ThreadPoolExecutor(1, thread_name_prefix="kv-recv")  # one at a time: p2p order
         self._next_transfer = 0
         self.flip: FlipState | None = None
@@ -211,8 +214,7 @@ class Instance(PrefillHandoff, DecodeHandoff, InstanceReports):
         elif isinstance(message, msg.KVDone):
             self._on_done(message)
         elif isinstance(message, msg.LengthLabel):
-            if self.predictor is not None:
-                self.predictor.observe(message.prompt_token_ids, message.output_len)
+            self._on_length_label(message)
         elif isinstance(message, msg.Flip):
             self._on_flip(message)
         elif isinstance(message, msg.Shutdown):
@@ -226,8 +228,9 @@ class Instance(PrefillHandoff, DecodeHandoff, InstanceReports):
     def _on_submit(self, submit: msg.Submit) -> None:
         prediction = None
         prompt = len(submit.prompt_token_ids)
-        if self.role == PREFILL and self.predictor is not None:
-            prediction = self.predictor.submit([submit.prompt_token_ids])  # runs beside the prefill
+        # Runs beside the prefill; the probe's waits for the prefill's hidden state (`_park`).
+        if self.role == PREFILL and self.predictor is not None and not self.config.engine.capture_prompt_hidden:
+            prediction = self.predictor.submit([submit.prompt_token_ids])
         elif self.role == DECODE:
             self._assign_local(submit)
         self.queue.add(Pending(submit.request_id, submit, prompt, prediction=prediction))
@@ -276,17 +279,6 @@ class Instance(PrefillHandoff, DecodeHandoff, InstanceReports):
                 self.parked.pop(req.request_id, None)
                 self.assigned.pop(req.request_id, None)
 
-    def _label(self, req) -> None:
-        """A finished request's true length goes to the predictor that predicted it: this instance's
-        (prefilled here), or that of the prefill instance its KV came from. Aborts teach nothing."""
-        src = self.label_to.pop(req.request_id, None)
-        if req.status.value == "abort":
-            return
-        if src is not None and src != self.instance_id:
-            self._send_to(src, msg.LengthLabel(req.prompt_token_ids, len(req.output_token_ids)))
-        elif self.predictor is not None:
-            self.predictor.observe(req.prompt_token_ids, len(req.output_token_ids))
-
     def _emit(self, req) -> None:
         """Queue the request's new tokens (and its end) for the API."""
         sent = self.sent_tokens.get(req.request_id, 0)
@@ -323,6 +315,7 @@ class Instance(PrefillHandoff, DecodeHandoff, InstanceReports):
     def _on_abort(self, request_id: str) -> None:
         self.queue.remove(request_id)
         self.label_to.pop(request_id, None)
+        self.prompt_states.pop(request_id)
         self._withdraw_parked(request_id)
         self.engine.abort_request(request_id)
         self.sent_tokens.pop(request_id, None)

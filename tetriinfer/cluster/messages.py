@@ -87,6 +87,7 @@ class PredictorStats(msgspec.Struct, array_like=True):
     num_labels: int  # finished requests it learned from (counter)
     online_accuracy: float | None  # served-bucket accuracy on the recent labels
     predicted_buckets: list[int]  # predictions per bucket (counters)
+    num_unpaired: int = 0  # the probe: labels whose hidden state was not kept, not learned (counter)
 
 
 class InstanceStats(msgspec.Struct, tag=True):
@@ -237,8 +238,10 @@ class KVPush(msgspec.Struct, tag=True):
 
 class LengthLabel(msgspec.Struct, tag=True):
     """Decode -> prefill: a request that prefill instance predicted finished with `output_len` tokens;
-    its online length predictor learns from it (predictor.online)."""
+    its online length predictor learns from it (predictor.online), the probe with the hidden state
+    that instance kept under `request_id` (cluster.length_labels)."""
 
+    request_id: str
     prompt_token_ids: list[int]
     output_len: int
 

@@ -13,6 +13,7 @@ from tetriinfer.cluster.controller import ControllerConfig
 from tetriinfer.cluster.instance import InstanceConfig
 from tetriinfer.cluster.zmq_io import Wire
 from tetriinfer.config import EngineConfig, ServeConfig
+from tetriinfer.predictor.serving import reads_prompt_hidden
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL
 
 # KV transports whose instances can be replaced one at a time (gloo and nccl form a process group
@@ -29,7 +30,9 @@ def instance_roles(cfg: ServeConfig) -> list[str]:
 def instance_engine(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
     """The engine of one instance. Prefill and decode instances share one engine setting (the
     paper's fixed-size chunks, or mixed steps under the adaptive policy), so a flip changes nothing
-    in the engine; the colocated baselines get their step policy."""
+    in the engine; the colocated baselines get their step policy. Under `--predictor probe` every
+    instance with a predictor (any may prefill: flips, adaptive local prefills) keeps the prompts'
+    hidden states."""
     sched = cfg.engine.scheduler
     if role != COLOCATED and cfg.policy.disagg_policy == "adaptive":
         # Adaptive: a decode instance prefills beside its decodes, a prefill instance decodes
@@ -42,7 +45,8 @@ def instance_engine(cfg: ServeConfig, role: str, device: str) -> EngineConfig:
     elif role == COLOCATED:  # sarathi: decodes plus prompt chunks filling the token budget
         sched = dataclasses.replace(sched, step_policy="mixed", pad_chunks=False)
     return dataclasses.replace(cfg.engine, device=device, scheduler=sched,
-                               tensor_parallel_size=cfg.tensor_parallel_size(role))
+                               tensor_parallel_size=cfg.tensor_parallel_size(role),
+                               capture_prompt_hidden=role != COLOCATED and reads_prompt_hidden(cfg.predictor))
 
 
 def instance_devices(cfg: ServeConfig, num_gpus: int) -> list[str]:

@@ -39,4 +39,4 @@ class InstanceReports:
         if stats is None:
             return None
         s = stats()
-        return msg.PredictorStats(s.num_labels, s.online_accuracy, s.predicted_buckets)
+        return msg.PredictorStats(s.num_labels, s.online_accuracy, s.predicted_buckets, s.num_unpaired)

@@ -3,7 +3,9 @@
 - `tetriinfer_predicted_bucket_total{instance,bucket}`: predictions per bucket (counter);
 - `tetriinfer_predictor_labels_total{instance}`: finished requests the predictor learned from;
 - `tetriinfer_predictor_online_accuracy{instance}`: served-bucket accuracy over the recent labels,
-  each predicted before it was learned from (gauge; absent before the first label).
+  each predicted before it was learned from (gauge; absent before the first label);
+- `tetriinfer_predictor_unpaired_labels_total{instance}`: the probe (`--predictor probe`): labels
+  that came back after their prompt's hidden state was evicted, so not learned from (counter).
 Instances without an online predictor (colocated, `--predictor static` or `none`) report nothing.
 """
 
@@ -41,7 +43,11 @@ class PredictorCollector:
         accuracy = GaugeMetricFamily("tetriinfer_predictor_online_accuracy",
                                      "Online predictor: bucket accuracy on the recent labels, each predicted before it "
                                      "was learned", labels=["instance"])
+        unpaired = CounterMetricFamily("tetriinfer_predictor_unpaired_labels",
+                                       "Online probe: labels whose prompt hidden state was no longer kept (not learned)",
+                                       labels=["instance"])
         for instance, p in online:
+            unpaired.add_metric([instance], float(p.num_unpaired))
             for bucket, n in enumerate(p.predicted_buckets):
                 buckets.add_metric([instance, str(bucket)], float(n))
             labels.add_metric([instance], float(p.num_labels))
@@ -50,3 +56,4 @@ class PredictorCollector:
         yield buckets
         yield labels
         yield accuracy
+        yield unpaired

@@ -43,8 +43,8 @@ class PrefillHandoff:
 
     def _park(self, req) -> None:
         parked = self.parked.get(req.request_id)
-        if parked is None:  # flipped from decode while this request was queued: predict now
-            parked = self.parked[req.request_id] = Parked(req.request_id, self.predictor.submit([req.prompt_token_ids]))
+        if parked is None:  # the probe, or flipped from decode while this request was queued: predict now
+            parked = self.parked[req.request_id] = Parked(req.request_id, self._predict(req))
         max_tokens = req.sampling.max_tokens
         placed = placement(len(req.prompt_token_ids), max_tokens, self._prediction(parked),
                            self.predictor.buckets.granularity, self.config.policy.heavy_decode_tokens,
