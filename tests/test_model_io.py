@@ -50,6 +50,19 @@ def test_text_prompts_through_a_model_directory(model_dir_with_tokenizer):
     assert out.outputs[0].text == llm.get_tokenizer().decode(out.outputs[0].token_ids)
 
 
+def test_generation_config_eos_ids_stop_generation_too(tmp_path):
+    """A chat model's end-of-turn token named only in generation_config.json ends the reply."""
+    build_hf_model("qwen3", tmp_path)
+    prompt, free = [[5, 6, 7]], SamplingParams(max_tokens=6, temperature=0)
+    first = LLM(str(tmp_path), num_blocks=16).generate(prompt_token_ids=prompt, sampling_params=free)[0].outputs[0]
+    assert len(first.token_ids) == 6 and first.token_ids[2] not in first.token_ids[:2]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, first.token_ids[2]]}))
+    llm = LLM(str(tmp_path), num_blocks=16)
+    assert llm.engine.eos_token_ids == (2, first.token_ids[2])  # config.json's own eos stays first
+    stopped = llm.generate(prompt_token_ids=prompt, sampling_params=free)[0].outputs[0]
+    assert stopped.token_ids == first.token_ids[:3] and stopped.finish_reason == "stop"
+
+
 def test_directory_without_tokenizer_needs_token_ids(tmp_path):
     build_hf_model("qwen3", tmp_path)
     llm = LLM(str(tmp_path), num_blocks=16)

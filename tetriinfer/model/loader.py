@@ -55,7 +55,21 @@ def resolve_model(name_or_path: str) -> tuple[dict, Path | None]:
         )
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {path} has no config.json")
-    return json.loads((path / "config.json").read_text()), path
+    return with_generation_eos(json.loads((path / "config.json").read_text()), path), path
+
+
+def with_generation_eos(hf_config: dict, model_dir: Path) -> dict:
+    """The config with `generation_config.json`'s end-of-sequence ids added after its own: chat
+    models end a turn with a token config.json may not name (Llama 3 Instruct's `<|eot_id|>`), and
+    transformers' `generate` and vLLM stop on those too."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return hf_config
+    extra = json.loads(path.read_text()).get("eos_token_id")
+    as_list = lambda v: [] if v is None else (list(v) if isinstance(v, (list, tuple)) else [v])  # noqa: E731
+    eos = as_list(hf_config.get("eos_token_id"))
+    merged = eos + [t for t in as_list(extra) if t not in eos]
+    return hf_config if merged == eos else {**hf_config, "eos_token_id": merged}
 
 
 def load_arch_and_tokenizer(name_or_path: str) -> tuple[ModelArch, Tokenizer | None]:
