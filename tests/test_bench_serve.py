@@ -287,3 +287,12 @@ def test_max_prompt_tokens_cuts_prompts_only():
     assert cap_prompts(specs, 10) == [RequestSpec(0, 0.0, 5, 3), RequestSpec(1, 0.0, 10, 7)]
     with pytest.raises(ValueError, match="max-prompt-tokens"):
         cap_prompts(specs, 0)
+
+
+def test_an_unreachable_server_is_a_one_line_error_naming_the_url(capsys):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "serve", "--url", url, "--num-requests", "2", "--no-progress"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach {url}/v1/models" in err and "is the server running there?" in err

@@ -129,11 +129,16 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 async def fetch_model_name(session, url: str, api_key: str | None = None) -> str:
     """The first model GET /v1/models lists."""
+    import aiohttp
+
     models_url = completions_url(url).removesuffix("/completions") + "/models"
-    async with session.get(models_url, headers=_headers(api_key)) as response:
-        body = await response.text()
-        if response.status != 200:
-            raise ValueError(f"GET {models_url} returned HTTP {response.status}: {body[:ERROR_BODY_CHARS]}")
+    try:
+        async with session.get(models_url, headers=_headers(api_key)) as response:
+            body = await response.text()
+            if response.status != 200:
+                raise ValueError(f"GET {models_url} returned HTTP {response.status}: {body[:ERROR_BODY_CHARS]}")
+    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+        raise ValueError(f"cannot reach {models_url} ({type(e).__name__}: {e}); is the server running there?") from None
     models = json.loads(body).get("data") or []
     if not models:
         raise ValueError(f"GET {models_url} lists no model; pass the model name explicitly")
