@@ -28,6 +28,10 @@ def test_port_in_use(capsys):
     (["--model", "no-such-model"], "neither a preset"),
     (["--prefill-instances", "0"], "num_prefill must be >= 1"),
     (["--kv-timeout", "0"], "must be > 0"),
+    # Checked against the model before any process starts (the tiny preset: 4 heads, 4096 positions).
+    (["--tensor-parallel-size", "3"], "tensor_parallel_size 3 does not divide the model's 4 attention heads"),
+    (["--decode-tensor-parallel-size", "3"], "tensor_parallel_size 3 does not divide"),
+    (["--max-model-len", "100000"], "max_model_len 100000 exceeds the model's limit of 4096 tokens"),
 ])
 def test_bad_arguments(capsys, args, message):
     assert message in run_cli(capsys, *args)

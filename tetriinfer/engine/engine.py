@@ -101,13 +101,8 @@ class LLMEngine(ServingFacade):
 
     # ---- setup ---------------------------------------------------------------------------------
     def _max_model_len(self) -> int:
-        limit = self.arch.max_position_embeddings
-        if self.arch.sliding_window is not None:
-            limit = min(limit, self.arch.sliding_window)  # exact within the window; we keep no window mask
-        requested = self.config.max_model_len
-        if requested is not None and requested > limit:
-            raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} tokens")
-        return requested or limit
+        self.arch.check_fits(self.config.max_model_len)
+        return self.config.max_model_len or self.arch.context_limit
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -180,6 +180,7 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
     from tetriinfer.server.app import create_app
 
     arch, tokenizer = load_arch_and_tokenizer(cfg.engine.model)  # bad model names fail here, before any process
+    arch.check_fits(cfg.engine.max_model_len, (cfg.engine.tensor_parallel_size, cfg.decode_tensor_parallel_size or 1))
     _check_port_free(cfg.host, cfg.port)
     if tokenizer is None:
         raise ValueError(f"model {cfg.engine.model!r} has no tokenizer.json; the server needs one")

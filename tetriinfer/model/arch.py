@@ -41,6 +41,24 @@ class ModelArch:
     pad_token_id: int | None = None
 
     @property
+    def context_limit(self) -> int:
+        """The longest sequence served exactly: the positions trained, or the sliding window (we keep
+        no window mask, so a window model is exact only within it)."""
+        limit = self.max_position_embeddings
+        return limit if self.sliding_window is None else min(limit, self.sliding_window)
+
+    def check_fits(self, max_model_len: int | None, tensor_parallel_sizes: tuple[int, ...] = (1,)) -> None:
+        """Before any process starts: the context asked for fits, and each TP size splits the heads,
+        KV heads and MLP features evenly (the same checks the engine would fail on later)."""
+        if max_model_len is not None and max_model_len > self.context_limit:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit of {self.context_limit} tokens")
+        for size in tensor_parallel_sizes:
+            for n, what in ((self.num_heads, "attention heads"), (self.num_kv_heads, "KV heads"),
+                            (self.intermediate_size, "MLP features")):
+                if n % size:
+                    raise ValueError(f"tensor_parallel_size {size} does not divide the model's {n} {what}")
+
+    @property
     def is_opt(self) -> bool:
         return self.model_type == "opt"
 
