@@ -82,6 +82,14 @@ def _qwen2_yarn():
     return _random_biases(Qwen2ForCausalLM(cfg))
 
 
+def _phi3():
+    """Phi-3: a Llama whose checkpoint stores q/k/v and gate/up already fused."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(**COMMON, intermediate_size=96, num_key_value_heads=2, pad_token_id=0, sliding_window=None)
+    return Phi3ForCausalLM(cfg)
+
+
 def _random_biases(model):
     with torch.no_grad():  # HF initializes biases to zero; make them matter
         for name, p in model.named_parameters():
@@ -91,8 +99,9 @@ def _random_biases(model):
 
 
 FAMILIES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "opt": _opt,
-            "llama-biases": _llama_biases_linear_rope, "qwen2-yarn": _qwen2_yarn}
-SEEDS = {family: i for i, family in enumerate(("llama", "mistral", "opt", "qwen2", "qwen3", "llama-biases", "qwen2-yarn"))}
+            "llama-biases": _llama_biases_linear_rope, "qwen2-yarn": _qwen2_yarn, "phi3": _phi3}
+SEEDS = {family: i for i, family in enumerate(("llama", "mistral", "opt", "qwen2", "qwen3", "llama-biases", "qwen2-yarn",
+                                                "phi3"))}
 
 
 def build_hf_model(family: str, out_dir: Path, max_shard_size: str | None = None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -108,3 +109,19 @@ def test_real_model_presets_have_the_published_sizes():
             model = model_class(arch)(arch)
         n = sum(p.numel() for p in model.parameters())
         assert abs(n - count) / count < 0.01, (name, n)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gemma2"}, "unsupported model_type 'gemma2'"),
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}},
+     "unsupported rope scaling 'longrope' (supported: default, linear, llama3, yarn)"),
+    ({"partial_rotary_factor": 0.75}, "unsupported partial_rotary_factor 0.75"),
+    ({"hidden_act": "gelu"}, "unsupported activation 'gelu'"),
+])
+def test_a_config_we_cannot_serve_exactly_is_refused_by_name(change, message):
+    from tetriinfer.model.arch import ModelArch
+    from tetriinfer.presets import get_preset
+
+    config = {**get_preset("tiny"), "model_type": "phi3", **change}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelArch.from_hf_config(config)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # phi3: Llama with q/k/v and gate/up stored fused
 SUPPORTED_MODEL_TYPES = LLAMA_LIKE + ("opt",)
 ROPE_SCALINGS = ("linear", "llama3", "yarn")  # besides the default (model.layers.rope_inv_freq)
 
@@ -108,6 +108,8 @@ class ModelArch:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported activation {act!r} for {model_type}")
+        if cfg.get("partial_rotary_factor", 1.0) != 1.0:  # e.g. Phi-4-mini: RoPE on part of each head
+            raise ValueError(f"unsupported partial_rotary_factor {cfg['partial_rotary_factor']} (RoPE on whole heads only)")
         rope = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
         rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         scaling = cfg.get("rope_scaling") or rope or None

@@ -161,23 +161,9 @@ def load_safetensors(model: nn.Module, files: list[Path], tp: TensorParallel = S
                 if _load_kv_scale(name, f, ckpt_name, model):
                     scaled.add(name.rpartition(".self_attn.")[0] + ".self_attn")
                     continue
-                target, rows = _locate(name, model)
-                if target not in params:
-                    raise ValueError(f"{file.name}: unexpected weight {ckpt_name!r}")
-                param = params[target]
-                owner, _, leaf = target.rpartition(".")
-                split_dim = getattr(model.get_submodule(owner), "shard_dim", lambda _: None)(leaf)
-                tensor = f.get_tensor(ckpt_name)
-                dest = param.data if rows is None else param.data.narrow(0, rows[0], rows[1])
-                if leaf == "weight_scale":  # FP8: [out, 1] per channel, or one per tensor
-                    tensor = tensor.float().reshape(-1)
-                    if tensor.numel() == 1:
-                        tensor, split_dim = tensor.expand(dest.shape), None
-                tensor = shard(tensor, split_dim, tp)
-                if dest.shape != tensor.shape:
-                    raise ValueError(f"{file.name}: {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
-                dest.copy_(tensor)
-                loaded.add(name)
+                for piece_name, tensor in _unfused(name, f.get_tensor(ckpt_name), model, tp):
+                    _copy_into(params, model, piece_name, tensor, tp, file.name, ckpt_name)
+                    loaded.add(piece_name)
     expected = set()
     for name in params:
         expected.update(_checkpoint_names(name, model))
@@ -185,6 +171,45 @@ def load_safetensors(model: nn.Module, files: list[Path], tp: TensorParallel = S
     if missing:
         raise ValueError(f"checkpoint lacks weights: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     return scaled
+
+
+def _copy_into(params: dict, model: nn.Module, name: str, tensor: torch.Tensor, tp: TensorParallel, file_name: str,
+               ckpt_name: str) -> None:
+    """One unfused checkpoint tensor into its parameter (its rows of a fused one; this rank's slice)."""
+    target, rows = _locate(name, model)
+    if target not in params:
+        raise ValueError(f"{file_name}: unexpected weight {ckpt_name!r}")
+    param = params[target]
+    owner, _, leaf = target.rpartition(".")
+    split_dim = getattr(model.get_submodule(owner), "shard_dim", lambda _: None)(leaf)
+    dest = param.data if rows is None else param.data.narrow(0, rows[0], rows[1])
+    if leaf == "weight_scale":  # FP8: [out, 1] per channel, or one per tensor
+        tensor = tensor.float().reshape(-1)
+        if tensor.numel() == 1:
+            tensor, split_dim = tensor.expand(dest.shape), None
+    tensor = shard(tensor, split_dim, tp)
+    if dest.shape != tensor.shape:
+        raise ValueError(f"{file_name}: {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+    dest.copy_(tensor)
+
+
+def _unfused(name: str, tensor: torch.Tensor, model: nn.Module, tp: TensorParallel) -> list[tuple[str, torch.Tensor]]:
+    """A checkpoint tensor that is already fused as ours is (Phi-3's `qkv_proj`, `gate_up_proj`)
+    as its pieces under their unfused names, so each goes through the same per-piece (and per-rank)
+    path; any other tensor as it is."""
+    for fused in {f for f, _ in model.stacked_params.values()}:
+        token = f".{fused}."
+        if token not in name:
+            continue
+        layout = model.get_submodule(name.split(token)[0]).shard_offsets()  # this rank's (offset, rows)
+        pieces = sorted((layout[key][0], piece) for piece, (f, key) in model.stacked_params.items() if f == fused)
+        sizes = [layout[model.stacked_params[p][1]][1] * tp.size for _, p in pieces]
+        if tensor.dim() == 0 or tensor.numel() == 1:  # a per-tensor FP8 scale covers every piece
+            return [(name.replace(token, f".{p}."), tensor) for _, p in pieces]
+        if tensor.shape[0] != sum(sizes):
+            raise ValueError(f"{name}: {tensor.shape[0]} rows, expected {sum(sizes)} (the fused {'+'.join(p for _, p in pieces)})")
+        return [(name.replace(token, f".{p}."), part) for (_, p), part in zip(pieces, tensor.split(sizes, dim=0))]
+    return [(name, tensor)]
 
 
 def _warn_missing_kv_scales(model: nn.Module, scaled: set[str], name: str) -> None:
