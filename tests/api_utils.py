@@ -84,7 +84,7 @@ def live():
 def server(live):
     backend, base_url = live
     fresh = FakeBackend()
-    for name in ("delay_s", "fail_after", "fail_with", "abort_delay_s", "aborts_begun", "error_message", "is_healthy", "stats"):
+    for name in ("delay_s", "fail_after", "fail_with", "abort_delay_s", "aborts_begun", "error_message", "is_healthy", "stats", "script"):
         setattr(backend, name, getattr(fresh, name))
     backend.started.clear()
     backend.aborted.clear()

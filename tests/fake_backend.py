@@ -4,7 +4,9 @@ FakeBackend answers every request with the prompt's bytes reversed (the BOS drop
 to max_tokens, one token per delta; stop_token_ids and stop strings end it early with "stop".
 Knobs (plain attributes, set before a request): `delay_s` between deltas (a slow stream),
 `fail_after` tokens then a delta with finish_reason "error" (`error_message`) or "abort"
-(`fail_with`), or an exception raised (`fail_with="raise"`). It records what it was asked
+(`fail_with`), or an exception raised (`fail_with="raise"`); `script`: every request answers this
+text instead (one character a delta, its UTF-8 bytes the tokens; "stop" at its end, "length" at
+max_tokens), e.g. a model's tool call. It records what it was asked
 (`started`), which requests were aborted (`aborted`) and which streams were closed early (`closed`).
 """
 
@@ -44,6 +46,7 @@ class FakeBackend:
     error_message: str = "fake backend failure"
     is_healthy: bool = True
     stats: ClusterStats | None = None
+    script: str | None = None  # the text every request answers, instead of the reversed prompt
     started: list[Started] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
@@ -58,6 +61,10 @@ class FakeBackend:
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                        prompt: str | None = None):
         self.started.append(Started(request_id, list(prompt_token_ids), sampling, prompt))
+        if self.script is not None:
+            for delta in self.scripted(request_id, sampling):
+                yield delta
+            return
         self._live.add(request_id)
         finished = False
         try:
@@ -98,6 +105,19 @@ class FakeBackend:
             if not finished:
                 self.closed.append(request_id)
             self._live.discard(request_id)
+
+    def scripted(self, request_id: str, sampling: SamplingParams) -> list[TokenDelta]:
+        deltas, count = [], 0
+        for i, char in enumerate(self.script):
+            ids = list(char.encode())[: sampling.max_tokens - count]
+            count += len(ids)
+            finish = "stop" if i == len(self.script) - 1 else "length" if count == sampling.max_tokens else None
+            text = char if len(ids) == len(char.encode()) else ""  # a character cut by max_tokens: nothing
+            deltas.append(TokenDelta(request_id, ids, text, [-0.25] * len(ids) if sampling.logprobs is not None
+                                     else None, finish))
+            if finish is not None:
+                break
+        return deltas
 
     @staticmethod
     def top(token: int, logprob: float, n: int) -> list[tuple[int, float]]:

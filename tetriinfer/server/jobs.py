@@ -20,6 +20,7 @@ from tetriinfer.server.backend import Backend
 from tetriinfer.server.limits import ServerLimits, check_prompt, parse_request
 from tetriinfer.server.metrics import RequestTiming
 from tetriinfer.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from tetriinfer.server.tool_calls import ToolCalling, choice_mode, tool_calling
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -50,6 +51,7 @@ class Job:
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: the body carries the prompt's top-N
     include_usage: bool = False  # stream: a last chunk with the usage (stream_options.include_usage)
     continuous_usage: bool = False  # stream: usage on every chunk too (continuous_usage_stats)
+    tool_calling: ToolCalling | None = None  # chat with tools: each choice's output read as tool calls
     path: str = ""  # for the access log
 
     @property
@@ -160,12 +162,17 @@ def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool,
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
 
 
-def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: ServerLimits) -> Job:
+def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: ServerLimits,
+             auto_tool_parser: str | None = None) -> Job:
+    """`auto_tool_parser`: the server's --tool-call-parser when --enable-auto-tool-choice is on."""
     req: ChatCompletionRequest = parse(raw, ChatCompletionRequest, backend, limits)
+    tools = tool_calling(req.tools, choice_mode(req.tools, req.tool_choice), auto_tool_parser)
     tokenizer = require_tokenizer(backend)
     keep = req.prompt_tokens_kept(backend.max_model_len)
+    # the template sees the tools whatever tool_choice says (vLLM's "none" too)
     prompt = chat_prompt(tokenizer, req.message_dicts(), add_generation_prompt=req.add_generation_prompt,
-                         continue_final_message=req.continue_final_message, template_kwargs=req.chat_template_kwargs)
+                         continue_final_message=req.continue_final_message, template_kwargs=req.chat_template_kwargs,
+                         tools=req.tools)
     token_ids, prompt = _truncated(tokenizer.encode(prompt), prompt, keep, backend)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:  # as vLLM: the rest of the context (too little room is reported below)
@@ -179,5 +186,6 @@ def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: Server
     check_prompt(token_ids, subs[0].sampling, "messages", backend)
     _check_sampling(subs[0].sampling, "messages", backend)
     return Job(job_id, True, subs, req.stream, backend.model_name, timing=timing,
-               prompt_logprobs=req.answered_prompt_logprobs, include_usage=req.include_usage, continuous_usage=req.continuous_usage, path="/v1/chat/completions")
+               prompt_logprobs=req.answered_prompt_logprobs, include_usage=req.include_usage, continuous_usage=req.continuous_usage,
+               tool_calling=tools, path="/v1/chat/completions")
 

@@ -396,7 +396,9 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True  # extension
     continue_final_message: bool = False  # vLLM's: the reply continues the last (assistant) message
     chat_template_kwargs: dict | None = None  # vLLM's: template variables, e.g. Qwen3's enable_thinking
-    tools: list | None = None
+    tools: Any = None  # checked with tool_choice in server.tool_calls
+    tool_choice: Any = None  # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None  # accepted: every call the model writes is returned
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -408,8 +410,9 @@ class ChatCompletionRequest(_SamplingRequest):
                                param="top_logprobs")
             if self.top_logprobs and not self.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        if self.tools:
-            raise APIError(400, "tools are not supported", param="tools")
+        from tetriinfer.server.tool_calls import choice_mode  # here: that module imports this one
+
+        choice_mode(self.tools, self.tool_choice)
         if self.add_generation_prompt and self.continue_final_message:
             raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: "
                                 "send add_generation_prompt: false to continue the last message",
@@ -419,6 +422,11 @@ class ChatCompletionRequest(_SamplingRequest):
         if getattr(self, "chat_template", None) is not None:  # vLLM refuses these too, unless trusted
             raise APIError(400, "a chat_template in the request is not accepted: start the server with "
                                 "--chat-template FILE", param="chat_template")
+
+    def structured(self) -> dict:
+        from tetriinfer.server.tool_calls import structured  # here: that module imports this one
+
+        return structured(self, super().structured)
 
     def message_dicts(self) -> list[dict]:
         return message_dicts(self.messages)

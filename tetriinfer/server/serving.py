@@ -67,6 +67,8 @@ async def events(server: "OpenAIServer", job: Job):
     outputs = {sub.index: Output() for sub in job.subs}
     subs = {sub.index: sub for sub in job.subs}
     started: set[int] = set()  # choices whose first chunk went out
+    sent = dict.fromkeys(subs, 0)  # with tool calling: each choice's text streamed as content so far
+    tools = job.tool_calling
     sent_any = False
 
     def usage() -> dict:
@@ -91,9 +93,16 @@ async def events(server: "OpenAIServer", job: Job):
                         elif job.echo:
                             yield chunk(render.echo_choice(sub, out))
                     if has_output and not job.prompt_only:
-                        yield chunk(render.content_choice(sub, delta, text_offset))
+                        if tools is None:
+                            yield chunk(render.content_choice(sub, delta, text_offset))
+                        else:
+                            choice, sent[index] = render.held_content_choice(sub, delta, out, sent[index])
+                            if choice is not None:
+                                yield chunk(choice)
                     if delta.finish_reason is not None:
-                        yield chunk(render.finish_choice(sub, out))
+                        for choice in ([render.finish_choice(sub, out)] if tools is None
+                                       else render.tool_finish_choices(sub, out, sent[index])):
+                            yield chunk(choice)
         except Exception as e:
             error = failure(job, e)
             outcome, status = ("rejected" if error.status == 429 else "error"), error.status

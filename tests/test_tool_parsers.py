@@ -1,0 +1,63 @@
+"""The auto tool-call parsers (server.tool_parsers) on model outputs: hermes and llama3_json."""
+
+from __future__ import annotations
+
+import json
+
+from tetriinfer.server.tool_parsers import PARSERS, HermesParser, Llama3JsonParser
+
+hermes, llama = HermesParser(), Llama3JsonParser()
+
+
+def test_parsers_are_registered_by_their_vllm_names():
+    assert PARSERS == {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+
+
+def test_hermes_reads_one_call_with_no_content():
+    out = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert hermes.parse(out) == (None, [("get_weather", '{"city": "Paris"}')])
+
+
+def test_hermes_keeps_the_text_before_the_first_call_and_reads_two_calls():
+    out = ('Let me check.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>')
+    content, calls = hermes.parse(out)
+    assert content == "Let me check.\n"
+    assert calls == [("a", '{"x": 1}'), ("b", "{}")]
+
+
+def test_hermes_reads_a_last_call_missing_its_closing_tag():
+    assert hermes.parse('<tool_call>\n{"name": "a", "arguments": {"q": "é"}}') == (None, [("a", '{"q": "é"}')])
+
+
+def test_hermes_malformed_json_or_no_tag_is_all_content():
+    broken = '<tool_call>\n{"name": "a", "arguments": {"x": }\n</tool_call>'
+    assert hermes.parse(broken) == (broken, [])
+    assert hermes.parse("just text") == ("just text", [])
+    assert hermes.parse('<tool_call>["not", "a call"]</tool_call>')[1] == []
+
+
+def test_hermes_keeps_unicode_unescaped_in_the_arguments():
+    _, [(name, arguments)] = hermes.parse('<tool_call>{"name": "天气", "arguments": {"城市": "北京 🌧"}}</tool_call>')
+    assert name == "天气" and arguments == '{"城市": "北京 🌧"}' and json.loads(arguments) == {"城市": "北京 🌧"}
+
+
+def test_hermes_streams_text_until_a_tool_call_may_be_starting():
+    assert hermes.streamable("Hello") == 5
+    assert hermes.streamable("Hello <tool") == 6
+    assert hermes.streamable("Hello <") == 6
+    assert hermes.streamable("a < b") == 5
+    assert hermes.streamable('Hi<tool_call>{"na') == 2
+
+
+def test_llama3_json_reads_parameters_or_arguments_and_calls_separated_by_semicolons():
+    out = '{"name": "a", "parameters": {"x": 1}}; {"name": "b", "arguments": {"y": "z"}}'
+    assert llama.parse(out) == (None, [("a", '{"x": 1}'), ("b", '{"y": "z"}')])
+    assert llama.parse('<|python_tag|>{"name": "a", "parameters": {}}') == (None, [("a", "{}")])
+
+
+def test_llama3_json_plain_text_or_malformed_json_is_all_content():
+    assert llama.parse("The answer is 4.") == ("The answer is 4.", [])
+    assert llama.parse('{"name": "a", "parameters": {') == ('{"name": "a", "parameters": {', [])
+    assert llama.parse('{"answer": 4}') == ('{"answer": 4}', [])
+    assert llama.streamable('{"name"') == 0
