@@ -381,6 +381,8 @@ class ServeConfig:
     served_model_name: str | None = None
     chat_template: str | None = None  # the template text replacing the model's (--chat-template)
     enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (vLLM's flag, off there too)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (vLLM's flag; needs tool_call_parser)
+    tool_call_parser: str | None = None  # how "auto" finds calls in the output (server.tool_parsers.PARSERS)
     uvicorn_log_level: str = "warning"
     kv_transport: str = "auto"
     kv_timeout_s: float = 30.0

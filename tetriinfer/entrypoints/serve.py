@@ -28,6 +28,7 @@ def add_parser(subparsers) -> None:
         PREFILL_POLICIES,
         SERVE_MODES, UVICORN_LOG_LEVELS, FlipConfig, PolicyConfig, ServeConfig,
     )
+    from tetriinfer.server.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 
     serve, policy, flip = ServeConfig(), PolicyConfig(), FlipConfig()
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
@@ -109,6 +110,12 @@ def add_parser(subparsers) -> None:
     h.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
                    help="serve GET /tokenizer_info (vLLM's: the tokenizer's config, special tokens and chat "
                         "template, which lm-eval's remote tokenizer reads); off by default, as in vLLM")
+    h.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='tool_choice "auto" (the default when a request has tools): the model decides, and '
+                        "--tool-call-parser finds its calls in the text (vLLM's flag; without it \"auto\" is a 400)")
+    h.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                   help="how tool calls are read from the output for tool_choice \"auto\": hermes (Hermes, "
+                        "Qwen2.5: <tool_call>{...}</tool_call>) or llama3_json (Llama 3.1/3.2 JSON calls)")
     h.add_argument("--uvicorn-log-level", default=serve.uvicorn_log_level,
                    choices=UVICORN_LOG_LEVELS, help="uvicorn's own log level")
     h.add_argument("--disable-log-requests", action="store_true",
@@ -135,11 +142,14 @@ def serve_config(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, monitor_interval_s=args.monitor_interval,
     )
     flip = FlipConfig(enabled=args.flip, idle_s=args.flip_idle, cooldown_s=args.flip_cooldown)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:  # refused before any process starts
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
     return ServeConfig(
         mode=args.mode, shape=ClusterShape(args.prefill_instances, args.decode_instances, args.instances),
         baseline=args.baseline, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("TETRIINFER_API_KEY"),
         served_model_name=args.served_model_name, enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
         chat_template=resolve_chat_template(args.chat_template) if args.chat_template else None,
         kv_transport=args.kv_transport, kv_timeout_s=args.kv_timeout,
         predictor=args.predictor, launcher=args.launcher,
@@ -215,6 +225,7 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
             instance_startup_s=cfg.startup_timeout_s))
         supervising = asyncio.get_running_loop().create_task(supervisor.run())
         app = create_app(client, api_key=cfg.api_key, enable_tokenizer_info_endpoint=cfg.enable_tokenizer_info_endpoint,
+                         enable_auto_tool_choice=cfg.enable_auto_tool_choice, tool_call_parser=cfg.tool_call_parser,
                          **({} if logs is None else {"logs": logs}))
         app.state.server.metrics.registry.register(supervisor.collector())
         shape = (f"{cfg.shape.num_instances} colocated {cfg.baseline} instance(s)" if cfg.mode == "colocated"
