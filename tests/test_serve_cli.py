@@ -135,15 +135,16 @@ def test_a_vllm_serve_command_line_runs_with_the_command_name_changed():
             engine.cache.enable_prefix_caching) == (32, 0.5, 77, False)
 
 
-def test_vllm_tool_calling_flags_reach_the_serve_config_and_auto_choice_needs_a_parser():
+def test_vllm_tool_calling_and_reasoning_flags_reach_the_serve_config_and_auto_choice_needs_a_parser():
     import argparse
 
     from tetriinfer.entrypoints.serve import add_parser, serve_config
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    cfg = serve_config(parser.parse_args(["serve", "tiny", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]))
-    assert (cfg.enable_auto_tool_choice, cfg.tool_call_parser) == (True, "hermes")
+    cfg = serve_config(parser.parse_args(["serve", "tiny", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                                          "--reasoning-parser", "qwen3"]))
+    assert (cfg.enable_auto_tool_choice, cfg.tool_call_parser, cfg.reasoning_parser) == (True, "hermes", "qwen3")
     with pytest.raises(ValueError, match="--tool-call-parser"):
         serve_config(parser.parse_args(["serve", "tiny", "--enable-auto-tool-choice"]))
 

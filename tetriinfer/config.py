@@ -383,6 +383,7 @@ class ServeConfig:
     enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (vLLM's flag, off there too)
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (vLLM's flag; needs tool_call_parser)
     tool_call_parser: str | None = None  # how "auto" finds calls in the output (server.tool_parsers.PARSERS)
+    reasoning_parser: str | None = None  # a chat reply's <think> part into `reasoning` (server.reasoning)
     uvicorn_log_level: str = "warning"
     kv_transport: str = "auto"
     kv_timeout_s: float = 30.0

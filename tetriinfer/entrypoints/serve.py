@@ -28,6 +28,7 @@ def add_parser(subparsers) -> None:
         PREFILL_POLICIES,
         SERVE_MODES, UVICORN_LOG_LEVELS, FlipConfig, PolicyConfig, ServeConfig,
     )
+    from tetriinfer.server.reasoning import REASONING_PARSERS
     from tetriinfer.server.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 
     serve, policy, flip = ServeConfig(), PolicyConfig(), FlipConfig()
@@ -116,6 +117,10 @@ def add_parser(subparsers) -> None:
     h.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                    help="how tool calls are read from the output for tool_choice \"auto\": hermes (Hermes, "
                         "Qwen2.5: <tool_call>{...}</tool_call>) or llama3_json (Llama 3.1/3.2 JSON calls)")
+    h.add_argument("--reasoning-parser", default=None, choices=tuple(REASONING_PARSERS),
+                   help="a chat reply's thinking (<think>...</think>) goes to the message's `reasoning` field (and "
+                        "`reasoning_content`), the rest to `content`: deepseek_r1 (R1 and its distills, QwQ: the "
+                        "template opens <think>) or qwen3 (Qwen3 writes <think> itself); vLLM's flag")
     h.add_argument("--uvicorn-log-level", default=serve.uvicorn_log_level,
                    choices=UVICORN_LOG_LEVELS, help="uvicorn's own log level")
     h.add_argument("--disable-log-requests", action="store_true",
@@ -150,6 +155,7 @@ def serve_config(args: argparse.Namespace):
         api_key=args.api_key or os.environ.get("TETRIINFER_API_KEY"),
         served_model_name=args.served_model_name, enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         chat_template=resolve_chat_template(args.chat_template) if args.chat_template else None,
         kv_transport=args.kv_transport, kv_timeout_s=args.kv_timeout,
         predictor=args.predictor, launcher=args.launcher,
@@ -226,6 +232,7 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
         supervising = asyncio.get_running_loop().create_task(supervisor.run())
         app = create_app(client, api_key=cfg.api_key, enable_tokenizer_info_endpoint=cfg.enable_tokenizer_info_endpoint,
                          enable_auto_tool_choice=cfg.enable_auto_tool_choice, tool_call_parser=cfg.tool_call_parser,
+                         reasoning_parser=cfg.reasoning_parser,
                          **({} if logs is None else {"logs": logs}))
         app.state.server.metrics.registry.register(supervisor.collector())
         shape = (f"{cfg.shape.num_instances} colocated {cfg.baseline} instance(s)" if cfg.mode == "colocated"

@@ -48,6 +48,7 @@ from tetriinfer.server.metrics import RequestTiming, ServerMetrics
 from tetriinfer.server.protocol import APIError
 from tetriinfer.server.serving import serve
 from tetriinfer.server.streaming import error_response
+from tetriinfer.server.reasoning import REASONING_PARSERS
 from tetriinfer.server.tool_parsers import PARSERS
 from tetriinfer.server.utility_routes import add_utility_routes
 
@@ -58,9 +59,11 @@ class OpenAIServer:
     """Auth, the job intake, the request bookkeeping (metrics, logs); create_app wires it to routes."""
 
     def __init__(self, backend: Backend, api_key: str | None, limits: ServerLimits, logs: LogConfig = LogConfig(),
-                 tokenizer_info_endpoint: bool = False, auto_tool_parser: str | None = None):
+                 tokenizer_info_endpoint: bool = False, auto_tool_parser: str | None = None,
+                 reasoning_parser: str | None = None):
         self.backend = backend
         self.auto_tool_parser = auto_tool_parser  # tool_choice "auto" reads calls with it (None: a 400)
+        self.reasoning_parser = reasoning_parser  # chat replies' <think> part goes to `reasoning` (reasoning.py)
         self.tokenizer_info_endpoint = tokenizer_info_endpoint  # GET /tokenizer_info exists
         self.api_key = api_key
         self.limits = limits
@@ -88,7 +91,7 @@ class OpenAIServer:
         raw = await read_body(request, self.limits)
         if chat:
             return await anyio.to_thread.run_sync(chat_job, raw, timing, self.backend, self.limits,
-                                                  self.auto_tool_parser)
+                                                  self.auto_tool_parser, self.reasoning_parser)
         return await anyio.to_thread.run_sync(completion_job, raw, timing, self.backend, self.limits)
 
     def finished(self, job: Job, outcome: str, status: int, completion_tokens: int) -> None:
@@ -111,19 +114,23 @@ class OpenAIServer:
 
 def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLimits = ServerLimits(),
                logs: LogConfig = LogConfig(), enable_tokenizer_info_endpoint: bool = False,
-               enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None) -> FastAPI:
+               enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
+               reasoning_parser: str | None = None) -> FastAPI:
     """The HTTP app over `backend`. With `api_key`, every /v1 route wants 'Authorization: Bearer <key>'
     (/health and /metrics stay open). `limits`: body size, nesting and list caps (limits.py). `logs`:
     the access line per request and the periodic stats line (logs.py). `enable_tokenizer_info_endpoint`:
     serve GET /tokenizer_info (vLLM's, off by default as there), from the backend's tokenizer.
     `enable_auto_tool_choice` with `tool_call_parser` (tool_parsers.PARSERS): tool_choice "auto" works
-    (vLLM's flags; without them it is a 400)."""
+    (vLLM's flags; without them it is a 400). `reasoning_parser` (reasoning.REASONING_PARSERS): a chat
+    reply's thinking goes to the message's `reasoning` field (vLLM's --reasoning-parser)."""
     if enable_auto_tool_choice and tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
     if tool_call_parser is not None and tool_call_parser not in PARSERS:
         raise ValueError(f"unknown --tool-call-parser {tool_call_parser!r}: one of {', '.join(PARSERS)}")
+    if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+        raise ValueError(f"unknown --reasoning-parser {reasoning_parser!r}: one of {', '.join(REASONING_PARSERS)}")
     server = OpenAIServer(backend, api_key, limits, logs, enable_tokenizer_info_endpoint,
-                          tool_call_parser if enable_auto_tool_choice else None)
+                          tool_call_parser if enable_auto_tool_choice else None, reasoning_parser)
     server_logger = logging.getLogger("tetriinfer.server")
     if (logs.log_requests or logs.log_stats) and server_logger.level == logging.NOTSET:
         server_logger.setLevel(logging.INFO)  # printed by default (as vLLM's), whatever the root level

@@ -52,6 +52,7 @@ class Job:
     include_usage: bool = False  # stream: a last chunk with the usage (stream_options.include_usage)
     continuous_usage: bool = False  # stream: usage on every chunk too (continuous_usage_stats)
     tool_calling: ToolCalling | None = None  # chat with tools: each choice's output read as tool calls
+    reasoning_parser: str | None = None  # chat: each choice's <think> part read into `reasoning` (reasoning.py)
     path: str = ""  # for the access log
 
     @property
@@ -163,8 +164,9 @@ def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool,
 
 
 def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: ServerLimits,
-             auto_tool_parser: str | None = None) -> Job:
-    """`auto_tool_parser`: the server's --tool-call-parser when --enable-auto-tool-choice is on."""
+             auto_tool_parser: str | None = None, reasoning_parser: str | None = None) -> Job:
+    """`auto_tool_parser`: the server's --tool-call-parser when --enable-auto-tool-choice is on;
+    `reasoning_parser`: its --reasoning-parser."""
     req: ChatCompletionRequest = parse(raw, ChatCompletionRequest, backend, limits)
     tools = tool_calling(req.tools, choice_mode(req.tools, req.tool_choice), auto_tool_parser)
     tokenizer = require_tokenizer(backend)
@@ -187,5 +189,5 @@ def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: Server
     _check_sampling(subs[0].sampling, "messages", backend)
     return Job(job_id, True, subs, req.stream, backend.model_name, timing=timing,
                prompt_logprobs=req.answered_prompt_logprobs, include_usage=req.include_usage, continuous_usage=req.continuous_usage,
-               tool_calling=tools, path="/v1/chat/completions")
+               tool_calling=tools, reasoning_parser=reasoning_parser, path="/v1/chat/completions")
 

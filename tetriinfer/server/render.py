@@ -10,10 +10,9 @@ once on a chat response (not streamed).
 
 from __future__ import annotations
 
-import msgspec
-
 from tetriinfer.cluster.messages import TokenDelta
 from tetriinfer.server import responses
+from tetriinfer.server.chat_deltas import ChatDeltas, read_message
 from tetriinfer.server.jobs import Job, SubRequest
 from tetriinfer.server.streaming import Output, sse
 
@@ -93,9 +92,8 @@ class Renderer:
             if job.chat:
                 logprobs = None if job.sampling.logprobs is None else self._chat_logprobs(
                     out.token_ids, out.logprobs, out.top_logprobs)
-                message, finish = {"role": "assistant", "content": out.text}, out.finish_reason
-                if job.tool_calling is not None:
-                    message["content"], message["tool_calls"], finish = job.tool_calling.read(out.text, finish)
+                fields, finish = read_message(out.text, out.finish_reason, job.reasoning_parser, job.tool_calling)
+                message = {"role": "assistant", **fields}
                 choices.append(responses.chat_choice(message, finish, logprobs, out.stop_reason, index=sub.index))
                 continue
             ids, lps, text, finish = out.token_ids, out.logprobs, out.text, out.finish_reason
@@ -141,24 +139,21 @@ class Renderer:
             sub, Output(), delta.token_ids, delta.logprobs, delta.top_logprobs, False, text_offset)
         return responses.completion_choice(delta.text, None, logprobs, index=sub.index)
 
-    def held_content_choice(self, sub: SubRequest, delta: TokenDelta, out: Output, sent: int) -> tuple[dict | None, int]:
-        """With tool calling: the output's new text that is surely content (the rest waits for the
-        finish) as a content chunk (None: nothing to send), and how much of the text is sent now."""
-        upto = max(sent, self.job.tool_calling.streamable(out.text))
-        if upto == sent and self.job.sampling.logprobs is None:
-            return None, sent
-        return self.content_choice(sub, msgspec.structs.replace(delta, text=out.text[sent:upto]), 0), upto
+    def parsed_delta_choices(self, sub: SubRequest, delta: TokenDelta, stream: ChatDeltas) -> list[dict]:
+        """Chat with a reasoning parser or tool calling: what of the delta's text may go out now (its
+        logprobs ride along, on an empty delta if all its text is held back)."""
+        fields = stream.add(delta.text)
+        logprobs = None if self.job.sampling.logprobs is None else self._chat_logprobs(
+            delta.token_ids, delta.logprobs, delta.top_logprobs)
+        if not fields and logprobs is None:
+            return []
+        return [responses.chat_choice(fields or {"content": ""}, None, logprobs, delta=True, index=sub.index)]
 
-    def tool_finish_choices(self, sub: SubRequest, out: Output, sent: int) -> list[dict]:
-        """With tool calling, at the finish: the calls whole in one delta (or, with none, the text still
-        held), then the finish chunk."""
-        _, calls, finish = self.job.tool_calling.read(out.text, out.finish_reason)
-        if calls:
-            delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
-        else:
-            delta = {"content": out.text[sent:]} if out.text[sent:] else None
+    def parsed_finish_choices(self, sub: SubRequest, out: Output, stream: ChatDeltas) -> list[dict]:
+        """At the finish: what was held back (or the tool calls, whole) in one delta, then the finish chunk."""
+        fields, finish = stream.finish(out.finish_reason)
         last = responses.chat_choice({}, finish, None, out.stop_reason, delta=True, index=sub.index)
-        return [responses.chat_choice(delta, None, delta=True, index=sub.index), last] if delta else [last]
+        return [responses.chat_choice(fields, None, delta=True, index=sub.index), last] if fields else [last]
 
     def finish_choice(self, sub: SubRequest, out: Output) -> dict:
         if self.job.chat:

@@ -17,6 +17,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from tetriinfer.server.chat_deltas import ChatDeltas
 from tetriinfer.server.jobs import Job
 from tetriinfer.server.render import Renderer
 from tetriinfer.server.streaming import EventStream, Output, error_response, failure, run_choices, sse, wait_for_disconnect
@@ -67,8 +68,9 @@ async def events(server: "OpenAIServer", job: Job):
     outputs = {sub.index: Output() for sub in job.subs}
     subs = {sub.index: sub for sub in job.subs}
     started: set[int] = set()  # choices whose first chunk went out
-    sent = dict.fromkeys(subs, 0)  # with tool calling: each choice's text streamed as content so far
-    tools = job.tool_calling
+    # Chat with a reasoning parser or tool calling: each choice's text is parsed as it streams.
+    parsed = ({i: ChatDeltas(job.reasoning_parser, job.tool_calling) for i in subs}
+              if job.chat and (job.reasoning_parser or job.tool_calling) else None)
     sent_any = False
 
     def usage() -> dict:
@@ -93,15 +95,12 @@ async def events(server: "OpenAIServer", job: Job):
                         elif job.echo:
                             yield chunk(render.echo_choice(sub, out))
                     if has_output and not job.prompt_only:
-                        if tools is None:
-                            yield chunk(render.content_choice(sub, delta, text_offset))
-                        else:
-                            choice, sent[index] = render.held_content_choice(sub, delta, out, sent[index])
-                            if choice is not None:
-                                yield chunk(choice)
+                        for choice in ([render.content_choice(sub, delta, text_offset)] if parsed is None
+                                       else render.parsed_delta_choices(sub, delta, parsed[index])):
+                            yield chunk(choice)
                     if delta.finish_reason is not None:
-                        for choice in ([render.finish_choice(sub, out)] if tools is None
-                                       else render.tool_finish_choices(sub, out, sent[index])):
+                        for choice in ([render.finish_choice(sub, out)] if parsed is None
+                                       else render.parsed_finish_choices(sub, out, parsed[index])):
                             yield chunk(choice)
         except Exception as e:
             error = failure(job, e)
