@@ -37,6 +37,7 @@ class FakeBackend:
     model_name: str = "fake-model"
     max_model_len: int = 128
     vocab_size: int = 259
+    sampling_defaults: dict = field(default_factory=dict)
     tokenizer: ByteTokenizer = field(default_factory=ByteTokenizer)
     delay_s: float = 0.0
     fail_after: int | None = None  # tokens before failing; None never fails

@@ -380,6 +380,9 @@ class ServeConfig:
     api_key: str | None = None
     served_model_name: str | None = None
     chat_template: str | None = None  # the template text replacing the model's (--chat-template)
+    # Requests' sampling defaults: "auto" the model's generation_config.json, "vllm" none, or a folder
+    # holding a generation_config.json (vLLM's --generation-config)
+    generation_config: str = "auto"
     enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (vLLM's flag, off there too)
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (vLLM's flag; needs tool_call_parser)
     tool_call_parser: str | None = None  # how "auto" finds calls in the output (server.tool_parsers.PARSERS)

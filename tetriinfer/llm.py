@@ -28,6 +28,19 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` uses without sampling params: the model's generation_config.json
+        settings (temperature, top_p, top_k, min_p, repetition_penalty; max_new_tokens as max_tokens),
+        else SamplingParams' own defaults, as vLLM's LLM does."""
+        from tetriinfer.model.loader import generation_defaults, resolve_model
+
+        defaults = generation_defaults(resolve_model(self.engine.config.model)[1])
+        if "max_new_tokens" in defaults:
+            defaults["max_tokens"] = defaults.pop("max_new_tokens")
+        if defaults.get("top_k") == -1:
+            defaults["top_k"] = 0
+        return SamplingParams(**defaults)
+
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
@@ -80,7 +93,7 @@ class LLM:
         if not items:
             return []
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(items)
+            params = [sampling_params or self.get_default_sampling_params()] * len(items)
         else:
             params = list(sampling_params)
             if len(params) != len(items):

@@ -53,13 +53,15 @@ class _Live:
 
 class ClusterClient:
     def __init__(self, inbox: AsyncInbox, controller_address: str, *, model_name: str, max_model_len: int,
-                 vocab_size: int, tokenizer: Tokenizer, config: ClientConfig = ClientConfig()) -> None:
+                 vocab_size: int, tokenizer: Tokenizer, config: ClientConfig = ClientConfig(),
+                 sampling_defaults: dict | None = None) -> None:
         self.inbox = inbox
         self.controller_address = controller_address
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
+        self.sampling_defaults = sampling_defaults or {}  # requests' defaults (server.protocol.sampling_params)
         self.config = config
         self.out = Outboxes(inbox.wire)
         self._live: dict[str, _Live] = {}

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from tetriinfer.entrypoints.generate import add_engine_arguments, engine_kwargs
 
@@ -108,6 +109,10 @@ def add_parser(subparsers) -> None:
     h.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                    help="a Jinja chat template replacing the model's: a file's path, or the template itself "
                         "(as vLLM's flag); None: the model's own (tokenizer_config.json or chat_template.jinja)")
+    h.add_argument("--generation-config", default=serve.generation_config, metavar="auto|vllm|DIR",
+                   help="the sampling defaults of requests that leave them out (temperature, top_p, top_k, min_p, "
+                        "repetition_penalty; max_new_tokens caps a chat reply without max_tokens): auto, the "
+                        "model's generation_config.json; vllm, none (temperature 1.0); or a folder holding one")
     h.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
                    help="serve GET /tokenizer_info (vLLM's: the tokenizer's config, special tokens and chat "
                         "template, which lm-eval's remote tokenizer reads); off by default, as in vLLM")
@@ -157,6 +162,7 @@ def serve_config(args: argparse.Namespace):
         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         chat_template=resolve_chat_template(args.chat_template) if args.chat_template else None,
+        generation_config=args.generation_config,
         kv_transport=args.kv_transport, kv_timeout_s=args.kv_timeout,
         predictor=args.predictor, launcher=args.launcher,
         dead_after_s=args.dead_after, uvicorn_log_level=args.uvicorn_log_level, torch_threads=args.torch_threads, engine=engine, policy=policy, flip=flip,
@@ -164,6 +170,23 @@ def serve_config(args: argparse.Namespace):
         max_waiting_requests=args.max_waiting_requests, shutdown_timeout_s=args.shutdown_timeout,
         request_idle_timeout_s=args.request_idle_timeout, decode_tensor_parallel_size=args.decode_tensor_parallel_size,
     )
+
+
+def _sampling_defaults(cfg) -> dict:
+    """--generation-config: the requests' sampling defaults, said aloud when they are the model's (as vLLM does)."""
+    from tetriinfer.model.loader import generation_defaults, resolve_model
+
+    if cfg.generation_config == "vllm":
+        return {}
+    folder = resolve_model(cfg.engine.model)[1] if cfg.generation_config == "auto" else Path(cfg.generation_config)
+    if cfg.generation_config != "auto" and not (folder / "generation_config.json").is_file():
+        raise FileNotFoundError(f"--generation-config {cfg.generation_config}: no generation_config.json there "
+                                "(give auto, vllm or a folder holding one)")
+    defaults = generation_defaults(folder)
+    if defaults:
+        print(f"Sampling defaults from {folder / 'generation_config.json'}: {defaults} (requests that set a field "
+              "override it; --generation-config vllm turns these off)", flush=True)
+    return defaults
 
 
 def _model(args: argparse.Namespace) -> str:
@@ -202,6 +225,7 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
         raise ValueError(f"model {cfg.engine.model!r} has no tokenizer.json; the server needs one")
     if cfg.chat_template is not None:
         tokenizer.chat_template = cfg.chat_template
+    sampling_defaults = _sampling_defaults(cfg)
     signals = _Signals(asyncio.get_running_loop(), cfg.shutdown_timeout_s)  # a signal now stops the cluster too
     internal_host = "0.0.0.0" if cfg.launcher == "ray" else "127.0.0.1"
     # This process owns the wire (its ipc directory), not the inbox: it goes after the children,
@@ -221,7 +245,7 @@ async def serve(cfg, ray_address: str | None = None, logs=None) -> int:
         client = ClusterClient(
             inbox, cluster.controller_address, model_name=cfg.served_model_name or cfg.engine.model,
             max_model_len=cfg.engine.max_model_len or arch.max_position_embeddings, vocab_size=arch.vocab_size,
-            tokenizer=tokenizer, config=ClientConfig(cfg.max_waiting_requests, idle_timeout_s=cfg.request_idle_timeout_s,
+            tokenizer=tokenizer, sampling_defaults=sampling_defaults, config=ClientConfig(cfg.max_waiting_requests, idle_timeout_s=cfg.request_idle_timeout_s,
                                                      silent_after_s=cfg.dead_after_s))
         if not await _wait_ready(client, cluster, cfg.startup_timeout_s, signals.stop):
             return 0

@@ -58,6 +58,21 @@ def resolve_model(name_or_path: str) -> tuple[dict, Path | None]:
     return with_generation_eos(json.loads((path / "config.json").read_text()), path), path
 
 
+# generation_config.json's sampling settings that become a request's defaults (vLLM's
+# `--generation-config auto`); max_new_tokens caps a chat reply that names no max_tokens.
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def generation_defaults(source: str | Path | None) -> dict:
+    """The sampling defaults the model's creator recommends: those GENERATION_DEFAULT_KEYS that a
+    folder's `generation_config.json` sets ({} without the file, or for a preset)."""
+    path = None if source is None else Path(source) / "generation_config.json"
+    if path is None or not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    return {key: config[key] for key in GENERATION_DEFAULT_KEYS if config.get(key) is not None}
+
+
 def with_generation_eos(hf_config: dict, model_dir: Path) -> dict:
     """The config with `generation_config.json`'s end-of-sequence ids added after its own: chat
     models end a turn with a token config.json may not name (Llama 3 Instruct's `<|eot_id|>`), and

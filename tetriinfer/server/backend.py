@@ -20,6 +20,7 @@ class Backend(Protocol):
     max_model_len: int  # prompt + max_tokens may not exceed it
     vocab_size: int
     tokenizer: Tokenizer
+    sampling_defaults: dict  # the model's generation_config.json defaults (model.loader.generation_defaults)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                  prompt: str | None = None) -> AsyncIterator[TokenDelta]:

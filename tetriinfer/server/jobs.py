@@ -130,7 +130,7 @@ def completion_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: 
     def make_sampling(i: int) -> SamplingParams:
         # max_tokens 0 (echo): one token is still computed, then dropped
         return req.sampling_params(max(max_tokens, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                   seed_offset=i)
+                                   seed_offset=i, defaults=backend.sampling_defaults)
 
     keep = req.prompt_tokens_kept(backend.max_model_len)
     prompts = []
@@ -177,13 +177,14 @@ def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: Server
                          tools=req.tools)
     token_ids, prompt = _truncated(tokenizer.encode(prompt), prompt, keep, backend)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    if max_tokens is None:  # as vLLM: the rest of the context (too little room is reported below)
-        max_tokens = max(backend.max_model_len - len(token_ids), 1)
+    if max_tokens is None:  # as vLLM: the rest of the context (too little room is reported below),
+        max_tokens = max(backend.max_model_len - len(token_ids), 1)  # or the model's max_new_tokens
+        max_tokens = min(max_tokens, backend.sampling_defaults.get("max_new_tokens", max_tokens))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
 
     job_id = f"chatcmpl-{uuid.uuid4().hex}"
     subs = _fan_out(job_id, [(token_ids, prompt)], req.num_choices,
-                    lambda i: req.sampling_params(max_tokens, logprobs=logprobs,
+                    lambda i: req.sampling_params(max_tokens, logprobs=logprobs, defaults=backend.sampling_defaults,
                                                   prompt_logprobs=req.answered_prompt_logprobs, seed_offset=i))
     check_prompt(token_ids, subs[0].sampling, "messages", backend)
     _check_sampling(subs[0].sampling, "messages", backend)

@@ -262,23 +262,31 @@ class _SamplingRequest(BaseModel):
         return keep
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
-                        seed_offset: int = 0) -> SamplingParams:
+                        seed_offset: int = 0, defaults: dict | None = None) -> SamplingParams:
         """SamplingParams checks the ranges; its ValueError names the field, and becomes a 400. The
         sampler holds temperature and top_p as float32: a top_p that is 0 there is refused (ask for
-        temperature 0 to get greedy), and so is a temperature that is infinite there."""
+        temperature 0 to get greedy), and so is a temperature that is infinite there. `defaults`
+        (the model's generation_config.json, model.loader.generation_defaults) fill the sampling
+        fields the request leaves out, as vLLM does."""
+        defaults = defaults or {}
+
+        def given(name: str, builtin: float) -> float:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, builtin)
+
         if self.top_p is not None and self.top_p > 0 and _float32(self.top_p) == 0:
             raise APIError(400, f"top_p must be > 0: {self.top_p} is 0 in float32 (use temperature 0 for greedy)",
                            param="top_p")
         if self.temperature is not None and _float32(self.temperature) == math.inf:
             raise APIError(400, f"temperature {self.temperature} is too large for float32", param="temperature")
-        top_k = self.top_k if self.top_k is not None else 0
+        top_k = given("top_k", 0)
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
-                temperature=1.0 if self.temperature is None else self.temperature,
+                temperature=given("temperature", 1.0),
                 top_k=0 if top_k == -1 else top_k,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                min_p=self.min_p or 0.0,
+                top_p=given("top_p", 1.0),
+                min_p=given("min_p", 0.0),
                 stop=list(self.stop),
                 stop_token_ids=list(self.stop_token_ids or []),
                 include_stop_str_in_output=self.include_stop_str_in_output,
@@ -290,7 +298,7 @@ class _SamplingRequest(BaseModel):
                 seed=None if self.seed is None else self.seed + seed_offset,
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
-                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                repetition_penalty=given("repetition_penalty", 1.0),
                 logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
                 allowed_token_ids=list(self.allowed_token_ids) if self.allowed_token_ids else None,
                 bad_words=list(self.bad_words or []),
