@@ -19,7 +19,8 @@ from tetriinfer.sampling_params import SamplingParams
 from tetriinfer.server.backend import Backend
 from tetriinfer.server.limits import ServerLimits, check_prompt, parse_request
 from tetriinfer.server.metrics import RequestTiming
-from tetriinfer.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from tetriinfer.server.chat_request import ChatCompletionRequest
+from tetriinfer.server.protocol import APIError, CompletionRequest
 from tetriinfer.server.tool_calls import ToolCalling, choice_mode, tool_calling
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

@@ -25,7 +25,8 @@ from tetriinfer import __version__
 from tetriinfer.model.tokenizer import SIMPLE_CHAT_TEMPLATE, ByteTokenizer
 from tetriinfer.server.jobs import chat_prompt, parse, require_tokenizer
 from tetriinfer.server.limits import read_body
-from tetriinfer.server.protocol import APIError, ChatMessage, message_dicts
+from tetriinfer.server.chat_request import ChatMessage, message_dicts
+from tetriinfer.server.protocol import APIError
 from tetriinfer.server.vllm_metrics import requests_running_and_waiting
 
 logger = logging.getLogger(__name__)
