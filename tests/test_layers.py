@@ -39,7 +39,7 @@ IO_MODULES = frozenset({
 
 
 def layer_of(path: Path) -> str:
-    """`sched` for tetriinfer/sched/x.py, `config` for tetriinfer/config.py."""
+    """`sched` for tetriinfer/sched/x.py, `presets` for tetriinfer/presets.py."""
     return path.relative_to(PACKAGE_ROOT).with_suffix("").parts[0]
 
 
