@@ -49,6 +49,7 @@ from tetriinfer.server.protocol import APIError
 from tetriinfer.server.serving import serve
 from tetriinfer.server.streaming import error_response
 from tetriinfer.server.reasoning import REASONING_PARSERS
+from tetriinfer.server.responses_api import ResponsesRequest, to_chat_body
 from tetriinfer.server.tool_parsers import PARSERS
 from tetriinfer.server.utility_routes import add_utility_routes
 
@@ -93,6 +94,19 @@ class OpenAIServer:
             return await anyio.to_thread.run_sync(chat_job, raw, timing, self.backend, self.limits,
                                                   self.auto_tool_parser, self.reasoning_parser)
         return await anyio.to_thread.run_sync(completion_job, raw, timing, self.backend, self.limits)
+
+    async def responses_job(self, request: Request) -> tuple[ResponsesRequest, Job]:
+        """A /v1/responses request, and the chat job that serves it (responses_api.py)."""
+        timing = RequestTiming()
+        raw = await read_body(request, self.limits)
+
+        def make() -> tuple[ResponsesRequest, Job]:
+            req, chat_raw = to_chat_body(raw, self.limits)
+            job = chat_job(chat_raw, timing, self.backend, self.limits, self.auto_tool_parser, self.reasoning_parser)
+            job.path = "/v1/responses"
+            return req, job
+
+        return await anyio.to_thread.run_sync(make)
 
     def finished(self, job: Job, outcome: str, status: int, completion_tokens: int) -> None:
         """A generation request is over: its metrics, the stats counters and its access line."""
@@ -165,16 +179,19 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLi
                                                 else "server_error"),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    async def generation(request: Request, chat: bool) -> Response:
+    async def generation(request: Request, chat: bool, responses: bool = False) -> Response:
         try:
             server.check_auth(request)
-            job = await server.job(request, chat)
+            if responses:
+                req, job = await server.responses_job(request)
+            else:
+                req, job = None, await server.job(request, chat)
         except APIError as e:
             server.metrics.count("rejected")
             if logs.log_requests:
                 logger.info("POST %s %d rejected: %s", request.url.path, e.status, e.message[:200])
             raise
-        return await serve(server, request, job)
+        return await serve(server, request, job, responses=req)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -183,6 +200,10 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLi
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await generation(request, chat=True)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await generation(request, chat=True, responses=True)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

@@ -20,15 +20,19 @@ from fastapi.responses import JSONResponse, Response
 from tetriinfer.server.chat_deltas import ChatDeltas
 from tetriinfer.server.jobs import Job
 from tetriinfer.server.render import Renderer
+from tetriinfer.server.responses_api import ResponsesRequest, from_chat_body
+from tetriinfer.server.responses_stream import response_events
 from tetriinfer.server.streaming import EventStream, Output, error_response, failure, run_choices, sse, wait_for_disconnect
 
 if TYPE_CHECKING:
     from tetriinfer.server.app import OpenAIServer
 
 
-async def serve(server: "OpenAIServer", request: Request, job: Job) -> Response:
+async def serve(server: "OpenAIServer", request: Request, job: Job, responses: ResponsesRequest | None = None) -> Response:
+    """`responses`: a /v1/responses request served as this chat job, answered in its own shape."""
     if job.stream:
-        return EventStream(events(server, job))
+        stream = events(server, job)
+        return EventStream(stream if responses is None else response_events(responses, stream, job.model))
     outcome: dict = {}
 
     async def work() -> None:
@@ -51,7 +55,7 @@ async def serve(server: "OpenAIServer", request: Request, job: Job) -> Response:
         renderer = Renderer(job, server.backend.tokenizer)
         body = renderer.body(outcome["outputs"])
         server.finished(job, "ok", 200, body["usage"]["completion_tokens"])
-        return JSONResponse(body)
+        return JSONResponse(body if responses is None else from_chat_body(responses, body))
     if "error" in outcome:
         error = outcome["error"]
         server.finished(job, "rejected" if error.status == 429 else "error", error.status, 0)
