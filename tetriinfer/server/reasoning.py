@@ -27,7 +27,7 @@ class ReasoningRule:
 REASONING_PARSERS = {"deepseek_r1": ReasoningRule(starts_thinking=True), "qwen3": ReasoningRule(starts_thinking=False)}
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper start of `tag` (held back, it may complete)."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):
@@ -67,7 +67,7 @@ class ReasoningSplitter:
         if self._state == "thinking":
             end = self._pending.find(THINK_END)
             if end < 0:
-                keep = _partial_suffix(self._pending, THINK_END)
+                keep = partial_suffix(self._pending, THINK_END)
                 reasoning, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep:]
                 return reasoning, ""
             reasoning, self._pending, self._state = self._pending[:end], self._pending[end + len(THINK_END):], "answering"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 
+from tetriinfer.server.reasoning import partial_suffix
+
 ParsedCall = tuple[str, str]  # (function name, arguments: a JSON object's text)
 
 
@@ -48,10 +50,7 @@ class HermesParser:
         still become one."""
         if self.START in text:
             return text.index(self.START)
-        for keep in range(min(len(self.START) - 1, len(text)), 0, -1):
-            if self.START.startswith(text[-keep:]):
-                return len(text) - keep
-        return len(text)
+        return len(text) - partial_suffix(text, self.START)
 
 
 class Llama3JsonParser:
