@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from tetriinfer.bench.report import format_table, plot_distributions
+    from tetriinfer.bench.report import format_table, plot_distributions, save_plot
     from tetriinfer.bench.serve_client import run_load_sync
     from tetriinfer.bench.workload import build_specs
 
@@ -114,11 +114,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.json_out}")
     plot = args.plot or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else None)
     if plot:
-        try:
-            plot_distributions({args.label: result.records}, plot)
-            print(f"wrote {plot}")
-        except ImportError:
-            if args.plot:
-                raise
-            print("no plot: matplotlib is not installed (pip install 'tetriinfer[plot]')")
+        save_plot(lambda path: plot_distributions({args.label: result.records}, path), plot, asked=bool(args.plot))
     return 0

@@ -46,6 +46,26 @@ def _number(value: float | None) -> str:
     return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
 
 
+PLOT_EXTRA = "pip install 'tetriinfer[plot]'"
+
+
+def save_plot(draw, path: str | Path, *, asked: bool = True) -> bool:
+    """`draw(path)` (which imports matplotlib), and a line saying where the plot went. matplotlib is
+    an extra: without it, a plot the user asked for is a ValueError naming the extra (the CLI prints
+    it as a one-line error), and a default one is skipped with a line saying how to get it."""
+    try:
+        draw(path)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "matplotlib":
+            raise
+        if asked:
+            raise ValueError(f"drawing {path} needs matplotlib: {PLOT_EXTRA}") from None
+        print(f"no plot: matplotlib is not installed ({PLOT_EXTRA})")
+        return False
+    print(f"wrote {path}")
+    return True
+
+
 def plot_distributions(named_records: dict[str, list[RequestRecord]], path: str | Path) -> None:
     """TTFT and JCT CDFs, one line per system, side by side in one image at `path`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

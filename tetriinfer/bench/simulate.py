@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from tetriinfer.bench.report import format_table, plot_distributions
+    from tetriinfer.bench.report import format_table, plot_distributions, save_plot
     from tetriinfer.sim.cluster import simulate
 
     systems = [s.strip() for s in args.compare.split(",")] if args.compare else [args.system]
@@ -165,6 +165,5 @@ def run(args: argparse.Namespace) -> int:
     default_plot = str(Path(args.json_out).with_suffix(".png")) if args.json_out else f"simulate-{args.workload}.png"
     plot = args.plot or (default_plot if len(systems) > 1 else None)
     if plot:
-        plot_distributions(records, plot)
-        print(f"wrote {plot}")
+        save_plot(lambda path: plot_distributions(records, path), plot, asked=bool(args.plot))
     return 0

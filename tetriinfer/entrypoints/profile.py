@@ -161,7 +161,9 @@ def run(args: argparse.Namespace) -> int:
     )
     save_profile(profile, args.out)
     if args.plot:
-        plot_profile(profile, args.plot)
+        from tetriinfer.bench.report import save_plot
+
+        save_plot(lambda path: plot_profile(profile, path), args.plot)
 
     print(f"{args.model} on {device_name} ({args.dtype}); profile written to {args.out}")
     print("prefill (no cached context):  chunk  ms/step  tokens/s")

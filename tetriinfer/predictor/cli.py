@@ -85,7 +85,9 @@ def _table(args: argparse.Namespace) -> int:
     reports = [json.loads(Path(p).read_text()) for p in args.reports]
     print(markdown_table(reports))
     if args.plot:
-        plot_label_shares(reports, args.plot)
+        from tetriinfer.bench.report import save_plot
+
+        save_plot(lambda path: plot_label_shares(reports, path), args.plot)
     return 0
 
 
