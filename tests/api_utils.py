@@ -61,6 +61,20 @@ def expected_text(backend: FakeBackend, prompt: str, max_tokens: int) -> str:
     return backend.tokenizer.decode(backend.continuation(ids, max_tokens))
 
 
+def hide_xgrammar(monkeypatch) -> None:
+    """Imports of xgrammar fail, as on an install without the `structured` extra."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_xgrammar(name, *args, **kwargs):
+        if name == "xgrammar":
+            raise ImportError("No module named 'xgrammar'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_xgrammar)
+
+
 @pytest.fixture
 def backend() -> FakeBackend:
     return FakeBackend()

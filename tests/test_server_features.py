@@ -11,7 +11,7 @@ import logging
 import httpx
 import pytest
 
-from api_utils import CHAT, MODEL, call, expected_text, server, live, sse_events, wait_until  # noqa: F401
+from api_utils import CHAT, MODEL, call, expected_text, hide_xgrammar, server, live, sse_events, wait_until  # noqa: F401
 from fake_backend import FakeBackend
 from tetriinfer.cluster.messages import ClusterStats
 from tetriinfer.server.app import create_app
@@ -218,16 +218,7 @@ def test_vllms_guided_regex_choice_and_grammar_reach_the_sampler_and_bad_ones_ar
 
 
 def test_structured_output_without_the_library_names_the_extra(app, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_xgrammar(name, *args, **kwargs):
-        if name == "xgrammar":
-            raise ImportError("No module named 'xgrammar'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_xgrammar)
+    hide_xgrammar(monkeypatch)
     r = call(app, "POST", "/v1/chat/completions", json={"messages": CHAT, "response_format": {"type": "json_object"}})
     assert r.status_code == 400 and "pip install 'tetriinfer[structured]'" in r.json()["error"]["message"]
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from api_utils import CHAT, call, live, server, sse_events  # noqa: F401
+from api_utils import CHAT, call, hide_xgrammar, live, server, sse_events  # noqa: F401
 from fake_backend import FakeBackend
 from tetriinfer.server.app import create_app
 
@@ -98,16 +98,7 @@ def test_named_tool_choice_constrains_to_the_parameters_and_answers_one_call(bac
 
 
 def test_named_tool_choice_without_xgrammar_is_the_structured_output_400(backend, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_xgrammar(name, *args, **kwargs):
-        if name == "xgrammar":
-            raise ImportError("No module named 'xgrammar'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_xgrammar)
+    hide_xgrammar(monkeypatch)
     r = chat(create_app(backend), tools=TOOLS, tool_choice=NAMED)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     assert "pip install 'tetriinfer[structured]'" in r.json()["error"]["message"]

@@ -24,6 +24,7 @@ class LLM:
         config = EngineConfig.from_flat(model, **kwargs)
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
+        self._default_sampling: SamplingParams | None = None
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -31,7 +32,12 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` uses without sampling params: the model's generation_config.json
         settings (temperature, top_p, top_k, min_p, repetition_penalty; max_new_tokens as max_tokens),
-        else SamplingParams' own defaults, as vLLM's LLM does."""
+        else SamplingParams' own defaults, as vLLM's LLM does. Read once, at the first call."""
+        if self._default_sampling is None:
+            self._default_sampling = self._read_default_sampling()
+        return self._default_sampling
+
+    def _read_default_sampling(self) -> SamplingParams:
         from tetriinfer.model.loader import generation_defaults, resolve_model
 
         defaults = generation_defaults(resolve_model(self.engine.config.model)[1])

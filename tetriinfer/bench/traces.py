@@ -2,7 +2,7 @@
 
 Vidur (`vidur-traces/` in the data folder): columns `num_prefill_tokens,num_decode_tokens` (Llama-2
 tokenizer: already tokens), plus `arrived_at` (seconds from the first request) in the Splitwise
-files, which are the Azure 2023 traces.
+files, which are the Azure 2023 traces; trace_files.read_trace reads them, as every CSV layout.
 
 Mooncake (`read_mooncake_jsonl`): one JSON object per line with `timestamp` (ms), `input_length`,
 `output_length` and `hash_ids`, one id per `HASH_BLOCK_TOKENS` prompt tokens, equal ids meaning a
@@ -11,8 +11,6 @@ shared prefix (the format of Mooncake's public traces).
 
 from __future__ import annotations
 
-import csv
-import functools
 import gzip
 import json
 from pathlib import Path
@@ -35,21 +33,6 @@ LENGTH_TRACES = {
 def open_text(path: Path):
     """A data file as text, read through gzip when its name ends in `.gz` (as shipped)."""
     return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
-
-
-# Parsed once per process, keyed by path (a changed data folder is re-read).
-@functools.cache
-def read_vidur_csv(path: Path) -> tuple[tuple[float | None, int, int], ...]:
-    """(arrived_at, or None in a lengths-only file; prompt tokens; output tokens) per row, in order."""
-    with open_text(path) as f:
-        return tuple(
-            (
-                float(row["arrived_at"]) if "arrived_at" in row else None,
-                int(row["num_prefill_tokens"]),
-                int(row["num_decode_tokens"]),
-            )
-            for row in csv.DictReader(f)
-        )
 
 
 def read_mooncake_jsonl(path: str | Path) -> list[tuple[float, int, int, tuple[int, ...]]]:

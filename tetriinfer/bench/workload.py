@@ -28,7 +28,7 @@ from tetriinfer.bench.arrivals import OPEN_ARRIVALS, check_rate, open_arrivals, 
 from tetriinfer.bench.conversation import plan_conversations, turn_hash_ids
 from tetriinfer.bench.trace_files import read_trace
 from tetriinfer.bench.traces import (
-    HASH_BLOCK_TOKENS, LENGTH_TRACES, SPLITWISE_TRACES, VIDUR_DIR, open_text, read_vidur_csv,
+    HASH_BLOCK_TOKENS, LENGTH_TRACES, SPLITWISE_TRACES, VIDUR_DIR, open_text,
 )
 from tetriinfer.config import PolicyConfig
 
@@ -207,19 +207,19 @@ def sharegpt_sessions() -> tuple[tuple[tuple[int, int], ...], ...]:
 
 def azure_trace(name: str) -> tuple[tuple[float, int, int], ...]:
     """(seconds since the trace's first request, prompt tokens, output tokens) per row, in order."""
-    return _read_azure_trace(data_file("azure-llm-2023", AZURE_TRACES[name]))
+    return _read_trace_rows(data_file("azure-llm-2023", AZURE_TRACES[name]))
 
 
 def timed_trace(name: str) -> tuple[tuple[float, int, int], ...]:
     """(arrival seconds, prompt tokens, output tokens) per row of an Azure or Splitwise trace, in order."""
     if name in AZURE_TRACES:
         return azure_trace(name)
-    return read_vidur_csv(data_file(VIDUR_DIR, SPLITWISE_TRACES[name]))
+    return _read_trace_rows(data_file(VIDUR_DIR, SPLITWISE_TRACES[name]))
 
 
 def length_trace(name: str) -> list[tuple[int, int]]:
     """(prompt tokens, output tokens) per row of a lengths-only Vidur trace."""
-    return [(p, o) for _, p, o in read_vidur_csv(data_file(VIDUR_DIR, LENGTH_TRACES[name]))]
+    return [(p, o) for _, p, o in _read_trace_rows(data_file(VIDUR_DIR, LENGTH_TRACES[name]))]
 
 
 # Parsed files stay in memory for the process (keyed by path, so a changed data folder is re-read).
@@ -252,7 +252,8 @@ def _read_sharegpt_sessions(path: Path) -> tuple[tuple[tuple[int, int], ...], ..
 
 
 @functools.cache
-def _read_azure_trace(path: Path) -> tuple[tuple[float, int, int], ...]:
+def _read_trace_rows(path: Path) -> tuple[tuple[float | None, int, int], ...]:
+    """A shipped trace's (arrival or None, prompt tokens, output tokens) rows, parsed once per process."""
     return tuple((t, p, o) for t, p, o, _ in read_trace(path).rows)
 
 

@@ -66,21 +66,21 @@ GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition
 def generation_defaults(source: str | Path | None) -> dict:
     """The sampling defaults the model's creator recommends: those GENERATION_DEFAULT_KEYS that a
     folder's `generation_config.json` sets ({} without the file, or for a preset)."""
-    path = None if source is None else Path(source) / "generation_config.json"
-    if path is None or not path.is_file():
-        return {}
-    config = json.loads(path.read_text())
+    config = _generation_config(source)
     return {key: config[key] for key in GENERATION_DEFAULT_KEYS if config.get(key) is not None}
+
+
+def _generation_config(folder: str | Path | None) -> dict:
+    """A model folder's generation_config.json ({} without one)."""
+    path = None if folder is None else Path(folder) / "generation_config.json"
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
 
 def with_generation_eos(hf_config: dict, model_dir: Path) -> dict:
     """The config with `generation_config.json`'s end-of-sequence ids added after its own: chat
     models end a turn with a token config.json may not name (Llama 3 Instruct's `<|eot_id|>`), and
     transformers' `generate` and vLLM stop on those too."""
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return hf_config
-    extra = json.loads(path.read_text()).get("eos_token_id")
+    extra = _generation_config(model_dir).get("eos_token_id")
     as_list = lambda v: [] if v is None else (list(v) if isinstance(v, (list, tuple)) else [v])  # noqa: E731
     eos = as_list(hf_config.get("eos_token_id"))
     merged = eos + [t for t in as_list(extra) if t not in eos]

@@ -84,9 +84,7 @@ class HFTokenizer(Tokenizer):
         self.eos_token_id = self._token_id(config.get("eos_token"))
 
     def _token_id(self, token) -> int | None:
-        if isinstance(token, dict):  # older configs store AddedToken dicts
-            token = token.get("content")
-        return None if token is None else self._tok.token_to_id(token)
+        return None if token is None else self._tok.token_to_id(_token_text(token))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -103,6 +101,7 @@ class HFTokenizer(Tokenizer):
 
 
 def _token_text(token) -> str:
+    """A config's special token as text (older configs store AddedToken dicts)."""
     return token.get("content", "") if isinstance(token, dict) else str(token)
 
 

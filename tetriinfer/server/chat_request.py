@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from tetriinfer.server.protocol import MAX_LOGPROBS, APIError, _SamplingRequest
+from tetriinfer.server.protocol import MAX_LOGPROBS, APIError, SamplingRequest
 
 
 class ChatMessage(BaseModel):
@@ -38,7 +38,7 @@ class ChatMessage(BaseModel):
                          f"got {type(value).__name__}: {str(value)[:80]}")
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool = False

@@ -72,7 +72,7 @@ UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value,
 }
 
 
-def _check_or_400(check, value: str, param: str, missing_prefix: str | None = None,
+def check_or_400(check, value: str, param: str, missing_prefix: str | None = None,
                   invalid_prefix: str | None = None) -> None:
     """Run a structured-output check; the grammar library missing (ImportError) or the value not
     compiling (ValueError) is a 400 naming `param` (each message prefixed, by default with `param: `)."""
@@ -84,7 +84,7 @@ def _check_or_400(check, value: str, param: str, missing_prefix: str | None = No
         raise APIError(400, f"{f'{param}: ' if invalid_prefix is None else invalid_prefix}{e}", param=param) from None
 
 
-class _SamplingRequest(BaseModel):
+class SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="allow", strict=True)  # extras kept for check_supported
@@ -190,13 +190,13 @@ class _SamplingRequest(BaseModel):
         if self.guided_choice is not None and not (self.guided_choice and all(self.guided_choice)):
             raise APIError(400, "guided_choice must be a non-empty list of non-empty strings", param=param)
         regex = self.guided_regex if self.guided_regex is not None else choice_regex(self.guided_choice)
-        _check_or_400(check_regex, regex, param)
+        check_or_400(check_regex, regex, param)
         return {"regex": regex}
 
     def _grammar(self) -> dict:
         from tetriinfer.engine.structured import check_grammar
 
-        _check_or_400(check_grammar, self.guided_grammar, "guided_grammar")
+        check_or_400(check_grammar, self.guided_grammar, "guided_grammar")
         return {"grammar": self.guided_grammar}
 
     def _guided_schema(self) -> dict:
@@ -246,7 +246,7 @@ class _SamplingRequest(BaseModel):
                                 "'json_schema'", param="response_format")
         from tetriinfer.engine.structured import check_json_schema
 
-        _check_or_400(check_json_schema, fields.get("json_schema", '{"type": "object"}'), "response_format",
+        check_or_400(check_json_schema, fields.get("json_schema", '{"type": "object"}'), "response_format",
                       missing_prefix=f"response_format {kind!r}: ", invalid_prefix="")
         return fields
 
@@ -324,7 +324,7 @@ def _float32(value: float) -> float:
         return math.copysign(math.inf, value)
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: Any = Field(default=None, validate_default=True)  # str | list[int] | [str] | [list[int]]
     logprobs: int | None = None  # OpenAI's top-n: the chosen token's logprob and the n best
     echo: bool = False  # the prompt (and with logprobs, its logprobs) before the completion

@@ -44,13 +44,12 @@ class ReasoningSplitter:
         self.rule = REASONING_PARSERS[parser]
         self._pending = ""  # text not yet given out
         self._state = "opening"  # opening -> thinking -> answering
+        self._closed_thinking = False  # a </think> was seen
 
     @property
     def thought(self) -> bool:
         """Whether the reply has (had) a reasoning part."""
-        return self._state == "thinking" or self._thought
-
-    _thought = False
+        return self._state == "thinking" or self._closed_thinking
 
     def feed(self, text: str) -> tuple[str, str]:
         """(reasoning, content) that can be given out now that `text` has arrived."""
@@ -71,7 +70,7 @@ class ReasoningSplitter:
                 reasoning, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep:]
                 return reasoning, ""
             reasoning, self._pending, self._state = self._pending[:end], self._pending[end + len(THINK_END):], "answering"
-            self._thought = True
+            self._closed_thinking = True
         if self._state == "answering":
             content, self._pending = self._pending, ""
         return reasoning, content

@@ -132,22 +132,23 @@ def to_chat_body(raw: bytes, limits: ServerLimits) -> tuple[ResponsesRequest, by
     return req, json.dumps(body).encode()
 
 
-def _id(prefix: str) -> str:
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id: `resp_...`, `msg_...`, `rs_...`, `fc_...`."""
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def message_item(text: str, status: str = "completed", item_id: str | None = None) -> dict:
-    return {"type": "message", "id": item_id or _id("msg"), "status": status, "role": "assistant",
+    return {"type": "message", "id": item_id or new_id("msg"), "status": status, "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []}
 
 
 def reasoning_item(text: str, item_id: str | None = None) -> dict:
-    return {"type": "reasoning", "id": item_id or _id("rs"), "summary": [],
+    return {"type": "reasoning", "id": item_id or new_id("rs"), "summary": [],
             "content": [{"type": "reasoning_text", "text": text}]}
 
 
 def call_item(call: dict, item_id: str | None = None) -> dict:
-    return {"type": "function_call", "id": item_id or _id("fc"), "call_id": call["id"],
+    return {"type": "function_call", "id": item_id or new_id("fc"), "call_id": call["id"],
             "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
 
 
@@ -181,5 +182,5 @@ def from_chat_body(req: ResponsesRequest, chat: dict) -> dict:
     if message.get("content") or not calls:
         output.append(message_item(message.get("content") or ""))
     output += [call_item(call) for call in calls]
-    return response_object(req, _id("resp"), int(time.time()), chat["model"], output, choice["finish_reason"],
+    return response_object(req, new_id("resp"), int(time.time()), chat["model"], output, choice["finish_reason"],
                            chat.get("usage"))

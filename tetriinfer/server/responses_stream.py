@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from tetriinfer.server.responses_api import (
-    ResponsesRequest, _id, call_item, message_item, reasoning_item, response_object,
+    ResponsesRequest, call_item, message_item, new_id, reasoning_item, response_object,
 )
 
 
@@ -32,10 +32,10 @@ class _Events:
 
 async def response_events(req: ResponsesRequest, chat_events: AsyncIterator, model: str) -> AsyncIterator:
     event = _Events()
-    response_id, created = _id("resp"), int(time.time())
+    response_id, created = new_id("resp"), int(time.time())
     output: list[dict] = []  # the finished items
     reasoning = text = None  # the open item's text so far (None: not open)
-    reasoning_id, message_id = _id("rs"), _id("msg")
+    reasoning_id, message_id = new_id("rs"), new_id("msg")
     calls: list[dict] = []
     finish = usage = None
     started = False

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tetriinfer.server.protocol import APIError, _check_or_400
+from tetriinfer.server.protocol import APIError, check_or_400
 from tetriinfer.server.tool_parsers import PARSERS
 
 AUTO_NEEDS_FLAGS = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
@@ -100,7 +100,7 @@ def structured(request, plain) -> dict:
     from tetriinfer.engine.structured import check_json_schema
 
     text = json.dumps(schema)
-    _check_or_400(check_json_schema, text, "tool_choice", invalid_prefix="tools: ")
+    check_or_400(check_json_schema, text, "tool_choice", invalid_prefix="tools: ")
     return {"json_schema": text}
 
 
