@@ -13,6 +13,11 @@ SUPPORTED_MODEL_TYPES = LLAMA_LIKE + ("opt",)
 ROPE_SCALINGS = ("linear", "llama3", "yarn")  # besides the default (model.layers.rope_inv_freq)
 
 
+def token_id_list(value) -> list[int]:
+    """A config's token id field (`eos_token_id`: one id, a list of ids, or absent) as a list."""
+    return [] if value is None else (list(value) if isinstance(value, (list, tuple)) else [value])
+
+
 @dataclass(frozen=True)
 class ModelArch:
     model_type: str
@@ -74,8 +79,7 @@ class ModelArch:
             raise ValueError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        eos_ids = tuple(token_id_list(cfg.get("eos_token_id")))
         num_heads = cfg["num_attention_heads"]
         common = dict(
             model_type=model_type,

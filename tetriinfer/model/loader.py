@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tetriinfer.model.arch import ModelArch
+from tetriinfer.model.arch import ModelArch, token_id_list
 from tetriinfer.model.hub import is_hub_id, resolve_hub_model
 from tetriinfer.model.llama import LlamaForCausalLM
 from tetriinfer.model.opt import OPTForCausalLM
@@ -81,9 +81,8 @@ def with_generation_eos(hf_config: dict, model_dir: Path) -> dict:
     models end a turn with a token config.json may not name (Llama 3 Instruct's `<|eot_id|>`), and
     transformers' `generate` and vLLM stop on those too."""
     extra = _generation_config(model_dir).get("eos_token_id")
-    as_list = lambda v: [] if v is None else (list(v) if isinstance(v, (list, tuple)) else [v])  # noqa: E731
-    eos = as_list(hf_config.get("eos_token_id"))
-    merged = eos + [t for t in as_list(extra) if t not in eos]
+    eos = token_id_list(hf_config.get("eos_token_id"))
+    merged = eos + [t for t in token_id_list(extra) if t not in eos]
     return hf_config if merged == eos else {**hf_config, "eos_token_id": merged}
 
 
@@ -268,12 +267,12 @@ def _normalize_name(ckpt_name: str, model: nn.Module) -> str | None:
 
 def _locate(name: str, model: nn.Module) -> tuple[str, tuple[int, int] | None]:
     """Unfused name -> (our parameter name, (row offset, rows) inside a fused parameter or None)."""
-    for piece, (fused, shard) in model.stacked_params.items():
+    for piece, (fused, slot) in model.stacked_params.items():
         token = f".{piece}."
         if token in name:
             module_name = name.split(token)[0]
             owner = model.get_submodule(module_name)
-            return name.replace(token, f".{fused}."), owner.shard_offsets()[shard]
+            return name.replace(token, f".{fused}."), owner.shard_offsets()[slot]
     return name, None
 
 
