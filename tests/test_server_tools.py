@@ -120,6 +120,34 @@ def test_required_tool_choice_constrains_to_an_array_of_calls_and_answers_each(b
     assert len({c["id"] for c in choice["message"]["tool_calls"]}) == 2
 
 
+def pydantic_style_tool(name: str, unit_enum: list[str]) -> dict:
+    """Parameters as pydantic's model_json_schema writes them: nested models behind "#/$defs/..." refs."""
+    return {"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {"unit": {"$ref": "#/$defs/Unit"}, "place": {"$ref": "#/$defs/Place"}},
+        "required": ["unit", "place"],
+        "$defs": {"Unit": {"type": "string", "enum": unit_enum},
+                  "Place": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}}}
+
+
+def test_required_tool_choice_keeps_the_tools_defs_resolvable_at_the_schemas_root(backend):
+    pytest.importorskip("xgrammar")
+    tools = [pydantic_style_tool("get_weather", ["c", "f"]), pydantic_style_tool("get_forecast", ["c", "f"])]
+    backend.script = '[{"name": "get_forecast", "parameters": {"unit": "c", "place": {"city": "Oslo"}}}]'
+    r = chat(create_app(backend), tools=tools, tool_choice="required")
+    assert r.status_code == 200, r.text
+    schema = json.loads(backend.started[0].sampling.json_schema)
+    assert set(schema["$defs"]) == {"Unit", "Place"}  # one copy of the definitions both tools share
+    assert all("$defs" not in item["properties"]["parameters"] for item in schema["items"]["anyOf"])
+    assert r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_forecast"
+
+
+def test_required_tool_choice_over_tools_defining_one_name_differently_is_a_400(backend):
+    tools = [pydantic_style_tool("get_weather", ["c", "f"]), pydantic_style_tool("get_forecast", ["k"])]
+    r = chat(create_app(backend), tools=tools, tool_choice="required")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert "'Unit'" in r.json()["error"]["message"]
+
+
 def test_auto_hermes_keeps_the_text_before_the_call_as_content(backend):
     backend.script = "Checking.\n" + HERMES_CALL
     r = chat(auto_app(backend), tools=TOOLS)

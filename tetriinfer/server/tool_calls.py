@@ -76,12 +76,34 @@ def _parameters(tool: dict) -> dict:
     return tool["function"].get("parameters") or EMPTY_PARAMETERS
 
 
+DEFINITION_KEYS = ("$defs", "definitions")  # where a schema keeps what its "#/$defs/..." refs name
+
+
+def _hoisted_parameters(tools: list) -> tuple[list[dict], dict]:
+    """Each tool's parameters without its definitions, and all definitions merged for the root.
+    Under "required" the parameters sit inside an array's items, where a ref like "#/$defs/Unit"
+    (pydantic writes them) would no longer resolve: its definitions must live at the new root."""
+    parameters, definitions = [], {}
+    for tool in tools:
+        schema = dict(_parameters(tool))
+        for key in DEFINITION_KEYS:
+            for def_name, body in (schema.pop(key, None) or {}).items():
+                known = definitions.setdefault(key, {})
+                if def_name in known and known[def_name] != body:
+                    raise APIError(400, f"tools define {key} {def_name!r} twice, differently: a \"required\" "
+                                        "tool_choice needs one definition per name", param="tools")
+                known[def_name] = body
+        parameters.append(schema)
+    return parameters, definitions
+
+
 def output_schema(tools: list | None, mode: str | None) -> dict | None:
     """The JSON schema a named or "required" choice constrains the output to (vLLM's)."""
     if mode == "required":
+        parameters, definitions = _hoisted_parameters(tools)
         return {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": [
-            {"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]}, "parameters": _parameters(t)},
-             "required": ["name", "parameters"]} for t in tools]}}
+            {"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]}, "parameters": p},
+             "required": ["name", "parameters"]} for t, p in zip(tools, parameters)]}, **definitions}
     if mode is not None and mode.startswith("function:"):
         name = mode.removeprefix("function:")
         return _parameters(next(t for t in tools if t["function"]["name"] == name))
