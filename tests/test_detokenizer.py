@@ -368,3 +368,16 @@ def test_settle_keeps_the_last_delta_for_the_streamer():
             detok.settle()
         streamed += detok.take_delta()
     assert streamed == detok.text == tok.decode(ids)
+
+
+@pytest.mark.parametrize("name", ["byte_level_bpe", "metaspace_bpe"])
+def test_skip_special_tokens_false_streams_the_special_tokens_texts_too(name, request):
+    tokenizer = request.getfixturevalue(name)
+    specials = [tokenizer._tok.token_to_id(s) for s in ("<s>", "</s>")]
+    ids = tokenizer.encode("the lazy dog", add_special_tokens=False)
+    ids = ids[:2] + [specials[0]] + ids[2:] + [specials[1]]
+    for skip in (True, False):
+        detok = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=skip)
+        deltas = [detok.append(t) or detok.take_delta() for t in ids] + [detok.finish()]
+        assert "".join(deltas) == detok.text == tokenizer.decode(ids, skip_special_tokens=skip)
+        assert ("<s>" in detok.text and "</s>" in detok.text) is (not skip)

@@ -148,6 +148,26 @@ def test_required_tool_choice_over_tools_defining_one_name_differently_is_a_400(
     assert "'Unit'" in r.json()["error"]["message"]
 
 
+def test_auto_mistral_keeps_special_tokens_and_answers_nine_character_call_ids(backend):
+    backend.script = 'Checking. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    r = chat(auto_app(backend, "mistral"), tools=TOOLS)
+    assert r.status_code == 200, r.text
+    assert backend.started[0].sampling.skip_special_tokens is False  # [TOOL_CALLS] is a special token
+    message = r.json()["choices"][0]["message"]
+    assert message["content"] == "Checking. " and r.json()["choices"][0]["finish_reason"] == "tool_calls"
+    call = message["tool_calls"][0]
+    assert len(call["id"]) == 9 and call["id"].isalnum()
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+
+
+def test_skip_special_tokens_is_passed_to_the_sampling_params_and_defaults_to_true(backend):
+    app = create_app(backend)
+    assert chat(app).status_code == 200 and chat(app, skip_special_tokens=False).status_code == 200
+    assert chat(app, skip_special_tokens=None).status_code == 200
+    assert [s.sampling.skip_special_tokens for s in backend.started] == [True, False, True]
+    assert chat(app, skip_special_tokens="maybe").status_code == 400
+
+
 def test_auto_hermes_keeps_the_text_before_the_call_as_content(backend):
     backend.script = "Checking.\n" + HERMES_CALL
     r = chat(auto_app(backend), tools=TOOLS)

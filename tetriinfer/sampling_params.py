@@ -41,6 +41,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False  # the text keeps the stop string that ended it (vLLM's)
+    skip_special_tokens: bool = True  # False: the text keeps special tokens' texts (vLLM's)
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None

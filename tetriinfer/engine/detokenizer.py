@@ -19,6 +19,8 @@ text of such garbage runs can differ from the whole decode; valid UTF-8 output i
 
 from __future__ import annotations
 
+import functools
+
 from tetriinfer.model.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -32,16 +34,18 @@ class IncrementalDetokenizer:
     """Per-request detokenizer: `append` each sampled token, `take_delta` the text safe to stream,
     `finish` at the end. `stream_holdback=False` releases text at once (a delta may then hold the
     start of the stop string that ends the request; `text` is still cut). `include_stop`: the text
-    keeps the stop string that ended it (vLLM's include_stop_str_in_output)."""
+    keeps the stop string that ended it (vLLM's include_stop_str_in_output). `skip_special_tokens=False`
+    keeps special tokens' texts (`[TOOL_CALLS]`, say) in the output."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str], stream_holdback: bool = True,
-                 include_stop: bool = False):
+                 include_stop: bool = False, skip_special_tokens: bool = True):
         if isinstance(stop, str):
             stop = [stop]
         bad = next((s for s in stop if not isinstance(s, str) or not s), None)
         if bad is not None:
             raise ValueError(f"stop strings must be non-empty strings, got {bad!r}")
         self.tokenizer = tokenizer
+        self._decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens)
         self.stop = list(stop)
         self.stream_holdback = stream_holdback
         self.include_stop = include_stop
@@ -62,10 +66,11 @@ class IncrementalDetokenizer:
 
     @classmethod
     def replay(cls, tokenizer: Tokenizer, stop: list[str], output_token_ids: list[int],
-               stream_holdback: bool = True, include_stop: bool = False) -> IncrementalDetokenizer:
+               stream_holdback: bool = True, include_stop: bool = False,
+               skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         """Rebuild the state of a request that arrives mid-stream (KV import on a decode instance)
         whose producer took a delta after its last token: what that producer sent counts as taken."""
-        detok = cls(tokenizer, stop, stream_holdback, include_stop)
+        detok = cls(tokenizer, stop, stream_holdback, include_stop, skip_special_tokens)
         for token_id in output_token_ids:
             if detok.append(token_id) is not None:
                 raise ValueError(f"output tokens already end the request at stop string {detok.stop_reason!r}")
@@ -98,7 +103,7 @@ class IncrementalDetokenizer:
         if not self.finished:
             if self.stop_reason is None:
                 start = len(self._prefix_text) + self._emitted
-                self._extend(self.tokenizer.decode(self._window)[start:])
+                self._extend(self._decode(self._window)[start:])
             self.finished = True
 
     def finish(self) -> str:
@@ -118,14 +123,14 @@ class IncrementalDetokenizer:
         """The text that `token_id` settles (possibly none)."""
         window = self._window
         window.append(token_id)
-        full = self.tokenizer.decode(window)
+        full = self._decode(window)
         start = len(self._prefix_text) + self._emitted
         if not full.endswith(REPLACEMENT_CHAR) and len(full) > start:
             # complete text grew: the unsettled tokens become the next step's context. (A decoder
             # whose output does not extend prefix_text is beyond this technique; we slice anyway.)
             del window[:self._read]
             self._read = len(window)
-            self._prefix_text = self.tokenizer.decode(window)
+            self._prefix_text = self._decode(window)
             self._emitted = 0
             return full[start:]
         new = ""
@@ -153,14 +158,14 @@ class IncrementalDetokenizer:
         # as the first token) but is visible after another token.
         invisible = self._invisible_ids.get(token_id)
         if invisible is None:
-            invisible = self._invisible_ids[token_id] = self.tokenizer.decode([token_id, token_id]) == ""
+            invisible = self._invisible_ids[token_id] = self._decode([token_id, token_id]) == ""
         return invisible
 
     def _settle_all_but_newest(self, full: str) -> str:
         """Garbage bytes keep the text ending in U+FFFD: when the text without the newest token
         is a strict prefix of the text with it, that earlier text can no longer change."""
         window = self._window
-        before = self.tokenizer.decode(window[:-1])
+        before = self._decode(window[:-1])
         if len(full) <= len(before) or not full.startswith(before):
             return ""
         released = len(self._prefix_text) + self._emitted
@@ -168,7 +173,7 @@ class IncrementalDetokenizer:
         released += len(new)
         del window[:self._read]
         self._read = len(window) - 1
-        self._prefix_text = self.tokenizer.decode(window[:self._read])
+        self._prefix_text = self._decode(window[:self._read])
         self._emitted = released - len(before)
         return new
 

@@ -308,7 +308,8 @@ class LLMEngine(ServingFacade):
                 # A stop token's text is not part of the output (as in vLLM).
                 stopped_by_id = isinstance(req.stop_reason, int) and not isinstance(req.stop_reason, bool)
                 req.output_text = self.tokenizer.decode(req.output_token_ids[:-1] if stopped_by_id
-                                                        else req.output_token_ids)
+                                                        else req.output_token_ids,
+                                                        skip_special_tokens=req.sampling.skip_special_tokens)
             self.requests.pop(req.request_id, None)
             # Its blocks are free at once even if a step in flight still writes this request's
             # KV: every later write into them is queued on the same stream, after that step.
@@ -322,9 +323,11 @@ class LLMEngine(ServingFacade):
             return None
         if already_streamed:
             return IncrementalDetokenizer.replay(self.tokenizer, req.sampling.stop, req.output_token_ids,
-                                                 include_stop=req.sampling.include_stop_str_in_output)
+                                                 include_stop=req.sampling.include_stop_str_in_output,
+                                                 skip_special_tokens=req.sampling.skip_special_tokens)
         return IncrementalDetokenizer(self.tokenizer, req.sampling.stop,
-                                      include_stop=req.sampling.include_stop_str_in_output)
+                                      include_stop=req.sampling.include_stop_str_in_output,
+                                      skip_special_tokens=req.sampling.skip_special_tokens)
 
     def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus | None, str | int | None]:
         sp = req.sampling

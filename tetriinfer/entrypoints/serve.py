@@ -121,7 +121,8 @@ def add_parser(subparsers) -> None:
                         "--tool-call-parser finds its calls in the text (vLLM's flag; without it \"auto\" is a 400)")
     h.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                    help="how tool calls are read from the output for tool_choice \"auto\": hermes (Hermes, "
-                        "Qwen2.5: <tool_call>{...}</tool_call>) or llama3_json (Llama 3.1/3.2 JSON calls)")
+                        "Qwen2.5: <tool_call>{...}</tool_call>), llama3_json (Llama 3.1/3.2 JSON calls), mistral "
+                        "([TOOL_CALLS]...) or pythonic (Llama 3.2/4: [f(x=1), g()])")
     h.add_argument("--reasoning-parser", default=None, choices=tuple(REASONING_PARSERS),
                    help="a chat reply's thinking (<think>...</think>) goes to the message's `reasoning` field (and "
                         "`reasoning_content`), the rest to `content`: deepseek_r1 (R1 and its distills, QwQ: the "
@@ -142,6 +143,7 @@ def serve_config(args: argparse.Namespace):
     from tetriinfer.config import ClusterShape, EngineConfig, FlipConfig, PolicyConfig, ServeConfig
 
     from tetriinfer.model.chat_template import resolve_chat_template
+    from tetriinfer.server.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 
     engine = EngineConfig.from_flat(_model(args), **engine_kwargs(args))
     policy = PolicyConfig(
@@ -153,7 +155,7 @@ def serve_config(args: argparse.Namespace):
     )
     flip = FlipConfig(enabled=args.flip, idle_s=args.flip_idle, cooldown_s=args.flip_cooldown)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:  # refused before any process starts
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+        raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})")
     return ServeConfig(
         mode=args.mode, shape=ClusterShape(args.prefill_instances, args.decode_instances, args.instances),
         baseline=args.baseline, host=args.host, port=args.port,

@@ -29,7 +29,8 @@ class Tokenizer:
         """`add_special_tokens=False`: the text's own tokens, no BOS (e.g. to tokenize a bad word)."""
         raise NotImplementedError
 
-    def decode(self, token_ids: list[int]) -> str:
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """`skip_special_tokens=False` keeps special tokens' texts (vLLM's request field of that name)."""
         raise NotImplementedError
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
@@ -62,7 +63,7 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [self.bos_token_id, *text.encode("utf-8")] if add_special_tokens else list(text.encode("utf-8"))
 
-    def decode(self, token_ids: list[int]) -> str:
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return bytes(t for t in token_ids if 0 <= t < 256).decode("utf-8", errors="replace")
 
 
@@ -89,8 +90,8 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self._tok.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def special_token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else (self._tok.id_to_token(token_id) or "")

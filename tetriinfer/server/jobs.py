@@ -170,6 +170,8 @@ def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: Server
     `reasoning_parser`: its --reasoning-parser."""
     req: ChatCompletionRequest = parse(raw, ChatCompletionRequest, backend, limits)
     tools = tool_calling(req.tools, choice_mode(req.tools, req.tool_choice), auto_tool_parser)
+    if tools is not None and tools.keeps_special_tokens:
+        req.skip_special_tokens = False  # as vLLM's Mistral parser adjusts its requests
     tokenizer = require_tokenizer(backend)
     keep = req.prompt_tokens_kept(backend.max_model_len)
     # the template sees the tools whatever tool_choice says (vLLM's "none" too)

@@ -65,7 +65,7 @@ class StreamOptions(BaseModel):
 # vLLM's request extensions that change what is generated and that this server does not implement:
 # each is accepted at the value that changes nothing (null, empty, or the listed default) and
 # refused otherwise, so a client relying on one gets a 400 naming it instead of an answer that
-# silently ignored it. Other unknown fields (cosmetic ones such as skip_special_tokens included)
+# silently ignored it. Other unknown fields (cosmetic ones such as spaces_between_special_tokens)
 # are ignored, as OpenAI's API does.
 UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # name -> (no-op value, what to do instead)
     "use_beam_search": (False, "sample with n instead"),
@@ -100,6 +100,7 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None  # extension
     ignore_eos: bool = False  # extension
     include_stop_str_in_output: bool = False  # extension (vLLM's)
+    skip_special_tokens: bool = True  # vLLM's: False keeps special tokens' texts in the output
     min_tokens: int = 0  # extension
     n: int | None = None
     stream: bool = False
@@ -119,7 +120,7 @@ class SamplingRequest(BaseModel):
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: max_model_len)
     user: str | None = None
 
-    @field_validator("stream", "ignore_eos", "include_stop_str_in_output", "min_tokens", "echo", "logprobs", "add_generation_prompt",
+    @field_validator("stream", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "min_tokens", "echo", "logprobs", "add_generation_prompt",
                      mode="before", check_fields=False)
     @classmethod
     def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
@@ -291,6 +292,7 @@ class SamplingRequest(BaseModel):
                 stop=list(self.stop),
                 stop_token_ids=list(self.stop_token_ids or []),
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                skip_special_tokens=self.skip_special_tokens,
                 ignore_eos=self.ignore_eos,
                 min_tokens=self.min_tokens,
                 logprobs=logprobs,

@@ -160,11 +160,17 @@ class ToolCalling:
         content, calls = self._parser.parse(text)
         if not calls:
             return text, [], finish_reason
-        return content, [_tool_call(name, arguments) for name, arguments in calls], "tool_calls"
+        new_id = getattr(self._parser, "call_id", call_id)  # a parser may need its model's id format
+        return content, [_tool_call(name, arguments, new_id()) for name, arguments in calls], "tool_calls"
+
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """The auto parser reads a special token (Mistral's `[TOOL_CALLS]`): the text must keep them."""
+        return getattr(self._parser, "keeps_special_tokens", False)
 
 
-def _tool_call(name: str, arguments: str) -> dict:
-    return {"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+def _tool_call(name: str, arguments: str, id_: str | None = None) -> dict:
+    return {"id": id_ or call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def tool_calling(tools: list | None, mode: str | None, auto_parser: str | None) -> ToolCalling | None:

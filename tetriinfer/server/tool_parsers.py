@@ -8,8 +8,11 @@ cannot read is all content with no calls, as in vLLM.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import secrets
+import string
 
 from tetriinfer.server.reasoning import partial_suffix
 
@@ -81,4 +84,76 @@ class Llama3JsonParser:
         return 0
 
 
-PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+class MistralParser:
+    """Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (tokenizers before v11) or
+    `[TOOL_CALLS]name[ARGS]{...}`, once per call (v11 on); the text before the first marker is the
+    content. `[TOOL_CALLS]` is a special token, so its requests keep special tokens in their text (as
+    vLLM's parser asks), and call ids are 9 letters and digits: Mistral's chat template refuses
+    others when the calls come back in the next turn."""
+
+    START, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    keeps_special_tokens = True
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        if self.START not in text:
+            return text, []
+        decoder, calls = json.JSONDecoder(), []
+        try:
+            for piece in text.split(self.START)[1:]:
+                piece = piece.strip()
+                if self.ARGS in piece:
+                    name, arguments = piece.split(self.ARGS, 1)
+                    calls.append(_call({"name": name.strip(), "arguments": decoder.raw_decode(arguments.strip())[0]}))
+                else:
+                    obj = decoder.raw_decode(piece)[0]
+                    calls.extend(_call(item) for item in (obj if isinstance(obj, list) else [obj]))
+        except ValueError:
+            return text, []
+        return (text[:text.index(self.START)] or None, calls) if calls else (text, [])
+
+    def streamable(self, text: str) -> int:
+        if self.START in text:
+            return text.index(self.START)
+        return len(text) - partial_suffix(text, self.START)
+
+    @staticmethod
+    def call_id() -> str:
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
+class PythonicParser:
+    """Llama 3.2 / Llama 4 "pythonic" calls: the output is a Python list of calls with literal
+    keyword arguments, `[get_weather(city="Paris"), get_time()]`, maybe between Llama 4's
+    `<|python_start|>` and `<|python_end|>`. Read with `ast` (never evaluated). A stream holds an
+    output that starts like a list until it ends."""
+
+    START, END = "<|python_start|>", "<|python_end|>"
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        body = text.strip().removeprefix(self.START).removesuffix(self.END).strip()
+        if not body.startswith("["):
+            return text, []
+        try:
+            tree = ast.parse(body, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                return text, []
+            calls = []
+            for call in tree.elts:
+                if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args
+                        and all(k.arg is not None for k in call.keywords)):
+                    return text, []
+                arguments = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+                calls.append(_call({"name": call.func.id, "arguments": arguments}))
+        except (SyntaxError, ValueError, TypeError, RecursionError):
+            return text, []
+        return None, calls
+
+    def streamable(self, text: str) -> int:
+        body = text.lstrip()
+        if not body or body.startswith("[") or self.START.startswith(body[:len(self.START)]):
+            return 0
+        return len(text)
+
+
+PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser,
+           "pythonic": PythonicParser}
