@@ -174,3 +174,20 @@ def test_penalised_request_continues_after_kv_import():
     for got, want in zip(moved[0].outputs[0].top_logprobs[1:], done[0].outputs[0].top_logprobs[1:]):
         assert [t for t, _ in got] == [t for t, _ in want]
         assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-5)
+
+
+def test_structured_output_starts_after_the_reasoning_end_token():
+    """With `structured_after_token_id` (the `</think>` of a reasoning model) the tokens up to it are
+    free, the same as an unconstrained request's, and what follows matches the constraint."""
+    pytest.importorskip("xgrammar")
+    llm = LLM("tiny", chunk_size=16, num_blocks=64)
+    free = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+    k = next(i for i in range(2, len(free)) if free[i] not in free[:i])  # a token first seen at k plays `</think>`
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=40, temperature=0, regex="[0-9]{3}-[a-z]{2}",
+                                                structured_after_token_id=free[k]))[0].outputs[0]
+    assert out.token_ids[:k + 1] == free[:k + 1]
+    assert out.finish_reason == "stop" and re.fullmatch(
+        "[0-9]{3}-[a-z]{2}", bytes(t for t in out.token_ids[k + 1:] if t < 256).decode())  # < 256: not the EOS
+    never = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, regex="[0-9]{3}",
+                                                  structured_after_token_id=100_000))[0].outputs[0]
+    assert never.token_ids == free  # the end of thinking never came: nothing was constrained

@@ -5,11 +5,13 @@ whole and streamed, and beside tool calls."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from api_utils import CHAT, call, sse_events
 from fake_backend import FakeBackend
+from tetriinfer.model.tokenizer import ByteTokenizer
 from tetriinfer.server.app import create_app
 
 R1_REPLY = "The user wants 2+2.\nThat is 4.\n</think>\n\nIt is **4**."
@@ -94,3 +96,38 @@ def test_thinking_then_a_tool_call_gives_reasoning_content_and_the_call():
 def test_an_unknown_reasoning_parser_is_refused_by_name():
     with pytest.raises(ValueError, match="unknown --reasoning-parser 'r2': one of deepseek_r1, qwen3"):
         create_app(FakeBackend(), reasoning_parser="r2")
+
+
+class ThinkTagTokenizer(ByteTokenizer):
+    """Bytes, but `<think>` and `</think>` are one token each (ids 300 and 301), as in Qwen3 and R1."""
+
+    TAGS = {"<think>": 300, "</think>": 301}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [self.bos_token_id] if add_special_tokens else []
+        for piece in re.split("(</?think>)", text):
+            ids += [self.TAGS[piece]] if piece in self.TAGS else list(piece.encode())
+        return ids
+
+
+@pytest.mark.parametrize("last_assistant_text, constrained_after", [
+    (None, 301),  # the model may think first: the JSON starts after its </think>
+    ("<think>\n\n</think>\n\n", None),  # enable_thinking false: the prompt closed the thinking
+    ("<think>\n", 301),  # R1's template opens it
+])
+def test_structured_output_under_a_reasoning_parser_leaves_the_thinking_free(last_assistant_text, constrained_after):
+    pytest.importorskip("xgrammar")
+    backend = FakeBackend(max_model_len=512, vocab_size=302, tokenizer=ThinkTagTokenizer())
+    backend.script = '<think>weighing</think>{"answer": 4}'
+    app = create_app(backend, reasoning_parser="qwen3")
+    messages = CHAT + ([{"role": "assistant", "content": last_assistant_text}] if last_assistant_text else [])
+    body = {"response_format": {"type": "json_object"}, "messages": messages}
+    if last_assistant_text:
+        body.update(continue_final_message=True, add_generation_prompt=False)
+    r = chat(app, **body)
+    assert r.status_code == 200, r.text
+    assert backend.started[0].sampling.structured_after_token_id == constrained_after
+    assert r.json()["choices"][0]["message"]["content"] == '{"answer": 4}'
+    plain = FakeBackend(max_model_len=512, vocab_size=302, tokenizer=ThinkTagTokenizer())
+    assert chat(create_app(plain), response_format={"type": "json_object"}).status_code == 200
+    assert plain.started[0].sampling.structured_after_token_id is None  # no reasoning parser: from the start

@@ -56,6 +56,9 @@ class SamplingParams:
     json_object: bool = False
     regex: str | None = None  # the output matches this regular expression (xgrammar's dialect)
     grammar: str | None = None  # the output is a sentence of this EBNF grammar (GBNF, as xgrammar reads it)
+    # With a reasoning model: the constraint starts after this token (`</think>`), so the thinking
+    # before it is free (vLLM's structured output under --reasoning-parser). None: from the first token.
+    structured_after_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -102,6 +105,8 @@ class SamplingParams:
             bad_id = next((t for t in self.logit_bias if t < 0), None)
             if bad_id is not None:
                 raise ValueError(f"logit_bias token id {bad_id} is negative")
+        if self.structured_after_token_id is not None and self.structured_after_token_id < 0:
+            raise ValueError(f"structured_after_token_id must be a token id, got {self.structured_after_token_id}")
         bad_id = next((t for t in self.allowed_token_ids or () if t < 0), None)
         if bad_id is not None:
             raise ValueError(f"allowed_token_ids token id {bad_id} is negative")

@@ -117,18 +117,27 @@ class GrammarCompiler:
         return self.compiler.compile_json_schema(json_schema if json_schema is not None else '{"type": "object"}')
 
     def new_state(self, sampling: SamplingParams) -> "GrammarState":
-        return GrammarState(self.xgr.GrammarMatcher(self.compile(sampling.json_schema, sampling.regex, sampling.grammar)))
+        matcher = self.xgr.GrammarMatcher(self.compile(sampling.json_schema, sampling.regex, sampling.grammar))
+        return GrammarState(matcher, starts_after=sampling.structured_after_token_id)
 
 
 @dataclass
 class GrammarState:
     matcher: object  # xgrammar.GrammarMatcher
-    num_accepted: int = 0  # output tokens fed to the matcher so far
+    num_accepted: int = 0  # output tokens seen so far (fed to the matcher once it started)
     failed: bool = False  # a token outside the grammar was fed (cannot happen unless masks are bypassed)
+    starts_after: int | None = None  # the grammar waits for this token (`</think>`); None: started
+
+    @property
+    def waiting(self) -> bool:
+        return self.starts_after is not None
 
     def catch_up(self, tokens: list[int]) -> None:
         for token in tokens[self.num_accepted:]:
-            if not self.failed and not self.matcher.is_terminated():
+            if self.waiting:
+                if token == self.starts_after:
+                    self.starts_after = None  # the thinking is over: constrain what follows
+            elif not self.failed and not self.matcher.is_terminated():
                 self.failed = not self.matcher.accept_token(token)
             self.num_accepted += 1
 
@@ -147,8 +156,8 @@ def apply_grammar_masks(logits: torch.Tensor, requests: list[Request], pending: 
         if pending is not None and int(pending[row]) >= 0:  # waits for the step in flight
             known.append(int(pending[row]))
         req.grammar.catch_up(known)
-        if req.grammar.failed or req.grammar.matcher.is_terminated():
-            continue  # nothing left to constrain (the request ends on the stop token it took)
+        if req.grammar.waiting or req.grammar.failed or req.grammar.matcher.is_terminated():
+            continue  # still thinking, or nothing left to constrain (it ends on the stop token it took)
         req.grammar.matcher.fill_next_token_bitmask(bitmask, row)
         masked.append(row)
     if masked:

@@ -21,6 +21,7 @@ from tetriinfer.server.limits import ServerLimits, check_prompt, parse_request
 from tetriinfer.server.metrics import RequestTiming
 from tetriinfer.server.chat_request import ChatCompletionRequest
 from tetriinfer.server.protocol import APIError, CompletionRequest
+from tetriinfer.server.reasoning import structured_start_token
 from tetriinfer.server.tool_calls import ToolCalling, choice_mode, tool_calling
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -189,6 +190,10 @@ def chat_job(raw: bytes, timing: RequestTiming, backend: Backend, limits: Server
     subs = _fan_out(job_id, [(token_ids, prompt)], req.num_choices,
                     lambda i: req.sampling_params(max_tokens, logprobs=logprobs, defaults=backend.sampling_defaults,
                                                   prompt_logprobs=req.answered_prompt_logprobs, seed_offset=i))
+    if reasoning_parser is not None and subs[0].sampling.structured:
+        after = structured_start_token(tokenizer, token_ids)
+        for sub in subs:
+            sub.sampling.structured_after_token_id = after
     check_prompt(token_ids, subs[0].sampling, "messages", backend)
     _check_sampling(subs[0].sampling, "messages", backend)
     return Job(job_id, True, subs, req.stream, backend.model_name, timing=timing,

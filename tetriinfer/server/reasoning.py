@@ -27,6 +27,23 @@ class ReasoningRule:
 REASONING_PARSERS = {"deepseek_r1": ReasoningRule(starts_thinking=True), "qwen3": ReasoningRule(starts_thinking=False)}
 
 
+def structured_start_token(tokenizer, prompt_token_ids: list[int]) -> int | None:
+    """Under a reasoning parser, the token after which a structured output's constraint starts (vLLM
+    leaves the thinking free): `</think>`, when it is one token and the prompt has not closed the
+    thinking already (Qwen3's template writes `<think>\n\n</think>` for `enable_thinking: false`).
+    None: constrain from the first token."""
+    end = tokenizer.encode(THINK_END, add_special_tokens=False)
+    if len(end) != 1:
+        return None
+    start = tokenizer.encode(THINK_START, add_special_tokens=False)
+    for token in reversed(prompt_token_ids):  # the last tag in the prompt says which side it ends on
+        if token == end[0]:
+            return None
+        if len(start) == 1 and token == start[0]:
+            return end[0]
+    return end[0]
+
+
 def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper start of `tag` (held back, it may complete)."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
