@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tetriinfer.sched.dispatcher import DecodeLoad
-from tetriinfer.sched.router import AdaptiveRouter, keep_on_prefill
+from tetriinfer.sched.router import AdaptiveRouter, keep_on_prefill, local_prompt_budget
 
 
 class LinearCost:
@@ -109,3 +109,51 @@ def test_a_prefill_instance_with_prompts_queued_moves_decodes_to_a_light_decode_
 def test_a_prefill_instance_without_room_or_slot_never_keeps():
     for full in (here(room=10), here(slots=0)):
         assert not keep_on_prefill(LinearCost(), full, [decode(room=5)], 50, 700, 512)
+
+
+# ---- tail-aware options (docs/adaptive.md, "Tail-aware routing and TPOT p99") ---------------------
+
+def test_a_ttft_margin_sends_a_long_prompt_local_when_the_prefill_queue_would_cost_more_than_it():
+    busy = decode(running=200, context=200 * 1500)
+    shipped = router()
+    shipped.update({0: 20_000}, [busy])
+    assert not shipped.route(prompt_tokens=2000, need_blocks=200).local  # the interference decides
+    costs = shipped.price(2000, 200)
+    assert 0.2 < costs.remote_s - costs.local_s < 0.5
+    for margin, local in ((0.2, True), (0.5, False)):
+        r = AdaptiveRouter(LinearCost(), chunk_size=512, kv_seconds_per_token=1e-6, ttft_margin_s=margin)
+        r.update({0: 20_000}, [busy])
+        assert r.route(prompt_tokens=2000, need_blocks=200).local is local
+
+
+def test_a_remote_queue_factor_prices_the_queue_ahead_that_many_times():
+    scaled = AdaptiveRouter(LinearCost(), chunk_size=512, remote_queue_factor=2.0)
+    scaled.update({0: 5120}, [decode()])
+    plain = AdaptiveRouter(LinearCost(), chunk_size=512)
+    plain.update({0: 10_240}, [decode()])
+    assert scaled.price(1000, 10).remote_s == pytest.approx(plain.price(1000, 10).remote_s)
+
+
+def test_a_step_factor_caps_a_decode_instances_prompt_tokens_at_the_step_time_target():
+    cost = LinearCost()
+    assert local_prompt_budget(cost, 512, 100, 100_000) == 412  # no factor: what the chunk leaves
+    assert local_prompt_budget(cost, 512, 0, 0, step_factor=1.5) == 512  # no decodes to protect
+    budget = local_prompt_budget(cost, 512, 100, 100_000, step_factor=1.5)
+    target = 1.5 * cost.step_time(0, 0, 100, 100_000)
+    assert cost.step_time(budget, 0, 100, 100_000) <= target < cost.step_time(budget + 1, 0, 100, 100_000)
+    assert local_prompt_budget(cost, 512, 100, 100_000, step_factor=1.0) == 64  # prompts still progress
+
+
+def test_the_router_prices_a_local_prefill_by_the_capped_budget():
+    load = decode(running=100, context=100_000)
+    capped = AdaptiveRouter(LinearCost(), chunk_size=512, local_step_factor=1.5)
+    capped.update({0: 0}, [load])
+    plain = router()
+    plain.update({0: 0}, [load])
+    assert capped.price(2000, 20).local_s > plain.price(2000, 20).local_s
+
+
+def test_bad_tail_options_are_rejected():
+    for bad in ({"ttft_margin_s": -1}, {"remote_queue_factor": 0.5}, {"local_step_factor": 0.9}):
+        with pytest.raises(ValueError):
+            AdaptiveRouter(LinearCost(), chunk_size=512, **bad)

@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
                         "decodes one, when cheaper) or paper (the fixed split)")
     p.add_argument("--interference-weight", type=float, default=_POLICY.interference_weight,
                    help="adaptive: weight of the slowdown a local prefill imposes on running decodes")
+    p.add_argument("--local-ttft-margin", dest="local_ttft_margin_s", type=float, default=_POLICY.local_ttft_margin_s,
+                   help="adaptive: a decode instance prefills a request itself whenever that saves more than this "
+                        "many seconds of TTFT, whatever the interference (inf: never by this rule alone)")
     p.add_argument("--handoff-after-tokens", type=int, default=_POLICY.handoff_after_tokens,
                    help="adaptive: output tokens a prefill instance generates itself before it hands a request "
                         "to a decode instance (a request ending by then never moves; 1: hand off at once)")
@@ -110,6 +113,7 @@ def build_config(args: argparse.Namespace, system: str):
     )
     policy = PolicyConfig(
         disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,
+        local_ttft_margin_s=args.local_ttft_margin_s,
         handoff_after_tokens=args.handoff_after_tokens,
         prefill_policy=args.prefill_policy, sort_window=args.sort_window,
         dispatch_policy=args.dispatch, admission_policy=args.admission, predictor_accuracy=args.accuracy,

@@ -52,6 +52,7 @@ class ControllerConfig:
     chunk_size: int = 512
     block_size: int = 16
     interference_weight: float = 0.2
+    local_ttft_margin_s: float = 0.1  # PolicyConfig.local_ttft_margin_s
     # Cache-aware routing (sched.prefix_index): send a request where its prompt's prefix blocks most
     # likely sit (what was routed there), balanced against queued tokens. Off when the engines do
     # not cache prefixes.
@@ -82,6 +83,7 @@ class Controller:
         self.step_cost = LinearStepCost()  # fitted from the instances' steps each tick
         self.router = AdaptiveRouter(self.step_cost, chunk_size=config.chunk_size,
                                      interference_weight=config.interference_weight,
+                                     ttft_margin_s=config.local_ttft_margin_s,
                                      prefix_index=self.prefix_index) if config.adaptive else None
         self.flip_policy = FlipPolicy(config.flip)
         self.num_flips = 0

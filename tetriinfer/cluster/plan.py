@@ -69,7 +69,7 @@ def controller_config(cfg: ServeConfig, api_address: str, host: str, port: int |
         api_address, cfg.total_instances, host, port, cfg.policy.monitor_interval_s, cfg.dead_after_s, cfg.flip,
         remote_instances, adaptive=cfg.mode == "disagg" and cfg.policy.disagg_policy == "adaptive",
         chunk_size=cfg.engine.scheduler.chunk_size, block_size=cfg.engine.cache.block_size,
-        interference_weight=cfg.policy.interference_weight,
+        interference_weight=cfg.policy.interference_weight, local_ttft_margin_s=cfg.policy.local_ttft_margin_s,
         cache_aware=cfg.policy.cache_aware_routing and cfg.engine.cache.enable_prefix_caching, wire=wire)
 
 

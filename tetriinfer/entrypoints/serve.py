@@ -79,6 +79,9 @@ def add_parser(subparsers) -> None:
                         "instance, every decode moved)")
     s.add_argument("--interference-weight", type=float, default=policy.interference_weight,
                    help="adaptive: weight of the slowdown a local prefill imposes on running decodes")
+    s.add_argument("--local-ttft-margin", dest="local_ttft_margin_s", type=float, default=policy.local_ttft_margin_s,
+                   help="adaptive: a decode instance prefills a request itself whenever that saves more than this "
+                        "many seconds of TTFT, whatever the interference (inf: never by this rule alone)")
     s.add_argument("--cache-aware-routing", action=argparse.BooleanOptionalAction, default=policy.cache_aware_routing,
                    help="send a request to the instance most likely to hold its prompt's prefix blocks (what was "
                         "routed there), balanced against queued tokens; needs prefix caching")
@@ -148,6 +151,7 @@ def serve_config(args: argparse.Namespace):
     engine = EngineConfig.from_flat(_model(args), **engine_kwargs(args))
     policy = PolicyConfig(
         disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,
+        local_ttft_margin_s=args.local_ttft_margin_s,
         handoff_after_tokens=args.handoff_after_tokens, cache_aware_routing=args.cache_aware_routing,
         prefill_policy=args.prefill_policy, sort_window=args.sort_window,
         dispatch_policy=args.dispatch, admission_policy=args.admission,
