@@ -46,11 +46,13 @@ def test_pairwise_rank_loss_prefers_correct_order():
 
 # The transformer learns the buckets more slowly and less steadily across seeds (0.50-0.84 accuracy
 # over seeds 0-2), so it gets a smaller margin; both must rank well.
-@pytest.mark.parametrize("form, margin", [("bag", 0.3), ("transformer", 0.15)])
-def test_builtin_model_beats_majority_on_held_out(data_dir, tmp_path, form, margin):
+@pytest.mark.parametrize("form, features, margin", [("bag", "shape", 0.3), ("bag", "text", 0.3),
+                                                   ("transformer", "shape", 0.15)])
+def test_builtin_model_beats_majority_on_held_out(data_dir, tmp_path, form, features, margin):
     cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / form), model=form, granularity=200, epochs=6,
-                      batch_size=32, dim=32, vocab_size=500, max_prompt_tokens=64, eval_every=40)
+                      batch_size=32, dim=32, vocab_size=500, max_prompt_tokens=64, eval_every=40, features=features)
     train(cfg)
+    assert load_predictor(tmp_path / form).model.cfg.features == features  # the set is saved and read back
     report = evaluate(tmp_path / form, _examples(300, 2), single_prompt_runs=3)
     assert report.accuracy > report.majority_accuracy + margin
     assert report.mae_tokens < report.majority_mae_tokens
@@ -95,3 +97,22 @@ def test_hf_classifier_trains_and_predicts(data_dir, tiny_hf_dir, tmp_path):
     assert len(predictions) == 2
     for p in predictions:
         assert 0 <= p.bucket < 6 and p.lower == 200 * p.bucket and p.upper > p.lower
+
+
+def test_ensemble_of_two_seeds_loads_predicts_and_ranks(data_dir, tmp_path):
+    from tetriinfer.predictor.ensemble import combine
+
+    runs = []
+    for seed in (0, 1):
+        cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / f"s{seed}"), epochs=4, batch_size=32, dim=16,
+                          vocab_size=500, max_prompt_tokens=64, eval_every=40, features="text", seed=seed)
+        train(cfg)
+        runs.append(tmp_path / f"s{seed}")
+    summary = combine(runs, tmp_path / "ens", data_dir)
+    assert summary["val_tau"] > 0.5
+    predictor = load_predictor(tmp_path / "ens")
+    assert predictor.model.cfg.members == 2
+    report = evaluate(tmp_path / "ens", _examples(300, 2), single_prompt_runs=3)
+    assert report.accuracy > report.majority_accuracy + 0.3 and report.kendall_tau > 0.5
+    with pytest.raises(ValueError, match="at least two"):
+        combine(runs[:1], tmp_path / "one", data_dir)

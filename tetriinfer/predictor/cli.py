@@ -52,6 +52,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensemble(args: argparse.Namespace) -> int:
+    import torch
+
+    from tetriinfer.predictor.ensemble import combine
+
+    torch.set_num_threads(args.threads)
+    print(json.dumps(combine(args.runs, args.out, args.data), indent=1))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -92,7 +102,8 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from tetriinfer.predictor.config import LOSSES, TrainConfig
+    from tetriinfer.predictor.config import LOSSES, SELECTIONS, TrainConfig
+    from tetriinfer.predictor.features import FEATURE_SETS
 
     defaults = TrainConfig(data="", out="")
     parser = subparsers.add_parser("predictor", help="decode-length predictor: prepare data, train, evaluate")
@@ -116,8 +127,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         tr.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lr", "weight_decay", "rank_weight"):
         tr.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    tr.add_argument("--hidden", type=int, default=defaults.hidden, help="built-in models: MLP head width")
+    tr.add_argument("--features", default=defaults.features, choices=FEATURE_SETS,
+                    help="built-in models: `shape` (4 conversation-shape numbers) or `text` (34: shape + cheap text cues)")
+    tr.add_argument("--select", default=defaults.select, choices=SELECTIONS,
+                    help="validation metric that keeps the checkpoint (auto: tau for --loss rank, else accuracy)")
     tr.add_argument("--max-train-examples", type=int, default=None, help="subsample the training split")
     tr.set_defaults(func=_train)
+
+    ens = commands.add_parser("ensemble", help="combine trained built-in predictors (e.g. seeds) into one directory")
+    ens.add_argument("runs", nargs="+", help="predictor directories written by `predictor train` (same shape)")
+    ens.add_argument("--data", required=True, help="folder written by `predictor prepare` (its val.jsonl sets "
+                     "each member's score scale)")
+    ens.add_argument("--out", required=True, help="predictor directory to write")
+    ens.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ens.set_defaults(func=_ensemble)
 
     ev = commands.add_parser("eval", help="evaluate a predictor directory on a JSONL example file")
     ev.add_argument("--model", default=None, help="predictor directory (default: the shipped one)")

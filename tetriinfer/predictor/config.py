@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 FORMS = ("bag", "transformer")  # the built-in model's forms (model_builtin.py)
 LOSSES = ("ce", "rank", "ce+rank")
+SELECTIONS = ("auto", "accuracy", "tau")
 
 
 @dataclass
@@ -35,12 +36,17 @@ class TrainConfig:
     eval_every: int = 200
     seed: int = 0
     threads: int = 1
+    features: str = "shape"  # built-in models: features.FEATURE_SETS
+    hidden: int = 128  # built-in models: the MLP head's width
+    select: str = "auto"  # checkpoint kept by val `accuracy`, `tau`, or `auto` (tau for `rank`, else accuracy)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.granularity < 1 or self.epochs < 1 or self.batch_size < 2:
             raise ValueError("granularity and epochs must be >= 1, batch_size >= 2")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
 
     @property
     def is_builtin(self) -> bool:

@@ -4,13 +4,15 @@ Two forms share one interface (tokenize -> collate -> forward -> [batch, num_buc
 the last column a ranking score):
 - `bag`: mean of unigram and hashed-bigram embeddings over the prompt's last `max_prompt_tokens`
   tokens and, separately, over its last `tail_tokens` tokens (where the newest request sits),
-  plus log prompt length, into an MLP (fastText-style).
+  plus the prompt's conversation-shape (and, with `features="text"`, cheap text) features
+  (`features.py`), into an MLP (fastText-style).
 - `transformer`: a small pre-norm transformer encoder over the last `max_prompt_tokens` tokens,
   mean-pooled and last-token features into the same head.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from tetriinfer.predictor.config import FORMS
-from tetriinfer.predictor.features import NUM_FEATURES, prompt_features
+from tetriinfer.predictor.features import num_features, prompt_features
 from tetriinfer.predictor.tokenizer import load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -40,10 +42,15 @@ class BuiltinModelConfig:
     num_layers: int = 2
     num_heads: int = 4
     dropout: float = 0.1
+    features: str = "shape"  # features.FEATURE_SETS; artifacts written before the `text` set lack the key
+    members: int = 1  # > 1: an ensemble of that many models of this shape (`predictor ensemble`)
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        num_features(self.features)  # checks the name
+        if self.members < 1:
+            raise ValueError(f"members must be >= 1, got {self.members}")
 
 
 @dataclass
@@ -64,7 +71,7 @@ class BagEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.EmbeddingBag(cfg.vocab_size + cfg.bigram_buckets, cfg.dim, mode="mean")
-        self.out_dim = 2 * cfg.dim + NUM_FEATURES
+        self.out_dim = 2 * cfg.dim + num_features(cfg.features)
 
     def _ngrams(self, ids: list[int]) -> list[int]:
         v, h = self.cfg.vocab_size, self.cfg.bigram_buckets
@@ -101,7 +108,7 @@ class TransformerEncoder(nn.Module):
         )
         self.layers = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)
-        self.out_dim = 2 * cfg.dim + NUM_FEATURES
+        self.out_dim = 2 * cfg.dim + num_features(cfg.features)
 
     def collate(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
         width = max(1, max(len(e.ids) for e in batch))
@@ -123,26 +130,73 @@ class TransformerEncoder(nn.Module):
         return torch.cat([mean, h[:, -1], features], dim=1)
 
 
+def _encoder(cfg: BuiltinModelConfig) -> nn.Module:
+    return BagEncoder(cfg) if cfg.form == "bag" else TransformerEncoder(cfg)
+
+
+def _head(cfg: BuiltinModelConfig, in_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+                         nn.Linear(cfg.hidden, cfg.num_outputs))
+
+
+class EnsembleEncoder(nn.Module):
+    """Members' encoders over one collated batch (they share tokenizer and shape); outputs side by side."""
+
+    def __init__(self, cfg: BuiltinModelConfig) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(_encoder(cfg) for _ in range(cfg.members))
+        self.widths = [m.out_dim for m in self.members]
+        self.out_dim = sum(self.widths)
+
+    def collate(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
+        return self.members[0].collate(batch)
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(**batch) for m in self.members], dim=1)
+
+
+class EnsembleHead(nn.Module):
+    """Members' heads, each on its encoder's part; bucket logits are the log of the members' mean
+    probabilities, the score the mean of the members' scores, each standardised by the shift and
+    scale `predictor ensemble` measured on validation prompts (the members' scales differ)."""
+
+    def __init__(self, cfg: BuiltinModelConfig, widths: list[int]) -> None:
+        super().__init__()
+        self.widths = widths
+        self.heads = nn.ModuleList(_head(cfg, w) for w in widths)
+        self.register_buffer("score_shift", torch.zeros(len(widths)))
+        self.register_buffer("score_scale", torch.ones(len(widths)))
+
+    def member_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [head(part) for head, part in zip(self.heads, x.split(self.widths, dim=1))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = torch.stack(self.member_outputs(x))  # [members, batch, outputs]
+        probs = outs[..., :-1].float().log_softmax(-1).logsumexp(0) - math.log(len(self.widths))
+        scores = (outs[..., -1] - self.score_shift[:, None]) / self.score_scale[:, None]
+        return torch.cat([probs, scores.mean(0, keepdim=True).T], dim=1)
+
+
 class BuiltinLengthModel(nn.Module):
-    """Tokenizer + encoder + MLP head; outputs [batch, num_outputs] (bucket logits, then score)."""
+    """Tokenizer + encoder + MLP head; outputs [batch, num_outputs] (bucket logits, then score).
+    With `cfg.members` > 1, an ensemble (`EnsembleEncoder`, `EnsembleHead`) in the same interface."""
 
     def __init__(self, cfg: BuiltinModelConfig, tokenizer: Tokenizer) -> None:
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.encoder = BagEncoder(cfg) if cfg.form == "bag" else TransformerEncoder(cfg)
-        self.head = nn.Sequential(
-            nn.Linear(self.encoder.out_dim, cfg.hidden),
-            nn.ReLU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.hidden, cfg.num_outputs),
-        )
+        if cfg.members == 1:
+            self.encoder = _encoder(cfg)
+            self.head = _head(cfg, self.encoder.out_dim)
+        else:
+            self.encoder = EnsembleEncoder(cfg)
+            self.head = EnsembleHead(cfg, self.encoder.widths)
 
     def tokenize(self, prompts: list[str]) -> list[Encoded]:
         encodings = self.tokenizer.encode_batch(prompts, add_special_tokens=False)
         keep = self.cfg.max_prompt_tokens
         return [
-            Encoded(enc.ids[-keep:], len(enc.ids), prompt_features(prompt, len(enc.ids)))
+            Encoded(enc.ids[-keep:], len(enc.ids), prompt_features(prompt, len(enc.ids), self.cfg.features))
             for prompt, enc in zip(prompts, encodings)
         ]
 

@@ -89,7 +89,7 @@ def _build_model(cfg: TrainConfig, train_examples: list[LengthExample], num_outp
         tokenizer = train_bpe([t[-2000:] for ex in sample for t in (ex.prompt, ex.response or "")], cfg.vocab_size)
         model_cfg = BuiltinModelConfig(
             form=cfg.model, vocab_size=tokenizer.get_vocab_size(), num_outputs=num_outputs,
-            dim=cfg.dim, max_prompt_tokens=cfg.max_prompt_tokens,
+            dim=cfg.dim, hidden=cfg.hidden, max_prompt_tokens=cfg.max_prompt_tokens, features=cfg.features,
         )
         return BuiltinLengthModel(model_cfg, tokenizer), tokenizer
     from tetriinfer.predictor.model_hf import HFLengthModel
@@ -130,7 +130,10 @@ def plot_curves(curves: list[dict], path: Path, title: str) -> None:
 
 
 def _selection_metric(cfg: TrainConfig) -> str:
-    """The validation metric that picks the checkpoint: tau when buckets are not trained."""
+    """The validation metric that picks the checkpoint: `--select`, or by default tau when buckets
+    are not trained and accuracy when they are."""
+    if cfg.select != "auto":
+        return f"val_{cfg.select}"
     return "val_tau" if cfg.loss == "rank" else "val_accuracy"
 
 
