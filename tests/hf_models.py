@@ -90,6 +90,41 @@ def _phi3():
     return Phi3ForCausalLM(cfg)
 
 
+def _mixtral():
+    """Mixtral: every layer a sparse MoE (4 experts, top 2, renormalized)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(**COMMON, intermediate_size=96, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    return _random_routers(MixtralForCausalLM(cfg))
+
+
+def _qwen2_moe():
+    """Qwen2-MoE: top 2 of 4 experts without renormalizing, a gated shared expert, and layer 1 dense."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(**COMMON, intermediate_size=96, num_key_value_heads=2, moe_intermediate_size=48, num_experts=4,
+                         num_experts_per_tok=2, shared_expert_intermediate_size=80, mlp_only_layers=[1])
+    return _random_biases(_random_routers(Qwen2MoeForCausalLM(cfg)))
+
+
+def _qwen3_moe():
+    """Qwen3-MoE: q/k norms, top 2 of 6 experts renormalized."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=32, moe_intermediate_size=48,
+                         num_experts=6, num_experts_per_tok=2, norm_topk_prob=True)
+    return _random_routers(Qwen3MoeForCausalLM(cfg))
+
+
+def _random_routers(model):
+    """Router weights large enough that tokens pick different experts (some inits are zeros)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight") or name.endswith("shared_expert_gate.weight"):
+                p.normal_(0, 0.5)
+    return model
+
+
 def _random_biases(model):
     with torch.no_grad():  # HF initializes biases to zero; make them matter
         for name, p in model.named_parameters():
@@ -99,9 +134,10 @@ def _random_biases(model):
 
 
 FAMILIES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "opt": _opt,
-            "llama-biases": _llama_biases_linear_rope, "qwen2-yarn": _qwen2_yarn, "phi3": _phi3}
+            "llama-biases": _llama_biases_linear_rope, "qwen2-yarn": _qwen2_yarn, "phi3": _phi3,
+            "mixtral": _mixtral, "qwen2-moe": _qwen2_moe, "qwen3-moe": _qwen3_moe}
 SEEDS = {family: i for i, family in enumerate(("llama", "mistral", "opt", "qwen2", "qwen3", "llama-biases", "qwen2-yarn",
-                                                "phi3"))}
+                                                "phi3", "mixtral", "qwen2-moe", "qwen3-moe"))}
 
 
 def build_hf_model(family: str, out_dir: Path, max_shard_size: str | None = None):

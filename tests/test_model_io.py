@@ -125,3 +125,23 @@ def test_a_config_we_cannot_serve_exactly_is_refused_by_name(change, message):
     config = {**get_preset("tiny"), "model_type": "phi3", **change}
     with pytest.raises(ValueError, match=re.escape(message)):
         ModelArch.from_hf_config(config)
+
+
+def test_moe_configs_as_the_hub_writes_them_name_their_sparse_layers():
+    from tetriinfer.model.arch import ModelArch
+
+    base = dict(vocab_size=100, hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256, intermediate_size=96)
+    qwen3 = ModelArch.from_hf_config({**base, "model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
+                                      "moe_intermediate_size": 32, "decoder_sparse_step": 2, "mlp_only_layers": [3],
+                                      "norm_topk_prob": True})
+    assert qwen3.sparse_layers == (1, 5) and qwen3.num_experts == 8 and qwen3.norm_topk_prob and qwen3.qk_norm
+    mixtral = ModelArch.from_hf_config({**base, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2})
+    assert mixtral.sparse_layers == tuple(range(6)) and mixtral.moe_intermediate_size == 96
+    qwen2 = ModelArch.from_hf_config({**base, "model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2,
+                                      "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48})
+    assert qwen2.qkv_bias and not qwen2.o_bias and qwen2.shared_expert_intermediate_size == 48
+    odd = ModelArch.from_hf_config({**base, "model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
+                                    "moe_intermediate_size": 33})
+    with pytest.raises(ValueError, match="33 expert features"):
+        odd.check_fits(None, (2,))

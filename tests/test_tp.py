@@ -27,7 +27,7 @@ def prompts() -> list[list[int]]:
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     dirs = {}
-    for family in ("llama", "qwen2", "opt", "phi3"):
+    for family in ("llama", "qwen2", "opt", "phi3", "qwen2-moe"):
         dirs[family] = tmp_path_factory.mktemp(family)
         build_hf_model(family, dirs[family])
     return dirs
@@ -37,7 +37,8 @@ def greedy_tokens(llm: LLM) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts(), sampling_params=GREEDY)]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "phi3"])  # phi3: fused checkpoint tensors split per rank
+# phi3: fused checkpoint tensors split per rank; qwen2-moe: every expert's features and the shared expert's
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "phi3", "qwen2-moe"])
 def test_two_ranks_give_the_greedy_tokens_of_one(model_dirs, family):
     path = str(model_dirs[family])
     expected = greedy_tokens(LLM(path, **SMALL))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # phi3: Llama with q/k/v and gate/up stored fused
+# phi3: Llama with q/k/v and gate/up stored fused; mixtral, qwen2_moe, qwen3_moe: sparse MoE MLPs
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED_MODEL_TYPES = LLAMA_LIKE + ("opt",)
 ROPE_SCALINGS = ("linear", "llama3", "yarn")  # besides the default (model.layers.rope_inv_freq)
 
@@ -38,6 +39,15 @@ class ModelArch:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
+    # Mixture of experts (model.moe): each token's MLP is the weighted sum of its router's top
+    # `num_experts_per_tok` experts (renormalized if `norm_topk_prob`), plus a gated shared expert
+    # (Qwen2-MoE) when `shared_expert_intermediate_size`; in the layers `sparse_layers` names.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    sparse_layers: tuple[int, ...] = ()
     # OPT only
     word_embed_proj_dim: int | None = None
     do_layer_norm_before: bool = True
@@ -59,7 +69,8 @@ class ModelArch:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit of {self.context_limit} tokens")
         for size in tensor_parallel_sizes:
             for n, what in ((self.num_heads, "attention heads"), (self.num_kv_heads, "KV heads"),
-                            (self.intermediate_size, "MLP features")):
+                            (self.intermediate_size, "MLP features"), (self.moe_intermediate_size, "expert features"),
+                            (self.shared_expert_intermediate_size, "shared-expert features")):
                 if n % size:
                     raise ValueError(f"tensor_parallel_size {size} does not divide the model's {n} {what}")
 
@@ -131,7 +142,8 @@ class ModelArch:
                     if scaling.get("factor") is None:
                         scaling["factor"] = cfg["max_position_embeddings"] / scaling["original_max_position_embeddings"]
         sliding = cfg.get("sliding_window")
-        if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        qwen2_like = model_type in ("qwen2", "qwen2_moe")  # q/k/v biased, o not
+        if model_type.startswith("qwen") and not cfg.get("use_sliding_window", False):
             sliding = None
         return cls(
             **common,
@@ -141,10 +153,29 @@ class ModelArch:
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=scaling,
-            qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            qkv_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", qwen2_like))),
             # Qwen2 biases q/k/v only; Llama and Qwen3's `attention_bias` covers o_proj too
-            o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+            o_bias=not qwen2_like and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=sliding,
+            **_moe_fields(model_type, cfg),
         )
+
+
+def _moe_fields(model_type: str, cfg: dict) -> dict:
+    """The MoE fields of a Mixtral or Qwen-MoE config ({} for a dense model)."""
+    if model_type == "mixtral":  # every layer sparse; top-k always renormalized
+        return dict(num_experts=cfg["num_local_experts"], num_experts_per_tok=cfg["num_experts_per_tok"],
+                    moe_intermediate_size=cfg["intermediate_size"], norm_topk_prob=True,
+                    sparse_layers=tuple(range(cfg["num_hidden_layers"])))
+    if model_type not in ("qwen2_moe", "qwen3_moe"):
+        return {}
+    # the hub's configs say num_experts; transformers >= 5 writes num_local_experts
+    experts, step = cfg.get("num_experts") or cfg.get("num_local_experts", 0), cfg.get("decoder_sparse_step", 1)
+    dense = set(cfg.get("mlp_only_layers") or ())
+    return dict(num_experts=experts, num_experts_per_tok=cfg["num_experts_per_tok"],
+                moe_intermediate_size=cfg["moe_intermediate_size"], norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0,
+                sparse_layers=tuple(i for i in range(cfg["num_hidden_layers"])
+                                    if experts > 0 and i not in dense and (i + 1) % step == 0))

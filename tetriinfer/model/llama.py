@@ -1,4 +1,5 @@
-"""Llama-family decoder: Llama 2/3, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k norm).
+"""Llama-family decoder: Llama 2/3, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k norm), and their
+mixture-of-experts forms, Mixtral and Qwen2/Qwen3-MoE (model.moe, in the layers the config names).
 
 Parameter names follow the Hugging Face checkpoints, except that q/k/v and gate/up are fused into
 one matrix each (`qkv_proj`, `gate_up_proj`); `STACKED_PARAMS` tells the loader where the pieces go.
@@ -12,6 +13,7 @@ from torch import nn
 
 from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.layers import ForwardContext, RMSNorm, RotaryEmbedding
+from tetriinfer.model.moe import SparseMoeBlock
 from tetriinfer.model.parallel import SINGLE, Linear, TensorParallel
 
 # checkpoint name piece -> (our fused name piece, shard key)
@@ -62,11 +64,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TensorParallel = SINGLE):
+    def __init__(self, arch: ModelArch, tp: TensorParallel = SINGLE, intermediate_size: int | None = None):
         super().__init__()
-        self.intermediate_size = tp.split(arch.intermediate_size, "MLP features")
-        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, arch.mlp_bias, tp, "column")
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, arch.mlp_bias, tp, "row")
+        features = intermediate_size or arch.intermediate_size  # an expert's, in a MoE layer
+        self.intermediate_size = tp.split(features, "MLP features")
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * features, arch.mlp_bias, tp, "column")
+        self.down_proj = Linear(features, arch.hidden_size, arch.mlp_bias, tp, "row")
 
     def shard_offsets(self) -> dict:
         n = self.intermediate_size
@@ -83,7 +86,7 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding, tp: TensorParallel = SINGLE):
         super().__init__()
         self.self_attn = LlamaAttention(arch, layer_idx, rotary, tp)
-        self.mlp = LlamaMLP(arch, tp)
+        self.mlp = SparseMoeBlock(arch, tp) if layer_idx in arch.sparse_layers else LlamaMLP(arch, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
 

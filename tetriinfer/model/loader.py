@@ -254,6 +254,9 @@ def _load_kv_scale(name: str, f, ckpt_name: str, model: nn.Module) -> bool:
     return True
 
 
+MIXTRAL_EXPERT_NAMES = {".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+
+
 def _normalize_name(ckpt_name: str, model: nn.Module) -> str | None:
     """Checkpoint name -> unfused module name, or None for tensors we do not use."""
     if ckpt_name.endswith("rotary_emb.inv_freq"):
@@ -262,6 +265,10 @@ def _normalize_name(ckpt_name: str, model: nn.Module) -> str | None:
         ckpt_name = "model." + ckpt_name  # original facebook/opt checkpoints lack the "model." prefix
     if ckpt_name == "lm_head.weight" and (model.arch.tie_word_embeddings or model.lm_head is None):
         return None  # tied, or a tensor-parallel worker (only rank 0 has the LM head)
+    if ".block_sparse_moe." in ckpt_name:  # Mixtral: its experts' w1/w3/w2 are gate/up/down
+        ckpt_name = ckpt_name.replace(".block_sparse_moe.", ".mlp.")
+        for old, new in MIXTRAL_EXPERT_NAMES.items():
+            ckpt_name = ckpt_name.replace(old, new)
     return ckpt_name
 
 
