@@ -45,6 +45,7 @@ from tetriinfer.kernels.attention_ref import FP8, check_kv_scales, store_kv
 __all__ = ["store_kv", "paged_attention"]
 
 LOG2_E = 1.4426950408889634
+FP16_MAX = tl.constexpr(65504.0)  # the largest finite float16
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 MERGE_NUM_WARPS = 4  # the merge reads at most attention_launch.MAX_KV_SPLITS x head_dim floats per (token, head)
@@ -90,6 +91,7 @@ def _paged_attention_kernel(
     DOT_DTYPE: tl.constexpr,  # operand type of tl.dot: the query dtype, except under the interpreter
     DOT_PRECISION: tl.constexpr,  # "ieee" keeps float32 exact (no TF32), except over an FP8 cache; 16-bit inputs ignore it
     KV_FP8: tl.constexpr,  # the cache is e4m3: values times v_scale (k_scale is in scale_log2)
+    CLAMP_Q: tl.constexpr = False,  # bfloat16 queries meet an FP8 cache in a float16 dot (kernel_constexprs)
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P2
     tile_id = tl.program_id(0)
@@ -126,7 +128,10 @@ def _paged_attention_kernel(
     dims = tl.arange(0, HEAD_DIM_P2)
     dim_valid = dims < HEAD_DIM
     q_offsets = q_token[:, None] * stride_q_token + q_head[:, None] * stride_q_head + dims[None, :]
-    q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
+    q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    if CLAMP_Q:  # a bfloat16 query past float16's range would become inf in the float16 dot
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -FP16_MAX), FP16_MAX)
+    q = q.to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite, so fully masked rows never give NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -232,6 +237,13 @@ def kernel_constexprs(
     # its docs say to compute bfloat16 in float32), so there the operands are upcast first.
     if dtype == torch.bfloat16 and INTERPRETED:
         dot_dtype = tl.float32
+    # bfloat16 queries over an FP8 cache multiply in float16: e4m3 widens to float16 in one
+    # instruction (to bfloat16 it goes through float32), and float16 holds every e4m3 value and
+    # p in [0, 1] more exactly. 1.2x faster decode attention at batch 32 on an H100
+    # (docs/benchmarks/gpu.md); the query is clamped to float16's range first.
+    clamp_q = dtype == torch.bfloat16 and kv_dtype == FP8 and not INTERPRETED
+    if clamp_q:
+        dot_dtype = tl.float16
     # float32 queries over an FP8 cache take TF32: its 2**-11 rounding of q and p is far below e4m3's
     # 2**-4, and an "ieee" (FMA) float32 dot over widened e4m3 tiles spills hundreds of bytes on sm_90.
     return dict(
@@ -246,6 +258,7 @@ def kernel_constexprs(
         DOT_DTYPE=dot_dtype,
         DOT_PRECISION="ieee" if dot_dtype == tl.float32 and kv_dtype != FP8 else "tf32",
         KV_FP8=kv_dtype == FP8,
+        CLAMP_Q=clamp_q,
     )
 
 
