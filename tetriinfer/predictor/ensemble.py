@@ -24,6 +24,11 @@ from tetriinfer.predictor.model_builtin import BuiltinLengthModel, BuiltinModelC
 from tetriinfer.predictor.train import encode_prompts, label_tokens, predict_encoded
 
 
+def _shape(model: dict) -> dict:
+    """A member's model shape; runs written before `members` was recorded count as one member."""
+    return {"members": 1, **model}
+
+
 def combine(run_dirs: list[str | Path], out: str | Path, data: str | Path) -> dict:
     """Write the ensemble of `run_dirs` to `out`; returns its validation accuracy and tau."""
     run_dirs, out = [Path(d) for d in run_dirs], Path(out)
@@ -35,7 +40,7 @@ def combine(run_dirs: list[str | Path], out: str | Path, data: str | Path) -> di
     for d, meta in zip(run_dirs, metas):
         if meta.kind != "builtin" or meta.model.get("members", 1) != 1:
             raise ValueError(f"{d}: members must be single built-in models")
-        if meta.model != first.model or meta.buckets != first.buckets:
+        if _shape(meta.model) != _shape(first.model) or meta.buckets != first.buckets:
             raise ValueError(f"{d}: model shape or buckets differ from {run_dirs[0]}")
         if (d / TOKENIZER_FILE).read_text() != tokenizer_text:
             raise ValueError(f"{d}: tokenizer differs from {run_dirs[0]}'s")
