@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from tetriinfer.predictor.config import TrainConfig
+from tetriinfer.predictor.artifact import read_meta
 from tetriinfer.predictor.evaluate import evaluate
 from tetriinfer.predictor.examples import LengthExample, write_examples
-from tetriinfer.predictor.objectives import pairwise_rank_loss
+from tetriinfer.predictor.objectives import bucket_probs_and_scores, pairwise_rank_loss
 from tetriinfer.predictor.serving import load_predictor
 from tetriinfer.predictor.train import train
 
@@ -43,6 +44,34 @@ def test_pairwise_rank_loss_prefers_correct_order():
     good = pairwise_rank_loss(torch.tensor([0.0, 1.0, 2.0]), tokens)
     bad = pairwise_rank_loss(torch.tensor([2.0, 1.0, 0.0]), tokens)
     assert good < bad
+
+
+def test_expected_log_length_ranks_a_split_bet_below_a_sure_middle_bucket():
+    from tetriinfer.sched.lengths import BucketSpec
+
+    spec = BucketSpec(200, 6)  # midpoints 100, 300, ..., 1100
+    probs = torch.tensor([[0.5, 0, 0, 0, 0, 0.5],   # half 100, half 1100: mean 600, geometric mean ~332
+                          [0, 0, 1.0, 0, 0, 0]])    # surely 500
+    logits = torch.cat([probs.clamp_min(1e-12).log(), torch.tensor([[2.0], [1.0]])], 1)
+    _, head = bucket_probs_and_scores(logits, spec, "head")
+    _, expected = bucket_probs_and_scores(logits, spec, "expected")
+    got_probs, log_length = bucket_probs_and_scores(logits, spec, "expected_log_length")
+    assert head[0] > head[1] and expected[0] > expected[1]
+    assert log_length[0] < log_length[1]  # the option changes the ranking
+    mids = torch.tensor([100.0, 300, 500, 700, 900, 1100])
+    assert log_length.tolist() == pytest.approx((got_probs @ mids.log()).tolist(), abs=1e-5)
+    assert log_length[1].item() == pytest.approx(float(torch.tensor(500.0).log()), abs=1e-5)
+    with pytest.raises(ValueError, match="score source"):
+        bucket_probs_and_scores(logits, spec, "median")
+
+
+def test_score_option_is_refused_where_the_outputs_it_needs_are_untrained():
+    with pytest.raises(ValueError, match="bucket logits"):
+        TrainConfig(data="d", out="o", loss="rank", score="expected_log_length")
+    with pytest.raises(ValueError, match="ranking loss"):
+        TrainConfig(data="d", out="o", loss="ce", score="head")
+    with pytest.raises(ValueError, match="score must be one of"):
+        TrainConfig(data="d", out="o", score="median")
 
 
 # The transformer learns the buckets more slowly and less steadily across seeds (0.50-0.84 accuracy
@@ -121,3 +150,23 @@ def test_ensemble_of_two_seeds_loads_predicts_and_ranks(data_dir, tmp_path):
     assert report.accuracy > report.majority_accuracy + 0.3 and report.kendall_tau > 0.5
     with pytest.raises(ValueError, match="at least two"):
         combine(runs[:1], tmp_path / "one", data_dir)
+
+    # the same members ranked by expected log length: saved, read back, and used by predict and eval
+    log_summary = combine(runs, tmp_path / "ens-log", data_dir, score="expected_log_length")
+    assert read_meta(tmp_path / "ens").score_source == "head"
+    assert read_meta(tmp_path / "ens-log").score_source == "expected_log_length"
+    assert log_summary["val_accuracy"] == pytest.approx(summary["val_accuracy"])  # same buckets
+    log_predictor = load_predictor(tmp_path / "ens-log")
+    assert log_predictor.score_source == "expected_log_length"
+    prompts = [ex.prompt for ex in _examples(40, 3)]
+    with torch.inference_mode():
+        logits = log_predictor.model(**log_predictor.model.collate(log_predictor.model.tokenize(prompts)))
+    probs, _ = bucket_probs_and_scores(logits, read_meta(tmp_path / "ens-log").buckets, "head")
+    mids = torch.tensor([100.0, 300, 500, 700, 900, 1100])
+    got = [p.score for p in log_predictor.predict(prompts)]
+    assert got == pytest.approx((probs @ mids.log()).tolist(), abs=1e-4)
+    assert [p.bucket for p in log_predictor.predict(prompts)] == [p.bucket for p in predictor.predict(prompts)]
+    log_report = evaluate(tmp_path / "ens-log", _examples(300, 2), single_prompt_runs=3)
+    assert log_report.accuracy == pytest.approx(report.accuracy) and log_report.kendall_tau > 0.5
+    with pytest.raises(ValueError, match="score must be one of"):
+        combine(runs, tmp_path / "bad", data_dir, score="median")

@@ -1,9 +1,10 @@
 """A trained predictor on disk: `predictor.json` (what it is) beside the model's own files.
 
-predictor.json: kind (`builtin` | `hf`), buckets, where the ranking score comes from (`head`: the
-score output trained with the ranking loss; `expected`: the expected length under the bucket
-distribution), the training labels' majority bucket (the fallback), the label tokenizer file,
-the model's config and a training summary. Reading it needs no torch.
+predictor.json: kind (`builtin` | `hf`), buckets, where the ranking score comes from
+(`score_source`: `head`, the score output trained with the ranking loss; `expected`, the expected
+length under the bucket distribution; `expected_log_length`, the expected log length under it; see
+`objectives.bucket_probs_and_scores`), the training labels' majority bucket (the fallback), the
+label tokenizer file, the model's config and a training summary. Reading it needs no torch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from tetriinfer.sched.lengths import BucketSpec
 META_FILE = "predictor.json"
 DEFAULT_DIR = Path(__file__).parent / "default"
 KINDS = ("builtin", "hf")
-SCORE_SOURCES = ("head", "expected")
+SCORE_SOURCES = ("head", "expected", "expected_log_length")
+BUCKET_SCORE_SOURCES = ("expected", "expected_log_length")  # need trained bucket logits
 
 
 @dataclass

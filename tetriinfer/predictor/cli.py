@@ -9,6 +9,8 @@ from pathlib import Path
 
 DEFAULT_DATA_ROOT = "../shared/data"  # where the text data sits beside a checkout; $TETRIINFER_DATA_DIR wins
 SOURCES = ("sharegpt-v3-partial", "alpaca-eval", "gsm8k")
+SCORE_HELP = ("what requests are ranked by: `head` (the score output), `expected` (expected length under the "
+              "bucket probabilities) or `expected_log_length` (expected log length under them); default: {}")
 
 
 def data_root(arg: str | None) -> Path:
@@ -58,7 +60,7 @@ def _ensemble(args: argparse.Namespace) -> int:
     from tetriinfer.predictor.ensemble import combine
 
     torch.set_num_threads(args.threads)
-    print(json.dumps(combine(args.runs, args.out, args.data), indent=1))
+    print(json.dumps(combine(args.runs, args.out, args.data, args.score), indent=1))
     return 0
 
 
@@ -102,6 +104,7 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from tetriinfer.predictor.artifact import SCORE_SOURCES
     from tetriinfer.predictor.config import LOSSES, SELECTIONS, TrainConfig
     from tetriinfer.predictor.features import FEATURE_SETS
 
@@ -133,6 +136,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--select", default=defaults.select, choices=SELECTIONS,
                     help="validation metric that keeps the checkpoint (auto: tau for --loss rank, else accuracy)")
     tr.add_argument("--max-train-examples", type=int, default=None, help="subsample the training split")
+    tr.add_argument("--score", default=None, choices=SCORE_SOURCES,
+                    help=SCORE_HELP.format("`expected` for --loss ce, else `head`"))
     tr.set_defaults(func=_train)
 
     ens = commands.add_parser("ensemble", help="combine trained built-in predictors (e.g. seeds) into one directory")
@@ -141,6 +146,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      "each member's score scale)")
     ens.add_argument("--out", required=True, help="predictor directory to write")
     ens.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ens.add_argument("--score", default=None, choices=SCORE_SOURCES,
+                     help=SCORE_HELP.format("`head` (the averaged score) if every member has it, else `expected`"))
     ens.set_defaults(func=_ensemble)
 
     ev = commands.add_parser("eval", help="evaluate a predictor directory on a JSONL example file")

@@ -39,6 +39,7 @@ class TrainConfig:
     features: str = "shape"  # built-in models: features.FEATURE_SETS
     hidden: int = 128  # built-in models: the MLP head's width
     select: str = "auto"  # checkpoint kept by val `accuracy`, `tau`, or `auto` (tau for `rank`, else accuracy)
+    score: str | None = None  # ranking score (artifact.SCORE_SOURCES); None: `expected` for `ce`, else `head`
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -47,6 +48,15 @@ class TrainConfig:
             raise ValueError("granularity and epochs must be >= 1, batch_size >= 2")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.score is not None:
+            from tetriinfer.predictor.artifact import BUCKET_SCORE_SOURCES, SCORE_SOURCES
+
+            if self.score not in SCORE_SOURCES:
+                raise ValueError(f"score must be one of {SCORE_SOURCES}, got {self.score!r}")
+            if self.score in BUCKET_SCORE_SOURCES and self.loss == "rank":
+                raise ValueError(f"score {self.score!r} needs trained bucket logits: not with loss 'rank'")
+            if self.score == "head" and self.loss == "ce":
+                raise ValueError("score 'head' needs the ranking loss: not with loss 'ce'")
 
     @property
     def is_builtin(self) -> bool:

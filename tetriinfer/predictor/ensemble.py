@@ -4,7 +4,10 @@ The members must share shape, buckets and tokenizer (runs of `predictor train` t
 `--seed`, or in the loss, have the same tokenizer: it is learned from a fixed sample). The
 ensemble averages the members' bucket probabilities and their ranking scores, each score first
 standardised by its mean and spread over the validation prompts (`DATA/val.jsonl`), so no member
-weighs more for its scale. One tokenizer pass serves all members.
+weighs more for its scale. One tokenizer pass serves all members. `score` picks what the ensemble
+ranks by (`predictor.json`'s `score_source`): by default the averaged score (`head`; `expected` if
+any member was trained without the ranking loss), or `expected` / `expected_log_length` from the
+averaged bucket probabilities.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tetriinfer.predictor.artifact import load_model, read_meta, write_meta
+from tetriinfer.predictor.artifact import BUCKET_SCORE_SOURCES, SCORE_SOURCES, load_model, read_meta, write_meta
 from tetriinfer.predictor.examples import read_examples
 from tetriinfer.predictor.metrics import accuracy, kendall_tau_b
 from tetriinfer.predictor.model_builtin import BuiltinLengthModel, BuiltinModelConfig, TOKENIZER_FILE
@@ -29,11 +32,14 @@ def _shape(model: dict) -> dict:
     return {"members": 1, **model}
 
 
-def combine(run_dirs: list[str | Path], out: str | Path, data: str | Path) -> dict:
-    """Write the ensemble of `run_dirs` to `out`; returns its validation accuracy and tau."""
+def combine(run_dirs: list[str | Path], out: str | Path, data: str | Path, score: str | None = None) -> dict:
+    """Write the ensemble of `run_dirs` to `out`, ranking by `score` (a `SCORE_SOURCES` name; None:
+    the members' own); returns its validation accuracy and tau."""
     run_dirs, out = [Path(d) for d in run_dirs], Path(out)
     if len(run_dirs) < 2:
         raise ValueError("an ensemble needs at least two predictor directories")
+    if score is not None and score not in SCORE_SOURCES:
+        raise ValueError(f"score must be one of {SCORE_SOURCES}, got {score!r}")
     metas = [read_meta(d) for d in run_dirs]
     first = metas[0]
     tokenizer_text = (run_dirs[0] / TOKENIZER_FILE).read_text()
@@ -47,6 +53,10 @@ def combine(run_dirs: list[str | Path], out: str | Path, data: str | Path) -> di
     losses = [m.training.get("config", {}).get("loss") for m in metas]
     if "rank" in losses and len(set(losses)) > 1:
         raise ValueError("a `rank` member's buckets are untrained: ensemble rank members only with each other")
+    if score in BUCKET_SCORE_SOURCES and "rank" in losses:
+        raise ValueError(f"--score {score} ranks by bucket probabilities, which `rank` members did not learn")
+    if score == "head" and "ce" in losses:
+        raise ValueError("--score head averages the score outputs, which `ce` members did not learn")
     members = [load_model(d, m) for d, m in zip(run_dirs, metas)]
     cfg = replace(BuiltinModelConfig(**first.model), members=len(members))
     ensemble = BuiltinLengthModel(cfg, members[0].tokenizer)
@@ -65,7 +75,7 @@ def combine(run_dirs: list[str | Path], out: str | Path, data: str | Path) -> di
         ])
     ensemble.head.score_shift.copy_(raw.mean(0))
     ensemble.head.score_scale.copy_(raw.std(0).clamp_min(1e-6))
-    score_source = "head" if all(m.score_source == "head" for m in metas) else "expected"
+    score_source = score or ("head" if all(m.score_source == "head" for m in metas) else "expected")
     predicted, scores = predict_encoded(ensemble.eval(), encoded, first.buckets, score_source)
     true_buckets = np.array([first.buckets.bucket_of(int(t)) for t in tokens])
     summary = {"val_accuracy": accuracy(predicted, true_buckets), "val_tau": kendall_tau_b(scores, tokens)}

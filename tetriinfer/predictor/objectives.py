@@ -19,11 +19,22 @@ if TYPE_CHECKING:
 def bucket_probs_and_scores(
     logits: torch.Tensor, buckets: BucketSpec, score_source: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucket probabilities [B, K] and ranking scores [B] from model outputs [B, K + 1]."""
+    """Bucket probabilities [B, K] and ranking scores [B] from model outputs [B, K + 1].
+
+    `score_source` (`artifact.SCORE_SOURCES`): `head`, the score output; `expected`, the expected
+    bucket midpoint under the bucket probabilities; `expected_log_length`, the expected log of the
+    midpoint (sum_b p_b log midpoint_b; the open last bucket's midpoint is its lower bound plus half a
+    bucket, as `BucketSpec.midpoint` says), which weighs a few points of probability on the long
+    buckets less than `expected` does.
+    """
     probs = logits[:, : buckets.num_buckets].float().softmax(-1)
     if score_source == "head":
         return probs, logits[:, buckets.num_buckets].float()
     mids = torch.tensor([buckets.midpoint(b) for b in range(buckets.num_buckets)], device=logits.device)
+    if score_source == "expected_log_length":
+        return probs, probs @ mids.log()
+    if score_source != "expected":
+        raise ValueError(f"unknown score source {score_source!r}")
     return probs, probs @ mids
 
 

@@ -228,7 +228,7 @@ def train(cfg: TrainConfig) -> PredictorMeta:
             tokens,
             np.array([buckets.bucket_of(int(t)) for t in tokens]),
         )
-    score_source = "expected" if cfg.loss == "ce" else "head"
+    score_source = cfg.score or ("expected" if cfg.loss == "ce" else "head")
     curves, best = _fit(model, sets, buckets, score_source, cfg, rng)
     train_seconds = time.perf_counter() - started
 
