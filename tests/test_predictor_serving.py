@@ -25,7 +25,9 @@ def default_predictor():
 def test_default_is_small_enough_to_ship():
     shipped = [p for p in DEFAULT_DIR.iterdir() if p.is_file()]
     assert {p.suffix for p in shipped} <= {".json", ".txt", ".safetensors"}
-    assert sum(p.stat().st_size for p in shipped) < 4 * 2**20
+    # 6 MB: the default is three `text` bags (5.4 MB, issue 15: val tau 0.450 against 0.447 for two),
+    # still small beside any served model's weights; the bound keeps a bigger model from slipping in
+    assert sum(p.stat().st_size for p in shipped) < 6 * 2**20
 
 
 def test_default_loads_and_predicts_buckets_with_bounds(default_predictor):
