@@ -145,3 +145,13 @@ def test_moe_configs_as_the_hub_writes_them_name_their_sparse_layers():
                                     "moe_intermediate_size": 33})
     with pytest.raises(ValueError, match="33 expert features"):
         odd.check_fits(None, (2,))
+
+
+def test_moe_models_capture_decode_graphs_only_where_the_eager_path_is_dense_too():
+    from tetriinfer.engine.model_runner import decode_graph_batches
+    from tetriinfer.model.moe import DENSE_MAX_TOKENS
+
+    assert decode_graph_batches(256)[-1] == 256 and decode_graph_batches(100)[-1] == 128
+    moe = decode_graph_batches(256, moe=True)
+    assert moe[-1] == DENSE_MAX_TOKENS and moe == tuple(b for b in decode_graph_batches(256) if b <= DENSE_MAX_TOKENS)
+    assert decode_graph_batches(4, moe=True) == (1, 2, 4)

@@ -28,6 +28,7 @@ from tetriinfer.engine.scheduler import StepPlan
 from tetriinfer.kernels import get_kernels
 from tetriinfer.model.arch import ModelArch
 from tetriinfer.model.layers import ForwardContext, imported_kv, kv_cache_scales
+from tetriinfer.model.moe import DENSE_MAX_TOKENS
 from tetriinfer.model.parallel import SINGLE, TensorParallel
 from tetriinfer.sched.lengths import blocks_for
 
@@ -35,6 +36,17 @@ DECODE_GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 
                         640, 768, 896, 1024)
 MAX_GRAPH_PIECES = 64
 MIXED_GRAPH_RUNGS = 8  # token-count graphs per chunk for mixed steps: padding wastes < chunk / 8
+
+
+def decode_graph_batches(max_num_seqs: int, moe: bool = False) -> tuple[int, ...]:
+    """Decode batch sizes captured as CUDA graphs: the rungs up to the first that holds max_num_seqs
+    (beyond the last rung: eager). A mixture-of-experts model under capture runs every expert on
+    every token (model.moe), so it captures only batches the eager path would run that way too;
+    larger ones run eagerly, each expert on its own tokens."""
+    top = next((b for b in DECODE_GRAPH_BATCHES if b >= max_num_seqs), DECODE_GRAPH_BATCHES[-1])
+    if moe:
+        top = min(top, DENSE_MAX_TOKENS)
+    return tuple(b for b in DECODE_GRAPH_BATCHES if b <= top)
 
 
 def mixed_graph_tokens(chunk_size: int) -> tuple[int, ...]:
@@ -112,6 +124,8 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         # Graphs of steps that hold prompt tokens: their token counts and how many sequences they fit.
         self._chunk_tokens = mixed_graph_tokens(chunk_size) if mixed_steps else (chunk_size,)
+        if arch.num_experts:  # no prompt-step graphs for MoE models (decode_graph_batches says why)
+            self._chunk_tokens = ()
         self._chunk_seqs = max_num_seqs + MAX_GRAPH_PIECES if mixed_steps else MAX_GRAPH_PIECES
         self._pad_to_rung = mixed_steps  # other steps replay a graph only at its exact size
         if use_cuda_graphs:
@@ -255,12 +269,12 @@ class ModelRunner:
         return self.graphs.get((rung, self._chunk_seqs))
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
-        # Decode rungs up to the first that holds max_num_seqs (beyond the last rung: eager).
-        top = next((b for b in DECODE_GRAPH_BATCHES if b >= max_num_seqs), DECODE_GRAPH_BATCHES[-1])
+        batches = decode_graph_batches(max_num_seqs, moe=bool(self.arch.num_experts))
+        top = batches[-1]
         self._max_graph_tokens = max(self.chunk_size, top)
         self._static = self._static_buffers(self._max_graph_tokens, max(self._chunk_seqs, top))
         self._graph_pool = None
-        shapes = [(b, b) for b in DECODE_GRAPH_BATCHES if b <= top]
+        shapes = [(b, b) for b in batches]
         shapes.extend((t, self._chunk_seqs) for t in self._chunk_tokens)
         for num_tokens, num_seqs in sorted(shapes, reverse=True):  # largest first: the pool fits all
             self._capture(num_tokens, num_seqs)
@@ -268,7 +282,7 @@ class ModelRunner:
     def capture_prefill_graph(self, num_tokens: int) -> None:
         """Also replay prefill chunks of `num_tokens` tokens from a graph (the profiler measures
         every chunk size as an engine configured with it would run)."""
-        if not self.graphs or (num_tokens, self._chunk_seqs) in self.graphs:
+        if not self.graphs or (num_tokens, self._chunk_seqs) in self.graphs or self.arch.num_experts:
             return
         if num_tokens > self._max_graph_tokens:  # grow the static inputs; captured graphs keep theirs
             self._max_graph_tokens = num_tokens
