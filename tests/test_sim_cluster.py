@@ -7,7 +7,6 @@ import pytest
 
 from tetriinfer.bench.workload import RequestSpec, make_workload
 from tetriinfer.config import SYSTEMS, ClusterConfig, ClusterShape, FlipConfig, PolicyConfig, SimConfig
-from tetriinfer.sched.router import local_prompt_budget
 from tetriinfer.sim.cluster import ClusterSim, simulate
 from tetriinfer.sim.cost import RooflineCostModel
 from tetriinfer.sim.instances import DecodeInstance, PrefillInstance
@@ -143,23 +142,16 @@ def test_configs_are_plain_dataclasses():
     assert dataclasses.asdict(config("disagg"))["cluster"]["system"] == "disagg"
 
 
-def test_the_tail_aware_router_options_conserve_and_cap_decode_instance_steps():
+def test_a_ttft_margin_routes_more_prompts_to_decode_instances_and_conserves_requests():
     specs = make_workload("mixed", 80, seed=4, arrival="poisson", rate=40.0, max_total_tokens=8192)
     cost = RooflineCostModel.from_names("h100", "llama3-8b")
-    cfg = config("tetriinfer", local_ttft_margin_s=0.05, remote_queue_factor=1.5, local_prefill_step_factor=1.5)
-    sim = ClusterSim(cfg, cost, _predictor(cfg))
-    decodes = [i for i in sim.instances.values() if isinstance(i, DecodeInstance)]
-    assert all(i.step_factor == 1.5 for i in decodes)
-    steps = []  # (prompt tokens, cap) of each decode instance step beside running decodes
-    for inst in decodes:
-        def checked(plan=inst._plan_prompts, inst=inst):
-            n, context = inst.batch.num_running, inst.batch.total_context
-            out = plan()
-            if n and out.decode:
-                steps.append((out.chunk.size, local_prompt_budget(cost, 512, n, context, 1.5)))
-            return out
-        inst._plan_prompts = checked
-    sim.run(specs)
-    assert_conserved(sim, specs)
-    assert any(size for size, _ in steps) and all(size <= cap for size, cap in steps)
-    assert any(cap < 512 - 64 for _, cap in steps)  # the cap did bind
+    local_routes = {}
+    for margin in (float("inf"), 0.0):
+        cfg = config("tetriinfer", local_ttft_margin_s=margin)
+        sim = ClusterSim(cfg, cost, _predictor(cfg))
+        routes, route = [], sim.router.route
+        sim.router.route = lambda *a, **k: routes.append(route(*a, **k)) or routes[-1]
+        sim.run(specs)
+        assert_conserved(sim, specs)
+        local_routes[margin] = sum(r.local for r in routes)
+    assert local_routes[0.0] > local_routes[float("inf")]

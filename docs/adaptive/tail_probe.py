@@ -34,12 +34,8 @@ VARIANTS = {  # name -> PolicyConfig overrides of adaptive TetriInfer (the defau
     "ttft margin 0.25 s": {"local_ttft_margin_s": 0.25},
     "ttft margin 0.05 s": {"local_ttft_margin_s": 0.05},
     "ttft margin 0.02 s": {"local_ttft_margin_s": 0.02},
-    "remote queue x1.5": {"local_ttft_margin_s": INF, "remote_queue_factor": 1.5},
-    "ttft margin 0.1 s, queue x1.5": {"remote_queue_factor": 1.5},
-    "decode step <= 1.5x": {"local_ttft_margin_s": INF, "local_prefill_step_factor": 1.5},
-    "decode step <= 2x": {"local_ttft_margin_s": INF, "local_prefill_step_factor": 2.0},
-    "decode step <= 3x": {"local_ttft_margin_s": INF, "local_prefill_step_factor": 3.0},
-    "ttft margin 0.1 s, decode step <= 2x": {"local_prefill_step_factor": 2.0},
+    # The remote-queue factor and the decode-step cap rows of tail.md ran at commit 5689338, whose
+    # PolicyConfig had `remote_queue_factor` and `local_prefill_step_factor`; not adopted, removed.
 }
 
 

@@ -51,11 +51,6 @@ class PolicyConfig:
     # prompt the interference sent to a queued prefill instance was the TTFT tail at high load
     # (docs/adaptive.md, "Tail-aware routing and TPOT p99").
     local_ttft_margin_s: float = 0.1
-    # Measured there and not adopted (simulator only): price the remote prefill queue at this many
-    # times its tokens; cap a decode instance's prompt tokens per step at this many times a
-    # decode-only step (sched.router.local_prompt_budget; inf: the chunk budget alone).
-    remote_queue_factor: float = 1.0
-    local_prefill_step_factor: float = float("inf")
     # Adaptive: output tokens a prefill instance generates itself (the first, from the prefill,
     # included) before it offers a request to a decode instance. A request that ends by then never
     # moves, and the hand-off gap (KV move, admission) is spread over more tokens. 1: move at once.
@@ -70,8 +65,8 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if not self.interference_weight >= 0:
             raise ValueError(f"interference_weight must be >= 0, got {self.interference_weight}")
-        if not self.local_ttft_margin_s >= 0 or not self.remote_queue_factor >= 1 or not self.local_prefill_step_factor >= 1:
-            raise ValueError("local_ttft_margin_s must be >= 0, remote_queue_factor and local_prefill_step_factor >= 1")
+        if not self.local_ttft_margin_s >= 0:
+            raise ValueError(f"local_ttft_margin_s must be >= 0, got {self.local_ttft_margin_s}")
         if self.handoff_after_tokens < 1:
             raise ValueError(f"handoff_after_tokens must be >= 1, got {self.handoff_after_tokens}")
         check_choice("disagg_policy", self.disagg_policy, DISAGG_POLICIES)

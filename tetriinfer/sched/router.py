@@ -68,20 +68,14 @@ class RouteCosts:
 class AdaptiveRouter:
     def __init__(self, cost: StepCost, *, chunk_size: int, kv_seconds_per_token: float = 0.0,
                  interference_weight: float = 1.0, prefix_index: PrefixIndex | None = None,
-                 ttft_margin_s: float = math.inf, remote_queue_factor: float = 1.0,
-                 local_step_factor: float = math.inf) -> None:
-        if chunk_size < 1 or kv_seconds_per_token < 0 or interference_weight < 0:
-            raise ValueError("need chunk_size >= 1, kv_seconds_per_token >= 0 and interference_weight >= 0")
-        if not ttft_margin_s >= 0 or not remote_queue_factor >= 1 or not local_step_factor >= 1:
-            raise ValueError("need ttft_margin_s >= 0, remote_queue_factor >= 1 and local_step_factor >= 1")
+                 ttft_margin_s: float = math.inf) -> None:
+        if chunk_size < 1 or kv_seconds_per_token < 0 or interference_weight < 0 or not ttft_margin_s >= 0:
+            raise ValueError("need chunk_size >= 1, and kv_seconds_per_token, interference_weight and "
+                             "ttft_margin_s >= 0")
         self.cost = cost
-        # Tail-aware options (docs/adaptive.md, "Tail-aware routing"): go local whenever that saves
-        # more than `ttft_margin_s` of TTFT, whatever it costs the running decodes; and price the
-        # remote queue `remote_queue_factor` times its tokens (SJF lets shorter prompts overtake a
-        # long one, and kept decodes slow the prefill instance's steps).
+        # Tail-aware (docs/adaptive.md, "Tail-aware routing"): go local whenever that saves more
+        # than `ttft_margin_s` of TTFT, whatever it costs the running decodes.
         self.ttft_margin_s = ttft_margin_s
-        self.remote_queue_factor = remote_queue_factor
-        self.local_step_factor = local_step_factor  # `local_prompt_budget`: decode instances' step cap
         self.chunk_size = chunk_size
         self.kv_seconds_per_token = kv_seconds_per_token
         self.interference_weight = interference_weight
@@ -136,7 +130,6 @@ class AdaptiveRouter:
         if best is None:
             return math.inf
         _, queued, cached = best
-        queued = math.ceil(queued * self.remote_queue_factor)
         prefill_s = self._prefill_s(queued + prompt_tokens - cached, self.chunk_size, 0, 0)
         return prefill_s + self.kv_seconds_per_token * prompt_tokens
 
@@ -172,8 +165,7 @@ class AdaptiveRouter:
     def _local_s(self, load: DecodeLoad, prompt_tokens: int) -> tuple[float, float]:
         """(TTFT, interference) of prefilling `prompt_tokens` (the uncached ones) here behind the
         prompts already routed here."""
-        budget = local_prompt_budget(self.cost, self.chunk_size, load.num_running, load.context_tokens,
-                                     self.local_step_factor)
+        budget = self.chunk_size - load.num_running
         if budget <= 0:
             return math.inf, 0.0
         n, context = load.num_running, load.context_tokens
@@ -183,28 +175,6 @@ class AdaptiveRouter:
         # The decodes' own steps for as long as this prompt's tokens ride with them.
         decode_only = math.ceil(prompt_tokens / budget) * self.cost.step_time(0, 0, n, context)
         return ttft, n * max(self._prefill_s(prompt_tokens, budget, n, context) - decode_only, 0.0)
-
-
-def local_prompt_budget(cost: StepCost, chunk_size: int, num_running: int, context_tokens: int,
-                        step_factor: float = math.inf, min_tokens: int = 64) -> int:
-    """Prompt tokens a decode instance's mixed step may carry beside its `num_running` decodes:
-    what the chunk budget leaves, and with a finite `step_factor` no more than keeps the step
-    within `step_factor` times a decode-only step (at least `min_tokens`, so prompts progress).
-    The decode instance plans its steps with it, and the router prices a local prefill by it."""
-    budget = chunk_size - num_running
-    if budget <= 0 or not num_running or math.isinf(step_factor):
-        return max(budget, 0)
-    target = step_factor * cost.step_time(0, 0, num_running, context_tokens)
-    if cost.step_time(budget, 0, num_running, context_tokens) <= target:
-        return budget
-    low, high = min(min_tokens, budget), budget  # the most tokens within the target, at least `low`
-    while low < high:
-        mid = (low + high + 1) // 2
-        if cost.step_time(mid, 0, num_running, context_tokens) <= target:
-            low = mid
-        else:
-            high = mid - 1
-    return low
 
 
 def keep_on_prefill(cost: StepCost, here: DecodeLoad, there: Sequence[DecodeLoad], need_blocks: int,

@@ -90,9 +90,7 @@ class ClusterSim:
             kv_seconds_per_token = self._transfer_time(1 << 16) / (1 << 16)
             self.router = AdaptiveRouter(cost, chunk_size=config.scheduler.chunk_size, kv_seconds_per_token=kv_seconds_per_token,
                                          interference_weight=policy.interference_weight, prefix_index=guess,
-                                         ttft_margin_s=policy.local_ttft_margin_s,
-                                         remote_queue_factor=policy.remote_queue_factor,
-                                         local_step_factor=policy.local_prefill_step_factor)
+                                         ttft_margin_s=policy.local_ttft_margin_s)
         self.flip_policy = FlipPolicy(config.flip) if config.flip.enabled and not cluster.colocated else None
         if self.system == "tetriinfer" and policy.dispatch_policy != "oracle" and predictor is None:
             raise ValueError("tetriinfer needs a length predictor unless the dispatcher is the oracle")
@@ -125,10 +123,7 @@ class ClusterSim:
         p = self.config.policy
         admission = "greedy" if self.system == "disagg" else p.admission_policy
         shape = self._shape("mixed", self.chunk_size)
-        inst = DecodeInstance(i, shape, self.capacity_blocks, admission, self.cost)
-        if self.adaptive:
-            inst.step_factor = p.local_prefill_step_factor
-        return self._with_cache(inst)
+        return self._with_cache(DecodeInstance(i, shape, self.capacity_blocks, admission, self.cost))
 
     def _new_colocated(self, i: int) -> ColocatedInstance:
         p = self.config.policy

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
-import math
 from collections import deque
 
 from tetriinfer.sched.admission import AdmissionView, admits
@@ -22,7 +21,6 @@ from tetriinfer.sched.dispatcher import DecodeLoad, Dispatcher
 from tetriinfer.sched.lengths import blocks_for
 from tetriinfer.sched.monitor import COLOCATED, DECODE, PREFILL, decode_load_fraction, decode_room_blocks
 from tetriinfer.sched.prefill_queue import PrefillQueue
-from tetriinfer.sched.router import local_prompt_budget
 from tetriinfer.sched.step_planner import PromptPlan, StepShape, blocks_to_grow, plan_prompts
 from tetriinfer.sim.request import SimRequest
 from tetriinfer.sim.running_batch import RunningBatch
@@ -203,23 +201,6 @@ class DecodeInstance(BatchInstance):
         self.remaining_decode_tokens = 0
         self._recompute_tokens = 0
         self._seq = 0
-
-    step_factor = math.inf  # adaptive: local prompts per step capped by `sched.router.local_prompt_budget`
-
-    def _plan_prompts(self) -> PromptPlan:
-        n = self.batch.num_running
-        if math.isinf(self.step_factor) or not n or not self.queue:
-            return super()._plan_prompts()
-        prompt_budget = local_prompt_budget(self.cost, self.shape.token_budget, n, self.batch.total_context,
-                                            self.step_factor)
-        if prompt_budget >= self.shape.token_budget - n:
-            return super()._plan_prompts()
-        full = self.shape
-        self.shape = dataclasses.replace(full, token_budget=n + prompt_budget)
-        try:
-            return super()._plan_prompts()
-        finally:
-            self.shape = full
 
     def decode_load(self) -> DecodeLoad:
         held = self.batch.used_blocks + self.incoming_blocks + self.prefill_blocks
