@@ -22,6 +22,16 @@ SCORE_SOURCES = ("head", "expected", "expected_log_length")
 BUCKET_SCORE_SOURCES = ("expected", "expected_log_length")  # need trained bucket logits
 
 
+def check_score_source(score: str, losses: list[str | None]) -> None:
+    """Refuse a ranking score that models trained with `losses` did not learn to give."""
+    if score not in SCORE_SOURCES:
+        raise ValueError(f"score must be one of {SCORE_SOURCES}, got {score!r}")
+    if score in BUCKET_SCORE_SOURCES and "rank" in losses:
+        raise ValueError(f"score {score!r} needs trained bucket logits, which loss 'rank' does not train")
+    if score == "head" and "ce" in losses:
+        raise ValueError("score 'head' needs the ranking loss's score output, which loss 'ce' does not train")
+
+
 @dataclass
 class PredictorMeta:
     kind: str

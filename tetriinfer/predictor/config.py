@@ -49,14 +49,9 @@ class TrainConfig:
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
         if self.score is not None:
-            from tetriinfer.predictor.artifact import BUCKET_SCORE_SOURCES, SCORE_SOURCES
+            from tetriinfer.predictor.artifact import check_score_source
 
-            if self.score not in SCORE_SOURCES:
-                raise ValueError(f"score must be one of {SCORE_SOURCES}, got {self.score!r}")
-            if self.score in BUCKET_SCORE_SOURCES and self.loss == "rank":
-                raise ValueError(f"score {self.score!r} needs trained bucket logits: not with loss 'rank'")
-            if self.score == "head" and self.loss == "ce":
-                raise ValueError("score 'head' needs the ranking loss: not with loss 'ce'")
+            check_score_source(self.score, [self.loss])
 
     @property
     def is_builtin(self) -> bool:

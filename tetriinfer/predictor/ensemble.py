@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tetriinfer.predictor.artifact import BUCKET_SCORE_SOURCES, SCORE_SOURCES, load_model, read_meta, write_meta
+from tetriinfer.predictor.artifact import check_score_source, load_model, read_meta, write_meta
 from tetriinfer.predictor.examples import read_examples
 from tetriinfer.predictor.metrics import accuracy, kendall_tau_b
 from tetriinfer.predictor.model_builtin import BuiltinLengthModel, BuiltinModelConfig, TOKENIZER_FILE
@@ -38,8 +38,6 @@ def combine(run_dirs: list[str | Path], out: str | Path, data: str | Path, score
     run_dirs, out = [Path(d) for d in run_dirs], Path(out)
     if len(run_dirs) < 2:
         raise ValueError("an ensemble needs at least two predictor directories")
-    if score is not None and score not in SCORE_SOURCES:
-        raise ValueError(f"score must be one of {SCORE_SOURCES}, got {score!r}")
     metas = [read_meta(d) for d in run_dirs]
     first = metas[0]
     tokenizer_text = (run_dirs[0] / TOKENIZER_FILE).read_text()
@@ -53,10 +51,8 @@ def combine(run_dirs: list[str | Path], out: str | Path, data: str | Path, score
     losses = [m.training.get("config", {}).get("loss") for m in metas]
     if "rank" in losses and len(set(losses)) > 1:
         raise ValueError("a `rank` member's buckets are untrained: ensemble rank members only with each other")
-    if score in BUCKET_SCORE_SOURCES and "rank" in losses:
-        raise ValueError(f"--score {score} ranks by bucket probabilities, which `rank` members did not learn")
-    if score == "head" and "ce" in losses:
-        raise ValueError("--score head averages the score outputs, which `ce` members did not learn")
+    if score is not None:
+        check_score_source(score, losses)
     members = [load_model(d, m) for d, m in zip(run_dirs, metas)]
     cfg = replace(BuiltinModelConfig(**first.model), members=len(members))
     ensemble = BuiltinLengthModel(cfg, members[0].tokenizer)

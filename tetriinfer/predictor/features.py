@@ -29,6 +29,7 @@ USER_MARK = f"{ROLE_TAGS['human']}: "
 ASSISTANT_MARK = f"{ROLE_TAGS['gpt']}: "
 FEATURE_SETS = ("shape", "text")
 NUM_FEATURES = 4  # the `shape` set
+_TEXT_NUMBERS = 15  # the `text` set's counts and flags between the shape four and the keyword flags
 
 _CONTINUE = re.compile(r"^\s*(continue|go on|keep going|more|next|finish|complete)\b", re.I)
 _REQUESTED = re.compile(
@@ -55,7 +56,7 @@ _CODE_CHARS = re.compile(r"[{};=<>()]")
 def num_features(kind: str = "shape") -> int:
     if kind not in FEATURE_SETS:
         raise ValueError(f"features must be one of {FEATURE_SETS}, got {kind!r}")
-    return NUM_FEATURES if kind == "shape" else 34
+    return NUM_FEATURES if kind == "shape" else NUM_FEATURES + _TEXT_NUMBERS + len(_KEYWORDS) + len(_SCRIPTS)
 
 
 def _last_mark(text: str, mark: str, end: int) -> int:
