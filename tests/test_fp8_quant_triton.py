@@ -148,22 +148,30 @@ def test_w8a16_gemv_rejects_more_rows_than_it_serves_and_handles_empty_shapes():
     assert not w8a16_gemv(x[:2, :0], w_q[:, :0], w_scale).any()
 
 
-def test_one_token_takes_the_gemv_and_a_few_the_w8a16_gemm(monkeypatch):
+def test_one_token_takes_the_gemv_a_few_the_w8a16_gemm_then_the_triton_w8a8_gemm(monkeypatch):
     """fp8_linear's dispatch by token count: <= GEMV_MAX_M the GEMV, <= W8A16_MAX_M the W8A16 GEMM,
-    above both quantize + _scaled_mm (swapped here for the reference, as on the CPU)."""
+    <= TRITON_W8A8_MAX_M quantize + the Triton W8A8 GEMM (the real kernel, interpreted on the CPU),
+    above all quantize + _scaled_mm (swapped here for the reference, as on the CPU)."""
     taken = []
     monkeypatch.setattr(quant, "has_triton", lambda: True)
     monkeypatch.setattr(quant, "GEMV_MAX_M", 1)
     monkeypatch.setattr(quant, "W8A16_MAX_M", 4)
+    monkeypatch.setattr(quant, "TRITON_W8A8_MAX_M", 6)
+    import tetriinfer.kernels.fp8_gemm as gemm
     import tetriinfer.kernels.fp8_quant as kernels
     monkeypatch.setattr(kernels, "w8a16_gemv", lambda *a: taken.append("gemv") or w8a16_matmul_ref(*a))
     monkeypatch.setattr(kernels, "w8a16_matmul", lambda *a: taken.append("w8a16") or w8a16_matmul_ref(*a))
+    triton_w8a8 = gemm.w8a8_matmul
+    monkeypatch.setattr(gemm, "w8a8_matmul", lambda *a: taken.append("triton w8a8") or triton_w8a8(*a))
     monkeypatch.setattr(quant, "fp8_matmul_scaled_mm", lambda *a: taken.append("w8a8") or quant.fp8_matmul_ref(*a))
     _, w_q, w_scale = w8a16_operands(1, 16, 32, torch.bfloat16)
-    for m in (1, 2, 4, 5):
-        y = fp8_linear(torch.randn(m, 32, dtype=torch.bfloat16, device=DEVICE), w_q, w_scale, None, use_kernel=True)
+    for m in (1, 2, 4, 5, 6, 7):
+        x = torch.randn(m, 32, dtype=torch.bfloat16, device=DEVICE)
+        y = fp8_linear(x, w_q, w_scale, None, use_kernel=True)
+        reference = fp8_linear(x, w_q, w_scale, None, use_kernel=False)
         assert y.shape == (m, 16)
-    assert taken == ["gemv", "w8a16", "w8a16", "w8a8"]
+        torch.testing.assert_close(y.float(), reference.float(), atol=0.05 * reference.abs().max().item(), rtol=0)
+    assert taken == ["gemv", "w8a16", "w8a16", "triton w8a8", "triton w8a8", "w8a8"]
 
 
 # ---------------------------------------------------------------- fp8_linear's GPU path

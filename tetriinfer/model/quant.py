@@ -6,7 +6,8 @@ quantized per token on the fly.
 On Hopper (and Ada) the product runs in `torch._scaled_mm`, which applies both scales in its
 epilogue, with the activations quantized by one Triton kernel (kernels.fp8_quant; `ACT_QUANT`);
 elsewhere a reference path dequantizes to float32 and multiplies, so CPU tests run the same numbers
-(up to float32 accumulation order). Batches of at most `W8A16_MAX_M` tokens skip activation
+(up to float32 accumulation order); batches of at most `TRITON_W8A8_MAX_M` tokens multiply in a Triton
+FP8 GEMM instead (kernels.fp8_gemm). Batches of at most `W8A16_MAX_M` tokens skip activation
 quantization: a Triton GEMM upcasts the FP8 weights to bf16 tile by tile (W8A16), and at most
 `GEMV_MAX_M` tokens a Triton GEMV without tensor cores does (decode at batch 1).
 
@@ -40,6 +41,9 @@ ACT_QUANT = os.environ.get("TETRIINFER_FP8_ACT_QUANT", "triton")
 # on an H100 (scripts/w8a16_sweep.py: 87 and 104 us a layer against 130 and 126; gpu.md).
 GEMV_MAX_M = int(os.environ.get("TETRIINFER_FP8_GEMV_MAX_M", "1"))
 W8A16_MAX_M = int(os.environ.get("TETRIINFER_FP8_W8A16_MAX_M", "16"))
+# TRITON_W8A8_MAX_M: larger token counts up to this multiply the quantized activations in
+# kernels.fp8_gemm's Triton GEMM instead of torch._scaled_mm (0: never).
+TRITON_W8A8_MAX_M = int(os.environ.get("TETRIINFER_FP8_TRITON_W8A8_MAX_M", "0"))
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +107,10 @@ def fp8_matmul_cuda(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -
         x_q, x_scale = quantize_per_token_triton(x)
     else:
         x_q, x_scale = quantize_per_token(x)
+    if has_triton() and x.shape[0] <= TRITON_W8A8_MAX_M:
+        from tetriinfer.kernels.fp8_gemm import w8a8_matmul
+
+        return w8a8_matmul(x_q, x_scale, w_q, w_scale, x.dtype)
     return fp8_matmul_scaled_mm(x_q, x_scale, w_q, w_scale, x.dtype)
 
 
