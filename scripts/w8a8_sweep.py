@@ -29,15 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).parent))  # fp8_check
 from fp8_check import LLAMA3_8B_SHAPES, graph_us  # noqa: E402
 
-from tetriinfer.kernels.fp8_gemm import w8a8_matmul  # noqa: E402
+from tetriinfer.kernels.fp8_gemm import w8a8_launch_config, w8a8_matmul  # noqa: E402
+from tetriinfer.kernels.fp8_quant import W8A16_MAX_ROWS, quantize_per_token_triton, w8a16_matmul  # noqa: E402
 from tetriinfer.model.quant import fp8_matmul_ref, fp8_matmul_scaled_mm, quantize_per_token, quantize_weight  # noqa: E402
 
 
-def triton_configs(m: int) -> dict[str, dict]:
-    """The grid: swapped (tokens on the narrow side) up to 64-token tiles, plain from 64."""
+def triton_configs(m: int, k: int) -> dict[str, dict]:
+    """The shipped config, then the grid: swapped (tokens on the narrow side) up to 64-token tiles,
+    plain from 64 tokens."""
     pow2 = max(16, 1 << (m - 1).bit_length())
-    grid = {}
-    for bm, bn, bk, ns in itertools.product((16, 32, 64), (64, 128), (128, 256), (3, 4)):
+    grid = {"triton shipped": w8a8_launch_config(m, k)}
+    for bm, bn, bk, ns in itertools.product((16, 32, 64), (32, 64, 128), (128, 256), (3, 4)):
         if bm <= pow2:
             grid[f"triton swap m{bm} n{bn} k{bk} w4 s{ns}"] = dict(SWAP=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                                                  num_warps=4, num_stages=ns)
@@ -50,7 +52,7 @@ def triton_configs(m: int) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ms", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
+    ap.add_argument("--ms", type=int, nargs="+", default=[2, 8, 16, 32, 64, 128, 256])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -71,13 +73,17 @@ def main() -> None:
                      "fp8 rowwise": lambda: fp8_matmul_scaled_mm(x_q, x_s, w_q, w_scale, torch.bfloat16),
                      "fp8 tensorwise": lambda: torch._scaled_mm(x_q_tensor, w_q_tensor.t(), scale_a=x_tensor_scale,
                                                                 scale_b=w_tensor_scale, out_dtype=torch.bfloat16)}
-            for label, cfg in triton_configs(m).items():
+            if m <= W8A16_MAX_ROWS:  # the engine's path up to 16 tokens: no activation quantization
+                cands["w8a16 shipped"] = lambda: w8a16_matmul(x, w_q, w_scale)
+            cands["quantize"] = lambda: quantize_per_token_triton(x)
+            for label, cfg in triton_configs(m, k).items():
                 cands[label] = lambda cfg=cfg: w8a8_matmul(x_q, x_s, w_q, w_scale, torch.bfloat16, **cfg)
             timings = {}
             for label, fn in cands.items():
                 try:
-                    y = fn().float()
+                    y = fn()
                     if label.startswith(("triton", "fp8 rowwise")):
+                        y = y.float()
                         err = ((y - ref).abs().max() / ref.abs().max()).item()
                         if err > 2e-2:
                             timings[label] = {"error": f"rel error {err:.3g}"}
@@ -87,15 +93,28 @@ def main() -> None:
                     timings[label] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
             ok = {lab: t["us"] for lab, t in timings.items() if "us" in t}
             fastest = min((lab for lab in ok if lab.startswith("triton")), key=ok.get, default=None)
-            rows.append({"shape": name, "m": m, "k": k, "n": n, "timings": timings, "fastest_triton": fastest})
+            rows.append({"shape": name, "m": m, "k": k, "n": n, "fastest_triton": fastest,
+                         "us": {lab: round(t, 2) for lab, t in ok.items()},
+                         "errors": {lab: t["error"] for lab, t in timings.items() if "error" in t}})
             nan = float("nan")
             tbs = (n * k) / (ok[fastest] * 1e6) if fastest else nan
             best.append(f"  {name:<13} m={m:<4} bf16 {ok.get('bf16', nan):6.1f}  rowwise {ok.get('fp8 rowwise', nan):6.1f}"
-                        f"  tensorwise {ok.get('fp8 tensorwise', nan):6.1f}  triton {ok.get(fastest, nan):6.1f} us"
+                        f"  tensorwise {ok.get('fp8 tensorwise', nan):6.1f}  w8a16 {ok.get('w8a16 shipped', nan):6.1f}"
+                        f"  quant {ok.get('quantize', nan):4.1f}  shipped {ok.get('triton shipped', nan):6.1f}"
+                        f"  triton {ok.get(fastest, nan):6.1f} us"
                         f" ({tbs:4.2f} TB/s) {fastest}")
             print(best[-1], flush=True)
             Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     print("\n".join(["best per shape (us; TB/s of FP8 weights)"] + best))
+    print("one config per m, by the sum over the shapes (us a layer):")
+    for m in args.ms:
+        at_m = [r for r in rows if r["m"] == m]
+        labels = set.intersection(*(set(r["us"]) for r in at_m))
+        sums = {lab: sum(r["us"][lab] for r in at_m) for lab in labels}
+        ranked = sorted((lab for lab in sums if lab.startswith("triton")), key=sums.get)[:3]
+        others = "  ".join(f"{lab} {sums[lab]:.1f}" for lab in ("bf16", "fp8 rowwise", "w8a16 shipped", "quantize",
+                                                                 "triton shipped") if lab in sums)
+        print(f"  m={m:<4} {others}  best: " + ", ".join(f"{lab} {sums[lab]:.1f}" for lab in ranked))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ def operands(m: int, k: int, n: int, seed: int = 0):
 
 
 def assert_close_to_reference(y: torch.Tensor, want: torch.Tensor) -> None:
-    # e4m3 products are exact in float32: only the summation order differs, and the bf16 rounding.
-    tol = 1e-5 if y.dtype == torch.float32 else 8e-3
+    # e4m3 products are exact in float32: only the summation order differs (and, on Hopper, the tensor
+    # cores' narrower sums between promotions: 3-6e-4 without them), and the bf16 rounding.
+    tol = 1e-4 if y.dtype == torch.float32 else 8e-3
     err = (y.float() - want.float()).abs() / want.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
     assert err.max().item() <= tol, f"largest error {err.max().item():.3g} of a row's largest value"
 
@@ -41,12 +42,12 @@ def test_w8a8_gemm_matches_the_dequantizing_reference_on_odd_sizes(m, k, n, swap
         assert_close_to_reference(y, fp8_matmul_ref(x_q, x_scale, w_q, w_scale, torch.float32))
 
 
-@pytest.mark.parametrize("m", [1, 20, 64, 130])
-def test_w8a8_gemm_at_its_shipped_launch_config_covers_every_token(m):
-    """The default tiles (BLOCK_M up to 64): a batch past one token tile still fills every row."""
-    x_q, x_scale, w_q, w_scale = operands(m, 256, 96, seed=m)
+@pytest.mark.parametrize("m, k", [(1, 256), (20, 256), (64, 256), (130, 256), (70, 8320)])
+def test_w8a8_gemm_at_its_shipped_launch_config_covers_every_token(m, k):
+    """The default tiles: a batch past one token tile still fills every row."""
+    x_q, x_scale, w_q, w_scale = operands(m, k, 96, seed=m)
     y = w8a8_matmul(x_q, x_scale, w_q, w_scale, torch.float32)
-    assert w8a8_launch_config(m)["BLOCK_M"] <= 64
+    assert w8a8_launch_config(m, 256)["BLOCK_M"] <= 128
     assert_close_to_reference(y, fp8_matmul_ref(x_q, x_scale, w_q, w_scale, torch.float32))
 
 
@@ -74,9 +75,9 @@ from tetriinfer.kernels import fp8_gemm
 
 for m, k, extra in json.loads(sys.argv[1]):
     n = 4096
-    cfg = {**fp8_gemm.w8a8_launch_config(m), **extra}
+    cfg = {**fp8_gemm.w8a8_launch_config(m, k), **extra}
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    constexprs = dict(cfg, EVEN_K=k % cfg["BLOCK_K"] == 0, UPCAST=False)
+    constexprs = dict(cfg, EVEN_K=k % cfg["BLOCK_K"] == 0, UPCAST=False, PROMOTE_K=min(128, cfg["BLOCK_K"]))
     pointers = {"xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "out_ptr": "*bf16"}
     kernel = fp8_gemm._w8a8_kernel
     signature = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in kernel.arg_names}
@@ -98,8 +99,8 @@ SM90_CONFIGS = [
     (32, 4096, {}),
     (64, 14336, {}),
     (48, 4000, {}),  # K not a multiple of BLOCK_K: masked loads
-    (128, 4096, {"SWAP": False, "BLOCK_M": 64}),
-    (256, 4096, {"SWAP": False, "BLOCK_M": 128, "num_warps": 8}),
+    (128, 4096, {}),
+    (256, 4096, {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}),
 ]
 
 
