@@ -43,8 +43,9 @@ LLAMA3_8B_SHAPES = (("qkv_proj", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up_
                     ("down_proj", 14336, 4096))
 MAX_KERNEL_ERROR = 2e-2  # relative to the reference's largest |value|: a few bf16 ulps
 # label: (quantization, kv_cache_dtype, quant.ACT_QUANT, W8A16 GEMV and GEMM on); the switches are set
-# before the engine is built, so its CUDA graphs capture that path. `fp8` is W8A8 throughout;
-# `fp8-w8a16` is what the engine runs by default (GEMV / W8A16 GEMM for small batches, W8A8 above).
+# before the engine is built, so its CUDA graphs capture that path. `fp8` is W8A8 throughout (cuBLAS);
+# `fp8-w8a16` is what the engine runs by default (GEMV / W8A16 GEMM for small batches, then the
+# Triton W8A8 GEMM up to quant.TRITON_W8A8_MAX_M tokens, cuBLAS W8A8 above).
 VARIANTS = {"bf16": (None, "auto", "triton", False), "fp8": ("fp8", "auto", "triton", False),
             "fp8-torchquant": ("fp8", "auto", "torch", False), "fp8-w8a16": ("fp8", "auto", "triton", True),
             "fp8+fp8kv": ("fp8", "fp8", "triton", False)}
@@ -261,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     decode, prefill, errors = [], [], {}
     for label in args.variants:
         quantization, kv, act_quant, w8a16 = VARIANTS[label]
-        saved = quant.ACT_QUANT, quant.W8A16_MAX_M, quant.GEMV_MAX_M
+        saved = quant.ACT_QUANT, quant.W8A16_MAX_M, quant.GEMV_MAX_M, quant.TRITON_W8A8_MAX_M
         quant.ACT_QUANT, quant.W8A16_MAX_M = act_quant, args.w8a16_max_m if w8a16 else 0
         quant.GEMV_MAX_M = args.gemv_max_m if w8a16 else 0
+        quant.TRITON_W8A8_MAX_M = saved[3] if w8a16 else 0
         try:
             rows, chunk = time_steps(args.device, quantization, kv, args.batch_sizes, args.context, bandwidth,
                                      args.chunk, label=label)
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # record why, keep the rest of the run
             errors[label] = f"{type(e).__name__}: {e}"
         finally:
-            quant.ACT_QUANT, quant.W8A16_MAX_M, quant.GEMV_MAX_M = saved
+            quant.ACT_QUANT, quant.W8A16_MAX_M, quant.GEMV_MAX_M, quant.TRITON_W8A8_MAX_M = saved
     labels = [lab for lab in args.variants if any(r["weights"] == lab for r in decode)]
     print(f"llama3-8b decode step, context {args.context} per sequence (ms, and x the roofline = bytes read / "
           f"copy bandwidth)")

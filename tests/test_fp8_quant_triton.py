@@ -170,7 +170,7 @@ def test_one_token_takes_the_gemv_a_few_the_w8a16_gemm_then_the_triton_w8a8_gemm
         y = fp8_linear(x, w_q, w_scale, None, use_kernel=True)
         reference = fp8_linear(x, w_q, w_scale, None, use_kernel=False)
         assert y.shape == (m, 16)
-        torch.testing.assert_close(y.float(), reference.float(), atol=0.05 * reference.abs().max().item(), rtol=0)
+        torch.testing.assert_close(y.float(), reference.float(), atol=0.1 * reference.abs().max().item(), rtol=0)
     assert taken == ["gemv", "w8a16", "w8a16", "triton w8a8", "triton w8a8", "w8a8"]
 
 
@@ -190,6 +190,7 @@ def test_fp8_linear_gpu_path_uses_the_fused_quantization_and_w8a16_below_its_bou
     monkeypatch.setattr(quant, "ACT_QUANT", "triton")
     monkeypatch.setattr(quant, "W8A16_MAX_M", 0)
     monkeypatch.setattr(quant, "GEMV_MAX_M", 0)
+    monkeypatch.setattr(quant, "TRITON_W8A8_MAX_M", 0)
     assert torch.equal(fp8_linear(x3, w_q, w_scale, bias, use_kernel=True), reference)
     calls = []
     monkeypatch.setattr(quant, "quantize_per_token", lambda t: calls.append(t) or quantize_per_token(t))
