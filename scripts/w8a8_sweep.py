@@ -38,7 +38,8 @@ def triton_configs(m: int, k: int) -> dict[str, dict]:
     """The shipped config, then the grid: swapped (tokens on the narrow side) up to 64-token tiles,
     plain from 64 tokens."""
     pow2 = max(16, 1 << (m - 1).bit_length())
-    grid = {"triton shipped": w8a8_launch_config(m, k)}
+    shipped = w8a8_launch_config(m, k)
+    grid = {"triton shipped": shipped, "triton shipped, no promotion": {**shipped, "PROMOTE": False}}
     for bm, bn, bk, ns in itertools.product((16, 32, 64), (32, 64, 128), (128, 256), (3, 4)):
         if bm <= pow2:
             grid[f"triton swap m{bm} n{bn} k{bk} w4 s{ns}"] = dict(SWAP=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -112,8 +113,9 @@ def main() -> None:
         labels = set.intersection(*(set(r["us"]) for r in at_m))
         sums = {lab: sum(r["us"][lab] for r in at_m) for lab in labels}
         ranked = sorted((lab for lab in sums if lab.startswith("triton")), key=sums.get)[:3]
-        others = "  ".join(f"{lab} {sums[lab]:.1f}" for lab in ("bf16", "fp8 rowwise", "w8a16 shipped", "quantize",
-                                                                 "triton shipped") if lab in sums)
+        others = "  ".join(f"{lab} {sums[lab]:.1f}" for lab in ("bf16", "fp8 rowwise", "fp8 tensorwise", "w8a16 shipped",
+                                                                 "quantize", "triton shipped",
+                                                                 "triton shipped, no promotion") if lab in sums)
         print(f"  m={m:<4} {others}  best: " + ", ".join(f"{lab} {sums[lab]:.1f}" for lab in ranked))
 
 

@@ -26,7 +26,7 @@ def operands(m: int, k: int, n: int, seed: int = 0):
 
 def assert_close_to_reference(y: torch.Tensor, want: torch.Tensor) -> None:
     # e4m3 products are exact in float32: only the summation order differs, and on Hopper the tensor
-    # cores' narrower sums (3-6e-4 on an H100; kernels.fp8_gemm), and the bf16 rounding.
+    # cores' narrower sums within a K tile (3-6e-4 on an H100; kernels.fp8_gemm), and the bf16 rounding.
     tol = 1.5e-3 if y.dtype == torch.float32 else 8e-3
     err = (y.float() - want.float()).abs() / want.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
     assert err.max().item() <= tol, f"largest error {err.max().item():.3g} of a row's largest value"
@@ -77,7 +77,7 @@ for m, k, extra in json.loads(sys.argv[1]):
     n = 4096
     cfg = {**fp8_gemm.w8a8_launch_config(m, k), **extra}
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    constexprs = dict(cfg, EVEN_K=k % cfg["BLOCK_K"] == 0, UPCAST=False, PROMOTE_K=0)
+    constexprs = dict(cfg, EVEN_K=k % cfg["BLOCK_K"] == 0, UPCAST=False, PROMOTE=True)
     pointers = {"xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "out_ptr": "*bf16"}
     kernel = fp8_gemm._w8a8_kernel
     signature = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in kernel.arg_names}

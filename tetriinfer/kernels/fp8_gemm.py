@@ -11,11 +11,11 @@ TB/s of a 3.0 TB/s H100 (docs/benchmarks/gpu.md, "Swap AB"), since its tiles spa
 `SWAP` computes the product transposed, (W_q x_q^T)^T: the output channels fill the tensor core's
 large M side (64 or 128) and the few tokens its N side, which Hopper allows down to 8.
 
-Hopper's FP8 tensor cores keep fewer bits than float32 while they accumulate: on an H100 the float32
-result is within 3-6e-4 of a row's largest value of the float32 reference, below a bfloat16 output's
-own rounding (2e-3 of the value). `PROMOTE_K` > 0 adds the running sum into a float32 accumulator
-every that many K elements (Triton's max_num_imprecise_acc); at 128 it made the layer ~15% slower
-without a smaller error, so the default (0) leaves Triton's own accumulation.
+Hopper's FP8 tensor cores keep fewer bits than float32 while they accumulate: on an H100, summed
+over K = 8,320 in the tensor cores, the float32 result was 5e-3 of a row's largest value off the
+float32 reference, as coarse as a bfloat16 output's own rounding. With `PROMOTE` (the default)
+each BLOCK_K tile's sum starts from zero and is added to a float32 accumulator, as cuBLAS promotes
+unless asked for fast accumulation; over one tile the error is 3-6e-4.
 
 Under TRITON_INTERPRET=1 the operands are widened to float32 before the dot (the interpreter has no
 FP8 product); e4m3 products are exact in float32, so only the summation order differs from the GPU.
@@ -37,7 +37,7 @@ FP8 = torch.float8_e4m3fn
 @triton.jit
 def _w8a8_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SWAP: tl.constexpr, UPCAST: tl.constexpr, PROMOTE_K: tl.constexpr):
+                 SWAP: tl.constexpr, UPCAST: tl.constexpr, PROMOTE: tl.constexpr):
     # Program (i, j): output channels [i * BLOCK_N, +BLOCK_N) for tokens [j * BLOCK_M, +BLOCK_M).
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -64,15 +64,15 @@ def _w8a8_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, str
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         if SWAP:
-            if PROMOTE_K:
-                acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=PROMOTE_K)
-            else:
-                acc = tl.dot(w, tl.trans(x), acc)
+            product = tl.trans(x)
+            first = w
         else:
-            if PROMOTE_K:
-                acc = tl.dot(x, tl.trans(w), acc, max_num_imprecise_acc=PROMOTE_K)
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+            product = tl.trans(w)
+            first = x
+        if PROMOTE:
+            acc += tl.dot(first, product)  # this tile's sum, added in float32
+        else:
+            acc = tl.dot(first, product, acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     x_scale = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
@@ -92,10 +92,8 @@ def w8a8_launch_config(m: int, k: int) -> dict:
     H100 (llama3-8b's projections; docs/benchmarks/gpu.md): up to 32 tokens the swapped product
     with the tokens in one tile; beyond, the plain one, except over a long K (down_proj), where
     the swapped one with 64-token tiles keeps more programs in flight."""
-    if m <= 16:
-        return dict(SWAP=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     if m <= 32 or k > 8192:
-        return dict(SWAP=True, BLOCK_M=min(64, max(32, 1 << (m - 1).bit_length())), BLOCK_N=64, BLOCK_K=256,
+        return dict(SWAP=True, BLOCK_M=min(64, max(16, 1 << (m - 1).bit_length())), BLOCK_N=64, BLOCK_K=256,
                     num_warps=4, num_stages=4)
     return dict(SWAP=False, BLOCK_M=64 if m <= 64 else 128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
 
@@ -120,7 +118,7 @@ def w8a8_matmul(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, out_
         return out.zero_()
     cfg = {**w8a8_launch_config(m, k), **config}
     cfg["EVEN_K"] = k % cfg["BLOCK_K"] == 0
-    cfg.setdefault("PROMOTE_K", 0)
+    cfg.setdefault("PROMOTE", True)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
     _w8a8_kernel[grid](x_q, x_scale, w_q, w_scale, out, m, n, k, x_q.stride(0), w_q.stride(0), out.stride(0),
                        UPCAST=INTERPRETED, **cfg)

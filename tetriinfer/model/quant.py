@@ -42,9 +42,9 @@ ACT_QUANT = os.environ.get("TETRIINFER_FP8_ACT_QUANT", "triton")
 GEMV_MAX_M = int(os.environ.get("TETRIINFER_FP8_GEMV_MAX_M", "1"))
 W8A16_MAX_M = int(os.environ.get("TETRIINFER_FP8_W8A16_MAX_M", "16"))
 # TRITON_W8A8_MAX_M: larger token counts up to this multiply the quantized activations in
-# kernels.fp8_gemm's Triton GEMM instead of torch._scaled_mm (0: never). On an H100 it is 11% faster
-# per decode step at batch 32, 1% at 64, and slower from 128 (scripts/w8a8_sweep.py; gpu.md).
-TRITON_W8A8_MAX_M = int(os.environ.get("TETRIINFER_FP8_TRITON_W8A8_MAX_M", "64"))
+# kernels.fp8_gemm's Triton GEMM instead of torch._scaled_mm (0: never): on an H100 its layers are
+# 12-30% faster than _scaled_mm's from 16 to 128 tokens (scripts/w8a8_sweep.py; gpu.md).
+TRITON_W8A8_MAX_M = int(os.environ.get("TETRIINFER_FP8_TRITON_W8A8_MAX_M", "128"))
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
