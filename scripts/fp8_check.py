@@ -44,8 +44,8 @@ LLAMA3_8B_SHAPES = (("qkv_proj", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up_
 MAX_KERNEL_ERROR = 2e-2  # relative to the reference's largest |value|: a few bf16 ulps
 # label: (quantization, kv_cache_dtype, quant.ACT_QUANT, W8A16 GEMV and GEMM on); the switches are set
 # before the engine is built, so its CUDA graphs capture that path. `fp8` is W8A8 throughout (cuBLAS);
-# `fp8-w8a16` is what the engine runs by default (GEMV / W8A16 GEMM for small batches, then the
-# Triton W8A8 GEMM up to quant.TRITON_W8A8_MAX_M tokens, cuBLAS W8A8 above).
+# `fp8-w8a16`: the GEMV and the W8A16 GEMM up to --w8a16-max-m tokens, then the engine's own switches
+# (the Triton W8A8 GEMM up to quant.TRITON_W8A8_MAX_M tokens, cuBLAS W8A8 above).
 VARIANTS = {"bf16": (None, "auto", "triton", False), "fp8": ("fp8", "auto", "triton", False),
             "fp8-torchquant": ("fp8", "auto", "torch", False), "fp8-w8a16": ("fp8", "auto", "triton", True),
             "fp8+fp8kv": ("fp8", "fp8", "triton", False)}

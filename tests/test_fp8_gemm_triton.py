@@ -9,7 +9,7 @@ import torch
 
 from sm90_utils import run_sm90_builds, spill_stores
 from tetriinfer.kernels.fp8_gemm import w8a8_launch_config, w8a8_matmul
-from tetriinfer.model.quant import FP8, fp8_matmul_ref, quantize_per_token, quantize_weight
+from tetriinfer.model.quant import fp8_matmul_ref, quantize_per_token, quantize_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -9,8 +9,6 @@ On the CPU the kernels run under TRITON_INTERPRET=1 (conftest.py): there the e4m
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -204,14 +202,17 @@ def test_fp8_linear_gpu_path_uses_the_fused_quantization_and_w8a16_below_its_bou
 
 @pytest.mark.gpu
 def test_fp8_linear_kernels_capture_in_a_cuda_graph():
-    """No host synchronisation: quantize + _scaled_mm and W8A16 replay from a graph with new inputs."""
+    """No host synchronisation: quantize + _scaled_mm, quantize + the Triton W8A8 GEMM and W8A16
+    replay from a graph with new inputs."""
     x, w_q, w_scale = w8a16_operands(8, 256, 512, torch.bfloat16)
     outs = {}
+    paths = {"scaled_mm": (0, 0), "triton w8a8": (0, 8), "w8a16": (8, 0)}  # (W8A16_MAX_M, TRITON_W8A8_MAX_M)
+    saved = quant.W8A16_MAX_M, quant.TRITON_W8A8_MAX_M
 
     def step():
-        for bound in (0, 16):
-            quant.W8A16_MAX_M = bound
-            outs[bound] = fp8_linear(x, w_q, w_scale, None)
+        for path, (w8a16_bound, triton_bound) in paths.items():
+            quant.W8A16_MAX_M, quant.TRITON_W8A8_MAX_M = w8a16_bound, triton_bound
+            outs[path] = fp8_linear(x, w_q, w_scale, None)
 
     try:
         step()  # compile outside the capture
@@ -222,10 +223,11 @@ def test_fp8_linear_kernels_capture_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
     finally:
-        quant.W8A16_MAX_M = int(os.environ.get("TETRIINFER_FP8_W8A16_MAX_M", "16"))
+        quant.W8A16_MAX_M, quant.TRITON_W8A8_MAX_M = saved
     expected = fp8_linear(x, w_q, w_scale, None, use_kernel=False).float()
-    assert ((outs[0].float() - expected).abs().max() / expected.abs().max()) < 2e-2
-    assert_w8a16_close(outs[16], w8a16_matmul_ref(x, w_q, w_scale))
+    for path in ("scaled_mm", "triton w8a8"):
+        assert ((outs[path].float() - expected).abs().max() / expected.abs().max()) < 2e-2, path
+    assert_w8a16_close(outs["w8a16"], w8a16_matmul_ref(x, w_q, w_scale))
 
 
 # ---------------------------------------------------------------- sm_90 builds

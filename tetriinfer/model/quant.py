@@ -7,9 +7,9 @@ On Hopper (and Ada) the product runs in `torch._scaled_mm`, which applies both s
 epilogue, with the activations quantized by one Triton kernel (kernels.fp8_quant; `ACT_QUANT`);
 elsewhere a reference path dequantizes to float32 and multiplies, so CPU tests run the same numbers
 (up to float32 accumulation order); batches of at most `TRITON_W8A8_MAX_M` tokens multiply in a Triton
-FP8 GEMM instead (kernels.fp8_gemm). Batches of at most `W8A16_MAX_M` tokens skip activation
-quantization: a Triton GEMM upcasts the FP8 weights to bf16 tile by tile (W8A16), and at most
-`GEMV_MAX_M` tokens a Triton GEMV without tensor cores does (decode at batch 1).
+FP8 GEMM instead (kernels.fp8_gemm). Batches of at most `GEMV_MAX_M` tokens (decode at batch 1)
+skip activation quantization: a Triton GEMV without tensor cores upcasts the FP8 weights; so
+does a Triton W8A16 GEMM, tile by tile, for batches of at most `W8A16_MAX_M` (off by default).
 
 Weights come either from a higher-precision checkpoint (or random weights), quantized at load
 (`quantize_model_`, as vLLM's `--quantization fp8`), or from a checkpoint already in FP8 in the
@@ -36,14 +36,14 @@ MIN_SCALE = 1e-12  # an all-zero row or token still gets a finite scale
 # ACT_QUANT: "triton" (one fused kernel) or "torch" (quantize_per_token, ~7 launches per linear).
 ACT_QUANT = os.environ.get("TETRIINFER_FP8_ACT_QUANT", "triton")
 # GEMV_MAX_M: token counts up to this (<= kernels.fp8_quant.GEMV_MAX_ROWS) run the W8A16 GEMV;
-# W8A16_MAX_M: token counts up to this run the W8A16 tensor-core GEMM instead of quantize + _scaled_mm;
-# 0 turns either off. At 1 and 16 tokens both beat cuBLAS's FP8 GEMM on every llama3-8b projection
-# on an H100 (scripts/w8a16_sweep.py: 87 and 104 us a layer against 130 and 126; gpu.md).
+# W8A16_MAX_M: token counts up to this run the W8A16 tensor-core GEMM (off by default);
+# TRITON_W8A8_MAX_M: token counts up to this quantize the activations and multiply in
+# kernels.fp8_gemm's Triton GEMM; above it, torch._scaled_mm. 0 turns any of them off. On an H100
+# (gpu.md): the GEMV streams one token's projections at 87 us a layer against cuBLAS FP8's 130;
+# from 2 to 16 tokens the Triton W8A8 GEMM makes a decode step 4-9% faster than the W8A16 GEMM
+# did, and from 17 to 128 its layers are 12-30% faster than _scaled_mm's (scripts/w8a8_sweep.py).
 GEMV_MAX_M = int(os.environ.get("TETRIINFER_FP8_GEMV_MAX_M", "1"))
-W8A16_MAX_M = int(os.environ.get("TETRIINFER_FP8_W8A16_MAX_M", "16"))
-# TRITON_W8A8_MAX_M: larger token counts up to this multiply the quantized activations in
-# kernels.fp8_gemm's Triton GEMM instead of torch._scaled_mm (0: never): on an H100 its layers are
-# 12-30% faster than _scaled_mm's from 16 to 128 tokens (scripts/w8a8_sweep.py; gpu.md).
+W8A16_MAX_M = int(os.environ.get("TETRIINFER_FP8_W8A16_MAX_M", "0"))
 TRITON_W8A8_MAX_M = int(os.environ.get("TETRIINFER_FP8_TRITON_W8A8_MAX_M", "128"))
 
 
