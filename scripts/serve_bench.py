@@ -14,7 +14,9 @@ t=0; a number: Poisson at that many requests/s). With --profile, each run is als
 the same requests, the same `sched` policies and the system's own settings, priced by that profile.
 
 Instances that `serve` puts on one GPU (an explicit `--device cuda:0`) are simulated time-sliced
-on it (`ClusterConfig.instances_per_gpu`; `--sim-instances-per-gpu` overrides). `--resim OLD.json
+on it (`ClusterConfig.instances_per_gpu`; `--sim-instances-per-gpu` overrides), or, where `serve` ran
+them under MPS (`--mps-sm-shares P,D`), side by side on those SM shares (`ClusterConfig.gpu_sharing`;
+`--sim-gpu-sharing` overrides). `--resim OLD.json
 --out DIR` simulates a saved result's runs again with today's simulator, without serving: the same
 requests (rebuilt from OLD.json's args) and each system's flags; the previous `sim` is kept as
 `sim_before_resim`.
@@ -51,8 +53,7 @@ def serve_config(flags: list[str]):
 
 def instances_per_gpu(cfg) -> int:
     """Instances the launcher puts on one GPU: all of them on an explicit `cuda:k`, one each on
-    `cuda` (it only ever does one or the other, so the largest count is the exact one). MPS runs them
-    concurrently instead, which the simulator does not model: time-slicing is the pessimistic side."""
+    `cuda` (it only ever does one or the other, so the largest count is the exact one)."""
     from collections import Counter
 
     from tetriinfer.cluster.plan import instance_devices
@@ -62,14 +63,17 @@ def instances_per_gpu(cfg) -> int:
     return max(Counter(devices).values(), default=1)
 
 
-def sim_config(cfg, seed: int = 0, gpu_sharing: int | None = None):
-    """The simulated twin of ServeConfig `cfg`; `gpu_sharing` overrides its instances per GPU."""
+def sim_config(cfg, seed: int = 0, gpu_sharing: int | None = None, sharing_mode: str | None = None):
+    """The simulated twin of ServeConfig `cfg`; `gpu_sharing` overrides its instances per GPU and
+    `sharing_mode` how they share it (default: MPS on its SM shares if `serve` ran MPS, else time-slice)."""
     from tetriinfer.config import ClusterConfig, SimConfig
 
     colocated = cfg.mode == "colocated"
+    mps = {"mps_sm_shares": tuple(cfg.mps_sm_shares)} if cfg.mps_sm_shares else {}
     cluster = ClusterConfig(system=cfg.baseline if colocated else "tetriinfer", shape=cfg.shape, model=cfg.engine.model,
                             tp=cfg.engine.tensor_parallel_size, block_size=cfg.engine.cache.block_size,
-                            instances_per_gpu=instances_per_gpu(cfg) if gpu_sharing is None else gpu_sharing)
+                            instances_per_gpu=instances_per_gpu(cfg) if gpu_sharing is None else gpu_sharing,
+                            gpu_sharing=sharing_mode or ("mps" if mps else "time-slice"), **mps)
     return SimConfig(cluster, cfg.policy, cfg.flip, seed=seed, scheduler=cfg.engine.scheduler,
                      prefix_cache_fraction=1.0 if cfg.engine.cache.enable_prefix_caching else 0.0)
 
@@ -98,7 +102,8 @@ def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], a
             if load.records:
                 run["summary"] = dataclasses.asdict(load.summary(instances))
             if args.profile:
-                run["sim"] = dataclasses.asdict(_simulate(cfg, specs, args.profile, args.sim_instances_per_gpu))
+                run["sim"] = dataclasses.asdict(_simulate(cfg, specs, args.profile, args.sim_instances_per_gpu,
+                                                          args.sim_gpu_sharing))
             result["runs"][f"{workload}/{arrival}"] = run
             save(result)  # a run cut short by a time limit keeps what it measured
             print(f"{name} {workload}/{arrival}: {len(load.records)} done, {len(load.failures)} failed", flush=True)
@@ -107,11 +112,11 @@ def run_system(name: str, flags: list[str], runs: list[tuple[str, str, list]], a
     return result
 
 
-def _simulate(cfg, specs, profile: str, gpu_sharing: int | None = None) -> Summary:
+def _simulate(cfg, specs, profile: str, gpu_sharing: int | None = None, sharing_mode: str | None = None) -> Summary:
     from tetriinfer.sim.cluster import simulate
     from tetriinfer.sim.cost import TableCostModel
 
-    config = sim_config(cfg, gpu_sharing=gpu_sharing)
+    config = sim_config(cfg, gpu_sharing=gpu_sharing, sharing_mode=sharing_mode)
     return simulate(specs, config, TableCostModel.from_file(profile)).summary()
 
 
@@ -129,7 +134,7 @@ def build_runs(args) -> list[tuple[str, str, list]]:
     return runs
 
 
-def resim(path: str, profile: str | None, gpu_sharing: int | None) -> dict:
+def resim(path: str, profile: str | None, gpu_sharing: int | None, sharing_mode: str | None = None) -> dict:
     """A saved result with every run simulated again (today's simulator, same requests and flags)."""
     results = json.loads(Path(path).read_text())
     saved = argparse.Namespace(**results["args"])
@@ -144,7 +149,7 @@ def resim(path: str, profile: str | None, gpu_sharing: int | None) -> dict:
         for key, run in system.get("runs", {}).items():
             if "sim" in run:
                 run["sim_before_resim"] = run["sim"]
-            run["sim"] = dataclasses.asdict(_simulate(cfg, runs[key], profile, gpu_sharing))
+            run["sim"] = dataclasses.asdict(_simulate(cfg, runs[key], profile, gpu_sharing, sharing_mode))
             print(f"{name} {key}: simulated again", flush=True)
     results["resim"] = {"of": path, "profile": profile, "commit": os.environ.get("TETRIINFER_COMMIT", "unknown")}
     return results
@@ -210,7 +215,10 @@ def main() -> None:
                    help="unrecorded `mixed` requests sent to each server before its measured runs")
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--sim-instances-per-gpu", type=int, default=None,
-                   help="simulate this many instances time-sliced on one GPU (default: as serve places them)")
+                   help="simulate this many instances on one GPU (default: as serve places them)")
+    p.add_argument("--sim-gpu-sharing", default=None, choices=("time-slice", "mps"),
+                   help="how instances on one GPU share it in simulation (default: mps where serve ran "
+                        "--mps-sm-shares, on those shares; else time-slice)")
     p.add_argument("--resim", default=None, metavar="JSON",
                    help="serve nothing: simulate a saved serve-bench.json's runs again (its requests and flags; "
                         "--profile overrides its profile) and write the result to --out")
@@ -218,7 +226,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.resim:
-        results = resim(args.resim, args.profile, args.sim_instances_per_gpu)
+        results = resim(args.resim, args.profile, args.sim_instances_per_gpu, args.sim_gpu_sharing)
         (out / "serve-bench.json").write_text(json.dumps(results, indent=1))
         text = report(results)
         (out / "serve-bench.md").write_text(text)

@@ -12,6 +12,7 @@ import argparse
 from tetriinfer.bench.trace_files import TRACE_FORMATS
 from tetriinfer.bench.workload import ALL_WORKLOADS
 from tetriinfer.config import SYSTEMS, ClusterConfig, ClusterShape, EngineSchedulerConfig, FlipConfig, PolicyConfig, SimConfig
+from tetriinfer.config.cluster import GPU_SHARING
 from tetriinfer.sched.admission import ADMISSION_POLICIES
 from tetriinfer.sched.dispatcher import DISPATCH_POLICIES
 from tetriinfer.sched.prefill_queue import PREFILL_POLICIES
@@ -44,8 +45,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--instances", type=int, default=None,
                    help="colocated baseline instances (default: prefill + decode instances, equal GPUs)")
     p.add_argument("--instances-per-gpu", type=int, default=_CLUSTER.instances_per_gpu,
-                   help="instances sharing one GPU, time-sliced: one forward step at a time, in turn (instance i "
-                        "on GPU i // N; prefill ids come first), as `serve --device cuda:0` runs them")
+                   help="instances sharing one GPU (instance i on GPU i // N; prefill ids come first), as `serve "
+                        "--device cuda:0` runs them: time-sliced, one forward step at a time, or see --gpu-sharing")
+    p.add_argument("--gpu-sharing", default=_CLUSTER.gpu_sharing, choices=GPU_SHARING,
+                   help="how instances on one GPU share it: time-slice (one step at a time) or mps (side by side "
+                        "on SM shares, each step slowed by its share and its neighbours' work; sim/gpu.py)")
+    p.add_argument("--mps-sm-shares", default=",".join(map(str, _CLUSTER.mps_sm_shares)), metavar="P,D",
+                   help="with --gpu-sharing mps: percent of the SMs for prefill and for decode instances, as "
+                        "`serve --mps-sm-shares` (by the role an instance starts in; colocated instances get all)")
     p.add_argument("--chunk-size", type=int, default=_STEP.chunk_size)
     p.add_argument("--policy", dest="disagg_policy", default=_POLICY.disagg_policy, choices=DISAGG_POLICIES,
                    help="tetriinfer: adaptive (a decode instance prefills a request itself, a prefill instance "
@@ -103,6 +110,14 @@ def build_cost(args: argparse.Namespace):
     return RooflineCostModel.from_names(args.gpu, args.model, args.tp, **link)
 
 
+def _sm_shares(text: str) -> tuple[int, int]:
+    try:
+        prefill, decode = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mps-sm-shares takes two percentages 'PREFILL,DECODE' such as 40,60; got {text!r}") from None
+    return prefill, decode
+
+
 def build_config(args: argparse.Namespace, system: str):
     from tetriinfer.config import SLOConfig
 
@@ -110,6 +125,7 @@ def build_config(args: argparse.Namespace, system: str):
         system=system, shape=ClusterShape(args.prefill_instances, args.decode_instances,
                                           args.instances or args.prefill_instances + args.decode_instances),
         gpu=args.gpu, model=args.model, tp=args.tp, instances_per_gpu=args.instances_per_gpu,
+        gpu_sharing=args.gpu_sharing, mps_sm_shares=_sm_shares(args.mps_sm_shares),
     )
     policy = PolicyConfig(
         disagg_policy=args.disagg_policy, interference_weight=args.interference_weight,

@@ -9,6 +9,7 @@ from tetriinfer.config.engine import EngineSchedulerConfig
 # Each policy's valid names live beside the policy in `sched` (plain constants, no torch).
 from tetriinfer.sched.admission import ADMISSION_POLICIES
 from tetriinfer.sched.dispatcher import DISPATCH_POLICIES
+from tetriinfer.sched.monitor import DECODE, PREFILL
 from tetriinfer.sched.prefill_queue import PREFILL_POLICIES
 from tetriinfer.sched.router import DISAGG_POLICIES
 
@@ -19,6 +20,7 @@ from tetriinfer.sched.router import DISAGG_POLICIES
 # disaggregated baseline (prefill and decode instances, but FCFS, no length prediction,
 # least-loaded dispatch, greedy admission). `disagg` here is not `ServeConfig.mode="disagg"`.
 SYSTEMS = ("tetriinfer", "vllm", "sarathi", "disagg")
+GPU_SHARING = ("time-slice", "mps")  # how instances on one GPU share it (sim/gpu.py)
 
 
 @dataclass
@@ -134,7 +136,8 @@ class ClusterShape:
 class ClusterConfig:
     """The simulated cluster: its system, its `shape`, and the hardware each instance is priced
     on. Instance `i` runs on GPU `i // instances_per_gpu`: instances sharing a GPU are
-    time-sliced, one forward step at a time."""
+    time-sliced, one forward step at a time, or under `gpu_sharing="mps"` step side by side on
+    SM shares."""
 
     system: str = "tetriinfer"
     shape: ClusterShape = field(default_factory=ClusterShape)
@@ -143,8 +146,12 @@ class ClusterConfig:
     tp: int = 1  # every instance's EngineConfig.tensor_parallel_size, as the simulator prices it
     block_size: int = 16
     # Instances per GPU (its TP group), time-sliced by the driver as `serve --device cuda:0` runs
-    # them; 1: each instance owns its GPU. MPS's concurrent sharing is not modelled.
+    # them; 1: each instance owns its GPU.
     instances_per_gpu: int = 1
+    # "mps": they run at once, as under `serve --mps-sm-shares P,D`, prefill instances on P% of the
+    # SMs and decode instances on D% (by the role they start in); colocated instances on all.
+    gpu_sharing: str = "time-slice"
+    mps_sm_shares: tuple[int, int] = (40, 60)
 
     def __post_init__(self) -> None:
         check_choice("system", self.system, SYSTEMS)
@@ -152,6 +159,9 @@ class ClusterConfig:
         for name in ("block_size", "instances_per_gpu"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_choice("gpu_sharing", self.gpu_sharing, GPU_SHARING)
+        if len(self.mps_sm_shares) != 2 or not all(1 <= x <= 100 for x in self.mps_sm_shares):
+            raise ValueError(f"mps_sm_shares must be two percentages in 1..100, got {self.mps_sm_shares}")
 
     @property
     def colocated(self) -> bool:
@@ -160,6 +170,10 @@ class ClusterConfig:
     @property
     def total_instances(self) -> int:
         return self.shape.total(self.colocated)
+
+    def mps_share(self, role: str) -> float:
+        """The fraction of its GPU's SMs an instance starting in `role` gets under MPS."""
+        return {PREFILL: self.mps_sm_shares[0] / 100, DECODE: self.mps_sm_shares[1] / 100}.get(role, 1.0)
 
 
 @dataclass

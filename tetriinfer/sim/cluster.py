@@ -82,7 +82,9 @@ class ClusterSim:
                 self.instances[i] = self._new_prefill(i)
             for i in range(cluster.shape.num_prefill, cluster.total_instances):
                 self.instances[i] = self._new_decode(i)
-        self.gpu_of = gpus_by_instance(cluster.total_instances, cluster.instances_per_gpu)  # its GPU; they step in turn
+        # Its GPU: they step in turn (time-slice) or side by side on SM shares set by their first role (MPS).
+        shares = [cluster.mps_share(inst.role) for inst in self.instances.values()]
+        self.gpu_of = gpus_by_instance(cluster.total_instances, cluster.instances_per_gpu, cluster.gpu_sharing, shares, cost)
         self.monitor = ClusterMonitor(policy.monitor_interval_s)
         self.global_scheduler = GlobalScheduler(self._prefill_ids(), guess)
         self.router = None  # adaptive disaggregation: the router places each new request
@@ -208,8 +210,8 @@ class ClusterSim:
                 self._push(now + self.config.flip.flip_s, _FLIP, inst.instance_id)
             return
         inst.busy = True
-        gpu.holder = inst.instance_id
-        self._push(now + duration, _STEP, inst.instance_id)
+        for end_s, i in gpu.start(inst.instance_id, now, duration, *inst.step_decode):
+            self._push(end_s, _STEP, i)
 
     def _transfer_time(self, kv_tokens: int) -> float:
         return self.cost.transfer_time(kv_tokens * self._kv_bytes)
@@ -244,6 +246,11 @@ class ClusterSim:
         self._kick(inst, now)
 
     def _on_step(self, now: float, instance_id: int) -> None:
+        moved = self.gpu_of[instance_id].end(instance_id, now)
+        if moved is None:
+            return  # MPS: a neighbour's step start or end moved this step's end
+        for end_s, i in moved:
+            self._push(end_s, _STEP, i)
         inst = self.instances[instance_id]
         inst.busy = False
         self._last_work[instance_id] = now

@@ -87,6 +87,7 @@ class BatchInstance:
                 self.prefill_blocks += blocks_for(piece.start, self.block_size)
         batch = self.batch
         decode_seqs, decode_context = (batch.num_running, batch.total_context) if plan.decode else (0, 0)
+        self.step_decode = (decode_seqs, decode_context)  # the MPS model's memory-bound part (sim/gpu.py)
         prefill_tokens = chunk.size + self._take_recompute_tokens()
         return self.cost.step_time(prefill_tokens, sum(p.start for p in chunk.pieces), decode_seqs, decode_context)
 
