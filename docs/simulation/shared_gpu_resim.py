@@ -1,5 +1,6 @@
 """Simulate saved one-GPU serve-bench runs again, without and with time-slicing of the instances that
-share the GPU: the table of docs/simulation.md's "Instances sharing a GPU".
+share the GPU, and runs served under MPS also with the MPS model (sim/gpu.py): the tables of
+docs/simulation.md's "Instances sharing a GPU".
 
     PYTHONPATH=. python docs/simulation/shared_gpu_resim.py RESULT.json... \
         --profile docs/benchmarks/profile-h100-llama3-8b.json --out docs/benchmarks/sim-shared-gpu-resim.json
@@ -51,24 +52,28 @@ def resim_file(path: str, fallback_profile: str | None, extra_flags: list[str]) 
                           for f in ("prompt_tokens", "output_tokens")}
             real = run["summary"]
             unshared = serve_bench._simulate(cfg, runs[key], profile, gpu_sharing=1)
-            shared = serve_bench._simulate(cfg, runs[key], profile)
+            shared = serve_bench._simulate(cfg, runs[key], profile, sharing_mode="time-slice")
+            sims = [("unshared", unshared), ("shared", shared)]
+            if cfg.mps_sm_shares is not None and sharing > 1:  # served under MPS: also its model
+                sims.append(("mps", serve_bench._simulate(cfg, runs[key], profile, sharing_mode="mps")))
             row = {"result": path, "commit": saved.get("commit"), "device": saved.get("device"), "system": name,
                    "run": key, "flags": " ".join(flags), "mps": cfg.mps_sm_shares is not None,
                    "instances": cfg.total_instances, "instances_per_gpu": sharing, "profile": profile,
                    "requests": len(run["records"]), "mismatched_lengths": mismatched}
-            for metric in ("jct", "ttft"):
+            for metric in ("jct", "ttft", "tpot"):
                 r = real[metric]["mean"]
                 row[metric] = {"real_ms": round(r * 1e3, 1)}
                 if "sim" in run:  # what the simulator of that commit said
                     old = run["sim"][metric]["mean"]
                     row[metric]["recorded_sim_ms"] = round(old * 1e3, 1)
                     row[metric]["recorded_sim_err_pct"] = _err(old, r)
-                for label, summary in (("unshared", unshared), ("shared", shared)):
+                for label, summary in sims:
                     value = getattr(summary, metric).mean
                     row[metric][f"{label}_ms"], row[metric][f"{label}_err_pct"] = round(value * 1e3, 1), _err(value, r)
             rows.append(row)
+            mps = f", mps {row['jct']['mps_err_pct']:+.0f}%" if "mps_ms" in row["jct"] else ""
             print(f"{row['result']} {name} {key} x{sharing}: JCT real {row['jct']['real_ms']:.0f} ms, "
-                  f"unshared {row['jct']['unshared_err_pct']:+.0f}%, shared {row['jct']['shared_err_pct']:+.0f}%",
+                  f"unshared {row['jct']['unshared_err_pct']:+.0f}%, shared {row['jct']['shared_err_pct']:+.0f}%{mps}",
                   flush=True)
     return rows
 
@@ -84,7 +89,8 @@ def main() -> None:
     extra = {path: shlex.split(flags) for path, _, flags in (item.partition("=") for item in args.extra_flags)}
     rows = [row for path in args.results for row in resim_file(path, args.profile, extra.get(path, []))]
     note = ("real: the served run's means; recorded_sim: the simulator of that run's commit; unshared / shared: "
-            "this simulator with every instance on its own GPU / time-sliced as serve placed them; err: vs real")
+            "this simulator with every instance on its own GPU / time-sliced as serve placed them; mps: runs served "
+            "with --mps-sm-shares, side by side on those shares (sim/gpu.py's MPS model); err: vs real")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     Path(args.out).write_text(json.dumps({"command": command, "note": note, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
