@@ -45,6 +45,7 @@ class BatchInstance:
         self.draining = False
         self.num_preemptions = 0
         self.released: list[SimRequest] = []  # left the batch unfinished (`start_decoding`'s release_after)
+        self.step_decode = (0, 0)  # the planned step's decodes and their context: the MPS model's memory-bound part
         self._plan: PromptPlan | None = None
 
     @property
@@ -87,7 +88,7 @@ class BatchInstance:
                 self.prefill_blocks += blocks_for(piece.start, self.block_size)
         batch = self.batch
         decode_seqs, decode_context = (batch.num_running, batch.total_context) if plan.decode else (0, 0)
-        self.step_decode = (decode_seqs, decode_context)  # the MPS model's memory-bound part (sim/gpu.py)
+        self.step_decode = (decode_seqs, decode_context)
         prefill_tokens = chunk.size + self._take_recompute_tokens()
         return self.cost.step_time(prefill_tokens, sum(p.start for p in chunk.pieces), decode_seqs, decode_context)
 
