@@ -164,3 +164,34 @@ def test_dtype_auto_is_float32_on_a_cpu_and_the_checkpoints_16_bit_type_on_a_gpu
         (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": declared}))
         assert EngineConfig(model=str(tmp_path), dtype="auto", device="cuda:1").dtype == expected
         assert EngineConfig(model=str(tmp_path), dtype="auto", device="cpu").dtype == "float32"
+
+
+@pytest.mark.parametrize("flags, gpus, mode", [
+    ([], 1, "colocated"),  # one GPU, nothing asked: the colocated instance
+    ([], 2, "disagg"),  # a GPU per instance: the split
+    ([], 0, "disagg"),  # no GPU: refused later, as before, by the launcher
+    (["--mode", "disagg"], 1, "disagg"),  # asked for: kept
+    (["--prefill-instances", "1"], 1, "disagg"),
+    (["--mps-sm-shares", "40,60"], 1, "disagg"),
+])
+def test_one_visible_gpu_serves_one_colocated_instance_unless_a_split_is_asked_for(monkeypatch, capsys, flags, gpus,
+                                                                                     mode):
+    import argparse
+
+    import torch
+
+    from tetriinfer.cluster.plan import instance_roles
+    from tetriinfer.entrypoints.serve import ONE_GPU_NOTE, add_parser, serve_config
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    cfg = serve_config(parser.parse_args(["serve", "tiny", "--device", "cuda", *flags]))
+    assert cfg.mode == mode
+    assert (ONE_GPU_NOTE in capsys.readouterr().out) == (mode == "colocated")
+    if mode == "colocated":
+        assert instance_roles(cfg) == ["colocated"] and cfg.baseline == "sarathi"
+    else:
+        assert len(instance_roles(cfg)) == 2
+    on_cpu = serve_config(parser.parse_args(["serve", "tiny", *flags]))  # the CPU default keeps the split
+    assert on_cpu.mode == "disagg"

@@ -39,10 +39,14 @@ def add_parser(subparsers) -> None:
                    help="the model, as `vllm serve MODEL` takes it (the same as --model)")
     add_engine_arguments(p)
     g = p.add_argument_group("cluster")
-    g.add_argument("--mode", default=serve.mode, choices=SERVE_MODES,
-                   help="disagg: prefill and decode instances (TetriInfer); colocated: the baselines")
-    g.add_argument("--prefill-instances", type=int, default=serve.shape.num_prefill, help="disagg mode: prefill instances")
-    g.add_argument("--decode-instances", type=int, default=serve.shape.num_decode, help="disagg mode: decode instances")
+    g.add_argument("--mode", default=None, choices=SERVE_MODES,
+                   help="disagg: prefill and decode instances (TetriInfer); colocated: the baselines. Default: "
+                        f"{serve.mode}, except with --device cuda on a machine with one GPU and no disagg shape "
+                        "given: one colocated sarathi instance (two instances sharing a GPU measured slower)")
+    g.add_argument("--prefill-instances", type=int, default=None,
+                   help=f"disagg mode: prefill instances (default {serve.shape.num_prefill})")
+    g.add_argument("--decode-instances", type=int, default=None,
+                   help=f"disagg mode: decode instances (default {serve.shape.num_decode})")
     g.add_argument("--instances", type=int, default=serve.shape.num_instances, help="colocated mode: instances")
     g.add_argument("--baseline", default=serve.baseline, choices=COLOCATED_BASELINES,
                    help="colocated mode: vllm (prefill first, whole prompts) or sarathi (chunked, mixed steps)")
@@ -160,8 +164,15 @@ def serve_config(args: argparse.Namespace):
     flip = FlipConfig(enabled=args.flip, idle_s=args.flip_idle, cooldown_s=args.flip_cooldown)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:  # refused before any process starts
         raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})")
+    default = ServeConfig()
+    mode = args.mode or default.mode
+    if args.mode is None and _one_gpu_serves_colocated(args, engine):
+        mode = "colocated"
+        print(ONE_GPU_NOTE, flush=True)
     return ServeConfig(
-        mode=args.mode, shape=ClusterShape(args.prefill_instances, args.decode_instances, args.instances),
+        mode=mode, shape=ClusterShape(
+            default.shape.num_prefill if args.prefill_instances is None else args.prefill_instances,
+            default.shape.num_decode if args.decode_instances is None else args.decode_instances, args.instances),
         baseline=args.baseline, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("TETRIINFER_API_KEY"),
         served_model_name=args.served_model_name, enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
@@ -176,6 +187,26 @@ def serve_config(args: argparse.Namespace):
         max_waiting_requests=args.max_waiting_requests, shutdown_timeout_s=args.shutdown_timeout,
         request_idle_timeout_s=args.request_idle_timeout, decode_tensor_parallel_size=args.decode_tensor_parallel_size,
     )
+
+
+ONE_GPU_NOTE = (
+    "One GPU is visible: serving one colocated instance (sarathi: prompt chunks beside decodes). On one "
+    "GPU a prefill and a decode instance only share its SMs and memory; measured on an H200, 1 prefill + 1 "
+    "decode instance had a 14-59% higher mean JCT than one instance (docs/adaptive.md). --mode disagg "
+    "--device cuda:0 [--mps-sm-shares 40,60] runs the split there anyway.")
+
+
+def _one_gpu_serves_colocated(args: argparse.Namespace, engine) -> bool:
+    """The default cluster needs a GPU per instance (`--device cuda`); where one GPU is visible and no
+    disaggregated shape was asked for, the adaptive answer is the colocated instance."""
+    if engine.device != "cuda" or args.launcher != "local" or engine.tensor_parallel_size != 1:
+        return False
+    if args.prefill_instances is not None or args.decode_instances is not None or args.mps_sm_shares \
+            or args.decode_tensor_parallel_size is not None:
+        return False
+    import torch
+
+    return torch.cuda.device_count() == 1
 
 
 def _sampling_defaults(cfg) -> dict:
