@@ -1,4 +1,4 @@
-"""A Triton W8A8 GEMM for the token counts of decode batches (tens to a few hundred tokens).
+"""A Triton W8A8 GEMM for the token counts of decode batches (the engine uses it from 2 to 128 tokens).
 
     y[m, n] = (sum_k x_q[m, k] w_q[n, k]) * s_x[m] * s_w[n]
 
@@ -44,7 +44,7 @@ def _w8a8_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, str
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # Rows past the edge re-read row 0 (wrapped, not masked: unmasked loads pipeline through shared
+    # Rows past the edge re-read the first ones (wrapped, not masked: unmasked loads pipeline through shared
     # memory); the epilogue does not store them.
     x_ptrs = xq_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + (offs_n % N)[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
