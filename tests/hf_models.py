@@ -116,6 +116,16 @@ def _qwen3_moe():
     return _random_routers(Qwen3MoeForCausalLM(cfg))
 
 
+def _granite():
+    """Granite: a Llama with multipliers on the embeddings, the residual branches, the attention
+    scores (in place of head_dim ** -0.5) and the logits; tied embeddings, as Granite 3 ships."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    cfg = GraniteConfig(**COMMON, intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True,
+                        embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=0.5)
+    return GraniteForCausalLM(cfg)
+
+
 def _random_routers(model):
     """Router weights large enough that tokens pick different experts (some inits are zeros)."""
     with torch.no_grad():
@@ -135,9 +145,9 @@ def _random_biases(model):
 
 FAMILIES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "opt": _opt,
             "llama-biases": _llama_biases_linear_rope, "qwen2-yarn": _qwen2_yarn, "phi3": _phi3,
-            "mixtral": _mixtral, "qwen2-moe": _qwen2_moe, "qwen3-moe": _qwen3_moe}
+            "mixtral": _mixtral, "qwen2-moe": _qwen2_moe, "qwen3-moe": _qwen3_moe, "granite": _granite}
 SEEDS = {family: i for i, family in enumerate(("llama", "mistral", "opt", "qwen2", "qwen3", "llama-biases", "qwen2-yarn",
-                                                "phi3", "mixtral", "qwen2-moe", "qwen3-moe"))}
+                                                "phi3", "mixtral", "qwen2-moe", "qwen3-moe", "granite"))}
 
 
 def build_hf_model(family: str, out_dir: Path, max_shard_size: str | None = None):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# phi3: Llama with q/k/v and gate/up stored fused; mixtral, qwen2_moe, qwen3_moe: sparse MoE MLPs
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+# phi3: Llama with q/k/v and gate/up stored fused; mixtral, qwen2_moe, qwen3_moe: sparse MoE MLPs;
+# granite: Llama with four scalar multipliers (embeddings, residual branches, attention, logits)
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite")
 SUPPORTED_MODEL_TYPES = LLAMA_LIKE + ("opt",)
 ROPE_SCALINGS = ("linear", "llama3", "yarn")  # besides the default (model.layers.rope_inv_freq)
 
@@ -39,6 +40,13 @@ class ModelArch:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
+    # Granite: embeddings times `embedding_multiplier`, each residual branch (attention, MLP) times
+    # `residual_multiplier` before it is added, `attention_multiplier` as the softmax scale (None:
+    # head_dim ** -0.5), logits divided by `logits_scaling`. 1.0 (None) everywhere else.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     # Mixture of experts (model.moe): each token's MLP is the weighted sum of its router's top
     # `num_experts_per_tok` experts (renormalized if `norm_topk_prob`), plus a gated shared expert
     # (Qwen2-MoE) when `shared_expert_intermediate_size`; in the layers `sparse_layers` names.
@@ -160,7 +168,17 @@ class ModelArch:
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=sliding,
             **_moe_fields(model_type, cfg),
+            **_granite_fields(model_type, cfg),
         )
+
+
+def _granite_fields(model_type: str, cfg: dict) -> dict:
+    if model_type != "granite":
+        return {}
+    return dict(embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
+                residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
+                attention_multiplier=float(cfg.get("attention_multiplier", 1.0)),  # GraniteConfig's default
+                logits_scaling=float(cfg.get("logits_scaling", 1.0)))
 
 
 def _moe_fields(model_type: str, cfg: dict) -> dict:

@@ -31,7 +31,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = arch.head_dim
-        self.scale = arch.head_dim**-0.5
+        self.scale = arch.head_dim**-0.5 if arch.attention_multiplier is None else arch.attention_multiplier
         # This rank's heads; a KV head stays with the query heads it serves.
         self.q_size = tp.split(arch.num_heads, "attention heads") * arch.head_dim
         self.kv_size = tp.split(arch.num_kv_heads, "KV heads") * arch.head_dim
@@ -89,6 +89,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = SparseMoeBlock(arch, tp) if layer_idx in arch.sparse_layers else LlamaMLP(arch, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
+        self.residual_multiplier = arch.residual_multiplier  # Granite's; 1.0 elsewhere
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +98,13 @@ class LlamaDecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm(h, ctx, residual)
         h = self.self_attn(positions, h, ctx)
+        if self.residual_multiplier != 1.0:
+            h = h * self.residual_multiplier
         h, residual = self.post_attention_layernorm(h, ctx, residual)
-        return self.mlp(h, ctx), residual
+        h = self.mlp(h, ctx)
+        if self.residual_multiplier != 1.0:
+            h = h * self.residual_multiplier
+        return h, residual
 
 
 class LlamaModel(nn.Module):
@@ -108,9 +114,12 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, rotary, tp) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.norm_eps)
+        self.embedding_multiplier = arch.embedding_multiplier  # Granite's; 1.0 elsewhere
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
+        if self.embedding_multiplier != 1.0:
+            h = h * self.embedding_multiplier
         for layer in self.layers:
             h, residual = layer(positions, h, residual, ctx)
         return self.norm(h, ctx, residual)[0]
@@ -133,4 +142,5 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        return logits if self.arch.logits_scaling == 1.0 else logits / self.arch.logits_scaling
