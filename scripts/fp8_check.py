@@ -83,6 +83,26 @@ def graph_us(fn, reps: int = 200) -> float:
     return 1e6 * (time.perf_counter() - start) / reps
 
 
+def time_checked(cands: dict, reference, timer=None) -> dict[str, dict]:
+    """Each candidate `label -> fn` checked, then timed: {"us": ...}, or {"error": ...} when its
+    output is more than MAX_KERNEL_ERROR of the largest value off `reference(label)` (None: not
+    checked) or it raises (a config that does not compile or fit is recorded and skipped)."""
+    timer = timer or graph_us
+    timings = {}
+    for label, fn in cands.items():
+        try:
+            want = reference(label)
+            if want is not None:
+                err = ((fn().float() - want).abs().max() / want.abs().max()).item()
+                if err > MAX_KERNEL_ERROR:
+                    timings[label] = {"error": f"rel error {err:.3g}"}
+                    continue
+            timings[label] = {"us": timer(fn)}
+        except Exception as e:
+            timings[label] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+    return timings
+
+
 def time_gemms(device: torch.device, ms: list[int]) -> list[dict]:
     """Microseconds of one projection at each token count m, by each path: bf16 torch.mm, FP8
     _scaled_mm (activations already quantized), the W8A16 GEMM and the W8A16 GEMV where they take m

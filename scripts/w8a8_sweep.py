@@ -11,7 +11,7 @@ quantized (the quantization kernel is the same for every FP8 path):
 - `fp8 tensorwise`: torch._scaled_mm with one scale per operand (cuBLAS; needs a per-tensor
   activation scale, which the engine does not compute: for comparison only);
 - `triton ...`: kernels.fp8_gemm.w8a8_matmul at every config of a grid, both operand orders.
-Every candidate is checked against model.quant.fp8_matmul_ref before it is timed. Prints the best
+Every W8A8 candidate is checked against model.quant.fp8_matmul_ref before it is timed (fp8_check.time_checked). Prints the best
 config per shape and m and the TB/s of weights it reaches; writes every timing to --out.
 """
 
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 sys.path.insert(0, str(Path(__file__).parent))  # fp8_check
-from fp8_check import LLAMA3_8B_SHAPES, graph_us  # noqa: E402
+from fp8_check import LLAMA3_8B_SHAPES, time_checked  # noqa: E402
 
 from tetriinfer.kernels.fp8_gemm import w8a8_launch_config, w8a8_matmul  # noqa: E402
 from tetriinfer.kernels.fp8_quant import W8A16_MAX_ROWS, quantize_per_token_triton, w8a16_matmul  # noqa: E402
@@ -79,19 +79,8 @@ def main() -> None:
             cands["quantize"] = lambda: quantize_per_token_triton(x)
             for label, cfg in triton_configs(m, k).items():
                 cands[label] = lambda cfg=cfg: w8a8_matmul(x_q, x_s, w_q, w_scale, torch.bfloat16, **cfg)
-            timings = {}
-            for label, fn in cands.items():
-                try:
-                    y = fn()
-                    if label.startswith(("triton", "fp8 rowwise")):
-                        y = y.float()
-                        err = ((y - ref).abs().max() / ref.abs().max()).item()
-                        if err > 2e-2:
-                            timings[label] = {"error": f"rel error {err:.3g}"}
-                            continue
-                    timings[label] = {"us": graph_us(fn)}
-                except Exception as e:  # a config that does not compile or fit: record, go on
-                    timings[label] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+            checked = ("triton", "fp8 rowwise")  # tensor-wise rounds differently; bf16 and quantize are not W8A8
+            timings = time_checked(cands, lambda label: ref if label.startswith(checked) else None)
             ok = {lab: t["us"] for lab, t in timings.items() if "us" in t}
             fastest = min((lab for lab in ok if lab.startswith("triton")), key=ok.get, default=None)
             rows.append({"shape": name, "m": m, "k": k, "n": n, "fastest_triton": fastest,
