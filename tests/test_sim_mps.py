@@ -3,11 +3,11 @@ side by side, each slowed by its SM share and what its neighbours run; one insta
 unshared run bit for bit; every request finishes once, no KV block leaks, runs repeat exactly;
 serve_bench simulates `serve --mps-sm-shares` runs this way."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from script_utils import load_script
 from tetriinfer.bench.workload import build_specs
 from tetriinfer.config import ClusterConfig, ClusterShape, FlipConfig, SimConfig
 from tetriinfer.sim.cluster import ClusterSim
@@ -183,15 +183,8 @@ def test_simulate_cli_takes_the_sharing():
     assert default.gpu_sharing == "time-slice"
 
 
-def _serve_bench():
-    spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "scripts" / "serve_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_serve_bench_simulates_mps_runs_under_mps():
-    sb = _serve_bench()
+    sb = load_script("serve_bench")
     mps = sb.serve_config(["--prefill-instances", "1", "--decode-instances", "1", "--device", "cuda:0",
                            "--mps-sm-shares", "30,70"])
     sliced = sb.serve_config(["--prefill-instances", "1", "--decode-instances", "1", "--device", "cuda:0"])

@@ -2,12 +2,12 @@
 time per GPU, handed over in FIFO order; every request still finishes once; one instance per GPU is
 exactly the unshared run; and serve_bench derives the sharing from where `serve` puts instances."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from script_utils import load_script
 from tetriinfer.bench.workload import RequestSpec, build_specs
 from tetriinfer.config import ClusterConfig, ClusterShape, SimConfig
 from tetriinfer.sim.cluster import ClusterSim
@@ -129,15 +129,8 @@ def test_instances_per_gpu_below_one_is_rejected(bad):
         ClusterConfig(instances_per_gpu=bad)
 
 
-def _serve_bench():
-    spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "scripts" / "serve_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_serve_bench_simulates_instances_where_serve_puts_them():
-    sb = _serve_bench()
+    sb = load_script("serve_bench")
     shared = sb.serve_config(["--mode", "colocated", "--instances", "2", "--baseline", "sarathi", "--device", "cuda:0"])
     one_gpu_split = sb.serve_config(["--prefill-instances", "1", "--decode-instances", "2", "--device", "cuda:1"])
     own_gpus = sb.serve_config(["--prefill-instances", "1", "--decode-instances", "1", "--device", "cuda"])
@@ -147,7 +140,7 @@ def test_serve_bench_simulates_instances_where_serve_puts_them():
 
 
 def test_serve_bench_resim_rewrites_the_sim_of_a_saved_result(tmp_path):
-    sb = _serve_bench()
+    sb = load_script("serve_bench")
     flags = ["--mode", "colocated", "--instances", "2", "--baseline", "sarathi", "--device", "cuda:0"]
     saved = {"commit": "x", "device": "GPU", "args": {"workloads": "lpld", "arrivals": "4", "runs": None,
                                                        "num_requests": 24, "max_model_len": 8192,
