@@ -27,3 +27,12 @@ def run_sm90_builds(script: str, configs: list, tmp_path, **env_overrides: str) 
 def spill_stores(stdout: str) -> list[int]:
     """Bytes of register spill stores, one entry per ptxas build in the log."""
     return [int(n) for n in re.findall(r"(\d+) bytes spill stores", stdout)]
+
+
+def assert_builds_without_spills(script: str, configs: list, tmp_path, **env_overrides: str) -> str:
+    """Every configuration of `script` builds for sm_90 (one CONFIG line each) with no register
+    spills; the builds' stdout, for further checks."""
+    stdout = run_sm90_builds(script, configs, tmp_path, **env_overrides)
+    assert stdout.count("CONFIG") == len(configs)
+    assert spill_stores(stdout) == [0] * len(configs), f"register spills on sm_90: {stdout[-3000:]}"
+    return stdout
